@@ -1,0 +1,491 @@
+//! The one consume loop every consuming service runs.
+//!
+//! Per connection it declares the topology, opens a consume channel with `basic.qos` and a
+//! confirm-mode publish channel, then `select!`s between shutdown, the next delivery and the
+//! oldest pending publisher confirm. A delivery is acked only after its work is safe: after the
+//! handler's output is flushed ([`Disposition::Ack`]) or the broker confirmed the message it caused
+//! ([`Disposition::AckOnConfirm`]). Acks go out in delivery order with `multiple`, so a batch costs
+//! one frame. A message that cannot be processed is copied to its dead-letter queue with the reason
+//! in a header, then acked ([`Disposition::DeadLetter`]).
+//!
+//! On connection loss the in-flight deliveries are forgotten (the broker redelivers them), and the
+//! loop reconnects with backoff. On shutdown it cancels its consumers, waits (up to
+//! [`DRAIN_TIMEOUT`]) for pending confirms, flushes, acks, and closes the connection.
+
+use super::connection::{Broker, is_fatal};
+use super::publisher::{Publisher, is_confirmed};
+use super::topology::Topology;
+use crate::config::ConsumeConfig;
+use crate::messages::MessageError;
+use crate::metrics::QueueCounters;
+use futures_util::{FutureExt as _, StreamExt as _};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Confirmation, Connection, PublisherConfirm};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Longest wait for in-flight work at shutdown, well inside compose's 10 s stop timeout.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often [`MessageHandler::tick`] runs.
+const TICK: Duration = Duration::from_millis(500);
+
+/// What to do with a delivery once the handler has seen it.
+pub enum Disposition {
+    /// The work is done in the handler's buffers: ack after [`MessageHandler::flush`].
+    Ack,
+    /// The work is a published message: ack when the broker confirms it.
+    AckOnConfirm(PublisherConfirm),
+    /// The message cannot be processed: send it to its dead-letter queue with this reason.
+    DeadLetter(MessageError),
+}
+
+/// The service-specific part of a consumer.
+pub trait MessageHandler: Send {
+    /// Processes one delivery from input queue number `input`. An `Err` means the service cannot
+    /// work right now (for example a publish failed): the connection is dropped, so the broker
+    /// redelivers everything unacked, and the loop reconnects.
+    fn handle(
+        &mut self,
+        input: usize,
+        delivery: &Delivery,
+        publisher: &Publisher,
+    ) -> impl Future<Output = anyhow::Result<Disposition>> + Send;
+
+    /// Makes everything handled so far durable (written and flushed). Called before any ack.
+    fn flush(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Periodic housekeeping, about twice a second.
+    fn tick(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// How one session (one connection) ended.
+enum SessionEnd {
+    /// Shutdown was asked for and the drain finished.
+    Shutdown,
+    /// The connection or the handler failed: reconnect.
+    Lost(anyhow::Error),
+    /// An error no retry fixes (for example a second exclusive consumer): stop the service.
+    Fatal(anyhow::Error),
+}
+
+impl From<lapin::Error> for SessionEnd {
+    fn from(err: lapin::Error) -> Self {
+        if is_fatal(&err) {
+            Self::Fatal(err.into())
+        } else {
+            Self::Lost(err.into())
+        }
+    }
+}
+
+/// The state of a delivery between receipt and ack.
+enum Settle {
+    /// Ready to ack once the handler has flushed.
+    Ack,
+    /// Waiting for a publisher confirm; `on_failure` applies if it is negative.
+    Confirm {
+        confirm: PublisherConfirm,
+        on_failure: Outcome,
+    },
+    /// Decided.
+    Done(Outcome),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Outcome {
+    Ack,
+    /// Give it back to the queue (our output was not taken by the broker).
+    Requeue,
+    /// Reject without requeue: the broker dead-letters it through the queue's arguments.
+    Reject,
+}
+
+struct InFlight {
+    tag: u64,
+    input: usize,
+    settle: Settle,
+}
+
+/// What the consume loop needs besides the handler.
+pub struct ConsumerSpec<'a> {
+    /// Queues to consume, in the order the handler numbers them.
+    pub inputs: &'a [&'a str],
+    /// Queues to declare (inputs and outputs).
+    pub topology: Topology,
+    /// Prefetch and size limit.
+    pub consume: ConsumeConfig,
+    /// Exclusive consumers: a second instance is refused (the metric service owns its files).
+    pub exclusive: bool,
+    /// Name shown in the management UI and used in consumer tags.
+    pub service: &'a str,
+}
+
+/// Runs the consume loop until `shutdown`, reconnecting as often as needed. Returns `Err` only for
+/// errors no retry can fix.
+pub async fn run_consumer<H: MessageHandler>(
+    broker: &mut Broker,
+    spec: &ConsumerSpec<'_>,
+    handler: &mut H,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let Some(connection) = broker.connect(shutdown).await else {
+            handler.flush().await?;
+            return Ok(());
+        };
+        let mut session = Session {
+            connection: &connection,
+            spec,
+            counters: spec
+                .inputs
+                .iter()
+                .map(|queue| broker.metrics.queue(queue))
+                .collect(),
+            broker,
+            inflight: VecDeque::new(),
+            unflushed: false,
+        };
+        match session.run(handler, shutdown).await {
+            SessionEnd::Shutdown => {
+                close(&connection).await;
+                return Ok(());
+            }
+            SessionEnd::Fatal(err) => {
+                close(&connection).await;
+                broker.lost(&err.to_string());
+                return Err(err.context("the broker refused this consumer"));
+            }
+            SessionEnd::Lost(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "lost the broker connection, reconnecting");
+                broker.lost(&err.to_string());
+                close(&connection).await;
+            }
+        }
+    }
+}
+
+/// Closes a connection, briefly: on a dead one it would only wait.
+async fn close(connection: &Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "bye".into())).await;
+}
+
+struct Session<'a> {
+    connection: &'a Connection,
+    spec: &'a ConsumerSpec<'a>,
+    broker: &'a mut Broker,
+    counters: Vec<QueueCounters>,
+    inflight: VecDeque<InFlight>,
+    unflushed: bool,
+}
+
+impl Session<'_> {
+    async fn run<H: MessageHandler>(
+        &mut self,
+        handler: &mut H,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd {
+        let publisher = match Publisher::open(self.connection, self.spec.service).await {
+            Ok(publisher) => publisher,
+            Err(err) => return err.into(),
+        };
+        if let Err(err) = self.spec.topology.declare(publisher.channel()).await {
+            return err.into();
+        }
+        let channel = match self.connection.create_channel().await {
+            Ok(channel) => channel,
+            Err(err) => return err.into(),
+        };
+        if let Err(err) = channel
+            .basic_qos(self.spec.consume.prefetch, BasicQosOptions::default())
+            .await
+        {
+            return err.into();
+        }
+        let mut tags = Vec::new();
+        let mut streams = Vec::new();
+        for (input, queue) in self.spec.inputs.iter().enumerate() {
+            let tag = format!("{}-{}-{}", self.spec.service, std::process::id(), queue);
+            let options = BasicConsumeOptions {
+                exclusive: self.spec.exclusive,
+                ..BasicConsumeOptions::default()
+            };
+            match channel
+                .basic_consume(
+                    (*queue).into(),
+                    tag.as_str().into(),
+                    options,
+                    FieldTable::default(),
+                )
+                .await
+            {
+                Ok(consumer) => streams.push(consumer.map(move |delivery| (input, delivery))),
+                Err(err) => return err.into(),
+            }
+            tags.push(tag);
+        }
+        let mut deliveries = futures_util::stream::select_all(streams);
+        self.broker.health.set_healthy();
+        tracing::info!(queues = ?self.spec.inputs, prefetch = self.spec.consume.prefetch, "consuming");
+
+        let mut tick = tokio::time::interval(TICK);
+        let batch_limit = usize::from(self.spec.consume.prefetch);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                confirmation = front_confirm(&mut self.inflight) => {
+                    if let Err(end) = self.resolve_front(confirmation) {
+                        return end;
+                    }
+                    if let Err(end) = self.settle(&channel, handler).await {
+                        return end;
+                    }
+                }
+                next = deliveries.next() => {
+                    let mut next = next;
+                    // Take every delivery already here, then settle the batch with one flush and
+                    // one ack.
+                    for _ in 0..batch_limit {
+                        match next {
+                            Some((input, Ok(delivery))) => {
+                                if let Err(end) = self.accept(input, delivery, handler, &publisher).await {
+                                    return end;
+                                }
+                            }
+                            Some((_, Err(err))) => return err.into(),
+                            None => return SessionEnd::Lost(anyhow::anyhow!("the broker cancelled the consumer")),
+                        }
+                        match deliveries.next().now_or_never() {
+                            Some(item) => next = item,
+                            None => break,
+                        }
+                    }
+                    if let Err(end) = self.settle(&channel, handler).await {
+                        return end;
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Err(err) = handler.tick().await {
+                        return SessionEnd::Lost(err);
+                    }
+                }
+            }
+        }
+        self.drain(&channel, &tags, handler).await
+    }
+
+    /// Hands one delivery to the handler and records what to do with it.
+    async fn accept<H: MessageHandler>(
+        &mut self,
+        input: usize,
+        delivery: Delivery,
+        handler: &mut H,
+        publisher: &Publisher,
+    ) -> Result<(), SessionEnd> {
+        let started = Instant::now();
+        let counters = &self.counters[input];
+        counters.consumed.inc();
+        let limit = self.spec.consume.max_message_bytes;
+        let disposition = if delivery.data.len() > limit {
+            Disposition::DeadLetter(MessageError::TooLarge {
+                size: delivery.data.len(),
+                limit,
+            })
+        } else {
+            handler
+                .handle(input, &delivery, publisher)
+                .await
+                .map_err(SessionEnd::Lost)?
+        };
+        let settle = match disposition {
+            Disposition::Ack => {
+                self.unflushed = true;
+                Settle::Ack
+            }
+            Disposition::AckOnConfirm(confirm) => Settle::Confirm {
+                confirm,
+                on_failure: Outcome::Requeue,
+            },
+            Disposition::DeadLetter(error) => {
+                let queue = self.spec.inputs[input];
+                let id = delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|id| id.as_str().to_owned());
+                tracing::warn!(
+                    queue,
+                    id = id.as_deref().unwrap_or("-"),
+                    reason = error.reason(),
+                    error = %error,
+                    "dead-lettering a message that cannot be processed"
+                );
+                self.broker.metrics.dead_lettered(queue, error.reason());
+                let confirm = publisher
+                    .dead_letter(&delivery, queue, &error)
+                    .await
+                    .map_err(SessionEnd::from)?;
+                Settle::Confirm {
+                    confirm,
+                    on_failure: Outcome::Reject,
+                }
+            }
+        };
+        counters
+            .processing_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.inflight.push_back(InFlight {
+            tag: delivery.delivery_tag,
+            input,
+            settle,
+        });
+        Ok(())
+    }
+
+    /// Records the confirm that [`front_confirm`] resolved.
+    fn resolve_front(
+        &mut self,
+        confirmation: lapin::Result<Confirmation>,
+    ) -> Result<(), SessionEnd> {
+        let confirmation = confirmation.map_err(SessionEnd::from)?;
+        if let Some(front) = self.inflight.front_mut()
+            && let Settle::Confirm { on_failure, .. } = front.settle
+        {
+            front.settle = Settle::Done(if is_confirmed(&confirmation) {
+                Outcome::Ack
+            } else {
+                tracing::warn!(
+                    ?confirmation,
+                    "the broker did not take a published message; the input goes back to its queue"
+                );
+                on_failure
+            });
+        }
+        Ok(())
+    }
+
+    /// Acks (with `multiple`), requeues or rejects every delivery at the front whose fate is
+    /// known, in delivery order, flushing the handler first when anything is acked.
+    async fn settle<H: MessageHandler>(
+        &mut self,
+        channel: &Channel,
+        handler: &mut H,
+    ) -> Result<(), SessionEnd> {
+        let mut ack_upto: Option<u64> = None;
+        while let Some(front) = self.inflight.front_mut() {
+            let outcome = match &mut front.settle {
+                Settle::Ack => Outcome::Ack,
+                Settle::Done(outcome) => *outcome,
+                Settle::Confirm {
+                    confirm,
+                    on_failure,
+                } => match confirm.now_or_never() {
+                    None => break,
+                    Some(Ok(confirmation)) if is_confirmed(&confirmation) => Outcome::Ack,
+                    Some(Ok(_)) => *on_failure,
+                    Some(Err(err)) => return Err(err.into()),
+                },
+            };
+            if outcome == Outcome::Ack && self.unflushed {
+                handler.flush().await.map_err(SessionEnd::Lost)?;
+                self.unflushed = false;
+            }
+            let Some(done) = self.inflight.pop_front() else {
+                break;
+            };
+            if outcome == Outcome::Ack {
+                ack_upto = Some(done.tag);
+                self.counters[done.input].acked.inc();
+                continue;
+            }
+            if let Some(tag) = ack_upto.take() {
+                channel
+                    .basic_ack(tag, BasicAckOptions { multiple: true })
+                    .await?;
+            }
+            channel
+                .basic_nack(
+                    done.tag,
+                    BasicNackOptions {
+                        multiple: false,
+                        requeue: outcome == Outcome::Requeue,
+                    },
+                )
+                .await?;
+        }
+        if let Some(tag) = ack_upto {
+            channel
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Shutdown: stop new deliveries, finish and ack what is in flight, flush.
+    async fn drain<H: MessageHandler>(
+        &mut self,
+        channel: &Channel,
+        tags: &[String],
+        handler: &mut H,
+    ) -> SessionEnd {
+        self.broker.health.set_unhealthy("shutting down");
+        for tag in tags {
+            let _ = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        }
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        let result: Result<(), SessionEnd> = async {
+            loop {
+                self.settle(channel, handler).await?;
+                if self.inflight.is_empty() {
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, front_confirm(&mut self.inflight)).await {
+                    Ok(confirmation) => self.resolve_front(confirmation)?,
+                    Err(_) => break,
+                }
+            }
+            handler.flush().await.map_err(SessionEnd::Lost)
+        }
+        .await;
+        if !self.inflight.is_empty() {
+            tracing::warn!(
+                unacked = self.inflight.len(),
+                "stopping with unacked messages; the broker will deliver them again"
+            );
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            channel.close(200, "shutdown".into()),
+        )
+        .await;
+        match result {
+            Ok(()) => {
+                tracing::info!("consumer drained");
+                SessionEnd::Shutdown
+            }
+            Err(SessionEnd::Lost(err)) | Err(SessionEnd::Fatal(err)) => {
+                tracing::warn!(error = %format!("{err:#}"), "could not finish all in-flight work at shutdown");
+                SessionEnd::Shutdown
+            }
+            Err(SessionEnd::Shutdown) => SessionEnd::Shutdown,
+        }
+    }
+}
+
+/// Waits for the confirm of the oldest in-flight delivery, or forever when it has none.
+async fn front_confirm(inflight: &mut VecDeque<InFlight>) -> lapin::Result<Confirmation> {
+    match inflight.front_mut().map(|front| &mut front.settle) {
+        Some(Settle::Confirm { confirm, .. }) => confirm.await,
+        _ => std::future::pending().await,
+    }
+}

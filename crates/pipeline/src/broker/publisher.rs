@@ -1,0 +1,123 @@
+//! Publishing with publisher confirms on a channel of its own: persistent JSON messages to the
+//! default exchange, `mandatory` so an unroutable message comes back instead of vanishing.
+
+use super::topology::{
+    DEAD_LETTER_EXCHANGE, DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, dead_letter_queue,
+};
+use crate::messages::MessageError;
+use lapin::message::Delivery;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+
+/// AMQP `delivery_mode` of a persistent message.
+const PERSISTENT: u8 = 2;
+
+/// A confirm-mode channel for publishing.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+    app_id: ShortString,
+}
+
+/// Whether the broker took responsibility for a message: acked, and not returned as unroutable.
+pub fn is_confirmed(confirmation: &Confirmation) -> bool {
+    matches!(confirmation, Confirmation::Ack(None))
+}
+
+impl Publisher {
+    /// Opens a channel on `connection` and puts it in confirm mode.
+    pub async fn open(connection: &Connection, app_id: &str) -> lapin::Result<Self> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self {
+            channel,
+            app_id: app_id.into(),
+        })
+    }
+
+    /// The underlying channel (for declaring topology).
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes a persistent JSON `body` to `queue`. The returned future resolves when the broker
+    /// confirms; await it (or keep it in a window) before treating the message as sent.
+    pub async fn publish_json(
+        &self,
+        queue: &str,
+        body: &[u8],
+        message_id: Option<&str>,
+    ) -> lapin::Result<PublisherConfirm> {
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(PERSISTENT)
+            .with_app_id(self.app_id.clone());
+        if let Some(id) = message_id {
+            properties = properties.with_message_id(id.into());
+        }
+        self.channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await
+    }
+
+    /// Publishes a copy of `delivery` to the dead-letter queue of `source_queue`, with headers
+    /// naming the reason. The original is acked once this is confirmed.
+    pub async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        source_queue: &str,
+        error: &MessageError,
+    ) -> lapin::Result<PublisherConfirm> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            REASON_HEADER.into(),
+            AMQPValue::LongString(error.reason().into()),
+        );
+        headers.insert(
+            DETAIL_HEADER.into(),
+            AMQPValue::LongString(error.to_string().into()),
+        );
+        headers.insert(
+            SOURCE_HEADER.into(),
+            AMQPValue::LongString(source_queue.into()),
+        );
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(PERSISTENT);
+        self.channel
+            .basic_publish(
+                DEAD_LETTER_EXCHANGE.into(),
+                dead_letter_queue(source_queue).as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &delivery.data,
+                properties,
+            )
+            .await
+    }
+}
+
+/// Reads a string header of a message (for tests and tools).
+pub fn header_str<'a>(headers: &'a FieldTable, name: &str) -> Option<&'a str> {
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(value) => std::str::from_utf8(value.as_bytes()).ok(),
+        AMQPValue::ShortString(value) => Some(value.as_str()),
+        _ => None,
+    }
+}

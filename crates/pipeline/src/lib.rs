@@ -1,0 +1,21 @@
+//! The shared library of the pipeline: everything the `features`, `model` and `metric` services have
+//! in common, so each service's crate holds only its own logic.
+//!
+//! - [`messages`]: the JSON messages on the three queues, and how bad input is classified.
+//! - [`dataset`]: loading a numeric CSV (features, target) for the producer and the model.
+//! - [`config`]: settings shared by the services (environment variables and flags).
+//! - [`broker`]: connecting with backoff, topology, confirmed publishing, and the one consume loop.
+//! - [`telemetry`], [`metrics`], [`health`], [`http`]: logs, Prometheus metrics, `/healthz`.
+//! - [`shutdown`]: SIGTERM/SIGINT handling.
+
+pub mod broker;
+pub mod config;
+pub mod dataset;
+pub mod health;
+pub mod http;
+pub mod messages;
+pub mod metrics;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use tokio_util::sync::CancellationToken;

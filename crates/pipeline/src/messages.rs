@@ -1,0 +1,512 @@
+//! The JSON messages on the three queues, how they are written, and how received bodies are read
+//! and classified when they are bad.
+//!
+//! Native format (what our services publish):
+//! - `features`: `{"id": "...", "features": [f64, ...], "sent_at_us": u64}`
+//! - `y_true`:   `{"id": "...", "y_true": f64, "sent_at_us": u64}`
+//! - `y_pred`:   `{"id": "...", "y_pred": f64, "model_version": "..."}`
+//!
+//! `sent_at_us` (the producer's send time, microseconds since the Unix epoch) is optional on input.
+//! The bare format of the Python course version is accepted too: a `features` body that is a JSON
+//! array of numbers, and a `y_true`/`y_pred` body that is a JSON number. A bare message takes its id
+//! from the AMQP `message_id` property, and has none when that is absent.
+
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Longest id accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Why a message body cannot be processed. [`MessageError::reason`] is the short label used in
+/// metrics and in the dead-letter header.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MessageError {
+    /// The body has no bytes.
+    #[error("empty body")]
+    EmptyBody,
+    /// The body is larger than `MAX_MESSAGE_BYTES`.
+    #[error("body of {size} bytes is larger than the limit of {limit} bytes")]
+    TooLarge {
+        /// Body size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The body is not UTF-8, so it cannot be JSON.
+    #[error("body is not valid UTF-8")]
+    NotUtf8,
+    /// The body is not JSON.
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    /// The body is JSON but not of the expected shape.
+    #[error("wrong shape: {0}")]
+    WrongShape(String),
+    /// A native message without an id, or with an empty one.
+    #[error("missing or empty id")]
+    MissingId,
+    /// An id that is too long or holds characters other than `A-Za-z0-9._:-`.
+    #[error("invalid id {0:?}: use 1 to 128 characters of A-Z a-z 0-9 . _ : -")]
+    InvalidId(String),
+    /// A feature vector of the wrong length for the model.
+    #[error("expected {expected} features, got {got}")]
+    WrongLength {
+        /// Features the model takes.
+        expected: usize,
+        /// Features in the message.
+        got: usize,
+    },
+    /// A number that is NaN or infinite.
+    #[error("{0} is not a finite number")]
+    NonFinite(String),
+    /// The same id arrived before with a different value; the first one is kept.
+    #[error("id {id} already has {kind} = {first}; the conflicting value {second} is ignored")]
+    ConflictingDuplicate {
+        /// The id.
+        id: String,
+        /// `y_true` or `y_pred`.
+        kind: &'static str,
+        /// The value kept.
+        first: f64,
+        /// The value refused.
+        second: f64,
+    },
+}
+
+impl MessageError {
+    /// Short snake_case label of the error, for metrics and the dead-letter header.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::EmptyBody => "empty_body",
+            Self::TooLarge { .. } => "too_large",
+            Self::NotUtf8 => "not_utf8",
+            Self::InvalidJson(_) => "invalid_json",
+            Self::WrongShape(_) => "wrong_shape",
+            Self::MissingId => "missing_id",
+            Self::InvalidId(_) => "invalid_id",
+            Self::WrongLength { .. } => "wrong_length",
+            Self::NonFinite(_) => "non_finite",
+            Self::ConflictingDuplicate { .. } => "conflicting_duplicate",
+        }
+    }
+}
+
+/// Which label a message carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LabelKind {
+    /// The true target, from the producer.
+    YTrue,
+    /// The prediction, from the model.
+    YPred,
+}
+
+impl LabelKind {
+    /// The field name and the name used in the log files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::YTrue => "y_true",
+            Self::YPred => "y_pred",
+        }
+    }
+}
+
+/// A feature vector received from the `features` queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeaturesMessage {
+    /// Sample id; `None` for a bare message without `message_id`.
+    pub id: Option<String>,
+    /// The feature values, all finite.
+    pub features: Vec<f64>,
+    /// Producer's send time, if given.
+    pub sent_at_us: Option<u64>,
+    /// Whether it came in the bare course format (answered in the same format).
+    pub bare: bool,
+}
+
+/// A `y_true` or `y_pred` message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelMessage {
+    /// Sample id; `None` for a bare message without `message_id` (logged, never paired).
+    pub id: Option<String>,
+    /// The value, finite.
+    pub value: f64,
+    /// Version of the model that made a prediction.
+    pub model_version: Option<String>,
+    /// Producer's send time, if given.
+    pub sent_at_us: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct FeaturesWire<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    features: Vec<f64>,
+    #[serde(default)]
+    sent_at_us: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct YTrueWire<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    y_true: f64,
+    #[serde(default)]
+    sent_at_us: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct YPredWire<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    y_pred: f64,
+    #[serde(borrow, default)]
+    model_version: Option<Cow<'a, str>>,
+    #[serde(default)]
+    sent_at_us: Option<u64>,
+}
+
+/// The `features` message our producer sends.
+#[derive(Serialize)]
+pub struct FeaturesOut<'a> {
+    /// Sample id.
+    pub id: &'a str,
+    /// Feature values.
+    pub features: &'a [f64],
+    /// Send time, microseconds since the Unix epoch.
+    pub sent_at_us: u64,
+}
+
+/// The `y_true` message our producer sends.
+#[derive(Serialize)]
+pub struct YTrueOut<'a> {
+    /// Sample id.
+    pub id: &'a str,
+    /// True target.
+    pub y_true: f64,
+    /// Send time, microseconds since the Unix epoch.
+    pub sent_at_us: u64,
+}
+
+/// The `y_pred` message our model sends.
+#[derive(Serialize)]
+pub struct YPredOut<'a> {
+    /// Sample id.
+    pub id: &'a str,
+    /// Prediction.
+    pub y_pred: f64,
+    /// Version of the model that made it.
+    pub model_version: &'a str,
+    /// Producer's send time, carried over from the features message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent_at_us: Option<u64>,
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Checks an id: 1 to [`MAX_ID_LEN`] characters of `A-Za-z0-9._:-`, so it is safe in every log.
+pub fn validate_id(id: &str) -> Result<(), MessageError> {
+    if id.is_empty() {
+        return Err(MessageError::MissingId);
+    }
+    let ok = id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        let shown: String = id.chars().take(MAX_ID_LEN).collect();
+        Err(MessageError::InvalidId(shown))
+    }
+}
+
+/// What the first significant byte says the body is.
+enum Shape {
+    Object,
+    Array,
+    Number,
+    Other(&'static str),
+}
+
+fn shape_of(body: &[u8]) -> Result<Shape, MessageError> {
+    if body.is_empty() {
+        return Err(MessageError::EmptyBody);
+    }
+    if std::str::from_utf8(body).is_err() {
+        return Err(MessageError::NotUtf8);
+    }
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    Ok(match first {
+        None => return Err(MessageError::EmptyBody),
+        Some(b'{') => Shape::Object,
+        Some(b'[') => Shape::Array,
+        Some(b'-' | b'0'..=b'9') => Shape::Number,
+        Some(b'"') => Shape::Other("a string"),
+        Some(b't' | b'f') => Shape::Other("a boolean"),
+        Some(b'n') => Shape::Other("null"),
+        Some(_) => Shape::Other("not JSON"),
+    })
+}
+
+fn json_error(err: serde_json::Error) -> MessageError {
+    use serde_json::error::Category;
+    // serde_json reports 1e999 as a syntax error; to the sender it is an infinity.
+    if err.to_string().starts_with("number out of range") {
+        return MessageError::NonFinite(format!("a number out of range ({err})"));
+    }
+    match err.classify() {
+        Category::Data => MessageError::WrongShape(err.to_string()),
+        Category::Syntax | Category::Eof | Category::Io => {
+            MessageError::InvalidJson(err.to_string())
+        }
+    }
+}
+
+/// The id of a message: from the body when it has one (native format, required), else from the
+/// AMQP `message_id` property (bare format, optional).
+fn resolve_id(
+    body_id: Option<Cow<'_, str>>,
+    native: bool,
+    message_id: Option<&str>,
+) -> Result<Option<String>, MessageError> {
+    let id = match (body_id, native) {
+        (Some(id), _) => Some(id.into_owned()),
+        (None, true) => return Err(MessageError::MissingId),
+        (None, false) => message_id.map(str::to_owned),
+    };
+    if let Some(id) = &id {
+        validate_id(id)?;
+    }
+    Ok(id)
+}
+
+fn check_finite(value: f64, what: impl FnOnce() -> String) -> Result<f64, MessageError> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(MessageError::NonFinite(what()))
+    }
+}
+
+/// Reads a `features` message, native or bare.
+pub fn parse_features(
+    body: &[u8],
+    message_id: Option<&str>,
+) -> Result<FeaturesMessage, MessageError> {
+    let (id, features, sent_at_us, bare) = match shape_of(body)? {
+        Shape::Object => {
+            let wire: FeaturesWire<'_> = serde_json::from_slice(body).map_err(json_error)?;
+            (
+                resolve_id(wire.id, true, message_id)?,
+                wire.features,
+                wire.sent_at_us,
+                false,
+            )
+        }
+        Shape::Array => {
+            let features: Vec<f64> = serde_json::from_slice(body).map_err(json_error)?;
+            (resolve_id(None, false, message_id)?, features, None, true)
+        }
+        Shape::Number => {
+            return Err(MessageError::WrongShape(
+                "expected an object {\"id\", \"features\"} or an array of numbers, got a number"
+                    .to_owned(),
+            ));
+        }
+        Shape::Other(what) => return Err(not_json_or_shape(body, what)),
+    };
+    if features.is_empty() {
+        return Err(MessageError::WrongShape(
+            "the feature vector is empty".to_owned(),
+        ));
+    }
+    for (index, value) in features.iter().enumerate() {
+        check_finite(*value, || format!("features[{index}]"))?;
+    }
+    Ok(FeaturesMessage {
+        id,
+        features,
+        sent_at_us,
+        bare,
+    })
+}
+
+/// Reads a `y_true` or `y_pred` message, native or bare.
+pub fn parse_label(
+    kind: LabelKind,
+    body: &[u8],
+    message_id: Option<&str>,
+) -> Result<LabelMessage, MessageError> {
+    let message = match shape_of(body)? {
+        Shape::Object => match kind {
+            LabelKind::YTrue => {
+                let wire: YTrueWire<'_> = serde_json::from_slice(body).map_err(json_error)?;
+                LabelMessage {
+                    id: resolve_id(wire.id, true, message_id)?,
+                    value: wire.y_true,
+                    model_version: None,
+                    sent_at_us: wire.sent_at_us,
+                }
+            }
+            LabelKind::YPred => {
+                let wire: YPredWire<'_> = serde_json::from_slice(body).map_err(json_error)?;
+                LabelMessage {
+                    id: resolve_id(wire.id, true, message_id)?,
+                    value: wire.y_pred,
+                    model_version: wire.model_version.map(Cow::into_owned),
+                    sent_at_us: wire.sent_at_us,
+                }
+            }
+        },
+        Shape::Number => {
+            let value: f64 = serde_json::from_slice(body).map_err(json_error)?;
+            LabelMessage {
+                id: resolve_id(None, false, message_id)?,
+                value,
+                model_version: None,
+                sent_at_us: None,
+            }
+        }
+        Shape::Array => {
+            return Err(MessageError::WrongShape(format!(
+                "expected an object {{\"id\", \"{}\"}} or a number, got an array",
+                kind.as_str()
+            )));
+        }
+        Shape::Other(what) => return Err(not_json_or_shape(body, what)),
+    };
+    check_finite(message.value, || kind.as_str().to_owned())?;
+    Ok(message)
+}
+
+/// A body starting with a string, boolean or null: wrong shape if it is valid JSON, else invalid.
+fn not_json_or_shape(body: &[u8], what: &str) -> MessageError {
+    match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        Ok(_) => MessageError::WrongShape(format!("expected an object, got {what}")),
+        Err(err) => json_error(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason_of_features(body: &[u8]) -> &'static str {
+        parse_features(body, None)
+            .map(|_| "ok")
+            .unwrap_or_else(|e| e.reason())
+    }
+
+    #[test]
+    fn native_features_round_trip() {
+        let values = [0.1, -2.5e-3, 3.0];
+        let body = serde_json::to_vec(&FeaturesOut {
+            id: "abc-1",
+            features: &values,
+            sent_at_us: 42,
+        })
+        .unwrap();
+        let parsed = parse_features(&body, Some("ignored")).unwrap();
+        assert_eq!(parsed.id.as_deref(), Some("abc-1"));
+        assert_eq!(parsed.features, values);
+        assert_eq!(parsed.sent_at_us, Some(42));
+        assert!(!parsed.bare);
+    }
+
+    #[test]
+    fn bare_features_take_id_from_message_id() {
+        let parsed = parse_features(b"[1, 2.5]", Some("m-7")).unwrap();
+        assert_eq!(parsed.id.as_deref(), Some("m-7"));
+        assert!(parsed.bare);
+        let anonymous = parse_features(b"[1]", None).unwrap();
+        assert_eq!(anonymous.id, None);
+    }
+
+    #[test]
+    fn bad_features_are_classified() {
+        assert_eq!(reason_of_features(b""), "empty_body");
+        assert_eq!(reason_of_features(b"   "), "empty_body");
+        assert_eq!(reason_of_features(b"{not json"), "invalid_json");
+        assert_eq!(reason_of_features(b"[1, NaN]"), "invalid_json");
+        assert_eq!(reason_of_features(b"[1, Infinity]"), "invalid_json");
+        assert_eq!(
+            reason_of_features(b"{\"id\":\"a\",\"x\":[1]}"),
+            "wrong_shape"
+        );
+        assert_eq!(reason_of_features(b"[1, \"2\"]"), "wrong_shape");
+        assert_eq!(reason_of_features(b"[1, null]"), "wrong_shape");
+        assert_eq!(reason_of_features(b"[1, \"NaN\"]"), "wrong_shape");
+        assert_eq!(reason_of_features(b"[\"-Infinity\"]"), "wrong_shape");
+        assert_eq!(reason_of_features(b"[1e999]"), "non_finite");
+        assert_eq!(reason_of_features(b"42"), "wrong_shape");
+        assert_eq!(reason_of_features(b"\"hello\""), "wrong_shape");
+        assert_eq!(reason_of_features(b"[]"), "wrong_shape");
+        assert_eq!(reason_of_features(b"{\"features\":[1]}"), "missing_id");
+        assert_eq!(
+            reason_of_features(b"{\"id\":\"\",\"features\":[1]}"),
+            "missing_id"
+        );
+        assert_eq!(
+            reason_of_features(b"{\"id\":null,\"features\":[1]}"),
+            "missing_id"
+        );
+        assert_eq!(
+            reason_of_features(b"{\"id\":\"a b\",\"features\":[1]}"),
+            "invalid_id"
+        );
+        assert_eq!(reason_of_features(&[0xff, 0xfe, b'[', b']']), "not_utf8");
+    }
+
+    #[test]
+    fn labels_native_and_bare() {
+        let y = parse_label(LabelKind::YTrue, br#"{"id":"a","y_true":151.0}"#, None).unwrap();
+        assert_eq!((y.id.as_deref(), y.value), (Some("a"), 151.0));
+        let p = parse_label(
+            LabelKind::YPred,
+            br#"{"id":"a","y_pred":1.5,"model_version":"v1"}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.model_version.as_deref(), Some("v1"));
+        let bare = parse_label(LabelKind::YTrue, b"75.5", Some("m1")).unwrap();
+        assert_eq!((bare.id.as_deref(), bare.value), (Some("m1"), 75.5));
+        let anonymous = parse_label(LabelKind::YPred, b"3", None).unwrap();
+        assert_eq!(anonymous.id, None);
+    }
+
+    #[test]
+    fn bad_labels_are_classified() {
+        let reason = |kind, body: &[u8]| parse_label(kind, body, None).unwrap_err().reason();
+        assert_eq!(reason(LabelKind::YTrue, b"\"abc\""), "wrong_shape");
+        assert_eq!(
+            reason(LabelKind::YTrue, b"{\"id\":\"a\",\"y_true\":\"1\"}"),
+            "wrong_shape"
+        );
+        assert_eq!(
+            reason(LabelKind::YTrue, b"{\"id\":\"a\",\"y_pred\":1}"),
+            "wrong_shape"
+        );
+        assert_eq!(reason(LabelKind::YTrue, b"[1]"), "wrong_shape");
+        assert_eq!(reason(LabelKind::YTrue, b"{\"y_true\":1}"), "missing_id");
+        assert_eq!(reason(LabelKind::YPred, b"nul"), "invalid_json");
+        assert_eq!(reason(LabelKind::YPred, b"null"), "wrong_shape");
+        assert_eq!(reason(LabelKind::YPred, b"1e400"), "non_finite");
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(validate_id("0b7e2d9c-4f1a-4c55-9a4e-0e5d1f3b2a10").is_ok());
+        assert_eq!(validate_id("").unwrap_err().reason(), "missing_id");
+        assert_eq!(validate_id("a,b").unwrap_err().reason(), "invalid_id");
+        assert_eq!(
+            validate_id(&"x".repeat(129)).unwrap_err().reason(),
+            "invalid_id"
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! Prometheus metrics every service exports, named by Prometheus conventions (`_total` counters,
+//! base units in names). Each service registers its own extra metrics in the same [`Registry`].
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label naming one queue.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    /// Queue name.
+    pub queue: String,
+}
+
+/// Labels of a dead-lettered message.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeadLetterLabels {
+    /// Queue the message came from.
+    pub queue: String,
+    /// Short reason, e.g. `invalid_json`.
+    pub reason: String,
+}
+
+/// Buckets from 10 µs to about 5 s, for per-message processing time.
+pub fn seconds_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.000_01, 2.5, 15)
+}
+
+/// Metrics of the broker plumbing, shared by every service.
+#[derive(Clone, Debug)]
+pub struct BrokerMetrics {
+    consumed: Family<QueueLabel, Counter>,
+    published: Family<QueueLabel, Counter>,
+    acked: Family<QueueLabel, Counter>,
+    dead_lettered: Family<DeadLetterLabels, Counter>,
+    processing_seconds: Family<QueueLabel, Histogram>,
+    /// Reconnections to the broker after a lost connection.
+    pub reconnects: Counter,
+    /// 1 while connected to the broker, else 0.
+    pub connected: Gauge,
+}
+
+/// Counters of one queue, looked up once so the hot path does no label hashing.
+#[derive(Clone, Debug)]
+pub struct QueueCounters {
+    /// Messages received from the queue.
+    pub consumed: Counter,
+    /// Messages published to the queue and confirmed by the broker.
+    pub published: Counter,
+    /// Messages from the queue acknowledged after their work was done.
+    pub acked: Counter,
+    /// Time from receiving a message to handing it on (before the ack).
+    pub processing_seconds: Histogram,
+}
+
+impl BrokerMetrics {
+    /// Creates the metrics and registers them under the `pipeline_` prefix.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            consumed: Family::default(),
+            published: Family::default(),
+            acked: Family::default(),
+            dead_lettered: Family::default(),
+            processing_seconds: Family::new_with_constructor(|| Histogram::new(seconds_buckets())),
+            reconnects: Counter::default(),
+            connected: Gauge::default(),
+        };
+        let registry = registry.sub_registry_with_prefix("pipeline");
+        registry.register(
+            "messages_consumed",
+            "Messages received from a queue",
+            metrics.consumed.clone(),
+        );
+        registry.register(
+            "messages_published",
+            "Messages published to a queue and confirmed by the broker",
+            metrics.published.clone(),
+        );
+        registry.register(
+            "messages_acked",
+            "Messages acknowledged after their work was safely done",
+            metrics.acked.clone(),
+        );
+        registry.register(
+            "messages_dead_lettered",
+            "Messages rejected to a dead-letter queue, by queue and reason",
+            metrics.dead_lettered.clone(),
+        );
+        registry.register(
+            "message_processing_seconds",
+            "Time to process one message, from receipt to hand-off",
+            metrics.processing_seconds.clone(),
+        );
+        registry.register(
+            "broker_reconnects",
+            "Reconnections to the broker after the connection was lost",
+            metrics.reconnects.clone(),
+        );
+        registry.register(
+            "broker_connected",
+            "1 while connected to the broker, 0 otherwise",
+            metrics.connected.clone(),
+        );
+        metrics
+    }
+
+    /// The counters of one queue.
+    pub fn queue(&self, queue: &str) -> QueueCounters {
+        let label = QueueLabel {
+            queue: queue.to_owned(),
+        };
+        QueueCounters {
+            consumed: self.consumed.get_or_create_owned(&label),
+            published: self.published.get_or_create_owned(&label),
+            acked: self.acked.get_or_create_owned(&label),
+            processing_seconds: self.processing_seconds.get_or_create_owned(&label),
+        }
+    }
+
+    /// Counts one dead-lettered message.
+    pub fn dead_lettered(&self, queue: &str, reason: &str) {
+        self.dead_lettered
+            .get_or_create(&DeadLetterLabels {
+                queue: queue.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
