@@ -1,1 +1,193 @@
-//! placeholder
+//! The model service: fits (or loads) a linear regression, consumes `features`, publishes `y_pred`
+//! with the same id, and acks each input only after its prediction is confirmed by the broker.
+
+pub mod regression;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use lapin::message::Delivery;
+use pipeline::broker::consumer::ConsumerSpec;
+use pipeline::broker::{Broker, Disposition, MessageHandler, Publisher, Topology, run_consumer};
+use pipeline::config::{
+    BrokerConfig, ConsumeConfig, QueueNames, TelemetryConfig, parse_socket_addr,
+};
+use pipeline::dataset::Dataset;
+use pipeline::health::Health;
+use pipeline::messages::{YPredOut, parse_features};
+use pipeline::metrics::BrokerMetrics;
+use prometheus_client::registry::Registry;
+use regression::LinearModel;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// Command line of the `model` binary.
+#[derive(Parser, Debug)]
+#[command(
+    name = "model",
+    version,
+    about = "Predicts y_pred for every features message"
+)]
+pub struct Cli {
+    /// Settings of the service.
+    #[command(flatten)]
+    pub config: Config,
+    /// What to do instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Other things the binary does.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Probe this service's /healthz at HTTP_ADDR; exit 0 when healthy (for container healthchecks).
+    Healthcheck,
+}
+
+/// Settings of the model service.
+#[derive(Args, Debug, Clone)]
+pub struct Config {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub broker: BrokerConfig,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub queues: QueueNames,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub consume: ConsumeConfig,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub telemetry: TelemetryConfig,
+
+    /// CSV the model is fitted on at start-up.
+    #[arg(long, env = "DATA_PATH", default_value = "data/diabetes.csv")]
+    pub data_path: PathBuf,
+
+    /// Target column of the CSV; the last column when not set.
+    #[arg(long, env = "TARGET_COLUMN")]
+    pub target_column: Option<String>,
+
+    /// Address of the /healthz and /metrics endpoint.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9102", value_parser = parse_socket_addr)]
+    pub http_addr: SocketAddr,
+}
+
+/// Fits the model on `DATA_PATH` and logs how good it is on that data.
+pub fn load_model(config: &Config) -> anyhow::Result<LinearModel> {
+    let data = Dataset::from_csv(&config.data_path, config.target_column.as_deref())
+        .context("cannot load the training data (DATA_PATH)")?;
+    let model = LinearModel::fit(&data)?;
+    let fit = model.evaluate(&data)?;
+    tracing::info!(
+        version = %model.version,
+        features = model.n_features(),
+        rows = fit.rows,
+        r2 = fit.r2,
+        mae = fit.mae,
+        intercept = model.intercept,
+        coefficients = ?model.coefficients,
+        "fitted linear regression on {}",
+        config.data_path.display()
+    );
+    Ok(model)
+}
+
+/// Runs the model service until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let shutdown = pipeline::shutdown::token_from(shutdown);
+    let model = load_model(&config)?;
+    let (_model_tx, model_rx) = watch::channel(Arc::new(model));
+
+    let mut registry = Registry::default();
+    let metrics = BrokerMetrics::register(&mut registry);
+    let health = Health::new();
+    let http = pipeline::http::spawn(
+        config.http_addr,
+        Arc::new(registry),
+        health.clone(),
+        shutdown.clone().cancelled_owned(),
+    )
+    .await?;
+
+    let mut broker = Broker::new(config.broker.clone(), "model", metrics, health);
+    let queues = &config.queues;
+    let spec = ConsumerSpec {
+        inputs: &[queues.features_queue.as_str()],
+        topology: Topology::new(
+            &config.broker,
+            &[queues.features_queue.as_str(), queues.y_pred_queue.as_str()],
+        ),
+        consume: config.consume.clone(),
+        exclusive: false,
+        service: "model",
+    };
+    let mut predictor = Predictor {
+        model: model_rx,
+        y_pred_queue: queues.y_pred_queue.clone(),
+        body: Vec::with_capacity(256),
+    };
+    let result = run_consumer(&mut broker, &spec, &mut predictor, &shutdown).await;
+    shutdown.cancel();
+    let _ = http.await;
+    result
+}
+
+/// Predicts each features message and publishes the prediction.
+struct Predictor {
+    model: watch::Receiver<Arc<LinearModel>>,
+    y_pred_queue: String,
+    body: Vec<u8>,
+}
+
+impl MessageHandler for Predictor {
+    async fn handle(
+        &mut self,
+        _input: usize,
+        delivery: &Delivery,
+        publisher: &Publisher,
+    ) -> anyhow::Result<Disposition> {
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str());
+        let message = match parse_features(&delivery.data, message_id) {
+            Ok(message) => message,
+            Err(err) => return Ok(Disposition::DeadLetter(err)),
+        };
+        let model = Arc::clone(&self.model.borrow());
+        let y_pred = match model.predict(&message.features) {
+            Ok(y_pred) => y_pred,
+            Err(err) => return Ok(Disposition::DeadLetter(err)),
+        };
+        self.body.clear();
+        match (&message.id, message.bare) {
+            // Answer a bare course-style message in the same style.
+            (_, true) | (None, _) => serde_json::to_writer(&mut self.body, &y_pred)?,
+            (Some(id), false) => serde_json::to_writer(
+                &mut self.body,
+                &YPredOut {
+                    id,
+                    y_pred,
+                    model_version: &model.version,
+                    sent_at_us: message.sent_at_us,
+                },
+            )?,
+        }
+        tracing::debug!(id = message.id.as_deref().unwrap_or("-"), y_pred, version = %model.version, "predicted");
+        let confirm = publisher
+            .publish_json(&self.y_pred_queue, &self.body, message.id.as_deref())
+            .await
+            .context("cannot publish y_pred")?;
+        Ok(Disposition::AckOnConfirm(confirm))
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}

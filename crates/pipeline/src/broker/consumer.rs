@@ -13,7 +13,7 @@
 //! [`DRAIN_TIMEOUT`]) for pending confirms, flushes, acks, and closes the connection.
 
 use super::connection::{Broker, is_fatal};
-use super::publisher::{Publisher, is_confirmed};
+use super::publisher::{Confirm, Publisher, is_confirmed};
 use super::topology::Topology;
 use crate::config::ConsumeConfig;
 use crate::messages::MessageError;
@@ -24,7 +24,7 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Confirmation, Connection, PublisherConfirm};
+use lapin::{Channel, Confirmation, Connection};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -40,7 +40,7 @@ pub enum Disposition {
     /// The work is done in the handler's buffers: ack after [`MessageHandler::flush`].
     Ack,
     /// The work is a published message: ack when the broker confirms it.
-    AckOnConfirm(PublisherConfirm),
+    AckOnConfirm(Confirm),
     /// The message cannot be processed: send it to its dead-letter queue with this reason.
     DeadLetter(MessageError),
 }
@@ -92,7 +92,7 @@ enum Settle {
     Ack,
     /// Waiting for a publisher confirm; `on_failure` applies if it is negative.
     Confirm {
-        confirm: PublisherConfirm,
+        confirm: Confirm,
         on_failure: Outcome,
     },
     /// Decided.
@@ -192,7 +192,13 @@ impl Session<'_> {
         handler: &mut H,
         shutdown: &CancellationToken,
     ) -> SessionEnd {
-        let publisher = match Publisher::open(self.connection, self.spec.service).await {
+        let publisher = match Publisher::open(
+            self.connection,
+            self.spec.service,
+            self.broker.metrics.clone(),
+        )
+        .await
+        {
             Ok(publisher) => publisher,
             Err(err) => return err.into(),
         };
@@ -250,11 +256,13 @@ impl Session<'_> {
                     }
                 }
                 next = deliveries.next() => {
-                    let mut next = next;
-                    // Take every delivery already here, then settle the batch with one flush and
-                    // one ack.
-                    for _ in 0..batch_limit {
-                        match next {
+                    // Take every delivery already here (up to the prefetch), then settle the batch
+                    // with one flush and one ack. Never pull a delivery without handling it: a
+                    // later ack with `multiple` would ack it too.
+                    let mut next = Some(next);
+                    let mut taken = 0;
+                    while let Some(item) = next.take() {
+                        match item {
                             Some((input, Ok(delivery))) => {
                                 if let Err(end) = self.accept(input, delivery, handler, &publisher).await {
                                     return end;
@@ -263,9 +271,9 @@ impl Session<'_> {
                             Some((_, Err(err))) => return err.into(),
                             None => return SessionEnd::Lost(anyhow::anyhow!("the broker cancelled the consumer")),
                         }
-                        match deliveries.next().now_or_never() {
-                            Some(item) => next = item,
-                            None => break,
+                        taken += 1;
+                        if taken < batch_limit {
+                            next = deliveries.next().now_or_never();
                         }
                     }
                     if let Err(end) = self.settle(&channel, handler).await {
@@ -279,7 +287,9 @@ impl Session<'_> {
                 }
             }
         }
-        self.drain(&channel, &tags, handler).await
+        let end = self.drain(&channel, &tags, handler).await;
+        publisher.close().await;
+        end
     }
 
     /// Hands one delivery to the handler and records what to do with it.

@@ -5,10 +5,14 @@ use super::topology::{
     DEAD_LETTER_EXCHANGE, DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, dead_letter_queue,
 };
 use crate::messages::MessageError;
+use crate::metrics::BrokerMetrics;
 use lapin::message::Delivery;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use prometheus_client::metrics::counter::Counter;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 /// AMQP `delivery_mode` of a persistent message.
 const PERSISTENT: u8 = 2;
@@ -18,6 +22,27 @@ const PERSISTENT: u8 = 2;
 pub struct Publisher {
     channel: Channel,
     app_id: ShortString,
+    metrics: BrokerMetrics,
+}
+
+/// The broker's answer to one publish; counts the message as published when it is confirmed.
+pub struct Confirm {
+    inner: PublisherConfirm,
+    published: Counter,
+}
+
+impl Future for Confirm {
+    type Output = lapin::Result<Confirmation>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = std::task::ready!(Pin::new(&mut self.inner).poll(cx));
+        if let Ok(confirmation) = &result
+            && is_confirmed(confirmation)
+        {
+            self.published.inc();
+        }
+        Poll::Ready(result)
+    }
 }
 
 /// Whether the broker took responsibility for a message: acked, and not returned as unroutable.
@@ -27,7 +52,11 @@ pub fn is_confirmed(confirmation: &Confirmation) -> bool {
 
 impl Publisher {
     /// Opens a channel on `connection` and puts it in confirm mode.
-    pub async fn open(connection: &Connection, app_id: &str) -> lapin::Result<Self> {
+    pub async fn open(
+        connection: &Connection,
+        app_id: &str,
+        metrics: BrokerMetrics,
+    ) -> lapin::Result<Self> {
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -35,7 +64,17 @@ impl Publisher {
         Ok(Self {
             channel,
             app_id: app_id.into(),
+            metrics,
         })
+    }
+
+    /// Closes the channel, waiting for the broker (briefly), so the connection can close cleanly.
+    pub async fn close(&self) {
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            self.channel.close(200, "bye".into()),
+        )
+        .await;
     }
 
     /// The underlying channel (for declaring topology).
@@ -50,7 +89,7 @@ impl Publisher {
         queue: &str,
         body: &[u8],
         message_id: Option<&str>,
-    ) -> lapin::Result<PublisherConfirm> {
+    ) -> lapin::Result<Confirm> {
         let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(PERSISTENT)
@@ -58,7 +97,8 @@ impl Publisher {
         if let Some(id) = message_id {
             properties = properties.with_message_id(id.into());
         }
-        self.channel
+        let inner = self
+            .channel
             .basic_publish(
                 "".into(),
                 queue.into(),
@@ -69,7 +109,15 @@ impl Publisher {
                 body,
                 properties,
             )
-            .await
+            .await?;
+        Ok(self.confirm(inner, queue))
+    }
+
+    fn confirm(&self, inner: PublisherConfirm, queue: &str) -> Confirm {
+        Confirm {
+            inner,
+            published: self.metrics.queue(queue).published,
+        }
     }
 
     /// Publishes a copy of `delivery` to the dead-letter queue of `source_queue`, with headers
@@ -79,7 +127,7 @@ impl Publisher {
         delivery: &Delivery,
         source_queue: &str,
         error: &MessageError,
-    ) -> lapin::Result<PublisherConfirm> {
+    ) -> lapin::Result<Confirm> {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(
             REASON_HEADER.into(),
@@ -98,10 +146,12 @@ impl Publisher {
             .clone()
             .with_headers(headers)
             .with_delivery_mode(PERSISTENT);
-        self.channel
+        let dlq = dead_letter_queue(source_queue);
+        let inner = self
+            .channel
             .basic_publish(
                 DEAD_LETTER_EXCHANGE.into(),
-                dead_letter_queue(source_queue).as_str().into(),
+                dlq.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -109,7 +159,8 @@ impl Publisher {
                 &delivery.data,
                 properties,
             )
-            .await
+            .await?;
+        Ok(self.confirm(inner, &dlq))
     }
 }
 

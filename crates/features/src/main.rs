@@ -1,0 +1,15 @@
+//! The `features` binary: parses settings, starts logging, runs the producer until done or until
+//! SIGTERM/SIGINT.
+
+use clap::Parser as _;
+use features::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Healthcheck) = cli.command {
+        return pipeline::http::probe(cli.config.http_addr);
+    }
+    pipeline::telemetry::init(cli.config.telemetry.log_format);
+    features::run(cli.config, pipeline::shutdown::signal()).await
+}

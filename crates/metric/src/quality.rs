@@ -1,0 +1,207 @@
+//! Running quality of the model from the joined pairs: count, MAE, RMSE and R² since start and over
+//! a sliding window, MAE per model version, and end-to-end latency; all exported as metrics.
+
+use crate::join::Pair;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::collections::VecDeque;
+use std::sync::atomic::AtomicU64;
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Sums from which MAE, RMSE and R² follow.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sums {
+    /// Pairs.
+    pub n: u64,
+    sum_abs: f64,
+    sum_sq: f64,
+    sum_y: f64,
+    sum_y2: f64,
+}
+
+impl Sums {
+    fn add(&mut self, y_true: f64, y_pred: f64) {
+        let err = y_true - y_pred;
+        self.n += 1;
+        self.sum_abs += err.abs();
+        self.sum_sq += err * err;
+        self.sum_y += y_true;
+        self.sum_y2 += y_true * y_true;
+    }
+
+    /// Mean absolute error (0 without pairs).
+    pub fn mae(&self) -> f64 {
+        if self.n == 0 {
+            0.0
+        } else {
+            self.sum_abs / self.n as f64
+        }
+    }
+
+    /// Root mean squared error (0 without pairs).
+    pub fn rmse(&self) -> f64 {
+        if self.n == 0 {
+            0.0
+        } else {
+            (self.sum_sq / self.n as f64).sqrt()
+        }
+    }
+
+    /// Coefficient of determination (0 when the targets do not vary).
+    pub fn r2(&self) -> f64 {
+        let n = self.n as f64;
+        let ss_tot = self.sum_y2 - self.sum_y * self.sum_y / n;
+        if self.n < 2 || ss_tot <= 0.0 {
+            0.0
+        } else {
+            1.0 - self.sum_sq / ss_tot
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    model_version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SpanLabel {
+    span: &'static str,
+}
+
+/// The quality tracker and its metrics.
+pub struct Quality {
+    all: Sums,
+    window: VecDeque<(f64, f64)>,
+    window_size: usize,
+    by_version: std::collections::HashMap<String, Sums>,
+    pairs: Counter,
+    mae: Family<SpanLabel, FloatGauge>,
+    rmse: Family<SpanLabel, FloatGauge>,
+    r2: Family<SpanLabel, FloatGauge>,
+    mae_by_version: Family<VersionLabel, FloatGauge>,
+    pairs_by_version: Family<VersionLabel, Counter>,
+    latency: Histogram,
+}
+
+impl Quality {
+    /// Registers the quality metrics (prefix `pipeline_model_`) with a window of `window_size` pairs.
+    pub fn register(registry: &mut Registry, window_size: usize) -> Self {
+        let quality = Self {
+            all: Sums::default(),
+            window: VecDeque::with_capacity(window_size),
+            window_size: window_size.max(1),
+            by_version: Default::default(),
+            pairs: Counter::default(),
+            mae: Family::default(),
+            rmse: Family::default(),
+            r2: Family::default(),
+            mae_by_version: Family::default(),
+            pairs_by_version: Family::default(),
+            latency: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
+        };
+        let registry = registry.sub_registry_with_prefix("pipeline");
+        registry.register(
+            "pairs",
+            "Ids joined: rows written to metric_log.csv",
+            quality.pairs.clone(),
+        );
+        registry.register(
+            "model_mae",
+            "Mean absolute error of the predictions, since start (span=all, the whole CSV) or over the last QUALITY_WINDOW pairs (span=window)",
+            quality.mae.clone(),
+        );
+        registry.register(
+            "model_rmse",
+            "Root mean squared error of the predictions, by span",
+            quality.rmse.clone(),
+        );
+        registry.register(
+            "model_r2",
+            "Coefficient of determination of the predictions, by span",
+            quality.r2.clone(),
+        );
+        registry.register(
+            "model_mae_by_version",
+            "Mean absolute error since start, per model version",
+            quality.mae_by_version.clone(),
+        );
+        registry.register(
+            "pairs_by_model_version",
+            "Ids joined, per model version",
+            quality.pairs_by_version.clone(),
+        );
+        registry.register(
+            "end_to_end_latency_seconds",
+            "From the producer's send time to the row being written",
+            quality.latency.clone(),
+        );
+        quality
+    }
+
+    /// Adds one pair (a new row, or one read back from the CSV at start-up).
+    pub fn observe(&mut self, pair: &Pair) {
+        self.all.add(pair.y_true, pair.y_pred);
+        if self.window.len() == self.window_size {
+            self.window.pop_front();
+        }
+        self.window.push_back((pair.y_true, pair.y_pred));
+        let version = pair.model_version.as_deref().unwrap_or("unknown");
+        let sums = self.by_version.entry(version.to_owned()).or_default();
+        sums.add(pair.y_true, pair.y_pred);
+        let label = VersionLabel {
+            model_version: version.to_owned(),
+        };
+        self.mae_by_version.get_or_create(&label).set(sums.mae());
+        self.pairs_by_version.get_or_create(&label).inc();
+        self.pairs.inc();
+        self.set(SpanLabel { span: "all" }, &self.all);
+    }
+
+    /// Records the end-to-end latency of a row written now.
+    pub fn observe_latency(&self, seconds: f64) {
+        self.latency.observe(seconds.max(0.0));
+    }
+
+    /// Recomputes the window gauges.
+    pub fn update_window(&mut self) {
+        let mut sums = Sums::default();
+        for (y_true, y_pred) in &self.window {
+            sums.add(*y_true, *y_pred);
+        }
+        self.set(SpanLabel { span: "window" }, &sums);
+    }
+
+    /// Totals since start.
+    pub fn all(&self) -> &Sums {
+        &self.all
+    }
+
+    fn set(&self, label: SpanLabel, sums: &Sums) {
+        self.mae.get_or_create(&label).set(sums.mae());
+        self.rmse.get_or_create(&label).set(sums.rmse());
+        self.r2.get_or_create(&label).set(sums.r2());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_give_textbook_values() {
+        let mut sums = Sums::default();
+        for (t, p) in [(1.0, 1.5), (2.0, 1.5), (3.0, 3.5)] {
+            sums.add(t, p);
+        }
+        assert!((sums.mae() - 0.5).abs() < 1e-12);
+        assert!((sums.rmse() - 0.5).abs() < 1e-12);
+        // ss_res = 0.75, ss_tot = 2.
+        assert!((sums.r2() - (1.0 - 0.75 / 2.0)).abs() < 1e-12);
+    }
+}
