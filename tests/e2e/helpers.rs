@@ -1,0 +1,519 @@
+//! Test harness: runs the real service binaries as processes on fresh queue names, a fresh log dir
+//! and free ports per test, against a real RabbitMQ (the machine's, or a private node of the test's
+//! own when the test stops or restarts the broker).
+
+#![allow(dead_code)]
+
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub use pipeline::broker::topology::dead_letter_queue;
+
+/// The broker the tests share (`TEST_AMQP_URL`, default the local one).
+pub fn shared_amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Path of a service binary built next to this test binary (`cargo test --workspace` builds them).
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so the service binaries are built",
+        path.display()
+    );
+    path
+}
+
+/// Queue names of one test, unique so tests can share a broker.
+#[derive(Clone, Debug)]
+pub struct Queues {
+    pub features: String,
+    pub y_true: String,
+    pub y_pred: String,
+}
+
+impl Queues {
+    pub fn unique(test: &str) -> Self {
+        let tag = format!(
+            "t.{test}.{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        Self {
+            features: format!("{tag}.features"),
+            y_true: format!("{tag}.y_true"),
+            y_pred: format!("{tag}.y_pred"),
+        }
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        let mut all = vec![
+            self.features.clone(),
+            self.y_true.clone(),
+            self.y_pred.clone(),
+        ];
+        all.extend([&self.features, &self.y_true, &self.y_pred].map(|q| dead_letter_queue(q)));
+        all
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("FEATURES_QUEUE".into(), self.features.clone()),
+            ("Y_TRUE_QUEUE".into(), self.y_true.clone()),
+            ("Y_PRED_QUEUE".into(), self.y_pred.clone()),
+        ]
+    }
+}
+
+/// One running service process; killed when dropped.
+pub struct Service {
+    pub name: &'static str,
+    pub child: Child,
+    pub http_addr: SocketAddr,
+    pub stderr_path: PathBuf,
+    env: Vec<(String, String)>,
+    starts: u32,
+}
+
+impl Service {
+    fn spawn(
+        name: &'static str,
+        env: Vec<(String, String)>,
+        http_addr: SocketAddr,
+        dir: &Path,
+        starts: u32,
+    ) -> Self {
+        let stderr_path = dir.join(format!("{name}.{starts}.stderr"));
+        let stderr = File::create(&stderr_path).expect("stderr file");
+        let child = Command::new(bin_path(name))
+            .current_dir(repo_root())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("HTTP_ADDR", http_addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self {
+            name,
+            child,
+            http_addr,
+            stderr_path,
+            env,
+            starts,
+        }
+    }
+
+    /// Starts the same service again with the same settings.
+    pub fn restart(&mut self, dir: &Path) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Self::spawn(
+            self.name,
+            self.env.clone(),
+            self.http_addr,
+            dir,
+            self.starts + 1,
+        );
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} {} failed", self.pid());
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// `GET path` on the service's endpoint: (status, body).
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.http_addr, path)
+    }
+
+    /// The service's Prometheus metrics as `name{labels}` -> value.
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        let (_, body) = self.get("/metrics").unwrap_or_default();
+        parse_metrics(&body)
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 GET.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Parses Prometheus text format into `name{labels}` -> value.
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Settings of one pipeline run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub amqp_url: String,
+    pub count: u64,
+    pub rate: f64,
+    pub extra: Vec<(String, String)>,
+}
+
+impl Options {
+    pub fn new(amqp_url: String, count: u64) -> Self {
+        Self {
+            amqp_url,
+            count,
+            rate: 0.0,
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn rate(mut self, rate: f64) -> Self {
+        self.rate = rate;
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.extra.push((key.to_owned(), value.to_owned()));
+        self
+    }
+}
+
+/// The three services of one test, on their own queues, log dir and ports.
+pub struct Pipeline {
+    pub queues: Queues,
+    pub dir: tempfile::TempDir,
+    pub options: Options,
+    pub metric: Service,
+    pub model: Service,
+    pub features: Option<Service>,
+}
+
+impl Pipeline {
+    fn common_env(options: &Options, queues: &Queues) -> Vec<(String, String)> {
+        let mut env = queues.env();
+        env.push(("AMQP_URL".into(), options.amqp_url.clone()));
+        env.push(("RECONNECT_MAX_DELAY_MS".into(), "1000".into()));
+        env.extend(options.extra.iter().cloned());
+        env
+    }
+
+    /// Starts metric and model (consumers) but not the producer.
+    pub fn start_consumers(test: &str, options: Options) -> Self {
+        let queues = Queues::unique(test);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let logs = dir.path().join("logs");
+        let mut metric_env = Self::common_env(&options, &queues);
+        metric_env.push(("LOG_DIR".into(), logs.display().to_string()));
+        let metric = Service::spawn("metric", metric_env, local_addr(), dir.path(), 0);
+        let model = Service::spawn(
+            "model",
+            Self::common_env(&options, &queues),
+            local_addr(),
+            dir.path(),
+            0,
+        );
+        Self {
+            queues,
+            dir,
+            options,
+            metric,
+            model,
+            features: None,
+        }
+    }
+
+    /// Starts the producer with the run's COUNT and RATE.
+    pub fn start_features(&mut self) {
+        let mut env = Self::common_env(&self.options, &self.queues);
+        env.push(("COUNT".into(), self.options.count.to_string()));
+        env.push(("RATE".into(), self.options.rate.to_string()));
+        self.features = Some(Service::spawn(
+            "features",
+            env,
+            local_addr(),
+            self.dir.path(),
+            0,
+        ));
+    }
+
+    /// Starts all three.
+    pub fn start(test: &str, options: Options) -> Self {
+        let mut pipeline = Self::start_consumers(test, options);
+        pipeline.start_features();
+        pipeline
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    pub fn rows(&self) -> Vec<Row> {
+        read_rows(&self.log_dir().join("metric_log.csv"))
+    }
+
+    pub fn label_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.log_dir().join("labels_log.txt"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until the CSV has `n` rows, panicking with the services' logs after `timeout`.
+    pub fn wait_rows(&self, n: usize, timeout: Duration) {
+        let ok = wait_until(timeout, || self.rows().len() >= n);
+        if !ok {
+            panic!(
+                "{} rows after {timeout:?}, expected {n}\n{}",
+                self.rows().len(),
+                self.logs()
+            );
+        }
+    }
+
+    /// The last lines of each service's stderr, for failure messages.
+    pub fn logs(&self) -> String {
+        let tail = |s: &Service| {
+            let text = s.stderr();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        let mut out = format!(
+            "--- metric\n{}\n--- model\n{}\n",
+            tail(&self.metric),
+            tail(&self.model)
+        );
+        if let Some(f) = &self.features {
+            out += &format!("--- features\n{}\n", tail(f));
+        }
+        out
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn local_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// One row of metric_log.csv.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub id: String,
+    pub y_true: f64,
+    pub y_pred: f64,
+    pub absolute_error: f64,
+    pub model_version: String,
+}
+
+pub fn read_rows(path: &Path) -> Vec<Row> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            assert_eq!(f.len(), 5, "bad CSV row {l:?}");
+            Row {
+                id: f[0].to_owned(),
+                y_true: f[1].parse().unwrap(),
+                y_pred: f[2].parse().unwrap(),
+                absolute_error: f[3].parse().unwrap(),
+                model_version: f[4].to_owned(),
+            }
+        })
+        .collect()
+}
+
+/// Asserts the rows are exactly `n` distinct ids, each with a consistent absolute error.
+pub fn assert_exactly_once(rows: &[Row], n: usize) {
+    let ids: HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(rows.len(), n, "rows in metric_log.csv");
+    assert_eq!(ids.len(), n, "distinct ids in metric_log.csv");
+    for row in rows {
+        assert_eq!(
+            row.absolute_error,
+            (row.y_true - row.y_pred).abs(),
+            "row {row:?}"
+        );
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A connection for the test itself (publishing bad input, reading queue depths).
+pub async fn connect(url: &str) -> Connection {
+    Connection::connect(url, ConnectionProperties::default())
+        .await
+        .expect("test connection to the broker")
+}
+
+/// Messages ready in each queue (passive declare, so a missing queue is an error).
+pub async fn queue_depths(url: &str, queues: &[String]) -> HashMap<String, u32> {
+    let connection = connect(url).await;
+    let mut depths = HashMap::new();
+    for queue in queues {
+        let channel = connection.create_channel().await.expect("channel");
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("queue {queue}: {e}"));
+        depths.insert(queue.clone(), declared.message_count());
+    }
+    let _ = connection.close(200, "bye".into()).await;
+    depths
+}
+
+/// Asserts every queue of the test (dead-letter queues included) is empty.
+pub async fn assert_queues_empty(url: &str, queues: &Queues) {
+    let depths = queue_depths(url, &queues.all()).await;
+    assert!(
+        depths.values().all(|d| *d == 0),
+        "queues not drained: {depths:?}"
+    );
+}
+
+/// Deletes the test's queues (best effort).
+pub async fn delete_queues(url: &str, queues: &Queues) {
+    let connection = connect(url).await;
+    if let Ok(channel) = connection.create_channel().await {
+        for queue in queues.all() {
+            let _ = channel
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await;
+        }
+    }
+    let _ = connection.close(200, "bye".into()).await;
+}
+
+/// Publishes a raw body to a queue through the default exchange.
+pub async fn publish_raw(
+    connection: &Connection,
+    queue: &str,
+    body: &[u8],
+    message_id: Option<&str>,
+) {
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(Default::default())
+        .await
+        .expect("confirm_select");
+    let mut properties = BasicProperties::default().with_delivery_mode(2);
+    if let Some(id) = message_id {
+        properties = properties.with_message_id(id.into());
+    }
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    let _ = channel.close(200, "bye".into()).await;
+}
