@@ -135,15 +135,19 @@ impl Service {
 
     /// Starts the same service again with the same settings.
     pub fn restart(&mut self, dir: &Path) {
+        self.restart_with(dir, &[]);
+    }
+
+    /// Starts the service again with some settings changed.
+    pub fn restart_with(&mut self, dir: &Path, overrides: &[(&str, String)]) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        *self = Self::spawn(
-            self.name,
-            self.env.clone(),
-            self.http_addr,
-            dir,
-            self.starts + 1,
-        );
+        let mut env = self.env.clone();
+        for (key, value) in overrides {
+            env.retain(|(k, _)| k != key);
+            env.push(((*key).to_owned(), value.clone()));
+        }
+        *self = Self::spawn(self.name, env, self.http_addr, dir, self.starts + 1);
     }
 
     pub fn pid(&self) -> u32 {

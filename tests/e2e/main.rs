@@ -1,5 +1,8 @@
 //! End-to-end tests: the real binaries against a real RabbitMQ. One test binary, with a
-//! [`helpers`] module that gives every test its own queues, log dir and ports.
+//! [`helpers`] module that gives every test its own queues, log dir and ports, and a
+//! [`broker_node`] module for tests that need a broker of their own to stop and restart.
 
+mod broker_node;
+mod faults;
 mod helpers;
 mod pipeline_flow;

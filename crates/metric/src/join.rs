@@ -6,7 +6,7 @@
 
 use pipeline::messages::{LabelKind, MessageError};
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{Hash as _, Hasher as _};
 use std::time::{Duration, Instant};
 
@@ -101,7 +101,8 @@ pub struct Joiner {
     /// Waiting ids in arrival order, for eviction.
     order: BTreeMap<u64, String>,
     next_seq: u64,
-    joined: HashSet<u128>,
+    /// Joined ids (fingerprints) with their `(y_true, y_pred)`.
+    joined: HashMap<u128, (f64, f64)>,
     joined_order: VecDeque<u128>,
 }
 
@@ -117,6 +118,25 @@ pub fn fingerprint(id: &str) -> u128 {
     (u128::from(half(1)) << 64) | u128::from(half(2))
 }
 
+/// A value seen before for the same id: a harmless duplicate when equal, else a conflict.
+fn same_or_conflict(
+    id: &str,
+    kind: LabelKind,
+    first: f64,
+    value: f64,
+) -> Result<Offer, MessageError> {
+    if first.to_bits() == value.to_bits() {
+        Ok(Offer::Duplicate)
+    } else {
+        Err(MessageError::ConflictingDuplicate {
+            id: id.to_owned(),
+            kind: kind.as_str(),
+            first,
+            second: value,
+        })
+    }
+}
+
 impl Joiner {
     /// An empty join state.
     pub fn new(limits: JoinLimits) -> Self {
@@ -125,7 +145,7 @@ impl Joiner {
             waiting: HashMap::new(),
             order: BTreeMap::new(),
             next_seq: 0,
-            joined: HashSet::new(),
+            joined: HashMap::new(),
             joined_order: VecDeque::new(),
         }
     }
@@ -137,13 +157,13 @@ impl Joiner {
 
     /// Whether `id` was joined already (within the remembered window).
     pub fn is_joined(&self, id: &str) -> bool {
-        self.joined.contains(&fingerprint(id))
+        self.joined.contains_key(&fingerprint(id))
     }
 
-    /// Remembers `id` as joined (a row for it exists).
-    pub fn mark_joined(&mut self, id: &str) {
+    /// Remembers `id` as joined with its values (a row for it exists).
+    pub fn mark_joined(&mut self, id: &str, y_true: f64, y_pred: f64) {
         let print = fingerprint(id);
-        if self.joined.insert(print) {
+        if self.joined.insert(print, (y_true, y_pred)).is_none() {
             self.joined_order.push_back(print);
             while self.joined_order.len() > self.limits.dedup_capacity {
                 if let Some(old) = self.joined_order.pop_front() {
@@ -164,8 +184,12 @@ impl Joiner {
         sent_at_us: Option<u64>,
         now: Instant,
     ) -> Result<Offer, MessageError> {
-        if self.is_joined(id) {
-            return Ok(Offer::Duplicate);
+        if let Some(&(y_true, y_pred)) = self.joined.get(&fingerprint(id)) {
+            let first = match kind {
+                LabelKind::YTrue => y_true,
+                LabelKind::YPred => y_pred,
+            };
+            return same_or_conflict(id, kind, first, value);
         }
         let entry = match self.waiting.get_mut(id) {
             Some(entry) => entry,
@@ -187,16 +211,7 @@ impl Joiner {
             LabelKind::YPred => entry.y_pred.as_ref().map(|(v, _)| *v),
         };
         if let Some(first) = first {
-            return if first.to_bits() == value.to_bits() {
-                Ok(Offer::Duplicate)
-            } else {
-                Err(MessageError::ConflictingDuplicate {
-                    id: id.to_owned(),
-                    kind: kind.as_str(),
-                    first,
-                    second: value,
-                })
-            };
+            return same_or_conflict(id, kind, first, value);
         }
         match kind {
             LabelKind::YTrue => entry.y_true = Some(value),
@@ -210,8 +225,8 @@ impl Joiner {
             return Ok(Offer::Waiting);
         };
         self.order.remove(&done.seq);
-        self.mark_joined(id);
         let (y_pred, model_version) = done.y_pred.unwrap_or((f64::NAN, None));
+        self.mark_joined(id, y_true, y_pred);
         Ok(Offer::Paired(Pair {
             id: id.to_owned(),
             y_true,
@@ -360,7 +375,7 @@ mod tests {
     fn joined_ids_are_forgotten_beyond_dedup_capacity() {
         let mut j = joiner(10, Duration::from_secs(60));
         for i in 0..11 {
-            j.mark_joined(&format!("id{i}"));
+            j.mark_joined(&format!("id{i}"), 1.0, 2.0);
         }
         assert!(!j.is_joined("id0"));
         assert!(j.is_joined("id10"));

@@ -86,7 +86,7 @@ pub struct Config {
     pub join_max_age_secs: u64,
 
     /// Joined ids remembered to ignore redelivered or republished messages.
-    #[arg(long, env = "DEDUP_CAPACITY", default_value_t = 1_000_000)]
+    #[arg(long, env = "DEDUP_CAPACITY", default_value_t = 500_000)]
     pub dedup_capacity: usize,
 
     /// Pairs in the sliding window of the windowed MAE, RMSE and R².
@@ -224,7 +224,7 @@ impl Recorder {
             dedup_capacity: config.dedup_capacity,
         });
         let rows = files::read_csv_rows(&dir.join(files::METRIC_CSV), |pair| {
-            joiner.mark_joined(&pair.id);
+            joiner.mark_joined(&pair.id, pair.y_true, pair.y_pred);
             quality.observe(&pair);
         })?;
         let mut files = LogFiles::open(dir)?;
