@@ -60,10 +60,10 @@ async fn model_and_metric_killed_mid_stream_lose_nothing() {
 
     wait_rows_at_least(&run, 500);
     run.model.signal("KILL");
-    run.model.restart(&run.dir.path().to_owned());
+    run.model.restart(run.dir.path());
     wait_rows_at_least(&run, 1500);
     run.metric.signal("KILL");
-    run.metric.restart(&run.dir.path().to_owned());
+    run.metric.restart(run.dir.path());
 
     run.wait_rows(SAMPLES, LONG);
     features_exit_ok(&mut run);
