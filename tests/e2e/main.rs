@@ -6,4 +6,5 @@ mod bad_input;
 mod broker_node;
 mod faults;
 mod helpers;
+mod observability;
 mod pipeline_flow;

@@ -100,6 +100,11 @@ pub struct Config {
     /// Address of the /healthz and /metrics endpoint.
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9101", value_parser = parse_socket_addr)]
     pub http_addr: SocketAddr,
+
+    /// After COUNT samples, keep serving /metrics this many seconds before exiting, so a scraper
+    /// sees the final counts.
+    #[arg(long, env = "LINGER_SECS", default_value_t = 0)]
+    pub linger_secs: u64,
 }
 
 /// Picks row indices.
@@ -197,6 +202,17 @@ pub async fn run(
     };
     let mut broker = Broker::new(producer.config.broker.clone(), "features", metrics, health);
     let result = producer.run(&mut broker, &shutdown).await;
+    if producer.finished() && producer.config.linger_secs > 0 {
+        // Let a Prometheus scrape see the final counts before the endpoint goes away.
+        tracing::info!(
+            linger_secs = producer.config.linger_secs,
+            "all samples confirmed; still serving /metrics"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(producer.config.linger_secs)) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
     shutdown.cancel();
     let _ = http.await;
     result
@@ -255,7 +271,11 @@ impl Producer {
                 }
             }
         }
-        broker.health.set_unhealthy("stopped");
+        broker.health.set_unhealthy(if self.finished() {
+            "finished: all COUNT samples confirmed"
+        } else {
+            "stopped"
+        });
         if !self.retry.is_empty() {
             tracing::warn!(
                 unconfirmed = self.retry.len(),

@@ -354,6 +354,7 @@ impl MessageHandler for Recorder {
     }
 
     async fn flush(&mut self) -> anyhow::Result<()> {
+        self.metrics.waiting.set(self.joiner.waiting() as i64);
         self.files.flush().context("cannot write the log files")
     }
 
