@@ -273,3 +273,70 @@ impl Drop for BrokerNode {
             .status();
     }
 }
+
+/// A cluster of private nodes joined to the first one.
+pub struct BrokerCluster {
+    pub nodes: Vec<BrokerNode>,
+    _base: tempfile::TempDir,
+}
+
+impl BrokerCluster {
+    /// Starts `size` nodes (in parallel) and joins them into one cluster.
+    pub fn start(size: usize) -> Self {
+        let base = tempfile::Builder::new()
+            .prefix("rmqcluster-")
+            .tempdir()
+            .expect("tempdir");
+        let epmd_port = node_port();
+        let cookie = format!("cluster-{}", uuid::Uuid::new_v4().simple());
+        let mut nodes: Vec<BrokerNode> = (0..size)
+            .map(|i| BrokerNode::prepare(&format!("c{i}"), epmd_port, &cookie, Some(base.path())))
+            .collect();
+        for node in &mut nodes {
+            node.spawn();
+        }
+        for node in &mut nodes {
+            node.wait_ready();
+        }
+        let first = nodes[0].node_name();
+        for node in &nodes[1..] {
+            for args in [
+                vec!["stop_app"],
+                vec!["join_cluster", first.as_str()],
+                vec!["start_app"],
+            ] {
+                let out = node.ctl(&args);
+                assert!(
+                    out.status.success(),
+                    "rabbitmqctl {args:?} on {}: {}{}",
+                    node.name,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        let out = nodes[0].ctl(&["await_online_nodes", &size.to_string(), "--timeout", "60"]);
+        assert!(
+            out.status.success(),
+            "cluster did not form: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { nodes, _base: base }
+    }
+
+    /// All nodes' URLs, comma-separated, as `AMQP_URL` takes them.
+    pub fn amqp_urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(BrokerNode::amqp_url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl Drop for BrokerCluster {
+    fn drop(&mut self) {
+        // Nodes first (they hold the shared epmd), then the directory.
+        self.nodes.clear();
+    }
+}

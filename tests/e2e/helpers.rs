@@ -327,6 +327,17 @@ impl Pipeline {
         pipeline
     }
 
+    /// Starts one more service of this run (for example a second model), with extra settings.
+    pub fn extra_service(&self, name: &'static str, extra: &[(&str, String)]) -> Service {
+        let mut env = Self::common_env(&self.options, &self.queues);
+        for (key, value) in extra {
+            env.retain(|(k, _)| k != key);
+            env.push(((*key).to_owned(), value.clone()));
+        }
+        let starts = 100 + free_port() as u32;
+        Service::spawn(name, env, local_addr(), self.dir.path(), starts)
+    }
+
     pub fn log_dir(&self) -> PathBuf {
         self.dir.path().join("logs")
     }

@@ -8,3 +8,4 @@ mod faults;
 mod helpers;
 mod observability;
 mod pipeline_flow;
+mod scaling;

@@ -1,6 +1,7 @@
 //! The model service: fits (or loads) a linear regression, consumes `features`, publishes `y_pred`
 //! with the same id, and acks each input only after its prediction is confirmed by the broker.
 
+pub mod artifact;
 pub mod regression;
 
 use anyhow::Context as _;
@@ -15,11 +16,14 @@ use pipeline::dataset::Dataset;
 use pipeline::health::Health;
 use pipeline::messages::{YPredOut, parse_features};
 use pipeline::metrics::BrokerMetrics;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use regression::LinearModel;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// Command line of the `model` binary.
@@ -43,6 +47,42 @@ pub struct Cli {
 pub enum Command {
     /// Probe this service's /healthz at HTTP_ADDR; exit 0 when healthy (for container healthchecks).
     Healthcheck,
+    /// Fit on a CSV and write a model artifact (JSON) for MODEL_PATH.
+    Train {
+        /// Training CSV (numeric columns, one header row).
+        #[arg(long)]
+        data: PathBuf,
+        /// Artifact file to write (atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Version carried on predictions; derived from the coefficients when not given.
+        #[arg(long)]
+        version: Option<String>,
+        /// Target column; the last column when not given.
+        #[arg(long)]
+        target: Option<String>,
+    },
+}
+
+/// `model train`: fits, writes the artifact, prints a summary.
+pub fn train(
+    data: &std::path::Path,
+    out: &std::path::Path,
+    version: Option<String>,
+    target: Option<&str>,
+) -> anyhow::Result<()> {
+    let artifact = artifact::Artifact::train(data, target, version)?;
+    artifact.write(out)?;
+    println!(
+        "wrote {} (version {}, {} features, {} rows, R² {:.4}, MAE {:.4})",
+        out.display(),
+        artifact.version,
+        artifact.feature_names.len(),
+        artifact.metrics.rows,
+        artifact.metrics.r2,
+        artifact.metrics.mae
+    );
+    Ok(())
 }
 
 /// Settings of the model service.
@@ -61,9 +101,17 @@ pub struct Config {
     #[allow(missing_docs)]
     pub telemetry: TelemetryConfig,
 
-    /// CSV the model is fitted on at start-up.
+    /// CSV the model is fitted on at start-up (when MODEL_PATH is not set).
     #[arg(long, env = "DATA_PATH", default_value = "data/diabetes.csv")]
     pub data_path: PathBuf,
+
+    /// Model artifact to serve (written by `model train`); watched and swapped in when it changes.
+    #[arg(long, env = "MODEL_PATH")]
+    pub model_path: Option<PathBuf>,
+
+    /// How often the artifact at MODEL_PATH is checked for changes, in milliseconds.
+    #[arg(long, env = "MODEL_POLL_MS", default_value_t = 1000)]
+    pub model_poll_ms: u64,
 
     /// Target column of the CSV; the last column when not set.
     #[arg(long, env = "TARGET_COLUMN")]
@@ -74,8 +122,22 @@ pub struct Config {
     pub http_addr: SocketAddr,
 }
 
-/// Fits the model on `DATA_PATH` and logs how good it is on that data.
+/// The model to serve at start-up: the artifact at `MODEL_PATH`, or a fit on `DATA_PATH`.
 pub fn load_model(config: &Config) -> anyhow::Result<LinearModel> {
+    if let Some(path) = &config.model_path {
+        let artifact = artifact::Artifact::load(path)?;
+        tracing::info!(
+            version = %artifact.version,
+            features = artifact.feature_names.len(),
+            r2 = artifact.metrics.r2,
+            mae = artifact.metrics.mae,
+            trained_at = %artifact.trained_at,
+            training_data_sha256 = %artifact.training_data_sha256,
+            "serving model artifact {}",
+            path.display()
+        );
+        return Ok(artifact.model());
+    }
     let data = Dataset::from_csv(&config.data_path, config.target_column.as_deref())
         .context("cannot load the training data (DATA_PATH)")?;
     let model = LinearModel::fit(&data)?;
@@ -101,10 +163,25 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let shutdown = pipeline::shutdown::token_from(shutdown);
     let model = load_model(&config)?;
-    let (_model_tx, model_rx) = watch::channel(Arc::new(model));
+    let (model_tx, model_rx) = watch::channel(Arc::new(model));
 
     let mut registry = Registry::default();
     let metrics = BrokerMetrics::register(&mut registry);
+    let reloads = Family::<artifact::ReloadLabel, Counter>::default();
+    registry.register(
+        "pipeline_model_reloads",
+        "Model artifacts seen at MODEL_PATH, by result (loaded, refused)",
+        reloads.clone(),
+    );
+    let watcher = config.model_path.clone().map(|path| {
+        tokio::spawn(artifact::watch_artifact(
+            path,
+            Duration::from_millis(config.model_poll_ms.max(10)),
+            model_tx,
+            reloads,
+            shutdown.clone(),
+        ))
+    });
     let health = Health::new();
     let http = pipeline::http::spawn(
         config.http_addr,
@@ -134,6 +211,9 @@ pub async fn run(
     let result = run_consumer(&mut broker, &spec, &mut predictor, &shutdown).await;
     shutdown.cancel();
     let _ = http.await;
+    if let Some(watcher) = watcher {
+        let _ = watcher.await;
+    }
     result
 }
 

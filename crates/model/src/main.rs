@@ -6,8 +6,17 @@ use model::{Cli, Command};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Healthcheck) = cli.command {
-        return pipeline::http::probe(cli.config.http_addr);
+    match cli.command {
+        Some(Command::Healthcheck) => return pipeline::http::probe(cli.config.http_addr),
+        Some(Command::Train {
+            data,
+            out,
+            version,
+            target,
+        }) => {
+            return model::train(&data, &out, version, target.as_deref());
+        }
+        None => {}
     }
     pipeline::telemetry::init(cli.config.telemetry.log_format);
     model::run(cli.config, pipeline::shutdown::signal()).await

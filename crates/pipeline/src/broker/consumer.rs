@@ -1,8 +1,9 @@
 //! The one consume loop every consuming service runs.
 //!
-//! Per connection it declares the topology, opens a consume channel with `basic.qos` and a
-//! confirm-mode publish channel, then `select!`s between shutdown, the next delivery and the
-//! oldest pending publisher confirm. A delivery is acked only after its work is safe: after the
+//! Per connection it declares the topology, opens one consume channel per input queue (delivery
+//! tags are per channel, so each channel's acks can go out in its own delivery order) with
+//! `basic.qos`, and a confirm-mode publish channel, then `select!`s between shutdown, the next
+//! delivery and the oldest pending publisher confirm of each input. A delivery is acked only after its work is safe: after the
 //! handler's output is flushed ([`Disposition::Ack`]) or the broker confirmed the message it caused
 //! ([`Disposition::AckOnConfirm`]). Acks go out in delivery order with `multiple`, so a batch costs
 //! one frame. A message that cannot be processed is copied to its dead-letter queue with the reason
@@ -26,6 +27,8 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation, Connection};
 use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -76,13 +79,19 @@ enum SessionEnd {
     Fatal(anyhow::Error),
 }
 
-impl From<lapin::Error> for SessionEnd {
-    fn from(err: lapin::Error) -> Self {
+impl SessionEnd {
+    /// An error while setting up (declaring, consuming): fatal when no retry can fix it.
+    fn setup(err: lapin::Error) -> Self {
         if is_fatal(&err) {
             Self::Fatal(err.into())
         } else {
             Self::Lost(err.into())
         }
+    }
+
+    /// An error while running: always worth a reconnect.
+    fn lost(err: impl Into<anyhow::Error>) -> Self {
+        Self::Lost(err.into())
     }
 }
 
@@ -110,8 +119,17 @@ enum Outcome {
 
 struct InFlight {
     tag: u64,
-    input: usize,
     settle: Settle,
+}
+
+/// One input queue of a session: its channel, consumer and deliveries not yet acked, in delivery
+/// order (the channel's tag order, which acks with `multiple` rely on).
+struct Input {
+    queue: String,
+    channel: Channel,
+    consumer_tag: String,
+    counters: QueueCounters,
+    inflight: VecDeque<InFlight>,
 }
 
 /// What the consume loop needs besides the handler.
@@ -144,16 +162,14 @@ pub async fn run_consumer<H: MessageHandler>(
         let mut session = Session {
             connection: &connection,
             spec,
-            counters: spec
-                .inputs
-                .iter()
-                .map(|queue| broker.metrics.queue(queue))
-                .collect(),
             broker,
-            inflight: VecDeque::new(),
+            inputs: Vec::new(),
             unflushed: false,
         };
-        match session.run(handler, shutdown).await {
+        let end = session.run(handler, shutdown).await;
+        // The channels go before the connection, so it closes cleanly.
+        drop(session);
+        match end {
             SessionEnd::Shutdown => {
                 close(&connection).await;
                 return Ok(());
@@ -181,8 +197,7 @@ struct Session<'a> {
     connection: &'a Connection,
     spec: &'a ConsumerSpec<'a>,
     broker: &'a mut Broker,
-    counters: Vec<QueueCounters>,
-    inflight: VecDeque<InFlight>,
+    inputs: Vec<Input>,
     unflushed: bool,
 }
 
@@ -200,42 +215,20 @@ impl Session<'_> {
         .await
         {
             Ok(publisher) => publisher,
-            Err(err) => return err.into(),
+            Err(err) => return SessionEnd::setup(err),
         };
         if let Err(err) = self.spec.topology.declare(publisher.channel()).await {
-            return err.into();
+            return SessionEnd::setup(err);
         }
-        let channel = match self.connection.create_channel().await {
-            Ok(channel) => channel,
-            Err(err) => return err.into(),
-        };
-        if let Err(err) = channel
-            .basic_qos(self.spec.consume.prefetch, BasicQosOptions::default())
-            .await
-        {
-            return err.into();
-        }
-        let mut tags = Vec::new();
         let mut streams = Vec::new();
-        for (input, queue) in self.spec.inputs.iter().enumerate() {
-            let tag = format!("{}-{}-{}", self.spec.service, std::process::id(), queue);
-            let options = BasicConsumeOptions {
-                exclusive: self.spec.exclusive,
-                ..BasicConsumeOptions::default()
-            };
-            match channel
-                .basic_consume(
-                    (*queue).into(),
-                    tag.as_str().into(),
-                    options,
-                    FieldTable::default(),
-                )
-                .await
-            {
-                Ok(consumer) => streams.push(consumer.map(move |delivery| (input, delivery))),
-                Err(err) => return err.into(),
+        for (index, queue) in self.spec.inputs.iter().enumerate() {
+            match self.open_input(queue).await {
+                Ok((input, consumer)) => {
+                    self.inputs.push(input);
+                    streams.push(consumer.map(move |delivery| (index, delivery)));
+                }
+                Err(err) => return SessionEnd::setup(err),
             }
-            tags.push(tag);
         }
         let mut deliveries = futures_util::stream::select_all(streams);
         self.broker.health.set_healthy();
@@ -247,36 +240,36 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                confirmation = front_confirm(&mut self.inflight) => {
-                    if let Err(end) = self.resolve_front(confirmation) {
+                (index, confirmation) = front_confirm(&mut self.inputs) => {
+                    if let Err(end) = self.resolve_front(index, confirmation) {
                         return end;
                     }
-                    if let Err(end) = self.settle(&channel, handler).await {
+                    if let Err(end) = self.settle(handler).await {
                         return end;
                     }
                 }
                 next = deliveries.next() => {
                     // Take every delivery already here (up to the prefetch), then settle the batch
-                    // with one flush and one ack. Never pull a delivery without handling it: a
-                    // later ack with `multiple` would ack it too.
+                    // with one flush and one ack per channel. Never pull a delivery without
+                    // handling it: a later ack with `multiple` would ack it too.
                     let mut next = Some(next);
                     let mut taken = 0;
                     while let Some(item) = next.take() {
                         match item {
-                            Some((input, Ok(delivery))) => {
-                                if let Err(end) = self.accept(input, delivery, handler, &publisher).await {
+                            Some((index, Ok(delivery))) => {
+                                if let Err(end) = self.accept(index, delivery, handler, &publisher).await {
                                     return end;
                                 }
                             }
-                            Some((_, Err(err))) => return err.into(),
-                            None => return SessionEnd::Lost(anyhow::anyhow!("the broker cancelled the consumer")),
+                            Some((_, Err(err))) => return SessionEnd::lost(err),
+                            None => return SessionEnd::lost(anyhow::anyhow!("the broker cancelled the consumer")),
                         }
                         taken += 1;
                         if taken < batch_limit {
                             next = deliveries.next().now_or_never();
                         }
                     }
-                    if let Err(end) = self.settle(&channel, handler).await {
+                    if let Err(end) = self.settle(handler).await {
                         return end;
                     }
                 }
@@ -287,22 +280,50 @@ impl Session<'_> {
                 }
             }
         }
-        let end = self.drain(&channel, &tags, handler).await;
+        let end = self.drain(handler).await;
         publisher.close().await;
         end
+    }
+
+    /// Opens the channel and consumer of one input queue.
+    async fn open_input(&self, queue: &str) -> lapin::Result<(Input, lapin::Consumer)> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .basic_qos(self.spec.consume.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer_tag = format!("{}-{}-{}", self.spec.service, std::process::id(), queue);
+        let options = BasicConsumeOptions {
+            exclusive: self.spec.exclusive,
+            ..BasicConsumeOptions::default()
+        };
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                consumer_tag.as_str().into(),
+                options,
+                FieldTable::default(),
+            )
+            .await?;
+        let input = Input {
+            queue: queue.to_owned(),
+            channel,
+            consumer_tag,
+            counters: self.broker.metrics.queue(queue),
+            inflight: VecDeque::new(),
+        };
+        Ok((input, consumer))
     }
 
     /// Hands one delivery to the handler and records what to do with it.
     async fn accept<H: MessageHandler>(
         &mut self,
-        input: usize,
+        index: usize,
         delivery: Delivery,
         handler: &mut H,
         publisher: &Publisher,
     ) -> Result<(), SessionEnd> {
         let started = Instant::now();
-        let counters = &self.counters[input];
-        counters.consumed.inc();
+        self.inputs[index].counters.consumed.inc();
         let limit = self.spec.consume.max_message_bytes;
         let disposition = if delivery.data.len() > limit {
             Disposition::DeadLetter(MessageError::TooLarge {
@@ -311,10 +332,11 @@ impl Session<'_> {
             })
         } else {
             handler
-                .handle(input, &delivery, publisher)
+                .handle(index, &delivery, publisher)
                 .await
                 .map_err(SessionEnd::Lost)?
         };
+        let input = &mut self.inputs[index];
         let settle = match disposition {
             Disposition::Ack => {
                 self.unflushed = true;
@@ -325,48 +347,50 @@ impl Session<'_> {
                 on_failure: Outcome::Requeue,
             },
             Disposition::DeadLetter(error) => {
-                let queue = self.spec.inputs[input];
                 let id = delivery
                     .properties
                     .message_id()
                     .as_ref()
                     .map(|id| id.as_str().to_owned());
                 tracing::warn!(
-                    queue,
+                    queue = %input.queue,
                     id = id.as_deref().unwrap_or("-"),
                     reason = error.reason(),
                     error = %error,
                     "dead-lettering a message that cannot be processed"
                 );
-                self.broker.metrics.dead_lettered(queue, error.reason());
+                self.broker
+                    .metrics
+                    .dead_lettered(&input.queue, error.reason());
                 let confirm = publisher
-                    .dead_letter(&delivery, queue, &error)
+                    .dead_letter(&delivery, &input.queue, &error)
                     .await
-                    .map_err(SessionEnd::from)?;
+                    .map_err(SessionEnd::lost)?;
                 Settle::Confirm {
                     confirm,
                     on_failure: Outcome::Reject,
                 }
             }
         };
-        counters
+        input
+            .counters
             .processing_seconds
             .observe(started.elapsed().as_secs_f64());
-        self.inflight.push_back(InFlight {
+        input.inflight.push_back(InFlight {
             tag: delivery.delivery_tag,
-            input,
             settle,
         });
         Ok(())
     }
 
-    /// Records the confirm that [`front_confirm`] resolved.
+    /// Records the confirm that [`front_confirm`] resolved for input `index`.
     fn resolve_front(
         &mut self,
+        index: usize,
         confirmation: lapin::Result<Confirmation>,
     ) -> Result<(), SessionEnd> {
-        let confirmation = confirmation.map_err(SessionEnd::from)?;
-        if let Some(front) = self.inflight.front_mut()
+        let confirmation = confirmation.map_err(SessionEnd::lost)?;
+        if let Some(front) = self.inputs[index].inflight.front_mut()
             && let Settle::Confirm { on_failure, .. } = front.settle
         {
             front.settle = Settle::Done(if is_confirmed(&confirmation) {
@@ -382,102 +406,111 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Acks (with `multiple`), requeues or rejects every delivery at the front whose fate is
-    /// known, in delivery order, flushing the handler first when anything is acked.
-    async fn settle<H: MessageHandler>(
-        &mut self,
-        channel: &Channel,
-        handler: &mut H,
-    ) -> Result<(), SessionEnd> {
-        let mut ack_upto: Option<u64> = None;
-        while let Some(front) = self.inflight.front_mut() {
-            let outcome = match &mut front.settle {
-                Settle::Ack => Outcome::Ack,
-                Settle::Done(outcome) => *outcome,
-                Settle::Confirm {
-                    confirm,
-                    on_failure,
-                } => match confirm.now_or_never() {
-                    None => break,
-                    Some(Ok(confirmation)) if is_confirmed(&confirmation) => Outcome::Ack,
-                    Some(Ok(_)) => *on_failure,
-                    Some(Err(err)) => return Err(err.into()),
-                },
-            };
-            if outcome == Outcome::Ack && self.unflushed {
-                handler.flush().await.map_err(SessionEnd::Lost)?;
-                self.unflushed = false;
-            }
-            let Some(done) = self.inflight.pop_front() else {
-                break;
-            };
-            if outcome == Outcome::Ack {
-                ack_upto = Some(done.tag);
-                self.counters[done.input].acked.inc();
-                continue;
-            }
-            if let Some(tag) = ack_upto.take() {
-                channel
-                    .basic_ack(tag, BasicAckOptions { multiple: true })
-                    .await?;
-            }
-            channel
-                .basic_nack(
-                    done.tag,
-                    BasicNackOptions {
-                        multiple: false,
-                        requeue: outcome == Outcome::Requeue,
+    /// On every input channel, acks (with `multiple`), requeues or rejects the deliveries at the
+    /// front whose fate is known, in delivery order, flushing the handler before the first ack.
+    async fn settle<H: MessageHandler>(&mut self, handler: &mut H) -> Result<(), SessionEnd> {
+        for input in &mut self.inputs {
+            let mut ack_upto: Option<u64> = None;
+            while let Some(front) = input.inflight.front_mut() {
+                let outcome = match &mut front.settle {
+                    Settle::Ack => Outcome::Ack,
+                    Settle::Done(outcome) => *outcome,
+                    Settle::Confirm {
+                        confirm,
+                        on_failure,
+                    } => match confirm.now_or_never() {
+                        None => break,
+                        Some(Ok(confirmation)) if is_confirmed(&confirmation) => Outcome::Ack,
+                        Some(Ok(_)) => *on_failure,
+                        Some(Err(err)) => return Err(SessionEnd::lost(err)),
                     },
-                )
-                .await?;
-        }
-        if let Some(tag) = ack_upto {
-            channel
-                .basic_ack(tag, BasicAckOptions { multiple: true })
-                .await?;
+                };
+                if outcome == Outcome::Ack && self.unflushed {
+                    handler.flush().await.map_err(SessionEnd::Lost)?;
+                    self.unflushed = false;
+                }
+                let Some(done) = input.inflight.pop_front() else {
+                    break;
+                };
+                if outcome == Outcome::Ack {
+                    ack_upto = Some(done.tag);
+                    input.counters.acked.inc();
+                    continue;
+                }
+                if let Some(tag) = ack_upto.take() {
+                    input
+                        .channel
+                        .basic_ack(tag, BasicAckOptions { multiple: true })
+                        .await
+                        .map_err(SessionEnd::lost)?;
+                }
+                input
+                    .channel
+                    .basic_nack(
+                        done.tag,
+                        BasicNackOptions {
+                            multiple: false,
+                            requeue: outcome == Outcome::Requeue,
+                        },
+                    )
+                    .await
+                    .map_err(SessionEnd::lost)?;
+            }
+            if let Some(tag) = ack_upto {
+                input
+                    .channel
+                    .basic_ack(tag, BasicAckOptions { multiple: true })
+                    .await
+                    .map_err(SessionEnd::lost)?;
+            }
         }
         Ok(())
     }
 
+    fn unsettled(&self) -> usize {
+        self.inputs.iter().map(|input| input.inflight.len()).sum()
+    }
+
     /// Shutdown: stop new deliveries, finish and ack what is in flight, flush.
-    async fn drain<H: MessageHandler>(
-        &mut self,
-        channel: &Channel,
-        tags: &[String],
-        handler: &mut H,
-    ) -> SessionEnd {
+    async fn drain<H: MessageHandler>(&mut self, handler: &mut H) -> SessionEnd {
         self.broker.health.set_unhealthy("shutting down");
-        for tag in tags {
-            let _ = channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        for input in &self.inputs {
+            let _ = input
+                .channel
+                .basic_cancel(
+                    input.consumer_tag.as_str().into(),
+                    BasicCancelOptions::default(),
+                )
                 .await;
         }
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         let result: Result<(), SessionEnd> = async {
             loop {
-                self.settle(channel, handler).await?;
-                if self.inflight.is_empty() {
+                self.settle(handler).await?;
+                if self.unsettled() == 0 {
                     break;
                 }
-                match tokio::time::timeout_at(deadline, front_confirm(&mut self.inflight)).await {
-                    Ok(confirmation) => self.resolve_front(confirmation)?,
+                match tokio::time::timeout_at(deadline, front_confirm(&mut self.inputs)).await {
+                    Ok((index, confirmation)) => self.resolve_front(index, confirmation)?,
                     Err(_) => break,
                 }
             }
             handler.flush().await.map_err(SessionEnd::Lost)
         }
         .await;
-        if !self.inflight.is_empty() {
+        if self.unsettled() > 0 {
             tracing::warn!(
-                unacked = self.inflight.len(),
+                unacked = self.unsettled(),
                 "stopping with unacked messages; the broker will deliver them again"
             );
         }
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            channel.close(200, "shutdown".into()),
-        )
-        .await;
+        for input in &self.inputs {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                input.channel.close(200, "shutdown".into()),
+            )
+            .await;
+        }
         match result {
             Ok(()) => {
                 tracing::info!("consumer drained");
@@ -492,10 +525,22 @@ impl Session<'_> {
     }
 }
 
-/// Waits for the confirm of the oldest in-flight delivery, or forever when it has none.
-async fn front_confirm(inflight: &mut VecDeque<InFlight>) -> lapin::Result<Confirmation> {
-    match inflight.front_mut().map(|front| &mut front.settle) {
-        Some(Settle::Confirm { confirm, .. }) => confirm.await,
-        _ => std::future::pending().await,
-    }
+/// Waits for the confirm at the front of any input (the oldest in-flight delivery of that
+/// channel), or forever when none waits for one.
+fn front_confirm(
+    inputs: &mut [Input],
+) -> impl Future<Output = (usize, lapin::Result<Confirmation>)> + '_ {
+    std::future::poll_fn(move |cx| {
+        for (index, input) in inputs.iter_mut().enumerate() {
+            if let Some(InFlight {
+                settle: Settle::Confirm { confirm, .. },
+                ..
+            }) = input.inflight.front_mut()
+                && let Poll::Ready(result) = Pin::new(confirm).poll(cx)
+            {
+                return Poll::Ready((index, result));
+            }
+        }
+        Poll::Pending
+    })
 }

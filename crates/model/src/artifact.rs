@@ -1,0 +1,239 @@
+//! Model artifacts: a small, human-readable JSON file with everything needed to serve a fitted
+//! model and to know where it came from (`model train` writes one; `MODEL_PATH` serves one), and
+//! the watcher that swaps in a new artifact while the service runs.
+
+use crate::regression::{FitMetrics, LinearModel, ModelError, derived_version, hex};
+use anyhow::Context as _;
+use pipeline::dataset::Dataset;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+
+/// Identifies the file format, so a wrong file is refused with a clear error.
+pub const FORMAT: &str = "ml-pipeline/linear-model/1";
+
+/// The artifact file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Version carried on every prediction.
+    pub version: String,
+    /// Feature names, in order.
+    pub feature_names: Vec<String>,
+    /// Target column name.
+    pub target_name: String,
+    /// One coefficient per feature.
+    pub coefficients: Vec<f64>,
+    /// Intercept.
+    pub intercept: f64,
+    /// SHA-256 of the training CSV file.
+    pub training_data_sha256: String,
+    /// In-sample quality.
+    pub metrics: FitMetrics,
+    /// When it was trained (RFC 3339).
+    pub trained_at: String,
+}
+
+impl Artifact {
+    /// Fits on `data_path` and describes the result. The version is `version`, or derived from the
+    /// coefficients.
+    pub fn train(
+        data_path: &Path,
+        target_column: Option<&str>,
+        version: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(data_path)
+            .with_context(|| format!("cannot read {}", data_path.display()))?;
+        let data = Dataset::from_csv(data_path, target_column)?;
+        let mut model = LinearModel::fit(&data)?;
+        if let Some(version) = version {
+            model.version = version;
+        }
+        let metrics = model.evaluate(&data)?;
+        Ok(Self {
+            format: FORMAT.to_owned(),
+            version: model.version,
+            feature_names: model.feature_names,
+            target_name: data.target_name,
+            coefficients: model.coefficients,
+            intercept: model.intercept,
+            training_data_sha256: hex(&Sha256::digest(&bytes)),
+            metrics,
+            trained_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        })
+    }
+
+    /// Reads and validates an artifact file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read model artifact {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("refusing model artifact {}", path.display()))
+    }
+
+    /// Parses and validates artifact JSON.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let artifact: Self = serde_json::from_str(text).context("not a model artifact (JSON)")?;
+        if artifact.format != FORMAT {
+            anyhow::bail!("format is {:?}, expected {FORMAT:?}", artifact.format);
+        }
+        pipeline::messages::validate_id(&artifact.version).map_err(|_| {
+            ModelError::Invalid(format!(
+                "version {:?}: use 1 to 128 characters of A-Z a-z 0-9 . _ : -",
+                artifact.version
+            ))
+        })?;
+        artifact.model().validate()?;
+        Ok(artifact)
+    }
+
+    /// The servable model.
+    pub fn model(&self) -> LinearModel {
+        LinearModel {
+            feature_names: self.feature_names.clone(),
+            coefficients: self.coefficients.clone(),
+            intercept: self.intercept,
+            version: self.version.clone(),
+        }
+    }
+
+    /// Writes the artifact atomically (temporary file, then rename), so a watcher never reads half
+    /// of it.
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let json = serde_json::to_string_pretty(self)?;
+        let tmp = temporary_path(path);
+        std::fs::write(&tmp, json + "\n")
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    }
+}
+
+fn temporary_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+/// The version a fit on data would get, for the log.
+pub fn version_of(model: &LinearModel) -> String {
+    derived_version(&model.coefficients, model.intercept)
+}
+
+/// Watches the artifact at `path` (polling every `interval`) and sends each new valid model on
+/// `models`. A file that cannot be read, is not a valid artifact, or has another number of features
+/// than the model being served is refused with an error log; the current model keeps serving.
+pub async fn watch_artifact(
+    path: PathBuf,
+    interval: Duration,
+    models: watch::Sender<Arc<LinearModel>>,
+    reloads: prometheus_client::metrics::family::Family<
+        ReloadLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    shutdown: pipeline::CancellationToken,
+) {
+    let mut last = std::fs::read(&path).ok();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        if last.as_deref() == Some(bytes.as_slice()) {
+            continue;
+        }
+        last = Some(bytes.clone());
+        let current = models.borrow().clone();
+        let result = std::str::from_utf8(&bytes)
+            .map_err(anyhow::Error::from)
+            .and_then(Artifact::parse)
+            .and_then(|artifact| {
+                let model = artifact.model();
+                if model.n_features() != current.n_features() {
+                    anyhow::bail!(
+                        "it takes {} features, the model being served takes {}",
+                        model.n_features(),
+                        current.n_features()
+                    );
+                }
+                Ok(model)
+            });
+        match result {
+            Ok(model) => {
+                tracing::info!(path = %path.display(), from = %current.version, to = %model.version, "model reloaded");
+                reloads
+                    .get_or_create(&ReloadLabel { result: "loaded" })
+                    .inc();
+                models.send_replace(Arc::new(model));
+            }
+            Err(err) => {
+                tracing::error!(path = %path.display(), version = %current.version, error = %format!("{err:#}"), "refused a new model artifact; still serving the current model");
+                reloads
+                    .get_or_create(&ReloadLabel { result: "refused" })
+                    .inc();
+            }
+        }
+    }
+}
+
+/// Label of the reload counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ReloadLabel {
+    /// `loaded` or `refused`.
+    pub result: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn diabetes() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/diabetes.csv")
+    }
+
+    #[test]
+    fn artifacts_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.json");
+        let artifact = Artifact::train(&diabetes(), None, Some("v1".into())).unwrap();
+        artifact.write(&path).unwrap();
+        let loaded = Artifact::load(&path).unwrap();
+        assert_eq!(loaded, artifact);
+        assert_eq!(loaded.version, "v1");
+        assert_eq!(loaded.feature_names.len(), 10);
+        assert_eq!(loaded.training_data_sha256.len(), 64);
+        assert!(!dir.path().join(".model.json.tmp").exists());
+    }
+
+    #[test]
+    fn derived_version_without_a_given_one() {
+        let artifact = Artifact::train(&diabetes(), None, None).unwrap();
+        assert_eq!(artifact.version, version_of(&artifact.model()));
+    }
+
+    #[test]
+    fn broken_artifacts_are_refused() {
+        let good =
+            serde_json::to_value(Artifact::train(&diabetes(), None, Some("v1".into())).unwrap())
+                .unwrap();
+        assert!(Artifact::parse("{not json").is_err());
+        let mut wrong_format = good.clone();
+        wrong_format["format"] = "other".into();
+        assert!(Artifact::parse(&wrong_format.to_string()).is_err());
+        let mut short = good.clone();
+        short["coefficients"] = serde_json::json!([1.0]);
+        assert!(Artifact::parse(&short.to_string()).is_err());
+        let mut bad_version = good.clone();
+        bad_version["version"] = "a b".into();
+        assert!(Artifact::parse(&bad_version.to_string()).is_err());
+        assert!(Artifact::parse(&good.to_string()).is_ok());
+    }
+}
