@@ -20,7 +20,10 @@ async fn metrics_count_every_sample_and_quality_matches_the_csv() {
     let url = shared_amqp_url();
     let options = Options::new(url.clone(), N as u64)
         .env("LINGER_SECS", "60")
-        .env("LOG_FORMAT", "json");
+        .env("LOG_FORMAT", "json")
+        .env("PLOT_INTERVAL_SECS", "1")
+        .env("PLOT_WIDTH", "640")
+        .env("PLOT_HEIGHT", "400");
     let mut run = Pipeline::start("metrics", options);
     run.wait_rows(N, Duration::from_secs(90));
     let q = run.queues.clone();
@@ -92,6 +95,32 @@ async fn metrics_count_every_sample_and_quality_matches_the_csv() {
         "R² of OLS on diabetes is about 0.5"
     );
     assert!(r.contains_key("pipeline_model_rmse{span=\"window\"}"));
+
+    // error_distribution.png: a PNG of the configured size, not redrawn while no pairs arrive.
+    let png = run.log_dir().join("error_distribution.png");
+    let modified = || std::fs::metadata(&png).and_then(|m| m.modified()).ok();
+    assert!(
+        wait_until(Duration::from_secs(15), || modified().is_some()),
+        "no error_distribution.png"
+    );
+    // Let a redraw that covers the last pairs finish, then nothing new may come.
+    std::thread::sleep(Duration::from_millis(2500));
+    let first = modified();
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "PNG signature");
+    assert_eq!(&bytes[12..16], b"IHDR");
+    let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    assert_eq!((width, height), (640, 400));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(modified(), first, "redrawn without new pairs");
+    let leftovers: Vec<_> = std::fs::read_dir(run.log_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().contains("tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 
     // LOG_FORMAT=json: every line of every service is one JSON object; message lines carry the id.
     run.features.as_mut().unwrap().signal("TERM");

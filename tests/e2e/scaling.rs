@@ -53,6 +53,18 @@ async fn model_artifact_is_swapped_while_streaming_and_a_broken_one_is_refused()
     let mut run = Pipeline::start("reload", options);
     run.wait_rows(300, Duration::from_secs(60));
 
+    let y_pred_published = format!(
+        "pipeline_messages_published_total{{queue=\"{}\"}}",
+        run.queues.y_pred
+    );
+    let published = |model: &Service| {
+        model
+            .metrics()
+            .get(&y_pred_published)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let before_swap = published(&run.model);
     train(&subset, &artifact, "v2");
     assert!(
         wait_until(Duration::from_secs(10), || run
@@ -62,8 +74,8 @@ async fn model_artifact_is_swapped_while_streaming_and_a_broken_one_is_refused()
         "{}",
         run.logs()
     );
-    let after_v2 = run.rows().len();
-    run.wait_rows(after_v2 + 300, Duration::from_secs(60));
+    let after_swap = published(&run.model);
+    run.wait_rows(run.rows().len() + 300, Duration::from_secs(60));
 
     std::fs::write(
         &artifact,
@@ -85,9 +97,11 @@ async fn model_artifact_is_swapped_while_streaming_and_a_broken_one_is_refused()
     // Versions switch once, from v1 to v2; the broken file changed nothing.
     let versions: Vec<&str> = rows.iter().map(|r| r.model_version.as_str()).collect();
     let first_v2 = versions.iter().position(|v| *v == "v2").expect("v2 served");
+    // The switch happened between writing v2 and the reload's log line.
+    let v1_rows = first_v2 as f64;
     assert!(
-        first_v2 >= 300 && first_v2 <= after_v2 + 50,
-        "v2 first at row {first_v2}"
+        v1_rows >= before_swap && v1_rows <= after_swap,
+        "{v1_rows} v1 rows; {before_swap} predictions before the swap, {after_swap} after"
     );
     assert!(versions[..first_v2].iter().all(|v| *v == "v1"));
     assert!(

@@ -8,6 +8,7 @@
 
 pub mod files;
 pub mod join;
+pub mod plot;
 pub mod quality;
 
 use anyhow::Context as _;
@@ -96,6 +97,94 @@ pub struct Config {
     /// Address of the /healthz and /metrics endpoint.
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9103", value_parser = parse_socket_addr)]
     pub http_addr: SocketAddr,
+
+    /// Seconds between redraws of error_distribution.png (only when new pairs arrived); 0 = never.
+    #[arg(long, env = "PLOT_INTERVAL_SECS", default_value_t = 10)]
+    pub plot_interval_secs: u64,
+
+    /// Width of error_distribution.png in pixels.
+    #[arg(long, env = "PLOT_WIDTH", default_value_t = 960, value_parser = clap::value_parser!(u32).range(200..=8192))]
+    pub plot_width: u32,
+
+    /// Height of error_distribution.png in pixels.
+    #[arg(long, env = "PLOT_HEIGHT", default_value_t = 540, value_parser = clap::value_parser!(u32).range(200..=8192))]
+    pub plot_height: u32,
+
+    /// Most recent pairs the histogram covers.
+    #[arg(long, env = "PLOT_MAX_PAIRS", default_value_t = 100_000)]
+    pub plot_max_pairs: usize,
+}
+
+/// File name of the error histogram in `LOG_DIR`.
+pub const ERROR_PLOT: &str = "error_distribution.png";
+
+/// Keeps the recent absolute errors and redraws the histogram now and then, off the consume loop.
+struct Plotter {
+    path: PathBuf,
+    interval: Option<Duration>,
+    width: u32,
+    height: u32,
+    max: usize,
+    errors: std::collections::VecDeque<f64>,
+    dirty: bool,
+    last: Instant,
+    busy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Plotter {
+    fn new(config: &Config) -> Self {
+        Self {
+            path: config.log_dir.join(ERROR_PLOT),
+            interval: (config.plot_interval_secs > 0)
+                .then(|| Duration::from_secs(config.plot_interval_secs)),
+            width: config.plot_width,
+            height: config.plot_height,
+            max: config.plot_max_pairs.max(1),
+            errors: std::collections::VecDeque::new(),
+            dirty: false,
+            last: Instant::now(),
+            busy: Arc::default(),
+        }
+    }
+
+    fn observe(&mut self, absolute_error: f64) {
+        if self.errors.len() == self.max {
+            self.errors.pop_front();
+        }
+        self.errors.push_back(absolute_error);
+        self.dirty = true;
+    }
+
+    /// Starts a redraw when it is due, there is new data, and no redraw is running.
+    fn maybe_redraw(&mut self) {
+        use std::sync::atomic::Ordering;
+        let Some(interval) = self.interval else {
+            return;
+        };
+        if !self.dirty || self.last.elapsed() < interval || self.busy.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.dirty = false;
+        self.last = Instant::now();
+        let errors: Vec<f64> = self.errors.iter().copied().collect();
+        let (path, width, height, busy) = (
+            self.path.clone(),
+            self.width,
+            self.height,
+            Arc::clone(&self.busy),
+        );
+        tokio::task::spawn_blocking(move || {
+            match plot::render_error_histogram(&errors, &path, width, height) {
+                Ok(()) => {
+                    tracing::debug!(pairs = errors.len(), path = %path.display(), "error histogram redrawn")
+                }
+                Err(err) => {
+                    tracing::warn!(error = %format!("{err:#}"), "cannot draw the error histogram")
+                }
+            }
+            busy.store(false, Ordering::Release);
+        });
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -160,7 +249,7 @@ pub async fn run(
     let broker_metrics = BrokerMetrics::register(&mut registry);
     let join_metrics = JoinMetrics::register(&mut registry);
     let quality = Quality::register(&mut registry, config.quality_window);
-    let mut recorder = Recorder::recover(&config, quality, join_metrics)?;
+    let mut recorder = Recorder::recover(&config, quality, join_metrics, Plotter::new(&config))?;
 
     let health = Health::new();
     let http = pipeline::http::spawn(
@@ -196,6 +285,7 @@ pub struct Recorder {
     joiner: Joiner,
     quality: Quality,
     metrics: JoinMetrics,
+    plotter: Plotter,
     queue_names: [String; 2],
 }
 
@@ -206,6 +296,7 @@ impl Recorder {
         config: &Config,
         mut quality: Quality,
         metrics: JoinMetrics,
+        mut plotter: Plotter,
     ) -> anyhow::Result<Self> {
         let dir = &config.log_dir;
         for name in [files::LABELS_LOG, files::METRIC_CSV] {
@@ -226,6 +317,7 @@ impl Recorder {
         let rows = files::read_csv_rows(&dir.join(files::METRIC_CSV), |pair| {
             joiner.mark_joined(&pair.id, pair.y_true, pair.y_pred);
             quality.observe(&pair);
+            plotter.observe(pair.absolute_error());
         })?;
         let mut files = LogFiles::open(dir)?;
         let now = Instant::now();
@@ -243,6 +335,7 @@ impl Recorder {
             ) {
                 files.push_row(&pair);
                 quality.observe(&pair);
+                plotter.observe(pair.absolute_error());
                 rejoined += 1;
             }
         })?;
@@ -262,6 +355,7 @@ impl Recorder {
             joiner,
             quality,
             metrics,
+            plotter,
             queue_names: [
                 config.queues.y_true_queue.clone(),
                 config.queues.y_pred_queue.clone(),
@@ -329,6 +423,7 @@ impl Recorder {
             Offer::Paired(pair) => {
                 self.files.push_row(&pair);
                 self.quality.observe(&pair);
+                self.plotter.observe(pair.absolute_error());
                 if let Some(sent) = pair.sent_at_us {
                     self.quality
                         .observe_latency(now_us().saturating_sub(sent) as f64 / 1e6);
@@ -375,6 +470,7 @@ impl MessageHandler for Recorder {
         }
         self.metrics.waiting.set(self.joiner.waiting() as i64);
         self.quality.update_window();
+        self.plotter.maybe_redraw();
         Ok(())
     }
 }
