@@ -43,13 +43,11 @@ pub struct BrokerMetrics {
     pub connected: Gauge,
 }
 
-/// Counters of one queue, looked up once so the hot path does no label hashing.
+/// Counters of one input queue, looked up once so the hot path does no label hashing.
 #[derive(Clone, Debug)]
 pub struct QueueCounters {
     /// Messages received from the queue.
     pub consumed: Counter,
-    /// Messages published to the queue and confirmed by the broker.
-    pub published: Counter,
     /// Messages from the queue acknowledged after their work was done.
     pub acked: Counter,
     /// Time from receiving a message to handing it on (before the ack).
@@ -107,17 +105,23 @@ impl BrokerMetrics {
         metrics
     }
 
-    /// The counters of one queue.
+    /// The counters of one queue this service consumes.
     pub fn queue(&self, queue: &str) -> QueueCounters {
         let label = QueueLabel {
             queue: queue.to_owned(),
         };
         QueueCounters {
             consumed: self.consumed.get_or_create_owned(&label),
-            published: self.published.get_or_create_owned(&label),
             acked: self.acked.get_or_create_owned(&label),
             processing_seconds: self.processing_seconds.get_or_create_owned(&label),
         }
+    }
+
+    /// The counter of messages this service published to `queue` and had confirmed.
+    pub fn published(&self, queue: &str) -> Counter {
+        self.published.get_or_create_owned(&QueueLabel {
+            queue: queue.to_owned(),
+        })
     }
 
     /// Counts one dead-lettered message.

@@ -116,7 +116,7 @@ impl Publisher {
     fn confirm(&self, inner: PublisherConfirm, queue: &str) -> Confirm {
         Confirm {
             inner,
-            published: self.metrics.queue(queue).published,
+            published: self.metrics.published(queue),
         }
     }
 
