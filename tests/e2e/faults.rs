@@ -180,3 +180,47 @@ async fn services_wait_for_a_broker_that_comes_up_late() {
     assert_exactly_once(&run.rows(), 500);
     assert_queues_empty(&url, &run.queues).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metric_cuts_half_lines_left_by_a_crash() {
+    use std::io::Write as _;
+    let url = shared_amqp_url();
+    let mut run = Pipeline::start("halfline", Options::new(url.clone(), 300));
+    run.wait_rows(300, LONG);
+    features_exit_ok(&mut run);
+    run.metric.signal("KILL");
+    run.metric
+        .wait_exit(Duration::from_secs(5))
+        .expect("metric killed");
+
+    // What a crash in the middle of a write leaves: lines without their end.
+    let append = |name: &str, text: &str| {
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(run.log_dir().join(name))
+            .unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+    };
+    append("labels_log.txt", "2026-11-25T12:00:00.000000Z y_true 5f1c");
+    append("metric_log.csv", "5f1c0d7e-half,151,20");
+
+    let dir = run.dir.path().to_owned();
+    run.metric.restart(&dir);
+    run.features.as_mut().unwrap().restart(&dir);
+    run.wait_rows(600, LONG);
+    features_exit_ok(&mut run);
+    assert_exactly_once(&run.rows(), 600);
+    for line in run.label_lines() {
+        assert!(
+            matches!(line.split(' ').count(), 4 | 5),
+            "broken line in labels_log.txt: {line:?}"
+        );
+    }
+    assert!(
+        run.metric.stderr().contains("cut a half line"),
+        "{}",
+        run.metric.stderr()
+    );
+    assert_queues_empty(&url, &run.queues).await;
+    delete_queues(&url, &run.queues).await;
+}

@@ -405,7 +405,10 @@ pub struct Row {
 
 pub fn read_rows(path: &Path) -> Vec<Row> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
+    // Only whole lines: a line without its newline is still being written (or a crash's leftover).
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole
+        .lines()
         .skip(1)
         .filter(|l| !l.is_empty())
         .map(|l| {

@@ -1,0 +1,228 @@
+//! What can be checked of the Docker set-up without a Docker engine: the paths the Dockerfile and
+//! compose use exist, every variable compose sets is one the binary reads, ports agree, and the
+//! binaries work with exactly the compose environment pointed at the local broker.
+
+use crate::helpers::*;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+use yaml_rust2::{Yaml, YamlLoader};
+
+/// Resolves YAML merge keys (`<<: *anchor`) in mappings, recursively.
+fn merged(yaml: &Yaml) -> Yaml {
+    match yaml {
+        Yaml::Hash(hash) => {
+            let mut out = yaml_rust2::yaml::Hash::new();
+            if let Some(base) = hash.get(&Yaml::String("<<".into())) {
+                let bases = match base {
+                    Yaml::Array(items) => items.clone(),
+                    other => vec![other.clone()],
+                };
+                for base in bases {
+                    if let Yaml::Hash(base) = merged(&base) {
+                        out.extend(base);
+                    }
+                }
+            }
+            for (key, value) in hash {
+                if key.as_str() != Some("<<") {
+                    out.insert(key.clone(), merged(value));
+                }
+            }
+            Yaml::Hash(out)
+        }
+        Yaml::Array(items) => Yaml::Array(items.iter().map(merged).collect()),
+        other => other.clone(),
+    }
+}
+
+fn scalar(yaml: &Yaml) -> String {
+    match yaml {
+        Yaml::String(s) | Yaml::Real(s) => s.clone(),
+        Yaml::Integer(i) => i.to_string(),
+        Yaml::Boolean(b) => b.to_string(),
+        other => panic!("not a scalar: {other:?}"),
+    }
+}
+
+struct ComposeService {
+    command: String,
+    environment: BTreeMap<String, String>,
+    ports: Vec<String>,
+    volumes: Vec<String>,
+    yaml: Yaml,
+}
+
+fn compose_services() -> BTreeMap<String, ComposeService> {
+    let text = std::fs::read_to_string(repo_root().join("docker-compose.yml")).unwrap();
+    let doc = merged(&YamlLoader::load_from_str(&text).unwrap()[0]);
+    let mut services = BTreeMap::new();
+    for (name, service) in doc["services"].as_hash().unwrap() {
+        let name = name.as_str().unwrap().to_owned();
+        if name == "rabbitmq" {
+            continue;
+        }
+        let list = |key: &str| {
+            service[key]
+                .as_vec()
+                .map(|v| v.iter().map(scalar).collect())
+                .unwrap_or_default()
+        };
+        let environment = service["environment"]
+            .as_hash()
+            .map(|env| env.iter().map(|(k, v)| (scalar(k), scalar(v))).collect())
+            .unwrap_or_default();
+        let command: Vec<String> = list("command");
+        services.insert(
+            name,
+            ComposeService {
+                command: command[0].clone(),
+                environment,
+                ports: list("ports"),
+                volumes: list("volumes"),
+                yaml: service.clone(),
+            },
+        );
+    }
+    services
+}
+
+#[test]
+fn compose_and_dockerfile_agree_with_the_binaries() {
+    let services = compose_services();
+    assert_eq!(
+        services.keys().collect::<Vec<_>>(),
+        ["features", "metric", "model"]
+    );
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    for line in dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY") && !l.contains("--from"))
+    {
+        let source = line.split_whitespace().nth(1).unwrap();
+        assert!(
+            repo_root().join(source).exists(),
+            "Dockerfile copies {source}, which does not exist"
+        );
+    }
+    for (name, service) in &services {
+        assert_eq!(&service.command, name, "service {name} runs its own binary");
+        assert!(
+            dockerfile.contains(&format!("target/release/{name}")),
+            "the image holds {name}"
+        );
+        assert!(
+            dockerfile.contains(&format!("-p {name}")),
+            "the image builds {name}"
+        );
+        let help = String::from_utf8(
+            std::process::Command::new(bin_path(name))
+                .arg("--help")
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        for key in service.environment.keys() {
+            // RUST_LOG is read by the log filter, not by clap.
+            if key != "RUST_LOG" {
+                assert!(
+                    help.contains(&format!("[env: {key}")),
+                    "compose sets {key} for {name}, which `{name} --help` does not list"
+                );
+            }
+        }
+        for volume in &service.volumes {
+            let host = volume.split(':').next().unwrap();
+            assert!(
+                repo_root().join(host).exists(),
+                "{name} mounts {host}, which does not exist"
+            );
+        }
+        if let Some(path) = service.environment.get("DATA_PATH") {
+            let local = path.replace("/app/data", "data");
+            assert!(
+                repo_root().join(&local).exists(),
+                "{name}: DATA_PATH {path} is not in ./data"
+            );
+        }
+        // The HTTP port is the one published (model: none, so it can be scaled).
+        let http: SocketAddr = service.environment["HTTP_ADDR"].parse().unwrap();
+        if name == "model" {
+            assert!(
+                service.ports.is_empty(),
+                "model must publish no host port to scale"
+            );
+            assert!(
+                service.yaml["container_name"].is_badvalue(),
+                "model must have no container_name"
+            );
+        } else {
+            assert_eq!(
+                service.ports,
+                [format!("{0}:{0}", http.port())],
+                "{name} publishes its HTTP port"
+            );
+        }
+        let healthcheck = &service.yaml["healthcheck"]["test"];
+        assert_eq!(scalar(&healthcheck[1]), *name);
+        assert_eq!(scalar(&healthcheck[2]), "healthcheck");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn binaries_run_with_the_compose_environment() {
+    let url = shared_amqp_url();
+    let queues = Queues::unique("compose");
+    let logs = tempfile::tempdir().unwrap();
+    let mut running = Vec::new();
+    // Order as compose starts them does not matter; producer last makes the check quicker.
+    for (name, service) in compose_services().into_iter().rev() {
+        let mut env: Vec<(String, String)> = Vec::new();
+        for (key, value) in &service.environment {
+            // Only what cannot be the same here: the broker's host name, the container paths,
+            // ports shared with other tests, and queue names shared with other tests.
+            let value = match key.as_str() {
+                "AMQP_URL" => value
+                    .replace("@rabbitmq:5672", "@127.0.0.1:5672")
+                    .replace("amqp://guest:guest@127.0.0.1:5672/%2f", &url),
+                "DATA_PATH" => {
+                    value.replace("/app/data", &repo_root().join("data").display().to_string())
+                }
+                "LOG_DIR" => logs.path().display().to_string(),
+                "HTTP_ADDR" => format!("127.0.0.1:{}", free_port()),
+                "FEATURES_QUEUE" => queues.features.clone(),
+                "Y_TRUE_QUEUE" => queues.y_true.clone(),
+                "Y_PRED_QUEUE" => queues.y_pred.clone(),
+                _ => value.clone(),
+            };
+            env.push((key.clone(), value));
+        }
+        let mut command = std::process::Command::new(bin_path(&name));
+        command
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stderr(std::process::Stdio::null());
+        running.push((name, command.spawn().unwrap()));
+    }
+    let csv = logs.path().join("metric_log.csv");
+    let ok = wait_until(Duration::from_secs(30), || read_rows(&csv).len() >= 15);
+    for (name, child) in &running {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = name;
+    }
+    for (name, mut child) in running {
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "{name} exited with {status} after SIGTERM"
+        );
+    }
+    assert!(
+        ok,
+        "with the compose settings (RATE=10), fewer than 15 rows in 30 s"
+    );
+    delete_queues(&url, &queues).await;
+}
