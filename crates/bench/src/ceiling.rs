@@ -1,0 +1,520 @@
+//! The ceiling: a bare lapin client doing exactly the pipeline's broker traffic, and nothing else.
+//!
+//! Three connections play the three services, each as a task of its own:
+//! - producer: per sample, publishes `y_true` then `features` (the producer's bodies, built with
+//!   [`YTrueOut`] and [`FeaturesOut`] from random rows of the data set, uuid ids), persistent,
+//!   mandatory, with publisher confirms awaited in a window of `CONFIRM_WINDOW` samples;
+//! - model: consumes `features` (prefetch `PREFETCH`), publishes a `y_pred` body of the model's
+//!   shape and size ([`YPredOut`] with a real prediction and the real model version) with confirms,
+//!   and acks the inputs (with `multiple`) once their outputs are confirmed;
+//! - metric: consumes `y_true` and `y_pred` on one channel (exclusive consumers, prefetch
+//!   `PREFETCH` each) and acks each batch with `multiple`.
+//!
+//! No JSON is parsed, no model runs, no file is written. The queues are declared with
+//! [`Topology`], so their arguments are the services'. Samples per second = samples / (first
+//! publish to the ack that covers the last `y_true` and `y_pred`).
+
+use crate::Bench;
+use crate::broker::connect;
+use crate::process::{Usage, cpu_seconds};
+use anyhow::{Context as _, bail, ensure};
+use futures_util::{FutureExt as _, StreamExt as _};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer, PublisherConfirm};
+use model::regression::LinearModel;
+use pipeline::broker::Topology;
+use pipeline::broker::publisher::is_confirmed;
+use pipeline::dataset::Dataset;
+use pipeline::messages::{FeaturesOut, YPredOut, YTrueOut, now_us};
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+
+/// AMQP `delivery_mode` of a persistent message.
+const PERSISTENT: u8 = 2;
+
+/// Longest time without a single message acked before the run is declared stuck.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the ceiling run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct CeilingResult {
+    /// Samples sent through.
+    pub samples: u64,
+    /// From the first publish to the last ack, in seconds.
+    pub seconds: f64,
+    /// Samples per second.
+    pub samples_per_second: f64,
+    /// Mean body sizes in bytes: `y_true`, `features`, `y_pred`.
+    pub mean_body_bytes: [f64; 3],
+    /// CPU time of the client (this process) over the run, in seconds.
+    pub client_cpu_seconds: f64,
+    /// CPU time of the broker over the run, when it runs on this machine.
+    pub broker_cpu_seconds: Option<f64>,
+}
+
+/// Settings shared by the three roles.
+#[derive(Clone)]
+struct Plan {
+    samples: u64,
+    prefetch: u16,
+    window: usize,
+    features_queue: String,
+    y_true_queue: String,
+    y_pred_queue: String,
+}
+
+/// Runs the ceiling on fresh queues and deletes them afterwards.
+pub async fn run(bench: &Bench) -> anyhow::Result<CeilingResult> {
+    let url = bench.url()?;
+    let queues = bench.queues("ceiling");
+    let plan = Plan {
+        samples: bench.cli.ceiling_samples(),
+        prefetch: bench.cli.consume.prefetch,
+        window: usize::try_from(bench.cli.confirm_window).unwrap_or(usize::MAX),
+        features_queue: queues.features_queue.clone(),
+        y_true_queue: queues.y_true_queue.clone(),
+        y_pred_queue: queues.y_pred_queue.clone(),
+    };
+    let topology = |names: &[&str]| Topology::new(&bench.cli.broker, names);
+    // The real prediction's shape: same digits, same version string.
+    let model = LinearModel::fit(&bench.data).context("cannot fit the model")?;
+    let prediction = model
+        .predict(bench.data.row(0))
+        .context("cannot predict row 0")?;
+
+    // Set up consumers first, as in the pipeline run where model and metric are ready before the
+    // producer starts.
+    let metric_connection = connect(&url, "bench ceiling (metric)").await?;
+    let metric_channel = metric_connection.create_channel().await?;
+    topology(&[&plan.y_true_queue, &plan.y_pred_queue])
+        .declare(&metric_channel)
+        .await?;
+    metric_channel
+        .basic_qos(plan.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut metric_consumers = Vec::new();
+    for queue in [&plan.y_true_queue, &plan.y_pred_queue] {
+        metric_consumers.push(consume(&metric_channel, queue, "metric", true).await?);
+    }
+
+    let model_connection = connect(&url, "bench ceiling (model)").await?;
+    let model_publish = confirm_channel(&model_connection).await?;
+    topology(&[&plan.features_queue, &plan.y_pred_queue])
+        .declare(&model_publish)
+        .await?;
+    let model_consume = model_connection.create_channel().await?;
+    model_consume
+        .basic_qos(plan.prefetch, BasicQosOptions::default())
+        .await?;
+    let model_consumer = consume(&model_consume, &plan.features_queue, "model", false).await?;
+
+    let producer_connection = connect(&url, "bench ceiling (features)").await?;
+    let producer_channel = confirm_channel(&producer_connection).await?;
+    topology(&[&plan.features_queue, &plan.y_true_queue])
+        .declare(&producer_channel)
+        .await?;
+
+    let client_cpu_before = Usage::of_running(std::process::id())?.cpu_seconds;
+    let broker_cpu_before = cpu_seconds(bench.broker_pid);
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut roles = JoinSet::new();
+    roles.spawn(metric_role(
+        plan.clone(),
+        metric_channel,
+        metric_consumers,
+        Arc::clone(&acked),
+    ));
+    roles.spawn(model_role(
+        plan.clone(),
+        model_publish,
+        model_consume,
+        model_consumer,
+        prediction,
+        model.version.clone(),
+    ));
+    roles.spawn(producer_role(
+        plan.clone(),
+        producer_channel,
+        Arc::clone(&bench.data),
+    ));
+
+    // Wait for the three roles, watching that messages keep being acked. Dropping the JoinSet
+    // (on error or interruption) aborts the roles.
+    let mut first_publish = None;
+    let mut last_ack = None;
+    let mut body_bytes = [0u64; 3];
+    let mut progress = (0u64, Instant::now());
+    while !roles.is_empty() {
+        tokio::select! {
+            joined = roles.join_next() => match joined {
+                Some(Ok(Ok(done))) => {
+                    match done {
+                        RoleDone::Producer { first_publish: at, y_true_bytes, features_bytes } => {
+                            first_publish = Some(at);
+                            body_bytes[0] = y_true_bytes;
+                            body_bytes[1] = features_bytes;
+                        }
+                        RoleDone::Model { y_pred_bytes } => body_bytes[2] = y_pred_bytes,
+                        RoleDone::Metric { last_ack: at } => last_ack = Some(at),
+                    }
+                }
+                Some(Ok(Err(err))) => return Err(err.context("the ceiling run failed")),
+                Some(Err(err)) => bail!("a ceiling role crashed: {err}"),
+                None => break,
+            },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                let now = acked.load(Ordering::Relaxed);
+                if now != progress.0 {
+                    progress = (now, Instant::now());
+                } else if progress.1.elapsed() > STALL_TIMEOUT {
+                    bail!("the ceiling run is stuck: {now} messages acked, none for {STALL_TIMEOUT:?}");
+                }
+            }
+        }
+    }
+    let client_cpu_seconds = Usage::of_running(std::process::id())?.cpu_seconds - client_cpu_before;
+    let broker_cpu_seconds = cpu_seconds(bench.broker_pid)
+        .zip(broker_cpu_before)
+        .map(|(after, before)| after - before);
+    for connection in [producer_connection, model_connection, metric_connection] {
+        close(&connection).await;
+    }
+    bench.ledger.delete(&url, &queues).await?;
+
+    let (Some(first_publish), Some(last_ack)) = (first_publish, last_ack) else {
+        bail!("the ceiling run ended without its timestamps");
+    };
+    let seconds = last_ack.duration_since(first_publish).as_secs_f64();
+    let n = plan.samples as f64;
+    Ok(CeilingResult {
+        samples: plan.samples,
+        seconds,
+        samples_per_second: n / seconds,
+        mean_body_bytes: body_bytes.map(|total| total as f64 / n),
+        client_cpu_seconds,
+        broker_cpu_seconds,
+    })
+}
+
+/// How a role finished, with what it measured.
+enum RoleDone {
+    Producer {
+        first_publish: Instant,
+        y_true_bytes: u64,
+        features_bytes: u64,
+    },
+    Model {
+        y_pred_bytes: u64,
+    },
+    Metric {
+        last_ack: Instant,
+    },
+}
+
+/// A channel in confirm mode.
+async fn confirm_channel(connection: &Connection) -> anyhow::Result<Channel> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// Starts a consumer on `queue`.
+async fn consume(
+    channel: &Channel,
+    queue: &str,
+    role: &str,
+    exclusive: bool,
+) -> anyhow::Result<Consumer> {
+    let tag = format!("bench-ceiling-{role}-{queue}");
+    channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions {
+                exclusive,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("cannot consume {queue}"))
+}
+
+/// Publishes like `pipeline::broker::Publisher::publish_json`: persistent JSON, mandatory, with
+/// the app id and the sample id as message id.
+async fn publish(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    app_id: &str,
+    id: &str,
+) -> lapin::Result<PublisherConfirm> {
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(PERSISTENT)
+        .with_app_id(app_id.into())
+        .with_message_id(id.into());
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await
+}
+
+/// Fails unless the broker took the message.
+fn check(confirmation: lapin::Result<Confirmation>) -> anyhow::Result<()> {
+    let confirmation = confirmation.context("waiting for a publisher confirm")?;
+    ensure!(
+        is_confirmed(&confirmation),
+        "the broker refused a message: {confirmation:?}"
+    );
+    Ok(())
+}
+
+/// The producer's part: the samples, with both confirms of each awaited in a window.
+async fn producer_role(
+    plan: Plan,
+    channel: Channel,
+    data: Arc<Dataset>,
+) -> anyhow::Result<RoleDone> {
+    let mut rng = fastrand::Rng::new();
+    let mut outstanding: VecDeque<SampleConfirms> = VecDeque::with_capacity(plan.window);
+    let mut body = Vec::with_capacity(512);
+    let (mut y_true_bytes, mut features_bytes) = (0u64, 0u64);
+    let first_publish = Instant::now();
+    for _ in 0..plan.samples {
+        // Retire what is confirmed already; wait for the oldest only when the window is full.
+        retire_confirmed(&mut outstanding, false).await?;
+        if outstanding.len() >= plan.window {
+            retire_confirmed(&mut outstanding, true).await?;
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let row = rng.usize(0..data.len());
+        let sent_at_us = now_us();
+        body.clear();
+        serde_json::to_writer(
+            &mut body,
+            &YTrueOut {
+                id: &id,
+                y_true: data.target(row),
+                sent_at_us,
+            },
+        )?;
+        y_true_bytes += body.len() as u64;
+        let y_true = publish(&channel, &plan.y_true_queue, &body, "features", &id).await?;
+        body.clear();
+        serde_json::to_writer(
+            &mut body,
+            &FeaturesOut {
+                id: &id,
+                features: data.row(row),
+                sent_at_us,
+            },
+        )?;
+        features_bytes += body.len() as u64;
+        let features = publish(&channel, &plan.features_queue, &body, "features", &id).await?;
+        outstanding.push_back([Some(y_true), Some(features)]);
+    }
+    while !outstanding.is_empty() {
+        retire_confirmed(&mut outstanding, true).await?;
+    }
+    let _ = channel.close(200, "done".into()).await;
+    Ok(RoleDone::Producer {
+        first_publish,
+        y_true_bytes,
+        features_bytes,
+    })
+}
+
+/// The two confirms of a sample; a slot is emptied once its confirm has resolved (a resolved
+/// `PublisherConfirm` must not be polled again).
+type SampleConfirms = [Option<PublisherConfirm>; 2];
+
+/// Drops the samples at the front of the window whose two messages are confirmed. With `wait`,
+/// waits for the oldest sample first.
+async fn retire_confirmed(
+    outstanding: &mut VecDeque<SampleConfirms>,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let mut waited = !wait;
+    while let Some(front) = outstanding.front_mut() {
+        for slot in front.iter_mut() {
+            let Some(confirm) = slot else { continue };
+            let confirmation = if waited {
+                match confirm.now_or_never() {
+                    Some(confirmation) => confirmation,
+                    None => return Ok(()),
+                }
+            } else {
+                confirm.await
+            };
+            *slot = None;
+            check(confirmation)?;
+        }
+        waited = true;
+        outstanding.pop_front();
+    }
+    Ok(())
+}
+
+/// The model's part: a `y_pred` for every `features` delivery, acked when it is confirmed.
+async fn model_role(
+    plan: Plan,
+    publish_channel: Channel,
+    consume_channel: Channel,
+    mut consumer: Consumer,
+    prediction: f64,
+    model_version: String,
+) -> anyhow::Result<RoleDone> {
+    let mut inflight: VecDeque<(u64, PublisherConfirm)> = VecDeque::new();
+    let mut received = 0u64;
+    let mut y_pred_bytes = 0u64;
+    let mut body = Vec::with_capacity(256);
+    let batch_limit = usize::from(plan.prefetch);
+    while received < plan.samples || !inflight.is_empty() {
+        tokio::select! {
+            biased;
+            confirmation = front_confirm(&mut inflight) => {
+                check(confirmation)?;
+                let first = inflight.pop_front().map(|(tag, _)| tag);
+                ack_confirmed(&consume_channel, &mut inflight, first).await?;
+            }
+            next = consumer.next(), if received < plan.samples => {
+                // Take what is already here (up to the prefetch), then ack what is confirmed.
+                let mut next = Some(next);
+                let mut taken = 0;
+                while let Some(item) = next.take() {
+                    let delivery = item.context("the broker cancelled the consumer")??;
+                    let id = delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .context("a features message without message_id")?;
+                    body.clear();
+                    serde_json::to_writer(
+                        &mut body,
+                        &YPredOut {
+                            id: id.as_str(),
+                            y_pred: prediction,
+                            model_version: &model_version,
+                            sent_at_us: Some(now_us()),
+                        },
+                    )?;
+                    y_pred_bytes += body.len() as u64;
+                    let confirm =
+                        publish(&publish_channel, &plan.y_pred_queue, &body, "model", id.as_str())
+                            .await?;
+                    inflight.push_back((delivery.delivery_tag, confirm));
+                    received += 1;
+                    taken += 1;
+                    if taken < batch_limit && received < plan.samples {
+                        next = consumer.next().now_or_never();
+                    }
+                }
+                ack_confirmed(&consume_channel, &mut inflight, None).await?;
+            }
+        }
+    }
+    let _ = consume_channel.close(200, "done".into()).await;
+    let _ = publish_channel.close(200, "done".into()).await;
+    Ok(RoleDone::Model { y_pred_bytes })
+}
+
+/// The confirm of the oldest delivery in flight, or never when there is none.
+async fn front_confirm(
+    inflight: &mut VecDeque<(u64, PublisherConfirm)>,
+) -> lapin::Result<Confirmation> {
+    match inflight.front_mut() {
+        Some((_, confirm)) => confirm.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Acks (with `multiple`) the deliveries at the front whose outputs are confirmed, starting from
+/// `first`, a tag already known to be confirmed.
+async fn ack_confirmed(
+    channel: &Channel,
+    inflight: &mut VecDeque<(u64, PublisherConfirm)>,
+    first: Option<u64>,
+) -> anyhow::Result<()> {
+    let mut upto = first;
+    while let Some((tag, confirm)) = inflight.front_mut() {
+        let Some(confirmation) = confirm.now_or_never() else {
+            break;
+        };
+        check(confirmation)?;
+        upto = Some(*tag);
+        inflight.pop_front();
+    }
+    if let Some(tag) = upto {
+        channel
+            .basic_ack(tag, BasicAckOptions { multiple: true })
+            .await?;
+    }
+    Ok(())
+}
+
+/// The metric's part: takes every `y_true` and `y_pred`, acks each batch with `multiple`.
+async fn metric_role(
+    plan: Plan,
+    channel: Channel,
+    consumers: Vec<Consumer>,
+    acked: Arc<AtomicU64>,
+) -> anyhow::Result<RoleDone> {
+    let mut deliveries = futures_util::stream::select_all(
+        consumers
+            .into_iter()
+            .enumerate()
+            .map(|(kind, consumer)| consumer.map(move |delivery| (kind, delivery))),
+    );
+    let mut counts = [0u64; 2];
+    let batch_limit = usize::from(plan.prefetch);
+    loop {
+        let mut next = Some(deliveries.next().await);
+        let mut taken = 0;
+        let mut last_tag = None;
+        while let Some(item) = next.take() {
+            let (kind, delivery) = item.context("the broker cancelled a consumer")?;
+            let delivery = delivery?;
+            counts[kind] += 1;
+            last_tag = Some(delivery.delivery_tag);
+            taken += 1;
+            if taken < batch_limit {
+                next = deliveries.next().now_or_never();
+            }
+        }
+        if let Some(tag) = last_tag {
+            channel
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await?;
+            acked.fetch_add(taken as u64, Ordering::Relaxed);
+        }
+        if counts.iter().all(|count| *count >= plan.samples) {
+            let last_ack = Instant::now();
+            let _ = channel.close(200, "done".into()).await;
+            return Ok(RoleDone::Metric { last_ack });
+        }
+    }
+}
+
+/// Closes a connection, briefly.
+async fn close(connection: &Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "bye".into())).await;
+}
