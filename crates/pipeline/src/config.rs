@@ -12,7 +12,8 @@ pub struct BrokerConfig {
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        value_parser = parse_amqp_urls
     )]
     pub amqp_url: String,
 
@@ -43,6 +44,27 @@ impl BrokerConfig {
     /// Longest pause between reconnect attempts.
     pub fn reconnect_max_delay(&self) -> Duration {
         Duration::from_millis(self.reconnect_max_delay_ms.max(1))
+    }
+}
+
+/// Checks that every comma-separated URL of `AMQP_URL` is an AMQP URL, so a typo fails at start-up
+/// instead of being retried forever.
+fn parse_amqp_urls(value: &str) -> Result<String, String> {
+    let mut any = false;
+    for url in value
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+    {
+        url.parse::<lapin::uri::AMQPUri>().map_err(|err| {
+            format!("{url:?} is not an AMQP URL like amqp://user:pass@host:5672/%2f: {err}")
+        })?;
+        any = true;
+    }
+    if any {
+        Ok(value.to_owned())
+    } else {
+        Err("no broker URL given".to_owned())
     }
 }
 

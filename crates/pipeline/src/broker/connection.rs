@@ -5,6 +5,7 @@ use crate::config::BrokerConfig;
 use crate::health::Health;
 use crate::metrics::BrokerMetrics;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +60,26 @@ pub fn is_fatal(err: &lapin::Error) -> bool {
             )
         )
     )
+}
+
+/// Frame size asked of the broker unless the URL sets `frame_max`. lapin keeps two buffers of 32
+/// frames per connection: RabbitMQ's default 128 KiB frames cost 8 MiB of memory, 16 KiB frames
+/// 1 MiB. Our messages are far smaller; larger bodies are split into more frames.
+const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+
+/// Give up on one connection attempt after this long (a host that drops packets never refuses).
+const DEFAULT_CONNECTION_TIMEOUT_MS: u64 = 10_000;
+
+/// One connection attempt, with our defaults for what the URL leaves unset.
+async fn connect_once(url: &str, properties: ConnectionProperties) -> lapin::Result<Connection> {
+    let mut uri: AMQPUri = url
+        .parse()
+        .map_err(|err: String| lapin::Error::from(std::io::Error::other(err)))?;
+    uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
+    uri.query
+        .connection_timeout
+        .get_or_insert(DEFAULT_CONNECTION_TIMEOUT_MS);
+    Connection::connect_uri(uri, properties).await
 }
 
 /// Hides the password of an AMQP URL for logs.
@@ -134,7 +155,7 @@ impl Broker {
             let properties = ConnectionProperties::default()
                 .with_connection_name(format!("{} ({})", self.service, std::process::id()).into());
             let result = tokio::select! {
-                result = Connection::connect(url, properties) => result,
+                result = connect_once(url, properties) => result,
                 _ = shutdown.cancelled() => return None,
             };
             match result {
