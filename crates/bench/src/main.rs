@@ -164,7 +164,7 @@ macro_rules! progress {
     ($($arg:tt)*) => { eprintln!("[bench] {}", format_args!($($arg)*)) };
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (mut interrupt, mut terminate) = match (
