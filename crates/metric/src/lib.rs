@@ -87,7 +87,7 @@ pub struct Config {
     pub join_max_age_secs: u64,
 
     /// Joined ids remembered to ignore redelivered or republished messages.
-    #[arg(long, env = "DEDUP_CAPACITY", default_value_t = 500_000)]
+    #[arg(long, env = "DEDUP_CAPACITY", default_value_t = 200_000)]
     pub dedup_capacity: usize,
 
     /// Pairs in the sliding window of the windowed MAE, RMSE and R².
@@ -111,7 +111,7 @@ pub struct Config {
     pub plot_height: u32,
 
     /// Most recent pairs the histogram covers.
-    #[arg(long, env = "PLOT_MAX_PAIRS", default_value_t = 100_000)]
+    #[arg(long, env = "PLOT_MAX_PAIRS", default_value_t = 20_000)]
     pub plot_max_pairs: usize,
 }
 
