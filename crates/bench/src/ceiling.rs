@@ -19,26 +19,22 @@ use crate::broker::connect;
 use crate::process::{Usage, cpu_seconds};
 use anyhow::{Context as _, bail, ensure};
 use futures_util::{FutureExt as _, StreamExt as _};
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer, PublisherConfirm};
+use lapin::{Channel, Confirmation, Connection, Consumer};
 use model::regression::LinearModel;
+use pipeline::broker::Publisher;
 use pipeline::broker::Topology;
-use pipeline::broker::publisher::is_confirmed;
+use pipeline::broker::publisher::{Confirm, is_confirmed};
 use pipeline::dataset::Dataset;
 use pipeline::messages::{FeaturesOut, YPredOut, YTrueOut, now_us};
+use pipeline::metrics::BrokerMetrics;
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
-
-/// AMQP `delivery_mode` of a persistent message.
-const PERSISTENT: u8 = 2;
 
 /// Longest time without a single message acked before the run is declared stuck.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -106,9 +102,9 @@ pub async fn run(bench: &Bench) -> anyhow::Result<CeilingResult> {
     }
 
     let model_connection = connect(&url, "bench ceiling (model)").await?;
-    let model_publish = confirm_channel(&model_connection).await?;
+    let model_publish = Publisher::open(&model_connection, "model", unregistered_metrics()).await?;
     topology(&[&plan.features_queue, &plan.y_pred_queue])
-        .declare(&model_publish)
+        .declare(model_publish.channel())
         .await?;
     let model_consume = model_connection.create_channel().await?;
     model_consume
@@ -117,9 +113,10 @@ pub async fn run(bench: &Bench) -> anyhow::Result<CeilingResult> {
     let model_consumer = consume(&model_consume, &plan.features_queue, "model", false).await?;
 
     let producer_connection = connect(&url, "bench ceiling (features)").await?;
-    let producer_channel = confirm_channel(&producer_connection).await?;
+    let producer_channel =
+        Publisher::open(&producer_connection, "features", unregistered_metrics()).await?;
     topology(&[&plan.features_queue, &plan.y_true_queue])
-        .declare(&producer_channel)
+        .declare(producer_channel.channel())
         .await?;
 
     let client_cpu_before = Usage::of_running(std::process::id())?.cpu_seconds;
@@ -219,13 +216,9 @@ enum RoleDone {
     },
 }
 
-/// A channel in confirm mode.
-async fn confirm_channel(connection: &Connection) -> anyhow::Result<Channel> {
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    Ok(channel)
+/// Broker metrics that nobody scrapes: the shared [`Publisher`] counts confirms into them.
+fn unregistered_metrics() -> BrokerMetrics {
+    BrokerMetrics::register(&mut prometheus_client::registry::Registry::default())
 }
 
 /// Starts a consumer on `queue`.
@@ -250,34 +243,6 @@ async fn consume(
         .with_context(|| format!("cannot consume {queue}"))
 }
 
-/// Publishes like `pipeline::broker::Publisher::publish_json`: persistent JSON, mandatory, with
-/// the app id and the sample id as message id.
-async fn publish(
-    channel: &Channel,
-    queue: &str,
-    body: &[u8],
-    app_id: &str,
-    id: &str,
-) -> lapin::Result<PublisherConfirm> {
-    let properties = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(PERSISTENT)
-        .with_app_id(app_id.into())
-        .with_message_id(id.into());
-    channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            properties,
-        )
-        .await
-}
-
 /// Fails unless the broker took the message.
 fn check(confirmation: lapin::Result<Confirmation>) -> anyhow::Result<()> {
     let confirmation = confirmation.context("waiting for a publisher confirm")?;
@@ -291,7 +256,7 @@ fn check(confirmation: lapin::Result<Confirmation>) -> anyhow::Result<()> {
 /// The producer's part: the samples, with both confirms of each awaited in a window.
 async fn producer_role(
     plan: Plan,
-    channel: Channel,
+    channel: Publisher,
     data: Arc<Dataset>,
 ) -> anyhow::Result<RoleDone> {
     let mut rng = fastrand::Rng::new();
@@ -318,7 +283,9 @@ async fn producer_role(
             },
         )?;
         y_true_bytes += body.len() as u64;
-        let y_true = publish(&channel, &plan.y_true_queue, &body, "features", &id).await?;
+        let y_true = channel
+            .publish_json(&plan.y_true_queue, &body, Some(&id))
+            .await?;
         body.clear();
         serde_json::to_writer(
             &mut body,
@@ -329,13 +296,15 @@ async fn producer_role(
             },
         )?;
         features_bytes += body.len() as u64;
-        let features = publish(&channel, &plan.features_queue, &body, "features", &id).await?;
+        let features = channel
+            .publish_json(&plan.features_queue, &body, Some(&id))
+            .await?;
         outstanding.push_back([Some(y_true), Some(features)]);
     }
     while !outstanding.is_empty() {
         retire_confirmed(&mut outstanding, true).await?;
     }
-    let _ = channel.close(200, "done".into()).await;
+    channel.close().await;
     Ok(RoleDone::Producer {
         first_publish,
         y_true_bytes,
@@ -344,8 +313,8 @@ async fn producer_role(
 }
 
 /// The two confirms of a sample; a slot is emptied once its confirm has resolved (a resolved
-/// `PublisherConfirm` must not be polled again).
-type SampleConfirms = [Option<PublisherConfirm>; 2];
+/// `Confirm` must not be polled again).
+type SampleConfirms = [Option<Confirm>; 2];
 
 /// Drops the samples at the front of the window whose two messages are confirmed. With `wait`,
 /// waits for the oldest sample first.
@@ -377,13 +346,13 @@ async fn retire_confirmed(
 /// The model's part: a `y_pred` for every `features` delivery, acked when it is confirmed.
 async fn model_role(
     plan: Plan,
-    publish_channel: Channel,
+    publish_channel: Publisher,
     consume_channel: Channel,
     mut consumer: Consumer,
     prediction: f64,
     model_version: String,
 ) -> anyhow::Result<RoleDone> {
-    let mut inflight: VecDeque<(u64, PublisherConfirm)> = VecDeque::new();
+    let mut inflight: VecDeque<(u64, Confirm)> = VecDeque::new();
     let mut received = 0u64;
     let mut y_pred_bytes = 0u64;
     let mut body = Vec::with_capacity(256);
@@ -419,7 +388,7 @@ async fn model_role(
                     )?;
                     y_pred_bytes += body.len() as u64;
                     let confirm =
-                        publish(&publish_channel, &plan.y_pred_queue, &body, "model", id.as_str())
+                        publish_channel.publish_json(&plan.y_pred_queue, &body, Some(id.as_str()))
                             .await?;
                     inflight.push_back((delivery.delivery_tag, confirm));
                     received += 1;
@@ -433,14 +402,12 @@ async fn model_role(
         }
     }
     let _ = consume_channel.close(200, "done".into()).await;
-    let _ = publish_channel.close(200, "done".into()).await;
+    publish_channel.close().await;
     Ok(RoleDone::Model { y_pred_bytes })
 }
 
 /// The confirm of the oldest delivery in flight, or never when there is none.
-async fn front_confirm(
-    inflight: &mut VecDeque<(u64, PublisherConfirm)>,
-) -> lapin::Result<Confirmation> {
+async fn front_confirm(inflight: &mut VecDeque<(u64, Confirm)>) -> lapin::Result<Confirmation> {
     match inflight.front_mut() {
         Some((_, confirm)) => confirm.await,
         None => std::future::pending().await,
@@ -451,7 +418,7 @@ async fn front_confirm(
 /// `first`, a tag already known to be confirmed.
 async fn ack_confirmed(
     channel: &Channel,
-    inflight: &mut VecDeque<(u64, PublisherConfirm)>,
+    inflight: &mut VecDeque<(u64, Confirm)>,
     first: Option<u64>,
 ) -> anyhow::Result<()> {
     let mut upto = first;
