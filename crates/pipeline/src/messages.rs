@@ -226,6 +226,19 @@ pub fn validate_id(id: &str) -> Result<(), MessageError> {
     }
 }
 
+/// The `id` of a body that is a JSON object with a string `id`, whatever else is wrong with it; for
+/// logging a message that cannot be processed.
+pub fn body_id(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: Option<String>,
+    }
+    serde_json::from_slice::<IdOnly>(body)
+        .ok()?
+        .id
+        .filter(|id| !id.is_empty())
+}
+
 /// What the first significant byte says the body is.
 enum Shape {
     Object,
@@ -497,6 +510,17 @@ mod tests {
         assert_eq!(reason(LabelKind::YPred, b"nul"), "invalid_json");
         assert_eq!(reason(LabelKind::YPred, b"null"), "wrong_shape");
         assert_eq!(reason(LabelKind::YPred, b"1e400"), "non_finite");
+    }
+
+    #[test]
+    fn ids_of_bad_bodies_are_found_for_the_log() {
+        assert_eq!(
+            body_id(br#"{"id":"a1","features":[1,"x"]}"#).as_deref(),
+            Some("a1")
+        );
+        assert_eq!(body_id(br#"{"features":[1]}"#), None);
+        assert_eq!(body_id(b"[1,2]"), None);
+        assert_eq!(body_id(b"{broken"), None);
     }
 
     #[test]

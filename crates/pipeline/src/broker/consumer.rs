@@ -351,7 +351,8 @@ impl Session<'_> {
                     .properties
                     .message_id()
                     .as_ref()
-                    .map(|id| id.as_str().to_owned());
+                    .map(|id| id.as_str().to_owned())
+                    .or_else(|| crate::messages::body_id(&delivery.data));
                 tracing::warn!(
                     queue = %input.queue,
                     id = id.as_deref().unwrap_or("-"),
