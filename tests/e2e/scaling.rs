@@ -53,18 +53,20 @@ async fn model_artifact_is_swapped_while_streaming_and_a_broken_one_is_refused()
     let mut run = Pipeline::start("reload", options);
     run.wait_rows(300, Duration::from_secs(60));
 
-    let y_pred_published = format!(
-        "pipeline_messages_published_total{{queue=\"{}\"}}",
-        run.queues.y_pred
+    // Predictions made so far: every features message consumed is predicted at once (confirmed
+    // publishes would lag behind by the confirms in flight).
+    let predicted_counter = format!(
+        "pipeline_messages_consumed_total{{queue=\"{}\"}}",
+        run.queues.features
     );
-    let published = |model: &Service| {
+    let predicted = |model: &Service| {
         model
             .metrics()
-            .get(&y_pred_published)
+            .get(&predicted_counter)
             .copied()
             .unwrap_or(0.0)
     };
-    let before_swap = published(&run.model);
+    let before_swap = predicted(&run.model);
     train(&subset, &artifact, "v2");
     assert!(
         wait_until(Duration::from_secs(10), || run
@@ -74,7 +76,7 @@ async fn model_artifact_is_swapped_while_streaming_and_a_broken_one_is_refused()
         "{}",
         run.logs()
     );
-    let after_swap = published(&run.model);
+    let after_swap = predicted(&run.model);
     run.wait_rows(run.rows().len() + 300, Duration::from_secs(60));
 
     std::fs::write(

@@ -74,12 +74,20 @@ struct SpanLabel {
     span: &'static str,
 }
 
+struct VersionStats {
+    sums: Sums,
+    mae: FloatGauge,
+    pairs: Counter,
+}
+
 /// The quality tracker and its metrics.
 pub struct Quality {
     all: Sums,
     window: VecDeque<(f64, f64)>,
     window_size: usize,
-    by_version: std::collections::HashMap<String, Sums>,
+    /// Per model version: its sums and its two metric handles, so the hot path allocates nothing
+    /// once a version has been seen.
+    by_version: std::collections::HashMap<String, VersionStats>,
     pairs: Counter,
     mae: Family<SpanLabel, FloatGauge>,
     rmse: Family<SpanLabel, FloatGauge>,
@@ -152,13 +160,22 @@ impl Quality {
         }
         self.window.push_back((pair.y_true, pair.y_pred));
         let version = pair.model_version.as_deref().unwrap_or("unknown");
-        let sums = self.by_version.entry(version.to_owned()).or_default();
-        sums.add(pair.y_true, pair.y_pred);
-        let label = VersionLabel {
-            model_version: version.to_owned(),
-        };
-        self.mae_by_version.get_or_create(&label).set(sums.mae());
-        self.pairs_by_version.get_or_create(&label).inc();
+        if !self.by_version.contains_key(version) {
+            let label = VersionLabel {
+                model_version: version.to_owned(),
+            };
+            let stats = VersionStats {
+                sums: Sums::default(),
+                mae: self.mae_by_version.get_or_create_owned(&label),
+                pairs: self.pairs_by_version.get_or_create_owned(&label),
+            };
+            self.by_version.insert(version.to_owned(), stats);
+        }
+        if let Some(stats) = self.by_version.get_mut(version) {
+            stats.sums.add(pair.y_true, pair.y_pred);
+            stats.mae.set(stats.sums.mae());
+            stats.pairs.inc();
+        }
         self.pairs.inc();
         self.set(SpanLabel { span: "all" }, &self.all);
     }

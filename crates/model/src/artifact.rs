@@ -168,11 +168,13 @@ pub async fn watch_artifact(
             });
         match result {
             Ok(model) => {
-                tracing::info!(path = %path.display(), from = %current.version, to = %model.version, "model reloaded");
+                let to = model.version.clone();
+                // Swap first: once the line is logged, every new prediction uses the new model.
+                models.send_replace(Arc::new(model));
                 reloads
                     .get_or_create(&ReloadLabel { result: "loaded" })
                     .inc();
-                models.send_replace(Arc::new(model));
+                tracing::info!(path = %path.display(), from = %current.version, %to, "model reloaded");
             }
             Err(err) => {
                 tracing::error!(path = %path.display(), version = %current.version, error = %format!("{err:#}"), "refused a new model artifact; still serving the current model");
