@@ -140,32 +140,33 @@ async fn metrics_count_every_sample_and_quality_matches_the_csv() {
     delete_queues(&url, &q).await;
 }
 
+fn services(run: &Pipeline) -> Vec<&Service> {
+    vec![&run.metric, &run.model, run.features.as_ref().unwrap()]
+}
+
+/// Waits until all three services answer `/healthz` with `code`.
+fn all_answer(run: &Pipeline, code: u16, timeout: Duration) {
+    let answered = wait_until(timeout, || {
+        services(run)
+            .iter()
+            .all(|s| s.get("/healthz").map(|r| r.0) == Some(code))
+    });
+    assert!(
+        answered,
+        "not all services answer /healthz with {code}:\n{}",
+        run.logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn healthz_follows_the_broker() {
     let mut node = BrokerNode::start("health");
     let url = node.amqp_url();
     let mut run = Pipeline::start("health", Options::new(url.clone(), 0).rate(50.0));
-    let healthy = |service: &Service, code: u16| service.get("/healthz").map(|r| r.0) == Some(code);
-
-    fn services(run: &Pipeline) -> Vec<&Service> {
-        vec![&run.metric, &run.model, run.features.as_ref().unwrap()]
-    }
-    assert!(
-        wait_until(Duration::from_secs(30), || services(&run)
-            .iter()
-            .all(|s| healthy(s, 200))),
-        "{}",
-        run.logs()
-    );
+    all_answer(&run, 200, Duration::from_secs(30));
 
     node.stop();
-    assert!(
-        wait_until(Duration::from_secs(15), || services(&run)
-            .iter()
-            .all(|s| healthy(s, 503))),
-        "{}",
-        run.logs()
-    );
+    all_answer(&run, 503, Duration::from_secs(15));
     let (_, reason) = run.model.get("/healthz").unwrap();
     assert!(reason.contains("broker"), "503 says why: {reason}");
     for service in services(&run) {
@@ -179,13 +180,7 @@ async fn healthz_follows_the_broker() {
 
     node.spawn();
     node.wait_ready();
-    assert!(
-        wait_until(Duration::from_secs(30), || services(&run)
-            .iter()
-            .all(|s| healthy(s, 200))),
-        "{}",
-        run.logs()
-    );
+    all_answer(&run, 200, Duration::from_secs(30));
     let rows = run.rows().len();
     assert!(
         wait_until(Duration::from_secs(30), || run.rows().len() > rows + 10),

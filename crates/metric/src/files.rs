@@ -127,26 +127,34 @@ pub fn parse_label_line(line: &str) -> Option<LabelLine> {
     })
 }
 
-/// Reads the ids of `metric_log.csv` and the rows, calling `row` for each.
-pub fn read_csv_rows(path: &Path, mut row: impl FnMut(Pair)) -> anyhow::Result<u64> {
+/// Calls `line` with the index and text of every line of `path`; a missing file has no lines.
+fn for_each_line(path: &Path, mut line: impl FnMut(usize, &str)) -> anyhow::Result<()> {
     let file = match File::open(path) {
         Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(err) => return Err(err).with_context(|| format!("cannot open {}", path.display())),
     };
+    for (index, text) in BufReader::new(file).lines().enumerate() {
+        let text = text.with_context(|| format!("cannot read {}", path.display()))?;
+        line(index, &text);
+    }
+    Ok(())
+}
+
+/// Reads the rows of `metric_log.csv` (after its header), calling `row` for each.
+pub fn read_csv_rows(path: &Path, mut row: impl FnMut(Pair)) -> anyhow::Result<u64> {
     let mut rows = 0;
-    for (index, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+    for_each_line(path, |index, line| {
         if index == 0 {
-            continue;
+            return;
         }
         let mut fields = line.split(',');
         let (Some(id), Some(y_true), Some(y_pred)) = (fields.next(), fields.next(), fields.next())
         else {
-            continue;
+            return;
         };
         let (Ok(y_true), Ok(y_pred)) = (y_true.parse(), y_pred.parse()) else {
-            continue;
+            return;
         };
         let _absolute_error = fields.next();
         let model_version = fields.next().filter(|v| !v.is_empty()).map(str::to_owned);
@@ -158,25 +166,19 @@ pub fn read_csv_rows(path: &Path, mut row: impl FnMut(Pair)) -> anyhow::Result<u
             model_version,
             sent_at_us: None,
         });
-    }
+    })?;
     Ok(rows)
 }
 
 /// Reads `labels_log.txt` line by line, calling `line` for each well-formed one.
 pub fn read_label_lines(path: &Path, mut line: impl FnMut(LabelLine)) -> anyhow::Result<u64> {
-    let file = match File::open(path) {
-        Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(err) => return Err(err).with_context(|| format!("cannot open {}", path.display())),
-    };
     let mut count = 0;
-    for text in BufReader::new(file).lines() {
-        let text = text.with_context(|| format!("cannot read {}", path.display()))?;
-        if let Some(parsed) = parse_label_line(&text) {
+    for_each_line(path, |_, text| {
+        if let Some(parsed) = parse_label_line(text) {
             count += 1;
             line(parsed);
         }
-    }
+    })?;
     Ok(count)
 }
 
