@@ -1,43 +1,100 @@
 //! The service's own view of whether it works, shown by `GET /healthz`.
+//!
+//! Three kinds of state, kept apart so that one part of a service cannot clear another's report:
+//! - the broker session (healthy once consuming or producing, unhealthy with a reason otherwise);
+//! - named problems (a full disk, ...): any one makes the service unhealthy until it is cleared;
+//! - named notes (publishing blocked by the broker, guarantees that are off, ...): shown in the
+//!   body of `/healthz` without changing its status.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-/// Shared health state: healthy, or unhealthy with a short reason.
+#[derive(Debug)]
+struct State {
+    session: Result<(), String>,
+    problems: BTreeMap<&'static str, String>,
+    notes: BTreeMap<&'static str, String>,
+}
+
+/// Shared health state of one service.
 #[derive(Clone, Debug)]
 pub struct Health {
-    state: Arc<Mutex<Result<(), String>>>,
+    state: Arc<Mutex<State>>,
 }
 
 impl Health {
     /// Starts unhealthy: nothing is connected yet.
     pub fn new() -> Self {
         Self {
-            state: Arc::new(Mutex::new(Err("starting".to_owned()))),
+            state: Arc::new(Mutex::new(State {
+                session: Err("starting".to_owned()),
+                problems: BTreeMap::new(),
+                notes: BTreeMap::new(),
+            })),
         }
     }
 
-    /// Marks the service as working.
+    /// Marks the broker session as working.
     pub fn set_healthy(&self) {
-        self.set(Ok(()));
+        self.with(|state| state.session = Ok(()));
     }
 
-    /// Marks the service as not working, with a short reason for the operator.
+    /// Marks the broker session as not working, with a short reason for the operator.
     pub fn set_unhealthy(&self, reason: impl Into<String>) {
-        self.set(Err(reason.into()));
+        let reason = reason.into();
+        self.with(|state| state.session = Err(reason));
     }
 
-    /// The current state.
+    /// Reports (`Some`) or clears (`None`) the problem named `key`; while any problem is reported
+    /// the service is unhealthy.
+    pub fn set_problem(&self, key: &'static str, reason: Option<String>) {
+        self.with(|state| match reason {
+            Some(reason) => {
+                state.problems.insert(key, reason);
+            }
+            None => {
+                state.problems.remove(key);
+            }
+        });
+    }
+
+    /// Shows (`Some`) or removes (`None`) the note named `key` in the body of `/healthz`.
+    pub fn set_note(&self, key: &'static str, note: Option<String>) {
+        self.with(|state| match note {
+            Some(note) => {
+                state.notes.insert(key, note);
+            }
+            None => {
+                state.notes.remove(key);
+            }
+        });
+    }
+
+    /// `Ok` when the session works and no problem is reported; otherwise every reason, one per
+    /// line, problems first.
     pub fn get(&self) -> Result<(), String> {
-        match self.state.lock() {
-            Ok(state) => state.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.with(|state| {
+            let mut reasons: Vec<String> = state.problems.values().cloned().collect();
+            if let Err(reason) = &state.session {
+                reasons.push(reason.clone());
+            }
+            if reasons.is_empty() {
+                Ok(())
+            } else {
+                Err(reasons.join("\n"))
+            }
+        })
     }
 
-    fn set(&self, value: Result<(), String>) {
+    /// The notes, in key order.
+    pub fn notes(&self) -> Vec<String> {
+        self.with(|state| state.notes.values().cloned().collect())
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         match self.state.lock() {
-            Ok(mut state) => *state = value,
-            Err(poisoned) => *poisoned.into_inner() = value,
+            Ok(mut state) => f(&mut state),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
         }
     }
 }
@@ -45,5 +102,40 @@ impl Health {
 impl Default for Health {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_problem_outlives_a_healthy_session() {
+        let health = Health::new();
+        assert!(health.get().is_err());
+        health.set_healthy();
+        assert_eq!(health.get(), Ok(()));
+        health.set_problem("disk", Some("cannot write logs".into()));
+        health.set_healthy();
+        assert_eq!(health.get(), Err("cannot write logs".into()));
+        health.set_unhealthy("broker connection lost");
+        assert_eq!(
+            health.get(),
+            Err("cannot write logs\nbroker connection lost".into())
+        );
+        health.set_problem("disk", None);
+        health.set_healthy();
+        assert_eq!(health.get(), Ok(()));
+    }
+
+    #[test]
+    fn notes_do_not_change_the_status() {
+        let health = Health::new();
+        health.set_healthy();
+        health.set_note("blocked", Some("publishing blocked: memory alarm".into()));
+        assert_eq!(health.get(), Ok(()));
+        assert_eq!(health.notes(), vec!["publishing blocked: memory alarm"]);
+        health.set_note("blocked", None);
+        assert!(health.notes().is_empty());
     }
 }

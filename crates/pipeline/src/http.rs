@@ -46,11 +46,18 @@ pub async fn spawn(
     }))
 }
 
+/// `200 ok` or `503` with the reasons, one per line; notes follow as `note: ...` lines.
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    match state.health.get() {
+    let (status, mut body) = match state.health.get() {
         Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    };
+    for note in state.health.notes() {
+        body.push_str("note: ");
+        body.push_str(&note);
+        body.push('\n');
     }
+    (status, body)
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -48,6 +48,29 @@ pub enum Disposition {
     DeadLetter(MessageError),
 }
 
+/// A failure of the service's own resources (a full or unwritable disk), not of the broker.
+///
+/// A [`MessageHandler::flush`] error whose chain holds a `LocalFault` does not drop the
+/// connection: the consume loop stops taking deliveries, keeps what it holds unacked, reports the
+/// fault in `/healthz` and a gauge, and calls `flush` again with backoff until it succeeds. So
+/// `flush` must be safe to call again after a failure: it may not leave part of its output behind.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct LocalFault {
+    /// What could not be done, for the operator (e.g. `cannot append to logs/labels_log.txt`).
+    pub what: String,
+    /// The I/O error behind it.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl LocalFault {
+    /// Whether `err` (or any error in its chain) is a local fault.
+    pub fn is_in(err: &anyhow::Error) -> bool {
+        err.chain().any(|cause| cause.is::<Self>())
+    }
+}
+
 /// The service-specific part of a consumer.
 pub trait MessageHandler: Send {
     /// Processes one delivery from input queue number `input`. An `Err` means the service cannot

@@ -13,6 +13,6 @@ pub mod publisher;
 pub mod topology;
 
 pub use connection::{Backoff, Broker, is_fatal};
-pub use consumer::{Disposition, MessageHandler, run_consumer};
+pub use consumer::{Disposition, LocalFault, MessageHandler, run_consumer};
 pub use publisher::Publisher;
 pub use topology::Topology;
