@@ -710,3 +710,203 @@ impl MessageHandler for Recorder {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+    use std::path::Path;
+
+    fn config(dir: &Path, extra: &[&str]) -> Config {
+        let mut args = vec!["metric", "--log-dir", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Cli::try_parse_from(args).unwrap().config
+    }
+
+    fn recover(config: &Config) -> Recorder {
+        let mut registry = Registry::default();
+        let join_metrics = JoinMetrics::register(&mut registry);
+        let quality = Quality::register(&mut registry, config.quality_window, 20);
+        Recorder::recover(config, quality, join_metrics, Plotter::new(config)).unwrap()
+    }
+
+    /// Appends `ids` as a history: both log lines of each, and its row when `row` says so.
+    fn append_history(dir: &Path, ids: impl Iterator<Item = String>, row: impl Fn(usize) -> bool) {
+        let mut labels = String::new();
+        let mut csv = String::new();
+        if !dir.join(files::METRIC_CSV).exists() {
+            csv.push_str(files::CSV_HEADER);
+            csv.push('\n');
+        }
+        for (n, id) in ids.enumerate() {
+            labels.push_str(&format!("2026-11-26T00:00:00.000000Z y_true {id} 100\n"));
+            labels.push_str(&format!(
+                "2026-11-26T00:00:00.000001Z y_pred {id} 90.5 v1\n"
+            ));
+            if row(n) {
+                csv.push_str(&format!("{id},100,90.5,9.5,v1\n"));
+            }
+        }
+        for (name, text) in [(files::LABELS_LOG, labels), (files::METRIC_CSV, csv)] {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(name))
+                .unwrap();
+            file.write_all(text.as_bytes()).unwrap();
+        }
+    }
+
+    fn csv_ids(dir: &Path) -> Vec<String> {
+        let mut ids = Vec::new();
+        let chain = files::chain(&dir.join(files::METRIC_CSV));
+        let segments: Vec<_> = chain.into_iter().map(|p| (p, 0)).collect();
+        files::read_csv_segments(&segments, |pair| ids.push(pair.id)).unwrap();
+        ids
+    }
+
+    fn assert_once(ids: &[String], n: usize) {
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!((ids.len(), distinct.len()), (n, n), "rows, distinct ids");
+    }
+
+    #[test]
+    fn a_history_longer_than_dedup_capacity_is_never_joined_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), &["--dedup-capacity", "100"]);
+        append_history(dir.path(), (0..3000).map(|i| format!("a{i}")), |_| true);
+        // Files of an older version (no checkpoint): one whole read, then a checkpoint.
+        drop(recover(&config));
+        assert_once(&csv_ids(dir.path()), 3000);
+        assert!(dir.path().join(checkpoint::CHECKPOINT).exists());
+        // Restarts from the checkpoint.
+        for _ in 0..2 {
+            let recorder = recover(&config);
+            assert_eq!(recorder.quality.all().n, 3000);
+            drop(recorder);
+            assert_once(&csv_ids(dir.path()), 3000);
+        }
+        // A crash after the checkpoint: 500 more pairs logged, the last 20 rows never written.
+        append_history(dir.path(), (0..500).map(|i| format!("b{i}")), |n| n < 480);
+        let recorder = recover(&config);
+        assert_eq!(recorder.quality.all().n, 3500);
+        drop(recorder);
+        assert_once(&csv_ids(dir.path()), 3500);
+        drop(recover(&config));
+        assert_once(&csv_ids(dir.path()), 3500);
+    }
+
+    #[test]
+    fn orphans_dropped_before_a_checkpoint_do_not_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), &["--join-max-age-secs", "1"]);
+        let mut labels = String::new();
+        for i in 0..200 {
+            labels.push_str(&format!("2026-11-26T00:00:00.000000Z y_true orphan{i} 1\n"));
+        }
+        std::fs::write(dir.path().join(files::LABELS_LOG), labels).unwrap();
+        let mut recorder = recover(&config);
+        assert_eq!(recorder.joiner.waiting(), 200);
+        let dropped = recorder
+            .joiner
+            .evict(Instant::now() + Duration::from_secs(5));
+        assert_eq!(dropped.len(), 200);
+        recorder.checkpoints.changed = true;
+        recorder.finish();
+        drop(recorder);
+        let recorder = recover(&config);
+        assert_eq!(recorder.joiner.waiting(), 0);
+    }
+
+    #[test]
+    fn waiting_ids_come_back_from_the_checkpoint_and_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), &[]);
+        std::fs::write(
+            dir.path().join(files::LABELS_LOG),
+            "2026-11-26T00:00:00.000000Z y_true w1 10\n",
+        )
+        .unwrap();
+        // Whole read, checkpoint with w1 waiting; then a restart from the checkpoint.
+        drop(recover(&config));
+        let recorder = recover(&config);
+        assert_eq!(recorder.joiner.waiting(), 1);
+        drop(recorder);
+        // Its prediction was logged after the checkpoint, the row not written (a crash).
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(files::LABELS_LOG))
+            .unwrap();
+        writeln!(file, "2026-11-26T00:00:01.000000Z y_pred w1 7 v2").unwrap();
+        let recorder = recover(&config);
+        assert_eq!(recorder.joiner.waiting(), 0);
+        drop(recorder);
+        let csv = std::fs::read_to_string(dir.path().join(files::METRIC_CSV)).unwrap();
+        assert!(csv.ends_with("\nw1,10,7,3,v2\n"), "{csv}");
+    }
+
+    #[test]
+    fn a_foreign_csv_does_not_seed_the_joined_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(files::METRIC_CSV),
+            "sample,truth,guess,err\nx1,100,90.5,9.5\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join(files::LABELS_LOG),
+            "2026-11-26T00:00:00.000000Z y_true x1 100\n2026-11-26T00:00:00.000001Z y_pred x1 90.5 v1\n",
+        )
+        .unwrap();
+        drop(recover(&config(dir.path(), &[])));
+        assert_eq!(csv_ids(dir.path()), ["x1"]);
+    }
+
+    #[test]
+    fn recovery_reads_across_rotated_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(
+            dir.path(),
+            &[
+                "--dedup-capacity",
+                "50",
+                "--log-max-bytes",
+                "1000",
+                "--log-keep-files",
+                "100",
+            ],
+        );
+        drop(recover(&config));
+        for round in 0..5 {
+            let mut recorder = recover(&config);
+            for i in 0..100 {
+                let pair = join::Pair {
+                    id: format!("r{round}-{i}"),
+                    y_true: 1.0,
+                    y_pred: 2.0,
+                    model_version: None,
+                    sent_at_us: None,
+                };
+                recorder
+                    .files
+                    .push_label(LabelKind::YTrue, Some(&pair.id), 1.0, None);
+                recorder
+                    .files
+                    .push_label(LabelKind::YPred, Some(&pair.id), 2.0, None);
+                recorder.files.push_row(&pair);
+                recorder.joiner.mark_joined(&pair.id, 1.0, 2.0, None);
+                recorder.quality.observe(&pair);
+                // Flushes rotate and checkpoint now and then; the last rows have none after them.
+                let rotated = recorder.files.flush().unwrap();
+                if rotated {
+                    recorder.save_checkpoint();
+                }
+            }
+        }
+        assert!(files::rotated_path(&dir.path().join(files::METRIC_CSV), 2).exists());
+        let recorder = recover(&config);
+        assert_eq!(recorder.quality.all().n, 500);
+        drop(recorder);
+        assert_once(&csv_ids(dir.path()), 500);
+    }
+}
