@@ -9,4 +9,5 @@ mod faults;
 mod helpers;
 mod observability;
 mod pipeline_flow;
+mod recovery;
 mod scaling;
