@@ -539,7 +539,8 @@ pub async fn publish_raw(
 /// Waits until `service` answers `/healthz` with 200, panicking with its log after `timeout`.
 pub fn wait_healthy(service: &Service, timeout: Duration) {
     assert!(
-        wait_until(timeout, || service.get("/healthz").map(|r| r.0) == Some(200)),
+        wait_until(timeout, || service.get("/healthz").map(|r| r.0)
+            == Some(200)),
         "{} not healthy after {timeout:?}:\n{}",
         service.name,
         service.stderr()
@@ -572,7 +573,11 @@ pub fn write_history(log_dir: &Path, pairs: usize) -> Vec<String> {
         let y_true = (n % 300) as f64 + 25.0;
         let y_pred = y_true + 0.5;
         writeln!(labels, "2026-11-26T00:00:00.000000Z y_true {id} {y_true}").unwrap();
-        writeln!(labels, "2026-11-26T00:00:00.000001Z y_pred {id} {y_pred} ols-history").unwrap();
+        writeln!(
+            labels,
+            "2026-11-26T00:00:00.000001Z y_pred {id} {y_pred} ols-history"
+        )
+        .unwrap();
         writeln!(csv, "{id},{y_true},{y_pred},0.5,ols-history").unwrap();
         ids.push(id);
     }

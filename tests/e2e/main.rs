@@ -5,6 +5,7 @@
 mod bad_input;
 mod broker_node;
 mod deployment;
+mod disk_full;
 mod faults;
 mod helpers;
 mod observability;

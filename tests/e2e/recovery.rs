@@ -156,7 +156,10 @@ async fn a_long_history_is_not_joined_again() {
     std::thread::sleep(Duration::from_secs(1));
     let rows = run.rows();
     assert_exactly_once(&rows, HISTORY + MORE);
-    assert_eq!(rows[..3].iter().map(|r| &r.id).collect::<Vec<_>>(), ids[..3].iter().collect::<Vec<_>>());
+    assert_eq!(
+        rows[..3].iter().map(|r| &r.id).collect::<Vec<_>>(),
+        ids[..3].iter().collect::<Vec<_>>()
+    );
     assert_eq!(
         run.metric.metrics().get("pipeline_pairs_total"),
         Some(&((HISTORY + MORE) as f64))
