@@ -33,7 +33,7 @@ async fn restarts_beyond_dedup_capacity_write_each_row_once() {
         "stuck:\n{}",
         run.logs()
     );
-    run.metric.restart(&run.dir.path().to_owned()); // SIGKILL
+    run.metric.restart(run.dir.path()); // SIGKILL
     wait_rebuilt(&run.metric);
     run.wait_rows(SAMPLES, LONG);
     let features = run.features.as_mut().expect("features");
