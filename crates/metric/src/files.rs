@@ -419,6 +419,29 @@ pub fn read_label_segments(
     Ok(count)
 }
 
+/// Lines in the segments (a count of newlines, read in large blocks).
+pub fn count_lines(segments: &[Segment]) -> anyhow::Result<u64> {
+    let mut lines = 0;
+    for (path, start) in segments {
+        let mut file =
+            File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        file.seek(SeekFrom::Start(*start))?;
+        let mut reader = BufReader::with_capacity(256 * 1024, file);
+        loop {
+            let buf = reader
+                .fill_buf()
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if buf.is_empty() {
+                break;
+            }
+            lines += buf.iter().filter(|b| **b == b'\n').count() as u64;
+            let len = buf.len();
+            reader.consume(len);
+        }
+    }
+    Ok(lines)
+}
+
 /// Reads every row of `metric_log.csv` (not its rotated files).
 pub fn read_csv_rows(path: &Path, row: impl FnMut(Pair)) -> anyhow::Result<CsvRead> {
     read_csv_segments(&[(path.to_owned(), 0)], row)

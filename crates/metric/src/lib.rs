@@ -445,6 +445,9 @@ impl Recorder {
                 label_segments
             }
             None => {
+                // Once, for files without a checkpoint: room for every id, no doubling on the way.
+                let rows = files::count_lines(&whole(&csv_chain))?;
+                written.reserve_exact(usize::try_from(rows).unwrap_or(0));
                 stats.csv = files::read_csv_segments(&whole(&csv_chain), |pair| {
                     joiner.mark_joined(
                         &pair.id,
