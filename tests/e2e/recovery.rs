@@ -167,3 +167,30 @@ async fn a_long_history_is_not_joined_again() {
     assert_queues_empty(&url, &run.queues).await;
     delete_queues(&url, &run.queues).await;
 }
+
+#[test]
+fn the_recovery_and_retention_settings_are_in_help_and_readme() {
+    let output = std::process::Command::new(bin_path("metric"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    for name in [
+        "LOG_MAX_BYTES",
+        "LOG_KEEP_FILES",
+        "CHECKPOINT_EVERY",
+        "CHECKPOINT_INTERVAL_SECS",
+        "MODEL_VERSIONS_KEPT",
+    ] {
+        assert!(
+            help.contains(&format!("[env: {name}")),
+            "metric --help does not list {name}:\n{help}"
+        );
+        assert!(
+            readme.contains(&format!("| `{name}` |")),
+            "README's settings table has no row for {name}"
+        );
+    }
+}
