@@ -17,7 +17,7 @@ pub mod topology;
 pub mod window;
 
 pub use connection::Broker;
-pub use supervisor::{Backoff, SessionEnd, Step, supervise};
 pub use consumer::{Disposition, LocalFault, MessageHandler, run_consumer};
 pub use publisher::Publisher;
+pub use supervisor::{Backoff, SessionEnd, Step, supervise};
 pub use topology::Topology;

@@ -370,7 +370,10 @@ mod tests {
         else {
             panic!("fatal")
         };
-        assert!(reason.contains("queue `y_true` is in exclusive use"), "{reason}");
+        assert!(
+            reason.contains("queue `y_true` is in exclusive use"),
+            "{reason}"
+        );
     }
 
     #[test]

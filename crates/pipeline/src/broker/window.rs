@@ -80,11 +80,7 @@ impl AckWindow {
         if let Ok(index) = self.entries.binary_search_by_key(&tag, |(tag, _)| *tag)
             && let State::Waiting(Pending::Confirm { on_failure }) = self.entries[index].1
         {
-            self.entries[index].1 = State::Done(if positive {
-                Outcome::Ack
-            } else {
-                on_failure
-            });
+            self.entries[index].1 = State::Done(if positive { Outcome::Ack } else { on_failure });
         }
     }
 
@@ -254,13 +250,19 @@ mod tests {
     #[test]
     fn acks_wait_for_the_front() {
         let mut window = AckWindow::new();
-        window.push(1, Pending::Confirm {
-            on_failure: Outcome::Requeue,
-        });
+        window.push(
+            1,
+            Pending::Confirm {
+                on_failure: Outcome::Requeue,
+            },
+        );
         window.push(2, Pending::Flush);
-        window.push(3, Pending::Confirm {
-            on_failure: Outcome::Reject,
-        });
+        window.push(
+            3,
+            Pending::Confirm {
+                on_failure: Outcome::Reject,
+            },
+        );
         window.flushed();
         assert_eq!(window.take_settled(), vec![]);
         window.confirmed(3, false);
@@ -349,12 +351,20 @@ mod tests {
                         let covered: Vec<u64> = self.outstanding.range(..=upto).copied().collect();
                         assert_eq!(covered.len(), count, "ack count");
                         for tag in covered {
-                            assert_eq!(truth[&tag], Some(Outcome::Ack), "acked tag {tag} not settled as ack");
+                            assert_eq!(
+                                truth[&tag],
+                                Some(Outcome::Ack),
+                                "acked tag {tag} not settled as ack"
+                            );
                             self.settle(tag, Outcome::Ack);
                         }
                     }
                     Settlement::Nack { tag, requeue } => {
-                        let outcome = if requeue { Outcome::Requeue } else { Outcome::Reject };
+                        let outcome = if requeue {
+                            Outcome::Requeue
+                        } else {
+                            Outcome::Reject
+                        };
                         assert_eq!(truth[&tag], Some(outcome), "nacked tag {tag}");
                         self.settle(tag, outcome);
                     }
