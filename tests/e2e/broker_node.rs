@@ -362,6 +362,7 @@ fn iptables(action: &str, rule: &[&str]) -> bool {
         .arg(action)
         .args(rule)
         .arg("DROP")
+        .stderr(Stdio::null())
         .status()
         .is_ok_and(|status| status.success())
 }
