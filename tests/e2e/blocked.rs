@@ -68,4 +68,26 @@ async fn a_memory_alarm_is_visible_and_loses_nothing() {
         .wait_exit(Duration::from_secs(60));
     assert!(exit.is_some_and(|s| s.success()), "features: {exit:?}");
     assert_queues_empty(&url, &run.queues).await;
+
+    // A stop request while blocked: the producer must not wait for the alarm to end (it used to
+    // wait forever in its declare, which a blocked connection never sends).
+    let set = node.ctl(&["set_vm_memory_high_watermark", "0.00001"]);
+    assert!(set.status.success(), "{set:?}");
+    let mut stuck = run.extra_service("features", &[("COUNT", "50".into()), ("RATE", "0".into())]);
+    assert!(
+        wait_until(Duration::from_secs(20), || stuck
+            .stderr()
+            .contains("the broker blocked publishing")),
+        "{}",
+        stuck.stderr()
+    );
+    stuck.signal("TERM");
+    let exit = stuck.wait_exit(Duration::from_secs(20));
+    assert!(
+        exit.is_some(),
+        "features ignored SIGTERM while blocked:\n{}",
+        stuck.stderr()
+    );
+    let reset = node.ctl(&["set_vm_memory_high_watermark", "0.4"]);
+    assert!(reset.status.success(), "{reset:?}");
 }

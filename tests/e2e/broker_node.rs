@@ -394,3 +394,25 @@ impl Drop for PortCut {
         }
     }
 }
+
+impl BrokerNode {
+    /// Freezes the whole node (SIGSTOP to its process group): connections stay open, nothing is
+    /// answered, as with a broker that hangs.
+    pub fn freeze(&self) {
+        self.signal_group("STOP");
+    }
+
+    /// Lets a frozen node run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal_group("CONT");
+    }
+
+    fn signal_group(&self, signal: &str) {
+        let child = self.child.as_ref().expect("node running");
+        let status = Command::new("kill")
+            .args(["-s", signal, "--", &format!("-{}", child.id())])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} of node {}", self.name);
+    }
+}

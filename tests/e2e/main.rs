@@ -11,5 +11,6 @@ mod helpers;
 mod network_cut;
 mod observability;
 mod pipeline_flow;
+mod producer;
 mod scaling;
 mod supervisor;

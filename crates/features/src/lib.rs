@@ -340,15 +340,25 @@ impl Producer {
             &self.config.broker,
             &[queues.features_queue.as_str(), queues.y_true_queue.as_str()],
         );
-        let publisher = match Publisher::open(connection, "features", broker.metrics.clone()).await
-        {
-            Ok(publisher) => publisher,
-            Err(err) => return SessionEnd::failed(Step::Declare, err),
+        // A blocked connection (broker resource alarm) holds every frame, declares too: a stop
+        // request must not wait for the alarm to end.
+        let setup = async {
+            let publisher = Publisher::open(connection, "features", broker.metrics.clone())
+                .await
+                .map_err(|err| SessionEnd::failed(Step::Declare, err))?;
+            if let Err(err) = topology.declare(publisher.channel()).await {
+                drop_detached(publisher);
+                return Err(SessionEnd::failed(Step::Declare, err));
+            }
+            Ok(publisher)
         };
-        if let Err(err) = topology.declare(publisher.channel()).await {
-            drop_detached(publisher);
-            return SessionEnd::failed(Step::Declare, err);
-        }
+        let publisher = tokio::select! {
+            setup = setup => match setup {
+                Ok(publisher) => publisher,
+                Err(end) => return end,
+            },
+            _ = shutdown.cancelled() => return SessionEnd::Finished,
+        };
         broker.health.set_healthy();
         self.pacer.resume();
         let mut window = ConfirmWindow::new();
@@ -416,7 +426,14 @@ impl Producer {
                     }
                 }
             };
-            match self.publish(publisher, &sample).await {
+            let published = tokio::select! {
+                published = self.publish(publisher, &sample) => published,
+                _ = shutdown.cancelled() => {
+                    self.retry.push_front(sample);
+                    break;
+                }
+            };
+            match published {
                 Ok(parts) => {
                     let seq = window.push(sample, 2);
                     confirms.extend(parts.map(|confirm| (seq, confirm)));

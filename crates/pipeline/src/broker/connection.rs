@@ -152,7 +152,8 @@ impl Broker {
                 attempt,
                 error = %err,
                 retry_in_ms = delay.as_millis() as u64,
-                "{reason}; retrying"
+                reason = %reason,
+                "broker not reachable, retrying"
             );
             self.health.set_unhealthy(reason);
             self.next_url = self.next_url.wrapping_add(1);
@@ -208,7 +209,6 @@ impl Broker {
         if let Some(events) = self.events.take() {
             events.abort();
         }
-        self.metrics.connected.set(0);
         self.metrics.blocked.set(0);
         self.health.set_note("blocked", None);
     }
