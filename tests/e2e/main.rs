@@ -10,3 +10,4 @@ mod helpers;
 mod observability;
 mod pipeline_flow;
 mod scaling;
+mod secrets;
