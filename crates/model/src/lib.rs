@@ -122,10 +122,19 @@ pub struct Config {
     pub http_addr: SocketAddr,
 }
 
+/// The model served at start-up.
+pub struct StartModel {
+    /// The model.
+    pub model: LinearModel,
+    /// Hash of the artifact file it was read from (`None` when fitted on `DATA_PATH`): the
+    /// baseline of the artifact watcher.
+    pub artifact_hash: Option<artifact::ContentHash>,
+}
+
 /// The model to serve at start-up: the artifact at `MODEL_PATH`, or a fit on `DATA_PATH`.
-pub fn load_model(config: &Config) -> anyhow::Result<LinearModel> {
+pub fn load_model(config: &Config) -> anyhow::Result<StartModel> {
     if let Some(path) = &config.model_path {
-        let artifact = artifact::Artifact::load(path)?;
+        let (artifact, hash) = artifact::Artifact::load_with_hash(path)?;
         tracing::info!(
             version = %artifact.version,
             features = artifact.feature_names.len(),
@@ -136,7 +145,10 @@ pub fn load_model(config: &Config) -> anyhow::Result<LinearModel> {
             "serving model artifact {}",
             path.display()
         );
-        return Ok(artifact.model());
+        return Ok(StartModel {
+            model: artifact.model(),
+            artifact_hash: Some(hash),
+        });
     }
     let data = Dataset::from_csv(&config.data_path, config.target_column.as_deref())
         .context("cannot load the training data (DATA_PATH)")?;
@@ -153,7 +165,10 @@ pub fn load_model(config: &Config) -> anyhow::Result<LinearModel> {
         "fitted linear regression on {}",
         config.data_path.display()
     );
-    Ok(model)
+    Ok(StartModel {
+        model,
+        artifact_hash: None,
+    })
 }
 
 /// Runs the model service until `shutdown` completes.
@@ -162,8 +177,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let shutdown = pipeline::shutdown::token_from(shutdown);
-    let model = load_model(&config)?;
-    let (model_tx, model_rx) = watch::channel(Arc::new(model));
+    let start = load_model(&config)?;
+    let (model_tx, model_rx) = watch::channel(Arc::new(start.model));
 
     let mut registry = Registry::default();
     let metrics = BrokerMetrics::register(&mut registry);
@@ -173,15 +188,20 @@ pub async fn run(
         "Model artifacts seen at MODEL_PATH, by result (loaded, refused)",
         reloads.clone(),
     );
-    let watcher = config.model_path.clone().map(|path| {
-        tokio::spawn(artifact::watch_artifact(
-            path,
-            Duration::from_millis(config.model_poll_ms.max(10)),
-            model_tx,
-            reloads,
-            shutdown.clone(),
-        ))
-    });
+    let watcher = config
+        .model_path
+        .clone()
+        .zip(start.artifact_hash)
+        .map(|(path, loaded)| {
+            tokio::spawn(artifact::watch_artifact(
+                path,
+                loaded,
+                Duration::from_millis(config.model_poll_ms.max(10)),
+                model_tx,
+                reloads,
+                shutdown.clone(),
+            ))
+        });
     let health = Health::new();
     let http = pipeline::http::spawn(
         config.http_addr,
