@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod broker_node;
+mod course;
 mod deployment;
 mod faults;
 mod helpers;

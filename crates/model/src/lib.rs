@@ -14,7 +14,7 @@ use pipeline::config::{
 };
 use pipeline::dataset::Dataset;
 use pipeline::health::Health;
-use pipeline::messages::{YPredOut, parse_features};
+use pipeline::messages::{BodyFormat, parse_features, write_y_pred};
 use pipeline::metrics::BrokerMetrics;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -203,6 +203,11 @@ pub async fn run(
             ))
         });
     let health = Health::new();
+    pipeline::broker::topology::announce(
+        &config.broker,
+        &[&config.queues.features_queue, &config.queues.y_pred_queue],
+        &health,
+    );
     let http = pipeline::http::spawn(
         config.http_addr,
         Arc::new(registry),
@@ -226,6 +231,7 @@ pub async fn run(
     let mut predictor = Predictor {
         model: model_rx,
         y_pred_queue: queues.y_pred_queue.clone(),
+        format: BodyFormat::of(config.broker.topology),
         body: Vec::with_capacity(256),
     };
     let result = run_consumer(&mut broker, &spec, &mut predictor, &shutdown).await;
@@ -241,6 +247,8 @@ pub async fn run(
 struct Predictor {
     model: watch::Receiver<Arc<LinearModel>>,
     y_pred_queue: String,
+    /// Bare under `TOPOLOGY=course`; native otherwise, except in answer to a bare message.
+    format: BodyFormat,
     body: Vec<u8>,
 }
 
@@ -265,20 +273,20 @@ impl MessageHandler for Predictor {
             Ok(y_pred) => y_pred,
             Err(err) => return Ok(Disposition::DeadLetter(err)),
         };
-        self.body.clear();
-        match (&message.id, message.bare) {
-            // Answer a bare course-style message in the same style.
-            (_, true) | (None, _) => serde_json::to_writer(&mut self.body, &y_pred)?,
-            (Some(id), false) => serde_json::to_writer(
-                &mut self.body,
-                &YPredOut {
-                    id,
-                    y_pred,
-                    model_version: &model.version,
-                    sent_at_us: message.sent_at_us,
-                },
-            )?,
-        }
+        // Answer a bare course-style message in the same style.
+        let format = if message.bare {
+            BodyFormat::Bare
+        } else {
+            self.format
+        };
+        write_y_pred(
+            &mut self.body,
+            format,
+            message.id.as_deref(),
+            y_pred,
+            &model.version,
+            message.sent_at_us,
+        )?;
         tracing::debug!(id = message.id.as_deref().unwrap_or("-"), y_pred, version = %model.version, "predicted");
         let confirm = publisher
             .publish_json(&self.y_pred_queue, &self.body, message.id.as_deref())

@@ -25,6 +25,12 @@ pub struct BrokerConfig {
     #[arg(long, env = "QUEUE_TYPE", value_enum, default_value_t = QueueType::Classic)]
     pub queue_type: QueueType,
 
+    /// How the three queues are declared: `durable` (durable, dead-lettering, persistent native
+    /// messages), or `course` (as the course's Python code declares them, so its services can share
+    /// the queues; messages then do not survive a broker restart).
+    #[arg(long, env = "TOPOLOGY", value_enum, default_value_t = TopologyMode::Durable)]
+    pub topology: TopologyMode,
+
     /// For quorum queues: deliveries of one message before the broker dead-letters it.
     #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 5)]
     pub delivery_limit: u32,
@@ -140,6 +146,16 @@ pub enum QueueType {
     Classic,
     /// Replicated Raft queues for a RabbitMQ cluster.
     Quorum,
+}
+
+/// How the pipeline's queues are declared and what is published on them.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopologyMode {
+    /// Durable queues that dead-letter to `<queue>.dlq`, native JSON messages with the id.
+    Durable,
+    /// The course's Python code: `queue_declare(queue=name)` (non-durable, no arguments) and bare
+    /// JSON bodies, the id in the AMQP `message_id`.
+    Course,
 }
 
 /// Names of the three queues of the pipeline.
