@@ -9,7 +9,8 @@
 //! `sent_at_us` (the producer's send time, microseconds since the Unix epoch) is optional on input.
 //! The bare format of the Python course version is accepted too: a `features` body that is a JSON
 //! array of numbers, and a `y_true`/`y_pred` body that is a JSON number. A bare message takes its id
-//! from the AMQP `message_id` property, and has none when that is absent.
+//! from the AMQP `message_id` property, and has none when that is absent. Under `TOPOLOGY=course`
+//! our services write the bare format too ([`BodyFormat::Bare`]), the id in `message_id` only.
 
 use crate::config::TopologyMode;
 use serde::{Deserialize, Serialize};
