@@ -4,9 +4,11 @@
 
 mod bad_input;
 mod broker_node;
+mod course;
 mod deployment;
 mod faults;
 mod helpers;
 mod observability;
 mod pipeline_flow;
 mod scaling;
+mod secrets;
