@@ -5,6 +5,7 @@
 mod bad_input;
 mod blocked;
 mod broker_node;
+mod course;
 mod deployment;
 mod faults;
 mod helpers;
@@ -13,4 +14,5 @@ mod observability;
 mod pipeline_flow;
 mod producer;
 mod scaling;
+mod secrets;
 mod supervisor;

@@ -20,7 +20,7 @@ use pipeline::broker::{Broker, Publisher, SessionEnd, Step, Topology, supervise}
 use pipeline::config::{BrokerConfig, QueueNames, TelemetryConfig, parse_socket_addr};
 use pipeline::dataset::Dataset;
 use pipeline::health::Health;
-use pipeline::messages::{FeaturesOut, YTrueOut, now_us};
+use pipeline::messages::{BodyFormat, now_us, write_features, write_y_true};
 use pipeline::metrics::BrokerMetrics;
 use prometheus_client::registry::Registry;
 use std::collections::VecDeque;
@@ -227,6 +227,11 @@ pub async fn run(
     let mut registry = Registry::default();
     let metrics = BrokerMetrics::register(&mut registry);
     let health = Health::new();
+    pipeline::broker::topology::announce(
+        &config.broker,
+        &[&config.queues.features_queue, &config.queues.y_true_queue],
+        &health,
+    );
     let http = pipeline::http::spawn(
         config.http_addr,
         Arc::new(registry),
@@ -479,27 +484,19 @@ impl Producer {
     ) -> anyhow::Result<[Confirm; 2]> {
         let queues = &self.config.queues;
         let sent_at_us = now_us();
-        self.body.clear();
-        serde_json::to_writer(
+        let format = BodyFormat::of(self.config.broker.topology);
+        let (id, row) = (sample.id.as_str(), sample.row);
+        write_y_true(
             &mut self.body,
-            &YTrueOut {
-                id: &sample.id,
-                y_true: self.data.target(sample.row),
-                sent_at_us,
-            },
+            format,
+            id,
+            self.data.target(row),
+            sent_at_us,
         )?;
         let y_true = publisher
             .publish_json(&queues.y_true_queue, &self.body, Some(&sample.id))
             .await?;
-        self.body.clear();
-        serde_json::to_writer(
-            &mut self.body,
-            &FeaturesOut {
-                id: &sample.id,
-                features: self.data.row(sample.row),
-                sent_at_us,
-            },
-        )?;
+        write_features(&mut self.body, format, id, self.data.row(row), sent_at_us)?;
         let features = publisher
             .publish_json(&queues.features_queue, &self.body, Some(&sample.id))
             .await?;
