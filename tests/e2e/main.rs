@@ -3,12 +3,18 @@
 //! [`broker_node`] module for tests that need a broker of their own to stop and restart.
 
 mod bad_input;
+mod blocked;
 mod broker_node;
+mod course;
 mod deployment;
 mod disk_full;
 mod faults;
 mod helpers;
+mod network_cut;
 mod observability;
 mod pipeline_flow;
+mod producer;
 mod recovery;
 mod scaling;
+mod secrets;
+mod supervisor;

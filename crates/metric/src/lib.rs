@@ -278,6 +278,11 @@ pub async fn run(
     let mut recorder = Recorder::recover(&config, quality, join_metrics, Plotter::new(&config))?;
 
     let health = Health::new();
+    pipeline::broker::topology::announce(
+        &config.broker,
+        &[&config.queues.y_true_queue, &config.queues.y_pred_queue],
+        &health,
+    );
     let http = pipeline::http::spawn(
         config.http_addr,
         Arc::new(registry),

@@ -69,9 +69,19 @@ impl Artifact {
 
     /// Reads and validates an artifact file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
+        Self::load_with_hash(path).map(|(artifact, _)| artifact)
+    }
+
+    /// Reads and validates an artifact file, with the hash of the exact bytes read: the baseline
+    /// of [`watch_artifact`], so a file replaced after this read is seen as new.
+    pub fn load_with_hash(path: &Path) -> anyhow::Result<(Self, ContentHash)> {
+        let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read model artifact {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("refusing model artifact {}", path.display()))
+        let artifact = std::str::from_utf8(&bytes)
+            .map_err(anyhow::Error::from)
+            .and_then(Self::parse)
+            .with_context(|| format!("refusing model artifact {}", path.display()))?;
+        Ok((artifact, ContentHash::of(&bytes)))
     }
 
     /// Parses and validates artifact JSON.
@@ -125,11 +135,25 @@ pub fn version_of(model: &LinearModel) -> String {
     derived_version(&model.coefficients, model.intercept)
 }
 
+/// SHA-256 of an artifact file's bytes, to tell a new file from the one already seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentHash([u8; 32]);
+
+impl ContentHash {
+    /// The hash of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(Sha256::digest(bytes).into())
+    }
+}
+
 /// Watches the artifact at `path` (polling every `interval`) and sends each new valid model on
-/// `models`. A file that cannot be read, is not a valid artifact, or has another number of features
-/// than the model being served is refused with an error log; the current model keeps serving.
+/// `models`. `loaded` is the hash of the file the served model was read from (taken at that read,
+/// so a file replaced between the first load and the watcher's start is still loaded). A file that
+/// cannot be read, is not a valid artifact, or has another number of features than the model being
+/// served is refused with an error log; the current model keeps serving.
 pub async fn watch_artifact(
     path: PathBuf,
+    loaded: ContentHash,
     interval: Duration,
     models: watch::Sender<Arc<LinearModel>>,
     reloads: prometheus_client::metrics::family::Family<
@@ -138,7 +162,7 @@ pub async fn watch_artifact(
     >,
     shutdown: pipeline::CancellationToken,
 ) {
-    let mut last = std::fs::read(&path).ok();
+    let mut last = loaded;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -147,10 +171,11 @@ pub async fn watch_artifact(
         let Ok(bytes) = std::fs::read(&path) else {
             continue;
         };
-        if last.as_deref() == Some(bytes.as_slice()) {
+        let hash = ContentHash::of(&bytes);
+        if hash == last {
             continue;
         }
-        last = Some(bytes.clone());
+        last = hash;
         let current = models.borrow().clone();
         let result = std::str::from_utf8(&bytes)
             .map_err(anyhow::Error::from)
@@ -219,6 +244,49 @@ mod tests {
     fn derived_version_without_a_given_one() {
         let artifact = Artifact::train(&diabetes(), None, None).unwrap();
         assert_eq!(artifact.version, version_of(&artifact.model()));
+    }
+
+    /// The file is replaced after the service loaded it and before the watcher looked at it: the
+    /// new artifact must still be swapped in.
+    #[tokio::test]
+    async fn an_artifact_replaced_before_the_watcher_starts_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.json");
+        Artifact::train(&diabetes(), None, Some("v1".into()))
+            .unwrap()
+            .write(&path)
+            .unwrap();
+        let (served, loaded) = Artifact::load_with_hash(&path).unwrap();
+        Artifact::train(&diabetes(), None, Some("v2".into()))
+            .unwrap()
+            .write(&path)
+            .unwrap();
+        let (models, mut current) = watch::channel(Arc::new(served.model()));
+        let shutdown = pipeline::CancellationToken::new();
+        let reloads = prometheus_client::metrics::family::Family::<ReloadLabel, _>::default();
+        let watcher = tokio::spawn(watch_artifact(
+            path,
+            loaded,
+            Duration::from_millis(10),
+            models,
+            reloads.clone(),
+            shutdown.clone(),
+        ));
+        let swapped = tokio::time::timeout(
+            Duration::from_secs(10),
+            current.wait_for(|model| model.version == "v2"),
+        )
+        .await
+        .is_ok();
+        // An unchanged file is not loaded again.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shutdown.cancel();
+        watcher.await.unwrap();
+        assert!(swapped, "the replaced artifact was never loaded");
+        let loads: prometheus_client::metrics::counter::Counter = reloads
+            .get_or_create(&ReloadLabel { result: "loaded" })
+            .clone();
+        assert_eq!(loads.get(), 1);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use pipeline::config::{
 };
 use pipeline::dataset::Dataset;
 use pipeline::health::Health;
-use pipeline::messages::{YPredOut, parse_features};
+use pipeline::messages::{BodyFormat, parse_features, write_y_pred};
 use pipeline::metrics::BrokerMetrics;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -122,10 +122,19 @@ pub struct Config {
     pub http_addr: SocketAddr,
 }
 
+/// The model served at start-up.
+pub struct StartModel {
+    /// The model.
+    pub model: LinearModel,
+    /// Hash of the artifact file it was read from (`None` when fitted on `DATA_PATH`): the
+    /// baseline of the artifact watcher.
+    pub artifact_hash: Option<artifact::ContentHash>,
+}
+
 /// The model to serve at start-up: the artifact at `MODEL_PATH`, or a fit on `DATA_PATH`.
-pub fn load_model(config: &Config) -> anyhow::Result<LinearModel> {
+pub fn load_model(config: &Config) -> anyhow::Result<StartModel> {
     if let Some(path) = &config.model_path {
-        let artifact = artifact::Artifact::load(path)?;
+        let (artifact, hash) = artifact::Artifact::load_with_hash(path)?;
         tracing::info!(
             version = %artifact.version,
             features = artifact.feature_names.len(),
@@ -136,7 +145,10 @@ pub fn load_model(config: &Config) -> anyhow::Result<LinearModel> {
             "serving model artifact {}",
             path.display()
         );
-        return Ok(artifact.model());
+        return Ok(StartModel {
+            model: artifact.model(),
+            artifact_hash: Some(hash),
+        });
     }
     let data = Dataset::from_csv(&config.data_path, config.target_column.as_deref())
         .context("cannot load the training data (DATA_PATH)")?;
@@ -153,7 +165,10 @@ pub fn load_model(config: &Config) -> anyhow::Result<LinearModel> {
         "fitted linear regression on {}",
         config.data_path.display()
     );
-    Ok(model)
+    Ok(StartModel {
+        model,
+        artifact_hash: None,
+    })
 }
 
 /// Runs the model service until `shutdown` completes.
@@ -162,8 +177,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let shutdown = pipeline::shutdown::token_from(shutdown);
-    let model = load_model(&config)?;
-    let (model_tx, model_rx) = watch::channel(Arc::new(model));
+    let start = load_model(&config)?;
+    let (model_tx, model_rx) = watch::channel(Arc::new(start.model));
 
     let mut registry = Registry::default();
     let metrics = BrokerMetrics::register(&mut registry);
@@ -173,16 +188,26 @@ pub async fn run(
         "Model artifacts seen at MODEL_PATH, by result (loaded, refused)",
         reloads.clone(),
     );
-    let watcher = config.model_path.clone().map(|path| {
-        tokio::spawn(artifact::watch_artifact(
-            path,
-            Duration::from_millis(config.model_poll_ms.max(10)),
-            model_tx,
-            reloads,
-            shutdown.clone(),
-        ))
-    });
+    let watcher = config
+        .model_path
+        .clone()
+        .zip(start.artifact_hash)
+        .map(|(path, loaded)| {
+            tokio::spawn(artifact::watch_artifact(
+                path,
+                loaded,
+                Duration::from_millis(config.model_poll_ms.max(10)),
+                model_tx,
+                reloads,
+                shutdown.clone(),
+            ))
+        });
     let health = Health::new();
+    pipeline::broker::topology::announce(
+        &config.broker,
+        &[&config.queues.features_queue, &config.queues.y_pred_queue],
+        &health,
+    );
     let http = pipeline::http::spawn(
         config.http_addr,
         Arc::new(registry),
@@ -206,6 +231,7 @@ pub async fn run(
     let mut predictor = Predictor {
         model: model_rx,
         y_pred_queue: queues.y_pred_queue.clone(),
+        format: BodyFormat::of(config.broker.topology),
         body: Vec::with_capacity(256),
     };
     let result = run_consumer(&mut broker, &spec, &mut predictor, &shutdown).await;
@@ -221,6 +247,8 @@ pub async fn run(
 struct Predictor {
     model: watch::Receiver<Arc<LinearModel>>,
     y_pred_queue: String,
+    /// Bare under `TOPOLOGY=course`; native otherwise, except in answer to a bare message.
+    format: BodyFormat,
     body: Vec<u8>,
 }
 
@@ -245,20 +273,20 @@ impl MessageHandler for Predictor {
             Ok(y_pred) => y_pred,
             Err(err) => return Ok(Disposition::DeadLetter(err)),
         };
-        self.body.clear();
-        match (&message.id, message.bare) {
-            // Answer a bare course-style message in the same style.
-            (_, true) | (None, _) => serde_json::to_writer(&mut self.body, &y_pred)?,
-            (Some(id), false) => serde_json::to_writer(
-                &mut self.body,
-                &YPredOut {
-                    id,
-                    y_pred,
-                    model_version: &model.version,
-                    sent_at_us: message.sent_at_us,
-                },
-            )?,
-        }
+        // Answer a bare course-style message in the same style.
+        let format = if message.bare {
+            BodyFormat::Bare
+        } else {
+            self.format
+        };
+        write_y_pred(
+            &mut self.body,
+            format,
+            message.id.as_deref(),
+            y_pred,
+            &model.version,
+            message.sent_at_us,
+        )?;
         tracing::debug!(id = message.id.as_deref().unwrap_or("-"), y_pred, version = %model.version, "predicted");
         let confirm = publisher
             .publish_json(&self.y_pred_queue, &self.body, message.id.as_deref())

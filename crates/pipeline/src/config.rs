@@ -1,7 +1,10 @@
 //! Settings shared by the services. Every setting is an environment variable and a flag of the same
 //! name (clap's `env`), so compose, the README and `--help` agree.
 
+use clap::builder::TypedValueParser;
+use clap::error::ErrorKind;
 use clap::{Args, ValueEnum};
+use std::ffi::OsStr;
 use std::time::Duration;
 
 /// Where the broker is and how to talk to it.
@@ -13,13 +16,20 @@ pub struct BrokerConfig {
         long,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        value_parser = parse_amqp_urls
+        hide_env_values = true,
+        value_parser = AmqpUrlsParser
     )]
     pub amqp_url: String,
 
     /// Type of the queues this service declares: `classic`, or `quorum` on a RabbitMQ cluster.
     #[arg(long, env = "QUEUE_TYPE", value_enum, default_value_t = QueueType::Classic)]
     pub queue_type: QueueType,
+
+    /// How the three queues are declared: `durable` (durable, dead-lettering, persistent native
+    /// messages), or `course` (as the course's Python code declares them, so its services can share
+    /// the queues; messages then do not survive a broker restart).
+    #[arg(long, env = "TOPOLOGY", value_enum, default_value_t = TopologyMode::Durable)]
+    pub topology: TopologyMode,
 
     /// For quorum queues: deliveries of one message before the broker dead-letters it.
     #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 5)]
@@ -28,6 +38,11 @@ pub struct BrokerConfig {
     /// Longest pause between two reconnect attempts, in milliseconds (the backoff doubles up to it).
     #[arg(long, env = "RECONNECT_MAX_DELAY_MS", default_value_t = 5_000)]
     pub reconnect_max_delay_ms: u64,
+
+    /// AMQP heartbeat in seconds, unless the URL sets `heartbeat`: a silent network cut is noticed
+    /// after twice this. 0 turns heartbeats off.
+    #[arg(long, env = "AMQP_HEARTBEAT_SECS", default_value_t = 10)]
+    pub amqp_heartbeat_secs: u16,
 }
 
 impl BrokerConfig {
@@ -47,9 +62,37 @@ impl BrokerConfig {
     }
 }
 
+/// Checks `AMQP_URL` for clap without ever showing the raw value: clap's own "invalid value"
+/// error quotes it, password included, so the error is built here from the redacted URL.
+#[derive(Clone, Copy, Debug)]
+struct AmqpUrlsParser;
+
+impl TypedValueParser for AmqpUrlsParser {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<String, clap::Error> {
+        let refuse = |reason: String| {
+            clap::Error::raw(
+                ErrorKind::ValueValidation,
+                format!("invalid value for AMQP_URL (--amqp-url): {reason}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let value = value
+            .to_str()
+            .ok_or_else(|| refuse("it is not valid UTF-8".to_owned()))?;
+        parse_amqp_urls(value).map_err(refuse)
+    }
+}
+
 /// Checks that every comma-separated URL of `AMQP_URL` is an AMQP URL, so a typo fails at start-up
-/// instead of being retried forever.
-fn parse_amqp_urls(value: &str) -> Result<String, String> {
+/// instead of being retried forever. The error shows the bad URL with its password hidden.
+pub fn parse_amqp_urls(value: &str) -> Result<String, String> {
     let mut any = false;
     for url in value
         .split(',')
@@ -57,7 +100,13 @@ fn parse_amqp_urls(value: &str) -> Result<String, String> {
         .filter(|url| !url.is_empty())
     {
         url.parse::<lapin::uri::AMQPUri>().map_err(|err| {
-            format!("{url:?} is not an AMQP URL like amqp://user:pass@host:5672/%2f: {err}")
+            // The parser's message can quote the URL itself.
+            let shown = redact_unparsed(url);
+            let mut err = err.replace(url, &shown);
+            if let Some(password) = password_of(url) {
+                err = err.replace(password, "***");
+            }
+            format!("{shown:?} is not an AMQP URL like amqp://user:pass@host:5672/%2f: {err}")
         })?;
         any = true;
     }
@@ -68,6 +117,33 @@ fn parse_amqp_urls(value: &str) -> Result<String, String> {
     }
 }
 
+/// A URL that did not parse, with whatever may be a password hidden: the user info's password when
+/// it has the `scheme://user:password@` shape, else everything before the last `@`.
+fn redact_unparsed(url: &str) -> String {
+    let Some(at) = url.rfind('@') else {
+        return url.to_owned();
+    };
+    let (head, tail) = url.split_at(at);
+    match head.find("://") {
+        Some(scheme_end) => {
+            let (scheme, userinfo) = head.split_at(scheme_end + 3);
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}{user}:***{tail}"),
+                None => url.to_owned(),
+            }
+        }
+        None => format!("***{tail}"),
+    }
+}
+
+/// The password of `scheme://user:password@host...`, if it has a non-empty one.
+fn password_of(url: &str) -> Option<&str> {
+    let rest = &url[url.find("://")? + 3..];
+    let userinfo = &rest[..rest.rfind('@')?];
+    let password = &userinfo[userinfo.find(':')? + 1..];
+    (!password.is_empty()).then_some(password)
+}
+
 /// The kind of queue declared on the broker.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueType {
@@ -75,6 +151,16 @@ pub enum QueueType {
     Classic,
     /// Replicated Raft queues for a RabbitMQ cluster.
     Quorum,
+}
+
+/// How the pipeline's queues are declared and what is published on them.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopologyMode {
+    /// Durable queues that dead-letter to `<queue>.dlq`, native JSON messages with the id.
+    Durable,
+    /// The course's Python code: `queue_declare(queue=name)` (non-durable, no arguments) and bare
+    /// JSON bodies, the id in the AMQP `message_id`.
+    Course,
 }
 
 /// Names of the three queues of the pipeline.
@@ -127,4 +213,72 @@ pub fn parse_socket_addr(value: &str) -> Result<std::net::SocketAddr, String> {
     value
         .parse()
         .map_err(|err| format!("{value:?} is not an address like 0.0.0.0:9101: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        broker: BrokerConfig,
+    }
+
+    #[test]
+    fn a_bad_amqp_url_is_refused_without_its_password() {
+        let err = Cli::try_parse_from([
+            "test",
+            "--amqp-url",
+            "amqp://guest:S3CRET@127.0.0.1:notaport/%2f",
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert!(text.contains("AMQP_URL"), "{text}");
+        assert!(
+            text.contains("amqp://guest:***@127.0.0.1:notaport/%2f"),
+            "{text}"
+        );
+        assert!(!text.contains("S3CRET"), "{text}");
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn a_parser_message_quoting_the_url_is_redacted_too() {
+        // The URL parser answers "Invalid URL: '<the url>'" for a URL that cannot be a base.
+        let err = parse_amqp_urls("amqp:S3CRET@host").unwrap_err();
+        assert!(!err.contains("S3CRET"), "{err}");
+        let err = parse_amqp_urls("amqp://u:S3CRET@h:1/%2f,amqp://v:0THER@h:x/%2f").unwrap_err();
+        assert!(!err.contains("0THER") && !err.contains("S3CRET"), "{err}");
+    }
+
+    #[test]
+    fn good_urls_pass() {
+        let list = "amqp://guest:guest@127.0.0.1:5672/%2f, amqp://a:b@node2:5672/%2f";
+        assert_eq!(parse_amqp_urls(list).as_deref(), Ok(list));
+        assert!(parse_amqp_urls(" , ").is_err());
+        let cli = Cli::try_parse_from(["test"]).unwrap();
+        assert_eq!(cli.broker.urls(), ["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+    }
+
+    #[test]
+    fn unparsed_urls_are_redacted() {
+        assert_eq!(
+            redact_unparsed("amqp://u:pw@h:x/%2f"),
+            "amqp://u:***@h:x/%2f"
+        );
+        assert_eq!(redact_unparsed("amqp:pw@h"), "***@h");
+        assert_eq!(redact_unparsed("amqp://u@h"), "amqp://u@h");
+        assert_eq!(redact_unparsed("amqp://h:x"), "amqp://h:x");
+    }
+
+    #[test]
+    fn passwords_are_found() {
+        assert_eq!(password_of("amqp://u:p@ss@h:1/%2f"), Some("p@ss"));
+        assert_eq!(password_of("amqp://u@h"), None);
+        assert_eq!(password_of("amqp://u:@h"), None);
+        assert_eq!(password_of("amqp://h:5672"), None);
+    }
 }

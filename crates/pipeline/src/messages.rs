@@ -9,8 +9,10 @@
 //! `sent_at_us` (the producer's send time, microseconds since the Unix epoch) is optional on input.
 //! The bare format of the Python course version is accepted too: a `features` body that is a JSON
 //! array of numbers, and a `y_true`/`y_pred` body that is a JSON number. A bare message takes its id
-//! from the AMQP `message_id` property, and has none when that is absent.
+//! from the AMQP `message_id` property, and has none when that is absent. Under `TOPOLOGY=course`
+//! our services write the bare format too ([`BodyFormat::Bare`]), the id in `message_id` only.
 
+use crate::config::TopologyMode;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -199,6 +201,95 @@ pub struct YPredOut<'a> {
     /// Producer's send time, carried over from the features message.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sent_at_us: Option<u64>,
+}
+
+/// How our services write bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// JSON objects with the id (and the send time, the model version).
+    Native,
+    /// The course's bare values: a JSON array of numbers for `features`, a JSON number for
+    /// `y_true`/`y_pred`. The id goes in the AMQP `message_id` only.
+    Bare,
+}
+
+impl BodyFormat {
+    /// The format published under `topology`: bare under `course`, native otherwise.
+    pub fn of(topology: TopologyMode) -> Self {
+        match topology {
+            TopologyMode::Durable => Self::Native,
+            TopologyMode::Course => Self::Bare,
+        }
+    }
+}
+
+/// Writes a `features` body into `out` (replacing its content).
+pub fn write_features(
+    out: &mut Vec<u8>,
+    format: BodyFormat,
+    id: &str,
+    features: &[f64],
+    sent_at_us: u64,
+) -> serde_json::Result<()> {
+    out.clear();
+    match format {
+        BodyFormat::Native => serde_json::to_writer(
+            out,
+            &FeaturesOut {
+                id,
+                features,
+                sent_at_us,
+            },
+        ),
+        BodyFormat::Bare => serde_json::to_writer(out, features),
+    }
+}
+
+/// Writes a `y_true` body into `out` (replacing its content).
+pub fn write_y_true(
+    out: &mut Vec<u8>,
+    format: BodyFormat,
+    id: &str,
+    y_true: f64,
+    sent_at_us: u64,
+) -> serde_json::Result<()> {
+    out.clear();
+    match format {
+        BodyFormat::Native => serde_json::to_writer(
+            out,
+            &YTrueOut {
+                id,
+                y_true,
+                sent_at_us,
+            },
+        ),
+        BodyFormat::Bare => serde_json::to_writer(out, &y_true),
+    }
+}
+
+/// Writes a `y_pred` body into `out` (replacing its content). Without an id the body is bare
+/// whatever `format` says: a native message needs one.
+pub fn write_y_pred(
+    out: &mut Vec<u8>,
+    format: BodyFormat,
+    id: Option<&str>,
+    y_pred: f64,
+    model_version: &str,
+    sent_at_us: Option<u64>,
+) -> serde_json::Result<()> {
+    out.clear();
+    match (format, id) {
+        (BodyFormat::Native, Some(id)) => serde_json::to_writer(
+            out,
+            &YPredOut {
+                id,
+                y_pred,
+                model_version,
+                sent_at_us,
+            },
+        ),
+        _ => serde_json::to_writer(out, &y_pred),
+    }
 }
 
 /// Microseconds since the Unix epoch, now.
@@ -430,6 +521,42 @@ mod tests {
         assert_eq!(parsed.features, values);
         assert_eq!(parsed.sent_at_us, Some(42));
         assert!(!parsed.bare);
+    }
+
+    #[test]
+    fn bodies_in_both_formats_read_back() {
+        let mut out = b"left over".to_vec();
+        let values = [0.25, -1.5];
+        write_features(&mut out, BodyFormat::Bare, "s1", &values, 7).unwrap();
+        assert_eq!(out, b"[0.25,-1.5]");
+        let parsed = parse_features(&out, Some("s1")).unwrap();
+        assert_eq!((parsed.id.as_deref(), parsed.bare), (Some("s1"), true));
+        assert_eq!(parsed.features, values);
+        write_features(&mut out, BodyFormat::Native, "s1", &values, 7).unwrap();
+        let parsed = parse_features(&out, None).unwrap();
+        assert_eq!(
+            (parsed.id.as_deref(), parsed.sent_at_us),
+            (Some("s1"), Some(7))
+        );
+
+        write_y_true(&mut out, BodyFormat::Bare, "s1", 151.0, 7).unwrap();
+        assert_eq!(out, b"151.0");
+        let y = parse_label(LabelKind::YTrue, &out, Some("s1")).unwrap();
+        assert_eq!((y.id.as_deref(), y.value), (Some("s1"), 151.0));
+        write_y_true(&mut out, BodyFormat::Native, "s1", 151.0, 7).unwrap();
+        let y = parse_label(LabelKind::YTrue, &out, None).unwrap();
+        assert_eq!((y.id.as_deref(), y.sent_at_us), (Some("s1"), Some(7)));
+
+        write_y_pred(&mut out, BodyFormat::Bare, Some("s1"), 2.5, "v1", None).unwrap();
+        assert_eq!(out, b"2.5");
+        write_y_pred(&mut out, BodyFormat::Native, None, 2.5, "v1", None).unwrap();
+        assert_eq!(out, b"2.5");
+        write_y_pred(&mut out, BodyFormat::Native, Some("s1"), 2.5, "v1", Some(7)).unwrap();
+        let p = parse_label(LabelKind::YPred, &out, None).unwrap();
+        assert_eq!(p.model_version.as_deref(), Some("v1"));
+        assert_eq!((p.id.as_deref(), p.value), (Some("s1"), 2.5));
+        assert_eq!(BodyFormat::of(TopologyMode::Course), BodyFormat::Bare);
+        assert_eq!(BodyFormat::of(TopologyMode::Durable), BodyFormat::Native);
     }
 
     #[test]

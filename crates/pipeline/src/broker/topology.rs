@@ -1,7 +1,13 @@
 //! The queues a service uses, declared by the service itself so start-up order does not matter:
 //! each queue durable, with a dead-letter exchange that routes its rejects to `<queue>.dlq`.
+//!
+//! Under `TOPOLOGY=course` the pipeline's queues are declared exactly as the course's Python code
+//! declares them (`queue_declare(queue=name)`: non-durable, no arguments), so a Python service and
+//! ours can share them in either start order. The dead-letter exchange and the `.dlq` queues are
+//! still declared: the services dead-letter bad input themselves.
 
-use crate::config::{BrokerConfig, QueueType};
+use crate::config::{BrokerConfig, QueueType, TopologyMode};
+use crate::health::Health;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
@@ -29,6 +35,7 @@ pub struct Topology {
     queues: Vec<String>,
     queue_type: QueueType,
     delivery_limit: u32,
+    mode: TopologyMode,
 }
 
 impl Topology {
@@ -38,6 +45,7 @@ impl Topology {
             queues: queues.iter().map(|q| (*q).to_owned()).collect(),
             queue_type: config.queue_type,
             delivery_limit: config.delivery_limit,
+            mode: config.topology,
         }
     }
 
@@ -68,6 +76,17 @@ impl Topology {
                     FieldTable::default(),
                 )
                 .await?;
+            if self.mode == TopologyMode::Course {
+                // Exactly the course's `channel.queue_declare(queue=name)`.
+                channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                continue;
+            }
             let mut arguments = self.type_arguments(true);
             arguments.insert(
                 "x-dead-letter-exchange".into(),
@@ -107,9 +126,74 @@ impl Topology {
     }
 }
 
+/// What is off under `TOPOLOGY=course`, for the WARN line and `/healthz`; `None` under `durable`.
+pub fn course_note(config: &BrokerConfig, queues: &[&str]) -> Option<String> {
+    (config.topology == TopologyMode::Course).then(|| {
+        format!(
+            "TOPOLOGY=course: {} declared as the course's Python code declares them (non-durable, \
+             no arguments): their messages do not survive a broker restart and the broker does not \
+             dead-letter them (bad input is still dead-lettered by this service to <queue>.dlq); \
+             bodies are bare JSON with the id only in message_id (no sent_at_us, no model_version), \
+             and values without a message_id cannot be joined",
+            queues.join(", ")
+        )
+    })
+}
+
+/// Under `TOPOLOGY=course`, says once at start which guarantees are off: a WARN line, and a note
+/// in `/healthz` (its status unchanged). Does nothing under `durable`.
+pub fn announce(config: &BrokerConfig, queues: &[&str], health: &Health) {
+    if let Some(note) = course_note(config, queues) {
+        tracing::warn!("{note}");
+        health.set_note("topology", Some(note));
+    }
+}
+
 fn durable() -> QueueDeclareOptions {
     QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        broker: BrokerConfig,
+    }
+
+    fn config(args: &[&str]) -> BrokerConfig {
+        Cli::try_parse_from(std::iter::once("test").chain(args.iter().copied()))
+            .unwrap()
+            .broker
+    }
+
+    #[test]
+    fn durable_is_the_default_and_says_nothing() {
+        let config = config(&[]);
+        assert_eq!(config.topology, TopologyMode::Durable);
+        assert_eq!(course_note(&config, &["features"]), None);
+        let health = Health::new();
+        announce(&config, &["features"], &health);
+        assert!(health.notes().is_empty());
+    }
+
+    #[test]
+    fn course_notes_what_is_off_without_changing_the_status() {
+        let config = config(&["--topology", "course"]);
+        let health = Health::new();
+        health.set_healthy();
+        announce(&config, &["features", "y_true"], &health);
+        assert_eq!(health.get(), Ok(()));
+        let notes = health.notes();
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].starts_with("TOPOLOGY=course: features, y_true declared"));
+        assert!(notes[0].contains("do not survive a broker restart"));
+        assert!(notes[0].contains("dead-lettered by this service"));
     }
 }
