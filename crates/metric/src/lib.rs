@@ -24,7 +24,7 @@ use pipeline::config::{
     BrokerConfig, ConsumeConfig, QueueNames, TelemetryConfig, parse_socket_addr,
 };
 use pipeline::health::Health;
-use pipeline::messages::{LabelKind, MessageError, now_us, parse_label, validate_id};
+use pipeline::messages::{LabelKind, LabelMessage, MessageError, now_us, parse_label, validate_id};
 use pipeline::metrics::{BrokerMetrics, QueueLabel};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -609,6 +609,11 @@ impl Recorder {
                 ))
             })?;
         }
+        self.accept(kind, message)
+    }
+
+    /// Logs one parsed message and offers it to the join.
+    fn accept(&mut self, kind: LabelKind, message: LabelMessage) -> Result<(), MessageError> {
         let Some(id) = message.id.as_deref() else {
             self.files
                 .push_label(kind, None, message.value, message.model_version.as_deref());
@@ -916,5 +921,159 @@ mod tests {
         assert_eq!(recorder.quality.all().n, 500);
         drop(recorder);
         assert_once(&csv_ids(dir.path()), 500);
+    }
+
+    /// One step of a run of the metric service, for the property test below.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Deliver one of the messages not yet acked (picked by index).
+        Deliver(usize),
+        /// Deliver the last message again (a republish).
+        Again,
+        /// A prediction for a sample (one whose prediction came) from another model version,
+        /// with another value.
+        Repredict(usize),
+        /// Both messages of the sample joined last, published again (a producer's republish).
+        RepublishLast,
+        /// Flush: what was delivered is written and acked.
+        Flush,
+        /// Write the checkpoint now (when nothing is pending).
+        Checkpoint,
+        /// SIGKILL: unflushed work is lost and comes again; restart.
+        Crash,
+        /// SIGTERM: finish, restart.
+        Restart,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            8 => any::<usize>().prop_map(Step::Deliver),
+            1 => Just(Step::Again),
+            1 => any::<usize>().prop_map(Step::Repredict),
+            1 => Just(Step::RepublishLast),
+            3 => Just(Step::Flush),
+            1 => Just(Step::Checkpoint),
+            1 => Just(Step::Crash),
+            1 => Just(Step::Restart),
+        ]
+    }
+
+    fn message(kind: LabelKind, sample: usize, version: &str) -> LabelMessage {
+        let value = match kind {
+            LabelKind::YTrue => sample as f64,
+            LabelKind::YPred => sample as f64 + if version == "v1" { 0.5 } else { 0.25 },
+        };
+        LabelMessage {
+            id: Some(format!("s{sample}")),
+            value,
+            model_version: (kind == LabelKind::YPred).then(|| version.to_owned()),
+            sent_at_us: None,
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever the order of deliveries, republishes, re-predictions, flushes, checkpoints,
+        /// crashes and restarts, every sample ends up as exactly one row, with its own y_true.
+        #[test]
+        fn any_run_with_crashes_and_restarts_writes_each_sample_once(
+            samples in 1usize..25,
+            steps in proptest::collection::vec(step(), 0..120),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let config = config(
+                dir.path(),
+                &["--dedup-capacity", "3", "--checkpoint-every", "1000000", "--checkpoint-interval-secs", "3600"],
+            );
+            // Messages the broker still holds (not acked), and those delivered since the last flush.
+            let mut pending: Vec<(LabelKind, usize)> = (0..samples)
+                .flat_map(|s| [(LabelKind::YTrue, s), (LabelKind::YPred, s)])
+                .collect();
+            let mut unacked: Vec<(LabelKind, usize)> = Vec::new();
+            let mut last: Option<(LabelKind, usize)> = None;
+            // Which messages of each sample came, and the sample joined last (the newest row,
+            // within DEDUP_CAPACITY however many restarts follow).
+            let mut came = vec![[false; 2]; samples];
+            let mut joined_last: Option<usize> = None;
+            let mut recorder = recover(&config);
+            for step in steps {
+                match step {
+                    Step::Deliver(pick) if !pending.is_empty() => {
+                        let delivery = pending.remove(pick % pending.len());
+                        recorder.accept(delivery.0, message(delivery.0, delivery.1, "v1")).unwrap();
+                        unacked.push(delivery);
+                        last = Some(delivery);
+                        let came = &mut came[delivery.1];
+                        came[delivery.0 as usize] = true;
+                        if came[0] && came[1] {
+                            joined_last = Some(delivery.1);
+                        }
+                    }
+                    Step::Again => {
+                        if let Some((kind, sample)) = last {
+                            recorder.accept(kind, message(kind, sample, "v1")).unwrap();
+                        }
+                    }
+                    Step::Repredict(pick) => {
+                        // A model swap re-predicts a sample whose prediction came already.
+                        let sample = pick % samples;
+                        if came[sample][1] {
+                            recorder.accept(LabelKind::YPred, message(LabelKind::YPred, sample, "v2")).unwrap();
+                        }
+                    }
+                    Step::RepublishLast => {
+                        if let Some(sample) = joined_last {
+                            for kind in KINDS {
+                                recorder.accept(kind, message(kind, sample, "v1")).unwrap();
+                            }
+                        }
+                    }
+                    Step::Flush => {
+                        recorder.files.flush().unwrap();
+                        unacked.clear();
+                    }
+                    Step::Checkpoint => recorder.save_checkpoint(),
+                    Step::Crash => {
+                        // A row lost with the unflushed work is written again later, not last.
+                        if unacked.iter().any(|(_, sample)| Some(*sample) == joined_last) {
+                            joined_last = None;
+                        }
+                        for (kind, sample) in &unacked {
+                            came[*sample][*kind as usize] = false;
+                        }
+                        drop(recorder);
+                        pending.append(&mut unacked);
+                        last = None;
+                        recorder = recover(&config);
+                    }
+                    Step::Restart => {
+                        recorder.finish();
+                        unacked.clear();
+                        drop(recorder);
+                        recorder = recover(&config);
+                    }
+                    Step::Deliver(_) => {}
+                }
+            }
+            for (kind, sample) in pending.drain(..) {
+                recorder.accept(kind, message(kind, sample, "v1")).unwrap();
+            }
+            recorder.finish();
+            drop(recorder);
+            drop(recover(&config));
+            let mut rows = Vec::new();
+            let segments = vec![(dir.path().join(files::METRIC_CSV), 0)];
+            files::read_csv_segments(&segments, |pair| rows.push(pair)).unwrap();
+            let mut ids: Vec<&str> = rows.iter().map(|p| p.id.as_str()).collect();
+            ids.sort_unstable();
+            let mut expected: Vec<String> = (0..samples).map(|s| format!("s{s}")).collect();
+            expected.sort_unstable();
+            proptest::prop_assert_eq!(ids, expected.iter().map(String::as_str).collect::<Vec<_>>());
+            for pair in &rows {
+                proptest::prop_assert_eq!(format!("s{}", pair.y_true), pair.id.clone());
+            }
+        }
     }
 }
