@@ -219,6 +219,20 @@ impl Joiner {
         self.remember(fingerprint(id), y_true, y_pred, version_hash(model_version));
     }
 
+    /// Changes how many joined ids are remembered; the oldest beyond it are forgotten.
+    pub fn set_dedup_capacity(&mut self, capacity: usize) {
+        self.limits.dedup_capacity = capacity;
+        self.forget_beyond_capacity();
+    }
+
+    fn forget_beyond_capacity(&mut self) {
+        while self.joined_order.len() > self.limits.dedup_capacity {
+            if let Some(old) = self.joined_order.pop_front() {
+                self.joined.remove(&old);
+            }
+        }
+    }
+
     fn remember(&mut self, print: u128, y_true: f64, y_pred: f64, version: u64) {
         let joined = Joined {
             y_true,
@@ -227,11 +241,7 @@ impl Joiner {
         };
         if self.joined.insert(print, joined).is_none() {
             self.joined_order.push_back(print);
-            while self.joined_order.len() > self.limits.dedup_capacity {
-                if let Some(old) = self.joined_order.pop_front() {
-                    self.joined.remove(&old);
-                }
-            }
+            self.forget_beyond_capacity();
         }
     }
 
