@@ -1,6 +1,7 @@
 //! Recovery that does not grow with history (issue 10, defects 1 and 2): restarts of the metric
 //! service once the history is longer than `DEDUP_CAPACITY` write no row twice, and ids dropped
-//! for waiting too long do not come back at the next start.
+//! for waiting too long do not come back at the next start. Also: a prediction redelivered after a
+//! model swap (another model version, another value) is a duplicate, not a dead letter.
 
 use crate::helpers::*;
 use std::time::Duration;
@@ -193,4 +194,67 @@ fn the_recovery_and_retention_settings_are_in_help_and_readme() {
             "README's settings table has no row for {name}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prediction_from_another_model_version_is_a_duplicate_not_a_dead_letter() {
+    let url = shared_amqp_url();
+    let run = Pipeline::start_consumers("repredict", Options::new(url.clone(), 0));
+    wait_healthy(&run.metric, LONG);
+    let connection = connect(&url).await;
+    let q = &run.queues;
+    let publish = |queue: &str, body: String| {
+        let connection = &connection;
+        let queue = queue.to_owned();
+        async move { publish_raw(connection, &queue, body.as_bytes(), Some("swap-1")).await }
+    };
+    publish(&q.y_true, r#"{"id":"swap-1","y_true":150}"#.into()).await;
+    publish(
+        &q.y_pred,
+        r#"{"id":"swap-1","y_pred":140.5,"model_version":"ols-old"}"#.into(),
+    )
+    .await;
+    run.wait_rows(1, LONG);
+    // The features message came again after a model swap: another version, another value.
+    publish(
+        &q.y_pred,
+        r#"{"id":"swap-1","y_pred":139.25,"model_version":"ols-new"}"#.into(),
+    )
+    .await;
+    let duplicates = format!("pipeline_join_duplicates_total{{queue=\"{}\"}}", q.y_pred);
+    assert!(
+        wait_until(Duration::from_secs(30), || run
+            .metric
+            .metrics()
+            .get(&duplicates)
+            == Some(&1.0)),
+        "the re-prediction was not counted as a duplicate:\n{}",
+        run.metric.stderr()
+    );
+    // The same version with another value is still a conflict.
+    publish(
+        &q.y_pred,
+        r#"{"id":"swap-1","y_pred":1.0,"model_version":"ols-old"}"#.into(),
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(30), || run
+            .metric
+            .metrics()
+            .get("pipeline_join_conflicts_total")
+            == Some(&1.0)),
+        "the conflict was not refused:\n{}",
+        run.metric.stderr()
+    );
+    let dead = dead_letter_queue(&q.y_pred);
+    let depths = queue_depths(&url, std::slice::from_ref(&dead)).await;
+    assert_eq!(depths[&dead], 1, "only the conflict is dead-lettered");
+    let rows = run.rows();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].y_pred, rows[0].model_version.as_str()),
+        (140.5, "ols-old")
+    );
+    let _ = connection.close(200, "bye".into()).await;
+    delete_queues(&url, &run.queues).await;
 }

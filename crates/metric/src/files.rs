@@ -573,31 +573,45 @@ impl AppendLog<File> {
     }
 
     /// Renames the file to `.1` (shifting older ones up to `.keep`, the oldest deleted) and starts
-    /// a new one with `header`. Call with nothing pending.
+    /// a new one with `header`. Call with nothing pending. Safe to call again after a failure: a
+    /// file already renamed is not shifted twice, and a new file left without its header is
+    /// removed.
     pub fn rotate(&mut self, keep: usize, header: Option<&str>) -> anyhow::Result<()> {
         let keep = keep.max(1);
-        match std::fs::remove_file(rotated_path(&self.path, keep)) {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => {
-                return Err(err).with_context(|| {
-                    format!("cannot delete the oldest rotated {}", self.path.display())
-                });
-            }
-        }
-        for n in (1..keep).rev() {
-            let from = rotated_path(&self.path, n);
-            match std::fs::rename(&from, rotated_path(&self.path, n + 1)) {
+        // Until the new file is open, lines still go to the old one (now `.1`): whole, in order.
+        if self.path.exists() {
+            match std::fs::remove_file(rotated_path(&self.path, keep)) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => {
-                    return Err(err).with_context(|| format!("cannot rotate {}", from.display()));
+                    return Err(err).with_context(|| {
+                        format!("cannot delete the oldest rotated {}", self.path.display())
+                    });
                 }
             }
+            for n in (1..keep).rev() {
+                let from = rotated_path(&self.path, n);
+                match std::fs::rename(&from, rotated_path(&self.path, n + 1)) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => {
+                        return Err(err)
+                            .with_context(|| format!("cannot rotate {}", from.display()));
+                    }
+                }
+            }
+            std::fs::rename(&self.path, rotated_path(&self.path, 1))
+                .with_context(|| format!("cannot rotate {}", self.path.display()))?;
         }
-        std::fs::rename(&self.path, rotated_path(&self.path, 1))
-            .with_context(|| format!("cannot rotate {}", self.path.display()))?;
-        let fresh = Self::open(self.path.clone(), header)?;
+        let fresh = match Self::open(self.path.clone(), header) {
+            Ok(fresh) => fresh,
+            Err(err) => {
+                if std::fs::metadata(&self.path).is_ok_and(|meta| meta.len() == 0) {
+                    let _ = std::fs::remove_file(&self.path);
+                }
+                return Err(err);
+            }
+        };
         self.sink = fresh.sink;
         self.len = fresh.len;
         self.needs_cut = false;
