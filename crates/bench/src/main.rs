@@ -11,7 +11,8 @@
 //! then prints a markdown table and writes it, with a JSON twin, to `--out`. Queues and child
 //! processes are cleaned up on success, on error, on panic and on SIGINT/SIGTERM.
 //!
-//! Run it from the repository root: `cargo run --release -p bench`.
+//! Run it from the repository root: `cargo run --release -p bench`. With `--history` it measures
+//! only the metric service's start-up on a long history instead (see `history.rs`).
 
 mod broker;
 mod ceiling;
