@@ -340,3 +340,79 @@ impl Drop for BrokerCluster {
         self.nodes.clear();
     }
 }
+
+/// Drops every packet to and from a local TCP port with iptables (a silent network cut, as a
+/// pulled cable or a partition looks); the rules go away when this is dropped.
+pub struct PortCut {
+    port: String,
+}
+
+/// The four rules of a cut: both directions, as seen by INPUT and OUTPUT on loopback.
+fn cut_rules(port: &str) -> [[&str; 6]; 4] {
+    [
+        ["INPUT", "-p", "tcp", "--dport", port, "-j"],
+        ["INPUT", "-p", "tcp", "--sport", port, "-j"],
+        ["OUTPUT", "-p", "tcp", "--dport", port, "-j"],
+        ["OUTPUT", "-p", "tcp", "--sport", port, "-j"],
+    ]
+}
+
+fn iptables(action: &str, rule: &[&str]) -> bool {
+    Command::new("iptables")
+        .arg(action)
+        .args(rule)
+        .arg("DROP")
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+impl PortCut {
+    /// Cuts `port`; panics when iptables is missing or not allowed (scripts/test installs it;
+    /// it needs root or CAP_NET_ADMIN).
+    pub fn start(port: u16) -> Self {
+        let port = port.to_string();
+        for rule in cut_rules(&port) {
+            assert!(
+                iptables("-I", &rule),
+                "iptables -I {} failed: the network cut test needs iptables and root \
+                 (set PIPELINE_SKIP_IPTABLES_TEST=1 to skip it)",
+                rule.join(" ")
+            );
+        }
+        Self { port }
+    }
+
+    /// Ends the cut.
+    pub fn heal(self) {}
+}
+
+impl Drop for PortCut {
+    fn drop(&mut self) {
+        for rule in cut_rules(&self.port) {
+            while iptables("-D", &rule) {}
+        }
+    }
+}
+
+impl BrokerNode {
+    /// Freezes the whole node (SIGSTOP to its process group): connections stay open, nothing is
+    /// answered, as with a broker that hangs.
+    pub fn freeze(&self) {
+        self.signal_group("STOP");
+    }
+
+    /// Lets a frozen node run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal_group("CONT");
+    }
+
+    fn signal_group(&self, signal: &str) {
+        let child = self.child.as_ref().expect("node running");
+        let status = Command::new("kill")
+            .args(["-s", signal, "--", &format!("-{}", child.id())])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} of node {}", self.name);
+    }
+}

@@ -79,7 +79,7 @@ impl Queues {
         all
     }
 
-    fn env(&self) -> Vec<(String, String)> {
+    pub fn env(&self) -> Vec<(String, String)> {
         vec![
             ("FEATURES_QUEUE".into(), self.features.clone()),
             ("Y_TRUE_QUEUE".into(), self.y_true.clone()),
@@ -534,4 +534,10 @@ pub async fn publish_raw(
         .await
         .expect("confirm");
     let _ = channel.close(200, "bye".into()).await;
+}
+
+/// Starts one service on its own, with exactly these settings (plus HTTP_ADDR), its stderr in `dir`.
+pub fn spawn_service(name: &'static str, env: Vec<(String, String)>, dir: &Path) -> Service {
+    let starts = 200 + free_port() as u32;
+    Service::spawn(name, env, local_addr(), dir, starts)
 }

@@ -3,12 +3,16 @@
 //! [`broker_node`] module for tests that need a broker of their own to stop and restart.
 
 mod bad_input;
+mod blocked;
 mod broker_node;
 mod course;
 mod deployment;
 mod faults;
 mod helpers;
+mod network_cut;
 mod observability;
 mod pipeline_flow;
+mod producer;
 mod scaling;
 mod secrets;
+mod supervisor;

@@ -3,10 +3,12 @@
 //! Three connections play the three services, each as a task of its own:
 //! - producer: per sample, publishes `y_true` then `features` (the producer's bodies, built with
 //!   [`YTrueOut`] and [`FeaturesOut`] from random rows of the data set, uuid ids), persistent,
-//!   mandatory, with publisher confirms awaited in a window of `CONFIRM_WINDOW` samples;
+//!   mandatory, with publisher confirms awaited in a window of `CONFIRM_WINDOW` samples (the
+//!   shared `ConfirmWindow`, as the producer uses);
 //! - model: consumes `features` (prefetch `PREFETCH`), publishes a `y_pred` body of the model's
 //!   shape and size ([`YPredOut`] with a real prediction and the real model version) with confirms,
-//!   and acks the inputs (with `multiple`) once their outputs are confirmed;
+//!   and acks the inputs (with `multiple`) once their outputs are confirmed (the shared
+//!   `AckWindow`, as the consume loop uses);
 //! - metric: consumes `y_true` and `y_pred` on one channel (exclusive consumers, prefetch
 //!   `PREFETCH` each) and acks each batch with `multiple`.
 //!
@@ -26,6 +28,7 @@ use model::regression::LinearModel;
 use pipeline::broker::Publisher;
 use pipeline::broker::Topology;
 use pipeline::broker::publisher::{Confirm, is_confirmed};
+use pipeline::broker::window::{AckWindow, ConfirmWindow, Outcome, Pending, Published, Settlement};
 use pipeline::dataset::Dataset;
 use pipeline::messages::{FeaturesOut, YPredOut, YTrueOut, now_us};
 use pipeline::metrics::BrokerMetrics;
@@ -260,15 +263,16 @@ async fn producer_role(
     data: Arc<Dataset>,
 ) -> anyhow::Result<RoleDone> {
     let mut rng = fastrand::Rng::new();
-    let mut outstanding: VecDeque<SampleConfirms> = VecDeque::with_capacity(plan.window);
+    let mut window = ConfirmWindow::new();
+    let mut confirms: VecDeque<(u64, Confirm)> = VecDeque::with_capacity(2 * plan.window);
     let mut body = Vec::with_capacity(512);
     let (mut y_true_bytes, mut features_bytes) = (0u64, 0u64);
     let first_publish = Instant::now();
     for _ in 0..plan.samples {
         // Retire what is confirmed already; wait for the oldest only when the window is full.
-        retire_confirmed(&mut outstanding, false).await?;
-        if outstanding.len() >= plan.window {
-            retire_confirmed(&mut outstanding, true).await?;
+        retire_confirmed(&mut window, &mut confirms, false).await?;
+        if window.len() >= plan.window {
+            retire_confirmed(&mut window, &mut confirms, true).await?;
         }
         let id = uuid::Uuid::new_v4().to_string();
         let row = rng.usize(0..data.len());
@@ -299,10 +303,11 @@ async fn producer_role(
         let features = channel
             .publish_json(&plan.features_queue, &body, Some(&id))
             .await?;
-        outstanding.push_back([Some(y_true), Some(features)]);
+        let seq = window.push((), 2);
+        confirms.extend([(seq, y_true), (seq, features)]);
     }
-    while !outstanding.is_empty() {
-        retire_confirmed(&mut outstanding, true).await?;
+    while !window.is_empty() {
+        retire_confirmed(&mut window, &mut confirms, true).await?;
     }
     channel.close().await;
     Ok(RoleDone::Producer {
@@ -312,33 +317,34 @@ async fn producer_role(
     })
 }
 
-/// The two confirms of a sample; a slot is emptied once its confirm has resolved (a resolved
-/// `Confirm` must not be polled again).
-type SampleConfirms = [Option<Confirm>; 2];
-
-/// Drops the samples at the front of the window whose two messages are confirmed. With `wait`,
-/// waits for the oldest sample first.
+/// Records the confirms that are in (with `wait`, waits for the oldest first) and retires the
+/// samples the window says are answered; a refused one fails the run.
 async fn retire_confirmed(
-    outstanding: &mut VecDeque<SampleConfirms>,
+    window: &mut ConfirmWindow<()>,
+    confirms: &mut VecDeque<(u64, Confirm)>,
     wait: bool,
 ) -> anyhow::Result<()> {
-    let mut waited = !wait;
-    while let Some(front) = outstanding.front_mut() {
-        for slot in front.iter_mut() {
-            let Some(confirm) = slot else { continue };
-            let confirmation = if waited {
-                match confirm.now_or_never() {
-                    Some(confirmation) => confirmation,
-                    None => return Ok(()),
-                }
-            } else {
-                confirm.await
-            };
-            *slot = None;
-            check(confirmation)?;
-        }
-        waited = true;
-        outstanding.pop_front();
+    let mut wait = wait;
+    while let Some((seq, confirm)) = confirms.front_mut() {
+        let confirmation = if wait {
+            confirm.await
+        } else {
+            match confirm.now_or_never() {
+                Some(confirmation) => confirmation,
+                None => break,
+            }
+        };
+        wait = false;
+        let seq = *seq;
+        confirms.pop_front();
+        let confirmation = confirmation.context("waiting for a publisher confirm")?;
+        window.answered(seq, is_confirmed(&confirmation));
+    }
+    for published in window.take_answered() {
+        ensure!(
+            matches!(published, Published::Confirmed(())),
+            "the broker refused a message"
+        );
     }
     Ok(())
 }
@@ -352,6 +358,7 @@ async fn model_role(
     prediction: f64,
     model_version: String,
 ) -> anyhow::Result<RoleDone> {
+    let mut window = AckWindow::new();
     let mut inflight: VecDeque<(u64, Confirm)> = VecDeque::new();
     let mut received = 0u64;
     let mut y_pred_bytes = 0u64;
@@ -362,8 +369,10 @@ async fn model_role(
             biased;
             confirmation = front_confirm(&mut inflight) => {
                 check(confirmation)?;
-                let first = inflight.pop_front().map(|(tag, _)| tag);
-                ack_confirmed(&consume_channel, &mut inflight, first).await?;
+                if let Some((tag, _)) = inflight.pop_front() {
+                    window.confirmed(tag, true);
+                }
+                ack_confirmed(&consume_channel, &mut window, &mut inflight).await?;
             }
             next = consumer.next(), if received < plan.samples => {
                 // Take what is already here (up to the prefetch), then ack what is confirmed.
@@ -390,6 +399,7 @@ async fn model_role(
                     let confirm =
                         publish_channel.publish_json(&plan.y_pred_queue, &body, Some(id.as_str()))
                             .await?;
+                    window.push(delivery.delivery_tag, Pending::Confirm { on_failure: Outcome::Requeue });
                     inflight.push_back((delivery.delivery_tag, confirm));
                     received += 1;
                     taken += 1;
@@ -397,7 +407,7 @@ async fn model_role(
                         next = consumer.next().now_or_never();
                     }
                 }
-                ack_confirmed(&consume_channel, &mut inflight, None).await?;
+                ack_confirmed(&consume_channel, &mut window, &mut inflight).await?;
             }
         }
     }
@@ -414,26 +424,29 @@ async fn front_confirm(inflight: &mut VecDeque<(u64, Confirm)>) -> lapin::Result
     }
 }
 
-/// Acks (with `multiple`) the deliveries at the front whose outputs are confirmed, starting from
-/// `first`, a tag already known to be confirmed.
+/// Records the confirms that are in and sends the acks (with `multiple`) the window allows.
 async fn ack_confirmed(
     channel: &Channel,
+    window: &mut AckWindow,
     inflight: &mut VecDeque<(u64, Confirm)>,
-    first: Option<u64>,
 ) -> anyhow::Result<()> {
-    let mut upto = first;
     while let Some((tag, confirm)) = inflight.front_mut() {
         let Some(confirmation) = confirm.now_or_never() else {
             break;
         };
         check(confirmation)?;
-        upto = Some(*tag);
+        window.confirmed(*tag, true);
         inflight.pop_front();
     }
-    if let Some(tag) = upto {
-        channel
-            .basic_ack(tag, BasicAckOptions { multiple: true })
-            .await?;
+    for settlement in window.take_settled() {
+        match settlement {
+            Settlement::AckUpTo { upto, .. } => {
+                channel
+                    .basic_ack(upto, BasicAckOptions { multiple: true })
+                    .await?;
+            }
+            Settlement::Nack { tag, .. } => anyhow::bail!("delivery {tag} was not confirmed"),
+        }
     }
     Ok(())
 }

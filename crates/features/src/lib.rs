@@ -1,16 +1,22 @@
 //! The producer: picks rows of a CSV (at random or in order) and publishes, for each, the feature
 //! vector to `features` and the true target to `y_true`, both with the same fresh id.
 //!
-//! Every sample stays in a window until the broker has confirmed both of its messages; a sample
-//! not confirmed when the connection drops is published again after the reconnect, so a broker
-//! restart loses nothing (the metric service ignores the duplicates this can cause).
+//! Every sample stays in a confirm window until the broker has confirmed both of its messages; a
+//! sample not confirmed when the connection drops is published again after the reconnect, so a
+//! broker restart loses nothing (the metric service ignores the duplicates this can cause). The
+//! shared supervisor runs the sessions: a queue declared with other arguments stops the producer
+//! with an error instead of a reconnect loop. With `COUNT`, the producer exits non-zero when the
+//! broker did not confirm every sample before the final drain timed out.
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures_util::FutureExt as _;
 use pipeline::CancellationToken;
-use pipeline::broker::publisher::Confirm;
-use pipeline::broker::{Broker, Publisher, Topology};
+use pipeline::broker::consumer::DRAIN_TIMEOUT;
+use pipeline::broker::publisher::{Confirm, is_confirmed};
+use pipeline::broker::supervisor::drop_detached;
+use pipeline::broker::window::{ConfirmWindow, Published};
+use pipeline::broker::{Broker, Publisher, SessionEnd, Step, Topology, supervise};
 use pipeline::config::{BrokerConfig, QueueNames, TelemetryConfig, parse_socket_addr};
 use pipeline::dataset::Dataset;
 use pipeline::health::Health;
@@ -139,23 +145,62 @@ impl Sampler {
     }
 }
 
+/// Paces new samples at `RATE`. The pace is anchored to when sending (re)starts, not to the first
+/// start: after an outage the missed samples are not sent in a burst; the stream simply goes on at
+/// `RATE`. A short stall (under [`MAX_CATCH_UP`]) is still caught up.
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    interval: Option<Duration>,
+    anchor: Option<Instant>,
+    sent: u32,
+}
+
+/// Longest delay the pacer makes up for by sending faster than `RATE`.
+pub const MAX_CATCH_UP: Duration = Duration::from_secs(1);
+
+impl Pacer {
+    /// A pacer for `rate` samples per second; 0 means no pacing.
+    pub fn new(rate: f64) -> Self {
+        let interval =
+            (rate > 0.0 && rate.is_finite()).then(|| Duration::from_secs_f64(1.0 / rate));
+        Self {
+            interval,
+            anchor: None,
+            sent: 0,
+        }
+    }
+
+    /// When the next sample is due (`None`: at once). A due time more than [`MAX_CATCH_UP`] in
+    /// the past restarts the pace at `now`.
+    pub fn next_due(&mut self, now: Instant) -> Option<Instant> {
+        let interval = self.interval?;
+        let anchor = *self.anchor.get_or_insert(now);
+        let due = anchor + interval.saturating_mul(self.sent);
+        if now.saturating_duration_since(due) > MAX_CATCH_UP {
+            self.anchor = Some(now);
+            self.sent = 0;
+            return Some(now);
+        }
+        Some(due)
+    }
+
+    /// One sample was sent.
+    pub fn sent(&mut self) {
+        self.sent = self.sent.saturating_add(1);
+    }
+
+    /// Sending resumes after a pause (a new broker session): the pace starts again from now.
+    pub fn resume(&mut self) {
+        self.anchor = None;
+        self.sent = 0;
+    }
+}
+
 /// One sample: a row and the id its two messages share.
 #[derive(Debug, Clone)]
 struct Sample {
     id: String,
     row: usize,
-}
-
-/// A sample whose messages are not yet both confirmed.
-struct Outstanding {
-    sample: Sample,
-    confirms: [Option<Confirm>; 2],
-}
-
-/// How a publishing session ended.
-enum SessionEnd {
-    Done,
-    Lost(anyhow::Error),
 }
 
 /// Runs the producer until `COUNT` samples are confirmed or `shutdown` completes.
@@ -197,11 +242,12 @@ pub async fn run(
 
     let mut producer = Producer {
         sampler: Sampler::new(config.order, config.seed, data.len()),
+        pacer: Pacer::new(config.rate),
         data,
         retry: VecDeque::new(),
         generated: 0,
         confirmed: 0,
-        started: None,
+        drain_timed_out: false,
         body: Vec::with_capacity(512),
         config,
     };
@@ -227,13 +273,18 @@ struct Producer {
     config: Config,
     data: Dataset,
     sampler: Sampler,
+    pacer: Pacer,
     /// Samples to publish again (not confirmed before a connection loss or nacked).
     retry: VecDeque<Sample>,
     generated: u64,
     confirmed: u64,
-    started: Option<Instant>,
+    /// The last drain gave up waiting for confirms.
+    drain_timed_out: bool,
     body: Vec<u8>,
 }
+
+/// Publisher confirms not yet answered, oldest first, with the window sequence of their sample.
+type Confirms = VecDeque<(u64, Confirm)>;
 
 impl Producer {
     fn finished(&self) -> bool {
@@ -245,47 +296,36 @@ impl Producer {
         broker: &mut Broker,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
-        while !self.finished() && !shutdown.is_cancelled() {
-            let Some(connection) = broker.connect(shutdown).await else {
-                break;
-            };
-            let mut outstanding = VecDeque::new();
-            let end = self
-                .session(&connection, broker, &mut outstanding, shutdown)
-                .await;
-            // Whatever is not confirmed is sent again on the next connection.
-            self.retry
-                .extend(outstanding.into_iter().map(|o: Outstanding| o.sample));
-            match end {
-                SessionEnd::Done => {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        connection.close(200, "done".into()),
-                    )
-                    .await;
-                    break;
-                }
-                SessionEnd::Lost(err) => {
-                    tracing::warn!(error = %format!("{err:#}"), unconfirmed = self.retry.len(), "lost the broker connection; unconfirmed samples will be published again");
-                    broker.lost(&err.to_string());
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        connection.close(200, "lost".into()),
-                    )
-                    .await;
-                }
-            }
-        }
+        let result = supervise(
+            broker,
+            shutdown,
+            async |connection: &lapin::Connection, broker: &mut Broker| {
+                self.session(connection, broker, shutdown).await
+            },
+        )
+        .await;
         broker.health.set_unhealthy(if self.finished() {
             "finished: all COUNT samples confirmed"
         } else {
             "stopped"
         });
+        result?;
         if !self.retry.is_empty() {
             tracing::warn!(
                 unconfirmed = self.retry.len(),
                 "stopping with samples the broker never confirmed"
             );
+        }
+        if self.drain_timed_out && self.config.count > 0 && !self.finished() {
+            let err = anyhow::anyhow!(
+                "stopped with {} of COUNT={} samples confirmed: the broker did not confirm the rest \
+                 within {} s",
+                self.confirmed,
+                self.config.count,
+                DRAIN_TIMEOUT.as_secs()
+            );
+            tracing::error!(error = %err, "producer failed");
+            return Err(err);
         }
         tracing::info!(confirmed = self.confirmed, "producer stopped");
         Ok(())
@@ -295,27 +335,71 @@ impl Producer {
         &mut self,
         connection: &lapin::Connection,
         broker: &mut Broker,
-        outstanding: &mut VecDeque<Outstanding>,
         shutdown: &CancellationToken,
     ) -> SessionEnd {
+        if self.finished() {
+            return SessionEnd::Finished;
+        }
         let queues = &self.config.queues;
         let topology = Topology::new(
             &self.config.broker,
             &[queues.features_queue.as_str(), queues.y_true_queue.as_str()],
         );
-        let publisher = match Publisher::open(connection, "features", broker.metrics.clone()).await
-        {
-            Ok(publisher) => publisher,
-            Err(err) => return SessionEnd::Lost(err.into()),
+        // A blocked connection (broker resource alarm) holds every frame, declares too: a stop
+        // request must not wait for the alarm to end.
+        let setup = async {
+            let publisher = Publisher::open(connection, "features", broker.metrics.clone())
+                .await
+                .map_err(|err| SessionEnd::failed(Step::Declare, err))?;
+            if let Err(err) = topology.declare(publisher.channel()).await {
+                drop_detached(publisher);
+                return Err(SessionEnd::failed(Step::Declare, err));
+            }
+            Ok(publisher)
         };
-        if let Err(err) = topology.declare(publisher.channel()).await {
-            return SessionEnd::Lost(err.into());
-        }
+        let publisher = tokio::select! {
+            setup = setup => match setup {
+                Ok(publisher) => publisher,
+                Err(end) => return end,
+            },
+            _ = shutdown.cancelled() => return SessionEnd::Finished,
+        };
         broker.health.set_healthy();
-        let window = usize::try_from(self.config.confirm_window).unwrap_or(usize::MAX);
+        self.pacer.resume();
+        let mut window = ConfirmWindow::new();
+        let mut confirms = Confirms::new();
+        let end = self
+            .publish_all(&publisher, &mut window, &mut confirms, shutdown)
+            .await;
+        if let SessionEnd::Failed { .. } = end {
+            // Whatever is not confirmed is sent again on the next connection.
+            let unconfirmed = window.take_unanswered();
+            tracing::warn!(
+                unconfirmed = unconfirmed.len() + self.retry.len(),
+                "unconfirmed samples will be published again"
+            );
+            self.retry.extend(unconfirmed);
+        } else {
+            self.retry.extend(window.take_unanswered());
+            publisher.close().await;
+        }
+        drop_detached((publisher, confirms));
+        end
+    }
+
+    /// Publishes until COUNT samples are sent (or forever), then waits for the window to drain.
+    async fn publish_all(
+        &mut self,
+        publisher: &Publisher,
+        window: &mut ConfirmWindow<Sample>,
+        confirms: &mut Confirms,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd {
+        let lost = |err| SessionEnd::failed(Step::Run, err);
+        let max_outstanding = usize::try_from(self.config.confirm_window).unwrap_or(usize::MAX);
         loop {
-            if let Err(err) = self.settle(outstanding, false).await {
-                return SessionEnd::Lost(err);
+            if let Err(err) = self.settle(window, confirms, false).await {
+                return lost(err);
             }
             let more = !self.retry.is_empty()
                 || self.config.count == 0
@@ -323,9 +407,9 @@ impl Producer {
             if shutdown.is_cancelled() || !more {
                 break;
             }
-            if outstanding.len() >= window {
-                if let Err(err) = self.settle(outstanding, true).await {
-                    return SessionEnd::Lost(err);
+            if window.len() >= max_outstanding {
+                if let Err(err) = self.settle(window, confirms, true).await {
+                    return lost(err);
                 }
                 continue;
             }
@@ -333,12 +417,13 @@ impl Producer {
                 Some(sample) => sample,
                 None => {
                     // Pace new samples only; republished ones go out at once.
-                    if let Some(at) = self.next_send_time() {
+                    if let Some(at) = self.pacer.next_due(Instant::now()) {
                         tokio::select! {
                             _ = tokio::time::sleep_until(at) => {}
                             _ = shutdown.cancelled() => continue,
                         }
                     }
+                    self.pacer.sent();
                     self.generated += 1;
                     Sample {
                         id: uuid::Uuid::new_v4().to_string(),
@@ -346,18 +431,28 @@ impl Producer {
                     }
                 }
             };
-            match self.publish(&publisher, &sample).await {
-                Ok(confirms) => outstanding.push_back(Outstanding { sample, confirms }),
+            let published = tokio::select! {
+                published = self.publish(publisher, &sample) => published,
+                _ = shutdown.cancelled() => {
+                    self.retry.push_front(sample);
+                    break;
+                }
+            };
+            match published {
+                Ok(parts) => {
+                    let seq = window.push(sample, 2);
+                    confirms.extend(parts.map(|confirm| (seq, confirm)));
+                }
                 Err(err) => {
                     self.retry.push_front(sample);
-                    return SessionEnd::Lost(err);
+                    return lost(err);
                 }
             }
         }
         // Finishing (COUNT reached or shutdown): wait for the window to drain.
-        let drained = tokio::time::timeout(pipeline::broker::consumer::DRAIN_TIMEOUT, async {
-            while !outstanding.is_empty() {
-                self.settle(outstanding, true).await?;
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while !window.is_empty() {
+                self.settle(window, confirms, true).await?;
                 if !self.retry.is_empty() && !shutdown.is_cancelled() {
                     // Nacked samples are still owed: go round again.
                     return Ok::<bool, anyhow::Error>(false);
@@ -366,22 +461,19 @@ impl Producer {
             Ok(true)
         })
         .await;
-        publisher.close().await;
         match drained {
-            Ok(Ok(true)) => SessionEnd::Done,
-            Ok(Ok(false)) => SessionEnd::Lost(anyhow::anyhow!("the broker refused some messages")),
-            Ok(Err(err)) => SessionEnd::Lost(err),
-            Err(_) => SessionEnd::Done,
+            Ok(Ok(true)) => SessionEnd::Finished,
+            Ok(Ok(false)) => lost(anyhow::anyhow!("the broker refused some messages")),
+            Ok(Err(err)) => lost(err),
+            Err(_) => {
+                tracing::warn!(
+                    unconfirmed = window.len(),
+                    "the broker did not confirm every message in time"
+                );
+                self.drain_timed_out = true;
+                SessionEnd::Finished
+            }
         }
-    }
-
-    /// When the next new sample is due, or `None` when not pacing.
-    fn next_send_time(&mut self) -> Option<Instant> {
-        if self.config.rate <= 0.0 {
-            return None;
-        }
-        let started = *self.started.get_or_insert_with(Instant::now);
-        Some(started + Duration::from_secs_f64(self.generated as f64 / self.config.rate))
     }
 
     /// Publishes both messages of a sample; y_true first, so a prediction never waits long for it.
@@ -389,7 +481,7 @@ impl Producer {
         &mut self,
         publisher: &Publisher,
         sample: &Sample,
-    ) -> anyhow::Result<[Option<Confirm>; 2]> {
+    ) -> anyhow::Result<[Confirm; 2]> {
         let queues = &self.config.queues;
         let sent_at_us = now_us();
         let format = BodyFormat::of(self.config.broker.topology);
@@ -409,44 +501,106 @@ impl Producer {
             .publish_json(&queues.features_queue, &self.body, Some(&sample.id))
             .await?;
         tracing::trace!(id = %sample.id, row = sample.row, "published");
-        Ok([Some(y_true), Some(features)])
+        Ok([y_true, features])
     }
 
-    /// Retires confirmed samples from the front of the window. With `wait`, waits for at least
-    /// the oldest one. A sample the broker refused goes to the retry queue.
+    /// Records the confirms that are in (with `wait`, waits for at least the oldest one) and
+    /// retires the samples the window says are answered: confirmed ones are counted, refused ones
+    /// go to the retry queue.
     async fn settle(
         &mut self,
-        outstanding: &mut VecDeque<Outstanding>,
+        window: &mut ConfirmWindow<Sample>,
+        confirms: &mut Confirms,
         wait: bool,
     ) -> anyhow::Result<()> {
-        let mut waited = !wait;
-        while let Some(front) = outstanding.front_mut() {
-            let mut refused = false;
-            for slot in &mut front.confirms {
-                let Some(confirm) = slot else { continue };
-                let result = if waited {
-                    match confirm.now_or_never() {
-                        Some(result) => result,
-                        None => return Ok(()),
-                    }
-                } else {
-                    confirm.await
-                };
-                let confirmation = result.context("waiting for a publisher confirm")?;
-                refused |= !pipeline::broker::publisher::is_confirmed(&confirmation);
-                *slot = None;
-            }
-            waited = true;
-            let Some(done) = outstanding.pop_front() else {
-                break;
-            };
-            if refused {
-                tracing::warn!(id = %done.sample.id, "the broker refused a message; publishing the sample again");
-                self.retry.push_back(done.sample);
+        let mut wait = wait;
+        while let Some((seq, confirm)) = confirms.front_mut() {
+            let result = if wait {
+                confirm.await
             } else {
-                self.confirmed += 1;
+                match confirm.now_or_never() {
+                    Some(result) => result,
+                    None => break,
+                }
+            };
+            wait = false;
+            let seq = *seq;
+            confirms.pop_front();
+            let confirmation = result.context("waiting for a publisher confirm")?;
+            window.answered(seq, is_confirmed(&confirmation));
+        }
+        for published in window.take_answered() {
+            match published {
+                Published::Confirmed(_) => self.confirmed += 1,
+                Published::Refused(sample) => {
+                    tracing::warn!(id = %sample.id, "the broker refused a message; publishing the sample again");
+                    self.retry.push_back(sample);
+                }
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Samples the pacer lets out in `span` starting at `from`, sending each as soon as it is due.
+    fn sent_within(pacer: &mut Pacer, from: Instant, span: Duration) -> u32 {
+        let mut now = from;
+        let mut sent = 0;
+        loop {
+            let due = pacer.next_due(now).unwrap_or(now);
+            now = now.max(due);
+            if now >= from + span {
+                return sent;
+            }
+            pacer.sent();
+            sent += 1;
+        }
+    }
+
+    #[test]
+    fn the_pacer_keeps_the_rate() {
+        let mut pacer = Pacer::new(100.0);
+        let start = Instant::now();
+        let sent = sent_within(&mut pacer, start, Duration::from_secs(2));
+        assert!((199..=201).contains(&sent), "{sent}");
+    }
+
+    #[test]
+    fn after_an_outage_the_missed_samples_do_not_go_out_in_a_burst() {
+        let mut pacer = Pacer::new(100.0);
+        let start = Instant::now();
+        sent_within(&mut pacer, start, Duration::from_secs(1));
+        // 30 s without a broker: 3,000 samples "missed".
+        let back = start + Duration::from_secs(31);
+        let sent = sent_within(&mut pacer, back, Duration::from_secs(1));
+        assert!(
+            sent <= 101,
+            "{sent} samples in the first second after the outage"
+        );
+        // Also when the session was not restarted (a stall), and after a resume.
+        pacer.resume();
+        let later = back + Duration::from_secs(60);
+        let sent = sent_within(&mut pacer, later, Duration::from_secs(1));
+        assert!(sent <= 101, "{sent}");
+    }
+
+    #[test]
+    fn a_short_stall_is_caught_up() {
+        let mut pacer = Pacer::new(100.0);
+        let start = Instant::now();
+        sent_within(&mut pacer, start, Duration::from_secs(1));
+        // 0.5 s late: the 50 samples due meanwhile go out at once, then the pace goes on.
+        let late = start + Duration::from_millis(1500);
+        let sent = sent_within(&mut pacer, late, Duration::from_millis(500));
+        assert!((99..=101).contains(&sent), "{sent}");
+    }
+
+    #[test]
+    fn rate_zero_does_not_pace() {
+        assert_eq!(Pacer::new(0.0).next_due(Instant::now()), None);
     }
 }

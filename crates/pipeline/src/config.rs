@@ -38,6 +38,11 @@ pub struct BrokerConfig {
     /// Longest pause between two reconnect attempts, in milliseconds (the backoff doubles up to it).
     #[arg(long, env = "RECONNECT_MAX_DELAY_MS", default_value_t = 5_000)]
     pub reconnect_max_delay_ms: u64,
+
+    /// AMQP heartbeat in seconds, unless the URL sets `heartbeat`: a silent network cut is noticed
+    /// after twice this. 0 turns heartbeats off.
+    #[arg(long, env = "AMQP_HEARTBEAT_SECS", default_value_t = 10)]
+    pub amqp_heartbeat_secs: u16,
 }
 
 impl BrokerConfig {

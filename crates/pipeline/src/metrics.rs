@@ -41,6 +41,10 @@ pub struct BrokerMetrics {
     pub reconnects: Counter,
     /// 1 while connected to the broker, else 0.
     pub connected: Gauge,
+    /// 1 while the broker blocks publishing on our connection (a resource alarm), else 0.
+    pub blocked: Gauge,
+    /// 1 while the service cannot write its own files and has paused consuming, else 0.
+    pub local_fault: Gauge,
 }
 
 /// Counters of one input queue, looked up once so the hot path does no label hashing.
@@ -65,6 +69,8 @@ impl BrokerMetrics {
             processing_seconds: Family::new_with_constructor(|| Histogram::new(seconds_buckets())),
             reconnects: Counter::default(),
             connected: Gauge::default(),
+            blocked: Gauge::default(),
+            local_fault: Gauge::default(),
         };
         let registry = registry.sub_registry_with_prefix("pipeline");
         registry.register(
@@ -101,6 +107,16 @@ impl BrokerMetrics {
             "broker_connected",
             "1 while connected to the broker, 0 otherwise",
             metrics.connected.clone(),
+        );
+        registry.register(
+            "broker_blocked",
+            "1 while the broker blocks publishing on this service's connection (resource alarm)",
+            metrics.blocked.clone(),
+        );
+        registry.register(
+            "local_fault",
+            "1 while the service cannot write its own files and has paused consuming",
+            metrics.local_fault.clone(),
         );
         metrics
     }

@@ -1,66 +1,22 @@
-//! Connecting to the broker: retries with capped exponential backoff and full jitter, a clear log
-//! line per attempt, failover across the URLs of `AMQP_URL`, and the connection-state metric.
+//! Connecting to the broker: retries with the supervisor's backoff, a clear log line per attempt,
+//! failover across the URLs of `AMQP_URL`, heartbeats, the connection-state metric, and the
+//! broker's `connection.blocked` / `unblocked` notices in the log, `/healthz` and a gauge.
 
+use super::supervisor::{
+    Failure, HEALTHY_SESSION, InvalidUrl, SessionBackoff, Step, Verdict, classify,
+};
 use crate::config::BrokerConfig;
 use crate::health::Health;
 use crate::metrics::BrokerMetrics;
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use futures_util::StreamExt as _;
 use lapin::uri::AMQPUri;
-use lapin::{Connection, ConnectionProperties, ErrorKind};
+use lapin::{Connection, ConnectionProperties, Event};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Capped exponential backoff with full jitter: the n-th pause is uniform in
-/// `[base·2ⁿ/2, base·2ⁿ]`, never above the cap.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    /// A backoff starting at `base` and never waiting longer than `cap`.
-    pub fn new(base: Duration, cap: Duration) -> Self {
-        Self {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    /// The next pause.
-    pub fn next_delay(&mut self) -> Duration {
-        let exp = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = exp / 2;
-        half + exp.mul_f64(fastrand::f64()) / 2
-    }
-
-    /// Starts over after a success.
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-/// Errors that no retry can fix: a refused exclusive consumer, a queue declared with other
-/// arguments. The service stops with the error instead of looping.
-pub fn is_fatal(err: &lapin::Error) -> bool {
-    matches!(
-        err.kind(),
-        ErrorKind::ProtocolError(amqp) if matches!(
-            amqp.kind(),
-            AMQPErrorKind::Soft(
-                AMQPSoftError::ACCESSREFUSED
-                    | AMQPSoftError::PRECONDITIONFAILED
-                    | AMQPSoftError::RESOURCELOCKED
-            )
-        )
-    )
-}
+/// First pause between connection attempts; the supervisor doubles it up to
+/// `RECONNECT_MAX_DELAY_MS`.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 
 /// Frame size asked of the broker unless the URL sets `frame_max`. lapin keeps two buffers of 32
 /// frames per connection: RabbitMQ's default 128 KiB frames cost 8 MiB of memory, 16 KiB frames
@@ -70,16 +26,15 @@ const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
 /// Give up on one connection attempt after this long (a host that drops packets never refuses).
 const DEFAULT_CONNECTION_TIMEOUT_MS: u64 = 10_000;
 
-/// One connection attempt, with our defaults for what the URL leaves unset.
-async fn connect_once(url: &str, properties: ConnectionProperties) -> lapin::Result<Connection> {
-    let mut uri: AMQPUri = url
-        .parse()
-        .map_err(|err: String| lapin::Error::from(std::io::Error::other(err)))?;
+/// The URL with our defaults for what it leaves unset: frame size, connect timeout, heartbeat.
+fn with_defaults(url: &str, heartbeat_secs: u16) -> Result<AMQPUri, InvalidUrl> {
+    let mut uri: AMQPUri = url.parse().map_err(InvalidUrl)?;
     uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
     uri.query
         .connection_timeout
         .get_or_insert(DEFAULT_CONNECTION_TIMEOUT_MS);
-    Connection::connect_uri(uri, properties).await
+    uri.query.heartbeat.get_or_insert(heartbeat_secs);
+    Ok(uri)
 }
 
 /// Hides the password of an AMQP URL for logs.
@@ -112,6 +67,10 @@ pub struct Broker {
     pub health: Health,
     next_url: usize,
     connected_once: bool,
+    /// The pause before the next connection attempt, kept across sessions.
+    pub(crate) backoff: SessionBackoff,
+    /// The task that follows the current connection's events.
+    events: Option<tokio::task::AbortHandle>,
 }
 
 impl Broker {
@@ -122,6 +81,11 @@ impl Broker {
         metrics: BrokerMetrics,
         health: Health,
     ) -> Self {
+        let backoff = SessionBackoff::new(
+            FIRST_RETRY_DELAY,
+            config.reconnect_max_delay(),
+            HEALTHY_SESSION,
+        );
         Self {
             config,
             service: service.into(),
@@ -129,6 +93,8 @@ impl Broker {
             health,
             next_url: 0,
             connected_once: false,
+            backoff,
+            events: None,
         }
     }
 
@@ -138,27 +104,29 @@ impl Broker {
     }
 
     /// Connects, retrying until it works or `shutdown` is cancelled (then `None`). Each failed
-    /// attempt is logged with the URL (password hidden), the error and the pause before the next.
-    pub async fn connect(&mut self, shutdown: &CancellationToken) -> Option<Connection> {
+    /// attempt is logged with the URL (password hidden), the error and the pause before the next;
+    /// the pauses grow across sessions ([`SessionBackoff`]). `Err` only for what no retry fixes
+    /// (a malformed URL).
+    pub async fn connect(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<Connection>> {
         let urls = self.config.urls();
-        let mut backoff = Backoff::new(
-            Duration::from_millis(100),
-            self.config.reconnect_max_delay(),
-        );
         let mut attempt: u64 = 0;
         loop {
             if shutdown.is_cancelled() {
-                return None;
+                return Ok(None);
             }
             attempt += 1;
             let url = &urls[self.next_url % urls.len().max(1)];
+            let uri = with_defaults(url, self.config.amqp_heartbeat_secs)?;
             let properties = ConnectionProperties::default()
                 .with_connection_name(format!("{} ({})", self.service, std::process::id()).into());
             let result = tokio::select! {
-                result = connect_once(url, properties) => result,
-                _ = shutdown.cancelled() => return None,
+                result = Connection::connect_uri(uri, properties) => result,
+                _ = shutdown.cancelled() => return Ok(None),
             };
-            match result {
+            let err = match result {
                 Ok(connection) => {
                     tracing::info!(url = %redact(url), attempt, "connected to the broker");
                     if self.connected_once {
@@ -166,34 +134,89 @@ impl Broker {
                     }
                     self.connected_once = true;
                     self.metrics.connected.set(1);
-                    return Some(connection);
+                    self.follow_events(&connection);
+                    return Ok(Some(connection));
                 }
-                Err(err) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(
-                        url = %redact(url),
-                        attempt,
-                        error = %err,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "broker not reachable, retrying"
-                    );
-                    self.health
-                        .set_unhealthy(format!("broker not reachable: {err}"));
-                    self.next_url = self.next_url.wrapping_add(1);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.cancelled() => return None,
-                    }
+                Err(err) => err,
+            };
+            let reason = match classify(Step::Connect, &Failure::of_lapin(&err)) {
+                Verdict::Fatal { message } => {
+                    self.health.set_unhealthy(message.clone());
+                    return Err(anyhow::Error::from(err).context(message));
                 }
+                Verdict::Retry { reason } => reason,
+            };
+            let delay = self.backoff.attempt_failed();
+            tracing::warn!(
+                url = %redact(url),
+                attempt,
+                error = %err,
+                retry_in_ms = delay.as_millis() as u64,
+                reason = %reason,
+                "broker not reachable, retrying"
+            );
+            self.health.set_unhealthy(reason);
+            self.next_url = self.next_url.wrapping_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return Ok(None),
             }
         }
+    }
+
+    /// Follows the connection's events: `blocked` / `unblocked` (a broker resource alarm holds
+    /// our publishes) go to the log, `/healthz` notes and `pipeline_broker_blocked`; a channel
+    /// closed with an error marks the service unhealthy at once, before the session notices.
+    fn follow_events(&mut self, connection: &Connection) {
+        let mut events = connection.events_listener();
+        let health = self.health.clone();
+        let metrics = self.metrics.clone();
+        let task = tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    Event::ConnectionBlocked(reason) => {
+                        tracing::warn!(
+                            reason,
+                            "the broker blocked publishing on this connection (resource alarm); \
+                             publishes wait until it lifts"
+                        );
+                        metrics.blocked.set(1);
+                        health.set_note(
+                            "blocked",
+                            Some(format!("publishing blocked by the broker: {reason}")),
+                        );
+                    }
+                    Event::ConnectionUnblocked => {
+                        tracing::info!("the broker unblocked publishing on this connection");
+                        metrics.blocked.set(0);
+                        health.set_note("blocked", None);
+                    }
+                    Event::Error(err) => {
+                        // The broker closed a channel with an error: the session ends with it.
+                        health.set_unhealthy(format!("broker error: {err}"));
+                    }
+                    _ => {}
+                }
+            }
+        });
+        if let Some(previous) = self.events.replace(task.abort_handle()) {
+            previous.abort();
+        }
+    }
+
+    /// The session's connection is closed: stop following it; a new one starts unblocked.
+    pub fn disconnected(&mut self) {
+        if let Some(events) = self.events.take() {
+            events.abort();
+        }
+        self.metrics.blocked.set(0);
+        self.health.set_note("blocked", None);
     }
 
     /// Records that the connection is gone and the next attempt should try the next URL.
     pub fn lost(&mut self, reason: &str) {
         self.metrics.connected.set(0);
-        self.health
-            .set_unhealthy(format!("broker connection lost: {reason}"));
+        self.health.set_unhealthy(reason.to_owned());
         self.next_url = self.next_url.wrapping_add(1);
     }
 }
@@ -203,14 +226,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_to_the_cap_with_jitter() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let delays: Vec<Duration> = (0..10).map(|_| backoff.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
-        assert!(delays[9] >= Duration::from_secs(1));
-        backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    fn the_heartbeat_setting_applies_unless_the_url_sets_one() {
+        let uri = with_defaults("amqp://guest:guest@127.0.0.1:5672/%2f", 10).unwrap();
+        assert_eq!(uri.query.heartbeat, Some(10));
+        let uri = with_defaults("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=3", 10).unwrap();
+        assert_eq!(uri.query.heartbeat, Some(3));
+    }
+
+    #[test]
+    fn a_malformed_url_is_an_invalid_url_error() {
+        assert!(with_defaults("amqp://guest:guest@127.0.0.1:notaport/%2f", 10).is_err());
     }
 
     #[test]

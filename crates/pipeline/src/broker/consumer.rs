@@ -9,13 +9,19 @@
 //! one frame. A message that cannot be processed is copied to its dead-letter queue with the reason
 //! in a header, then acked ([`Disposition::DeadLetter`]).
 //!
+//! Which deliveries may be acked is decided by one [`AckWindow`] per channel (plain data). When
+//! the handler's flush fails with a [`LocalFault`] (its own disk), the loop pauses instead of
+//! reconnecting: it takes no deliveries and retries the flush with backoff.
+//!
 //! On connection loss the in-flight deliveries are forgotten (the broker redelivers them), and the
-//! loop reconnects with backoff. On shutdown it cancels its consumers, waits (up to
+//! [`supervise`] loop reconnects with backoff. On shutdown it cancels its consumers, waits (up to
 //! [`DRAIN_TIMEOUT`]) for pending confirms, flushes, acks, and closes the connection.
 
-use super::connection::{Broker, is_fatal};
+use super::connection::Broker;
 use super::publisher::{Confirm, Publisher, is_confirmed};
+use super::supervisor::{Backoff, SessionEnd, Step, close, drop_detached, supervise};
 use super::topology::Topology;
+use super::window::{AckWindow, Outcome, Pending, Settlement};
 use crate::config::ConsumeConfig;
 use crate::messages::MessageError;
 use crate::metrics::QueueCounters;
@@ -92,67 +98,38 @@ pub trait MessageHandler: Send {
     }
 }
 
-/// How one session (one connection) ended.
-enum SessionEnd {
-    /// Shutdown was asked for and the drain finished.
-    Shutdown,
-    /// The connection or the handler failed: reconnect.
-    Lost(anyhow::Error),
-    /// An error no retry fixes (for example a second exclusive consumer): stop the service.
-    Fatal(anyhow::Error),
+/// What the consume loop does when [`MessageHandler::flush`] fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushVerdict {
+    /// The service's own disk failed ([`LocalFault`]): keep the connection, stop taking
+    /// deliveries, retry the flush with backoff.
+    Pause,
+    /// Anything else: drop the connection (the broker redelivers what is unacked) and reconnect.
+    Reconnect,
 }
 
-impl SessionEnd {
-    /// An error while setting up (declaring, consuming): fatal when no retry can fix it.
-    fn setup(err: lapin::Error) -> Self {
-        if is_fatal(&err) {
-            Self::Fatal(err.into())
-        } else {
-            Self::Lost(err.into())
-        }
-    }
-
-    /// An error while running: always worth a reconnect.
-    fn lost(err: impl Into<anyhow::Error>) -> Self {
-        Self::Lost(err.into())
+/// The rule for a failed flush: a [`LocalFault`] anywhere in the chain pauses, never reconnects.
+pub fn on_flush_error(err: &anyhow::Error) -> FlushVerdict {
+    if LocalFault::is_in(err) {
+        FlushVerdict::Pause
+    } else {
+        FlushVerdict::Reconnect
     }
 }
 
-/// The state of a delivery between receipt and ack.
-enum Settle {
-    /// Ready to ack once the handler has flushed.
-    Ack,
-    /// Waiting for a publisher confirm; `on_failure` applies if it is negative.
-    Confirm {
-        confirm: Confirm,
-        on_failure: Outcome,
-    },
-    /// Decided.
-    Done(Outcome),
-}
+/// First and longest pause between two flush attempts while a local fault lasts.
+const LOCAL_FAULT_RETRY: (Duration, Duration) =
+    (Duration::from_millis(250), Duration::from_secs(5));
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Outcome {
-    Ack,
-    /// Give it back to the queue (our output was not taken by the broker).
-    Requeue,
-    /// Reject without requeue: the broker dead-letters it through the queue's arguments.
-    Reject,
-}
-
-struct InFlight {
-    tag: u64,
-    settle: Settle,
-}
-
-/// One input queue of a session: its channel, consumer and deliveries not yet acked, in delivery
-/// order (the channel's tag order, which acks with `multiple` rely on).
+/// One input queue of a session: its channel, consumer, the ack window of its deliveries and the
+/// publisher confirms they wait for, oldest first.
 struct Input {
     queue: String,
     channel: Channel,
     consumer_tag: String,
     counters: QueueCounters,
-    inflight: VecDeque<InFlight>,
+    window: AckWindow,
+    confirms: VecDeque<(u64, Confirm)>,
 }
 
 /// What the consume loop needs besides the handler.
@@ -169,59 +146,45 @@ pub struct ConsumerSpec<'a> {
     pub service: &'a str,
 }
 
-/// Runs the consume loop until `shutdown`, reconnecting as often as needed. Returns `Err` only for
-/// errors no retry can fix.
+/// Runs the consume loop until `shutdown`, reconnecting as often as needed (through the
+/// [`supervise`] rules). Returns `Err` only for errors no retry can fix.
 pub async fn run_consumer<H: MessageHandler>(
     broker: &mut Broker,
     spec: &ConsumerSpec<'_>,
     handler: &mut H,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    loop {
-        let Some(connection) = broker.connect(shutdown).await else {
-            handler.flush().await?;
-            return Ok(());
-        };
-        let mut session = Session {
-            connection: &connection,
-            spec,
-            broker,
-            inputs: Vec::new(),
-            unflushed: false,
-        };
-        let end = session.run(handler, shutdown).await;
-        // The channels go before the connection, so it closes cleanly.
-        drop(session);
-        match end {
-            SessionEnd::Shutdown => {
-                close(&connection).await;
-                return Ok(());
-            }
-            SessionEnd::Fatal(err) => {
-                close(&connection).await;
-                broker.lost(&err.to_string());
-                return Err(err.context("the broker refused this consumer"));
-            }
-            SessionEnd::Lost(err) => {
-                tracing::warn!(error = %format!("{err:#}"), "lost the broker connection, reconnecting");
-                broker.lost(&err.to_string());
-                close(&connection).await;
-            }
-        }
-    }
+    supervise(
+        broker,
+        shutdown,
+        async |connection: &Connection, broker: &mut Broker| {
+            let mut session = Session {
+                connection,
+                spec,
+                broker,
+                inputs: Vec::new(),
+            };
+            let (end, leftovers) = session.run(handler, shutdown).await;
+            // Close first, then drop the consumers and channels off the runtime: dropping them
+            // while lapin tears down a failed connection can deadlock (see `supervisor`).
+            close(connection).await;
+            drop_detached((session.inputs, leftovers));
+            end
+        },
+    )
+    .await?;
+    // Stopped before or between sessions: whatever was handled is written out.
+    handler.flush().await
 }
 
-/// Closes a connection, briefly: on a dead one it would only wait.
-async fn close(connection: &Connection) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "bye".into())).await;
-}
+/// What a session leaves behind for [`drop_detached`].
+type Leftovers = Option<(Publisher, Box<dyn Send>)>;
 
 struct Session<'a> {
     connection: &'a Connection,
     spec: &'a ConsumerSpec<'a>,
     broker: &'a mut Broker,
     inputs: Vec<Input>,
-    unflushed: bool,
 }
 
 impl Session<'_> {
@@ -229,7 +192,7 @@ impl Session<'_> {
         &mut self,
         handler: &mut H,
         shutdown: &CancellationToken,
-    ) -> SessionEnd {
+    ) -> (SessionEnd, Leftovers) {
         let publisher = match Publisher::open(
             self.connection,
             self.spec.service,
@@ -238,10 +201,13 @@ impl Session<'_> {
         .await
         {
             Ok(publisher) => publisher,
-            Err(err) => return SessionEnd::setup(err),
+            Err(err) => return (SessionEnd::failed(Step::Declare, err), None),
         };
         if let Err(err) = self.spec.topology.declare(publisher.channel()).await {
-            return SessionEnd::setup(err);
+            return (
+                SessionEnd::failed(Step::Declare, err),
+                Some((publisher, Box::new(()))),
+            );
         }
         let mut streams = Vec::new();
         for (index, queue) in self.spec.inputs.iter().enumerate() {
@@ -250,10 +216,27 @@ impl Session<'_> {
                     self.inputs.push(input);
                     streams.push(consumer.map(move |delivery| (index, delivery)));
                 }
-                Err(err) => return SessionEnd::setup(err),
+                Err(end) => return (end, Some((publisher, Box::new(streams)))),
             }
         }
         let mut deliveries = futures_util::stream::select_all(streams);
+        let end = self
+            .consume(handler, shutdown, &publisher, &mut deliveries)
+            .await;
+        (end, Some((publisher, Box::new(deliveries))))
+    }
+
+    async fn consume<H: MessageHandler, S>(
+        &mut self,
+        handler: &mut H,
+        shutdown: &CancellationToken,
+        publisher: &Publisher,
+        deliveries: &mut S,
+    ) -> SessionEnd
+    where
+        S: futures_util::Stream<Item = (usize, lapin::Result<Delivery>)> + Unpin,
+    {
+        let lost = |err| SessionEnd::failed(Step::Run, err);
         self.broker.health.set_healthy();
         tracing::info!(queues = ?self.spec.inputs, prefetch = self.spec.consume.prefetch, "consuming");
 
@@ -267,7 +250,7 @@ impl Session<'_> {
                     if let Err(end) = self.resolve_front(index, confirmation) {
                         return end;
                     }
-                    if let Err(end) = self.settle(handler).await {
+                    if let Err(end) = self.settle(handler, shutdown).await {
                         return end;
                     }
                 }
@@ -280,40 +263,42 @@ impl Session<'_> {
                     while let Some(item) = next.take() {
                         match item {
                             Some((index, Ok(delivery))) => {
-                                if let Err(end) = self.accept(index, delivery, handler, &publisher).await {
+                                if let Err(end) = self.accept(index, delivery, handler, publisher).await {
                                     return end;
                                 }
                             }
-                            Some((_, Err(err))) => return SessionEnd::lost(err),
-                            None => return SessionEnd::lost(anyhow::anyhow!("the broker cancelled the consumer")),
+                            Some((_, Err(err))) => return lost(anyhow::Error::from(err)),
+                            None => return lost(anyhow::anyhow!("the broker cancelled the consumer")),
                         }
                         taken += 1;
                         if taken < batch_limit {
                             next = deliveries.next().now_or_never();
                         }
                     }
-                    if let Err(end) = self.settle(handler).await {
+                    if let Err(end) = self.settle(handler, shutdown).await {
                         return end;
                     }
                 }
                 _ = tick.tick() => {
                     if let Err(err) = handler.tick().await {
-                        return SessionEnd::Lost(err);
+                        return lost(err);
                     }
                 }
             }
         }
-        let end = self.drain(handler).await;
+        let end = self.drain(handler, shutdown).await;
         publisher.close().await;
         end
     }
 
     /// Opens the channel and consumer of one input queue.
-    async fn open_input(&self, queue: &str) -> lapin::Result<(Input, lapin::Consumer)> {
-        let channel = self.connection.create_channel().await?;
+    async fn open_input(&self, queue: &str) -> Result<(Input, lapin::Consumer), SessionEnd> {
+        let declare = |err| SessionEnd::failed(Step::Declare, err);
+        let channel = self.connection.create_channel().await.map_err(declare)?;
         channel
             .basic_qos(self.spec.consume.prefetch, BasicQosOptions::default())
-            .await?;
+            .await
+            .map_err(declare)?;
         let consumer_tag = format!("{}-{}-{}", self.spec.service, std::process::id(), queue);
         let options = BasicConsumeOptions {
             exclusive: self.spec.exclusive,
@@ -326,13 +311,15 @@ impl Session<'_> {
                 options,
                 FieldTable::default(),
             )
-            .await?;
+            .await
+            .map_err(|err| SessionEnd::failed(Step::Consume, err))?;
         let input = Input {
             queue: queue.to_owned(),
             channel,
             consumer_tag,
             counters: self.broker.metrics.queue(queue),
-            inflight: VecDeque::new(),
+            window: AckWindow::new(),
+            confirms: VecDeque::new(),
         };
         Ok((input, consumer))
     }
@@ -345,6 +332,7 @@ impl Session<'_> {
         handler: &mut H,
         publisher: &Publisher,
     ) -> Result<(), SessionEnd> {
+        let lost = |err| SessionEnd::failed(Step::Run, err);
         let started = Instant::now();
         self.inputs[index].counters.consumed.inc();
         let limit = self.spec.consume.max_message_bytes;
@@ -357,18 +345,21 @@ impl Session<'_> {
             handler
                 .handle(index, &delivery, publisher)
                 .await
-                .map_err(SessionEnd::Lost)?
+                .map_err(lost)?
         };
         let input = &mut self.inputs[index];
-        let settle = match disposition {
-            Disposition::Ack => {
-                self.unflushed = true;
-                Settle::Ack
+        let tag = delivery.delivery_tag;
+        match disposition {
+            Disposition::Ack => input.window.push(tag, Pending::Flush),
+            Disposition::AckOnConfirm(confirm) => {
+                input.window.push(
+                    tag,
+                    Pending::Confirm {
+                        on_failure: Outcome::Requeue,
+                    },
+                );
+                input.confirms.push_back((tag, confirm));
             }
-            Disposition::AckOnConfirm(confirm) => Settle::Confirm {
-                confirm,
-                on_failure: Outcome::Requeue,
-            },
             Disposition::DeadLetter(error) => {
                 let id = delivery
                     .properties
@@ -389,21 +380,20 @@ impl Session<'_> {
                 let confirm = publisher
                     .dead_letter(&delivery, &input.queue, &error)
                     .await
-                    .map_err(SessionEnd::lost)?;
-                Settle::Confirm {
-                    confirm,
-                    on_failure: Outcome::Reject,
-                }
+                    .map_err(|err| lost(err.into()))?;
+                input.window.push(
+                    tag,
+                    Pending::Confirm {
+                        on_failure: Outcome::Reject,
+                    },
+                );
+                input.confirms.push_back((tag, confirm));
             }
-        };
+        }
         input
             .counters
             .processing_seconds
             .observe(started.elapsed().as_secs_f64());
-        input.inflight.push_back(InFlight {
-            tag: delivery.delivery_tag,
-            settle,
-        });
         Ok(())
     }
 
@@ -413,90 +403,130 @@ impl Session<'_> {
         index: usize,
         confirmation: lapin::Result<Confirmation>,
     ) -> Result<(), SessionEnd> {
-        let confirmation = confirmation.map_err(SessionEnd::lost)?;
-        if let Some(front) = self.inputs[index].inflight.front_mut()
-            && let Settle::Confirm { on_failure, .. } = front.settle
-        {
-            front.settle = Settle::Done(if is_confirmed(&confirmation) {
-                Outcome::Ack
-            } else {
-                tracing::warn!(
-                    ?confirmation,
-                    "the broker did not take a published message; the input goes back to its queue"
-                );
-                on_failure
-            });
+        let confirmation = confirmation.map_err(|err| SessionEnd::failed(Step::Run, err))?;
+        let input = &mut self.inputs[index];
+        if let Some((tag, _)) = input.confirms.pop_front() {
+            record_confirm(&mut input.window, tag, &confirmation);
         }
         Ok(())
     }
 
-    /// On every input channel, acks (with `multiple`), requeues or rejects the deliveries at the
-    /// front whose fate is known, in delivery order, flushing the handler before the first ack.
-    async fn settle<H: MessageHandler>(&mut self, handler: &mut H) -> Result<(), SessionEnd> {
+    /// Takes the confirms that are already in, flushes the handler if a delivery waits for it,
+    /// and sends what the ack windows say (acks with `multiple`, nacks), in delivery order.
+    async fn settle<H: MessageHandler>(
+        &mut self,
+        handler: &mut H,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SessionEnd> {
+        let lost = |err: lapin::Error| SessionEnd::failed(Step::Run, err);
         for input in &mut self.inputs {
-            let mut ack_upto: Option<u64> = None;
-            while let Some(front) = input.inflight.front_mut() {
-                let outcome = match &mut front.settle {
-                    Settle::Ack => Outcome::Ack,
-                    Settle::Done(outcome) => *outcome,
-                    Settle::Confirm {
-                        confirm,
-                        on_failure,
-                    } => match confirm.now_or_never() {
-                        None => break,
-                        Some(Ok(confirmation)) if is_confirmed(&confirmation) => Outcome::Ack,
-                        Some(Ok(_)) => *on_failure,
-                        Some(Err(err)) => return Err(SessionEnd::lost(err)),
-                    },
-                };
-                if outcome == Outcome::Ack && self.unflushed {
-                    handler.flush().await.map_err(SessionEnd::Lost)?;
-                    self.unflushed = false;
-                }
-                let Some(done) = input.inflight.pop_front() else {
+            while let Some((tag, confirm)) = input.confirms.front_mut() {
+                let Some(result) = confirm.now_or_never() else {
                     break;
                 };
-                if outcome == Outcome::Ack {
-                    ack_upto = Some(done.tag);
-                    input.counters.acked.inc();
-                    continue;
-                }
-                if let Some(tag) = ack_upto.take() {
-                    input
-                        .channel
-                        .basic_ack(tag, BasicAckOptions { multiple: true })
-                        .await
-                        .map_err(SessionEnd::lost)?;
-                }
-                input
-                    .channel
-                    .basic_nack(
-                        done.tag,
-                        BasicNackOptions {
-                            multiple: false,
-                            requeue: outcome == Outcome::Requeue,
-                        },
-                    )
-                    .await
-                    .map_err(SessionEnd::lost)?;
+                let tag = *tag;
+                input.confirms.pop_front();
+                record_confirm(&mut input.window, tag, &result.map_err(lost)?);
             }
-            if let Some(tag) = ack_upto {
-                input
-                    .channel
-                    .basic_ack(tag, BasicAckOptions { multiple: true })
-                    .await
-                    .map_err(SessionEnd::lost)?;
+        }
+        if self.inputs.iter().any(|input| input.window.needs_flush())
+            && self.flush(handler, shutdown).await?
+        {
+            for input in &mut self.inputs {
+                input.window.flushed();
+            }
+        }
+        for input in &mut self.inputs {
+            for settlement in input.window.take_settled() {
+                match settlement {
+                    Settlement::AckUpTo { upto, count } => {
+                        input
+                            .channel
+                            .basic_ack(upto, BasicAckOptions { multiple: true })
+                            .await
+                            .map_err(lost)?;
+                        input.counters.acked.inc_by(count as u64);
+                    }
+                    Settlement::Nack { tag, requeue } => {
+                        input
+                            .channel
+                            .basic_nack(
+                                tag,
+                                BasicNackOptions {
+                                    multiple: false,
+                                    requeue,
+                                },
+                            )
+                            .await
+                            .map_err(lost)?;
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// Flushes the handler. On a [`LocalFault`] it pauses: no deliveries are taken (the unacked
+    /// ones stay with us, the broker holds the rest), the connection stays, `/healthz` and
+    /// `pipeline_local_fault` show it, and the flush is retried with backoff until it works
+    /// (`Ok(true)`) or shutdown comes (`Ok(false)`: nothing more is acked). Other errors drop the
+    /// connection.
+    async fn flush<H: MessageHandler>(
+        &mut self,
+        handler: &mut H,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, SessionEnd> {
+        let mut err = match handler.flush().await {
+            Ok(()) => return Ok(true),
+            Err(err) => err,
+        };
+        let mut backoff = Backoff::new(LOCAL_FAULT_RETRY.0, LOCAL_FAULT_RETRY.1);
+        let health = self.broker.health.clone();
+        let gauge = self.broker.metrics.local_fault.clone();
+        loop {
+            if on_flush_error(&err) == FlushVerdict::Reconnect {
+                return Err(SessionEnd::failed(Step::Run, err));
+            }
+            let delay = backoff.next_delay();
+            tracing::warn!(
+                error = %format!("{err:#}"),
+                unacked = self.unsettled(),
+                retry_in_ms = delay.as_millis() as u64,
+                "cannot write this service's own files; not taking messages until it can (the broker keeps them)"
+            );
+            health.set_problem(
+                "local_fault",
+                Some(format!(
+                    "{err:#}: consuming paused until the files can be written"
+                )),
+            );
+            gauge.set(1);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return Ok(false),
+            }
+            err = match handler.flush().await {
+                Ok(()) => {
+                    tracing::info!("this service's files can be written again; consuming resumes");
+                    health.set_problem("local_fault", None);
+                    gauge.set(0);
+                    return Ok(true);
+                }
+                Err(err) => err,
+            };
+        }
     }
 
     fn unsettled(&self) -> usize {
-        self.inputs.iter().map(|input| input.inflight.len()).sum()
+        self.inputs.iter().map(|input| input.window.len()).sum()
     }
 
     /// Shutdown: stop new deliveries, finish and ack what is in flight, flush.
-    async fn drain<H: MessageHandler>(&mut self, handler: &mut H) -> SessionEnd {
+    async fn drain<H: MessageHandler>(
+        &mut self,
+        handler: &mut H,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd {
         self.broker.health.set_unhealthy("shutting down");
         for input in &self.inputs {
             let _ = input
@@ -510,8 +540,8 @@ impl Session<'_> {
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         let result: Result<(), SessionEnd> = async {
             loop {
-                self.settle(handler).await?;
-                if self.unsettled() == 0 {
+                self.settle(handler, shutdown).await?;
+                if self.inputs.iter().all(|input| input.confirms.is_empty()) {
                     break;
                 }
                 match tokio::time::timeout_at(deadline, front_confirm(&mut self.inputs)).await {
@@ -519,7 +549,10 @@ impl Session<'_> {
                     Err(_) => break,
                 }
             }
-            handler.flush().await.map_err(SessionEnd::Lost)
+            handler
+                .flush()
+                .await
+                .map_err(|err| SessionEnd::failed(Step::Run, err))
         }
         .await;
         if self.unsettled() > 0 {
@@ -536,30 +569,35 @@ impl Session<'_> {
             .await;
         }
         match result {
-            Ok(()) => {
-                tracing::info!("consumer drained");
-                SessionEnd::Shutdown
+            Ok(()) => tracing::info!("consumer drained"),
+            Err(SessionEnd::Failed { error, .. }) => {
+                tracing::warn!(error = %format!("{error:#}"), "could not finish all in-flight work at shutdown");
             }
-            Err(SessionEnd::Lost(err)) | Err(SessionEnd::Fatal(err)) => {
-                tracing::warn!(error = %format!("{err:#}"), "could not finish all in-flight work at shutdown");
-                SessionEnd::Shutdown
-            }
-            Err(SessionEnd::Shutdown) => SessionEnd::Shutdown,
+            Err(SessionEnd::Finished) => {}
         }
+        SessionEnd::Finished
     }
 }
 
-/// Waits for the confirm at the front of any input (the oldest in-flight delivery of that
-/// channel), or forever when none waits for one.
+/// Tells the ack window what the broker answered to the message delivery `tag` caused.
+fn record_confirm(window: &mut AckWindow, tag: u64, confirmation: &Confirmation) {
+    let positive = is_confirmed(confirmation);
+    if !positive {
+        tracing::warn!(
+            ?confirmation,
+            "the broker did not take a published message; the input goes back to its queue"
+        );
+    }
+    window.confirmed(tag, positive);
+}
+
+/// Waits for the oldest pending confirm of any input, or forever when none waits for one.
 fn front_confirm(
     inputs: &mut [Input],
 ) -> impl Future<Output = (usize, lapin::Result<Confirmation>)> + '_ {
     std::future::poll_fn(move |cx| {
         for (index, input) in inputs.iter_mut().enumerate() {
-            if let Some(InFlight {
-                settle: Settle::Confirm { confirm, .. },
-                ..
-            }) = input.inflight.front_mut()
+            if let Some((_, confirm)) = input.confirms.front_mut()
                 && let Poll::Ready(result) = Pin::new(confirm).poll(cx)
             {
                 return Poll::Ready((index, result));
@@ -567,4 +605,23 @@ fn front_confirm(
         }
         Poll::Pending
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_local_fault_pauses_and_never_reconnects() {
+        let fault = anyhow::Error::from(LocalFault {
+            what: "cannot append to logs/labels_log.txt".into(),
+            source: std::io::Error::other("No space left on device"),
+        })
+        .context("flushing the log files");
+        assert_eq!(on_flush_error(&fault), FlushVerdict::Pause);
+        let broker = anyhow::Error::from(lapin::Error::from(std::io::Error::other("reset")));
+        assert_eq!(on_flush_error(&broker), FlushVerdict::Reconnect);
+        let plain_io = anyhow::Error::from(std::io::Error::other("disk"));
+        assert_eq!(on_flush_error(&plain_io), FlushVerdict::Reconnect);
+    }
 }

@@ -2,17 +2,22 @@
 //! dead-letter queues ([`topology`]), confirmed publishing ([`publisher`]) and the one consume loop
 //! all consuming services run ([`consumer`]).
 //!
-//! Recovery is ours, not lapin's (`enable_auto_recover` has had bugs around broker restarts): on
-//! any connection error a service drops the connection, reconnects with capped exponential
-//! backoff and jitter, declares its topology again and carries on. Whatever was not acked is
+//! Recovery is ours, not lapin's (`enable_auto_recover` has had bugs around broker restarts): one
+//! [`supervisor`] runs every service's sessions. On a connection error a service drops the
+//! connection, reconnects with capped exponential backoff and jitter (kept across sessions),
+//! declares its topology again and carries on; errors no retry fixes stop it. What may be acked
+//! or counted as sent is decided by plain-data windows ([`window`]). Whatever was not acked is
 //! redelivered by the broker; whatever was not confirmed is published again.
 
 pub mod connection;
 pub mod consumer;
 pub mod publisher;
+pub mod supervisor;
 pub mod topology;
+pub mod window;
 
-pub use connection::{Backoff, Broker, is_fatal};
+pub use connection::Broker;
 pub use consumer::{Disposition, LocalFault, MessageHandler, run_consumer};
 pub use publisher::Publisher;
+pub use supervisor::{Backoff, SessionEnd, Step, supervise};
 pub use topology::Topology;
