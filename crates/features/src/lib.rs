@@ -5,6 +5,8 @@
 //! not confirmed when the connection drops is published again after the reconnect, so a broker
 //! restart loses nothing (the metric service ignores the duplicates this can cause).
 
+pub mod drift;
+
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures_util::FutureExt as _;
@@ -105,6 +107,42 @@ pub struct Config {
     /// sees the final counts.
     #[arg(long, env = "LINGER_SECS", default_value_t = 0)]
     pub linger_secs: u64,
+
+    /// Simulated drift: samples from this number on (counted from 0) get DRIFT_SHIFT added.
+    #[arg(long, env = "DRIFT_AFTER", default_value_t = 0)]
+    pub drift_after: u64,
+
+    /// Simulated drift: FEATURE=AMOUNT pairs added to the features after DRIFT_AFTER samples,
+    /// e.g. `bmi=0.05,s5=0.04`; not set: no drift.
+    #[arg(long, env = "DRIFT_SHIFT", value_parser = drift::parse_shift_spec)]
+    pub drift_shift: Option<drift::ShiftSpec>,
+}
+
+impl Config {
+    /// The drift to simulate, resolved against the data set's feature names.
+    pub fn drift(&self, feature_names: &[String]) -> Result<drift::Drift, drift::UnknownFeatures> {
+        drift::Drift::new(
+            self.drift_after,
+            &self.drift_shift.clone().unwrap_or_default(),
+            feature_names,
+        )
+    }
+
+    /// Checks at start-up that `DRIFT_SHIFT` names only features of `DATA_PATH` (for a clear
+    /// command-line error). A data set that cannot be read is left to [`run`] to report.
+    pub fn check_drift_shift(&self) -> Result<(), drift::UnknownFeatures> {
+        if self
+            .drift_shift
+            .as_ref()
+            .is_none_or(|spec| spec.0.is_empty())
+        {
+            return Ok(());
+        }
+        match Dataset::from_csv(&self.data_path, self.target_column.as_deref()) {
+            Ok(data) => self.drift(&data.feature_names).map(|_| ()),
+            Err(_) => Ok(()),
+        }
+    }
 }
 
 /// Picks row indices.
@@ -144,6 +182,8 @@ impl Sampler {
 struct Sample {
     id: String,
     row: usize,
+    /// Position in the stream (from 0), so a republished sample is shifted as it was first.
+    number: u64,
 }
 
 /// A sample whose messages are not yet both confirmed.
@@ -178,6 +218,10 @@ pub async fn run(
         "streaming {}",
         config.data_path.display()
     );
+    let drift = config.drift(&data.feature_names)?;
+    if let Some(shift) = config.drift_shift.as_ref().filter(|_| drift.is_on()) {
+        tracing::info!(after = config.drift_after, shift = %shift, "simulating drift: shifting features after DRIFT_AFTER samples");
+    }
 
     let mut registry = Registry::default();
     let metrics = BrokerMetrics::register(&mut registry);
@@ -203,6 +247,8 @@ pub async fn run(
         confirmed: 0,
         started: None,
         body: Vec::with_capacity(512),
+        drift,
+        drifted_row: Vec::new(),
         config,
     };
     let mut broker = Broker::new(producer.config.broker.clone(), "features", metrics, health);
@@ -233,6 +279,10 @@ struct Producer {
     confirmed: u64,
     started: Option<Instant>,
     body: Vec<u8>,
+    /// Simulated drift (`DRIFT_SHIFT`), applied where a sample's features are written.
+    drift: drift::Drift,
+    /// A shifted copy of the row being written.
+    drifted_row: Vec<f64>,
 }
 
 impl Producer {
@@ -343,6 +393,7 @@ impl Producer {
                     Sample {
                         id: uuid::Uuid::new_v4().to_string(),
                         row: self.sampler.next_row(),
+                        number: self.generated - 1,
                     }
                 }
             };
@@ -404,7 +455,10 @@ impl Producer {
         let y_true = publisher
             .publish_json(&queues.y_true_queue, &self.body, Some(&sample.id))
             .await?;
-        write_features(&mut self.body, format, id, self.data.row(row), sent_at_us)?;
+        let features = self
+            .drift
+            .apply(sample.number, self.data.row(row), &mut self.drifted_row);
+        write_features(&mut self.body, format, id, features, sent_at_us)?;
         let features = publisher
             .publish_json(&queues.features_queue, &self.body, Some(&sample.id))
             .await?;
