@@ -6,6 +6,7 @@ mod bad_input;
 mod broker_node;
 mod course;
 mod deployment;
+mod drift;
 mod faults;
 mod helpers;
 mod observability;
