@@ -9,6 +9,7 @@ mod deployment;
 mod drift;
 mod faults;
 mod helpers;
+mod monitoring;
 mod observability;
 mod pipeline_flow;
 mod scaling;
