@@ -24,9 +24,14 @@ fn psi(metrics: &HashMap<String, f64>, feature: &str) -> Option<f64> {
         .copied()
 }
 
-/// Runs N samples with `extra` settings; returns the model's PSI per feature once every sample
-/// is predicted and the reporter has seen the final window, the model's stderr and its /healthz.
-async fn run(test: &str, extra: &[(&str, &str)]) -> (HashMap<String, f64>, String, String) {
+/// Runs N samples with `extra` settings and waits until the model has predicted them all, shows a
+/// PSI for every feature, above 0.25 with a WARN line for each of `drifting`; then lets the
+/// reporter see the final window. Returns the PSI per feature, the model's stderr and /healthz.
+async fn run(
+    test: &str,
+    extra: &[(&str, &str)],
+    drifting: &[&str],
+) -> (HashMap<String, f64>, String, String) {
     let mut options = Options::new(shared_amqp_url(), N)
         .env("DRIFT_WINDOW", "1000")
         .env("ORDER", "random");
@@ -45,16 +50,27 @@ async fn run(test: &str, extra: &[(&str, &str)]) -> (HashMap<String, f64>, Strin
         "the model did not predict {N} samples\n{}",
         run.logs()
     );
+    let seen = wait_until(Duration::from_secs(30), || {
+        let metrics = run.model.metrics();
+        let stderr = run.model.stderr();
+        FEATURES.iter().all(|f| psi(&metrics, f).is_some())
+            && drifting.iter().all(|f| {
+                psi(&metrics, f).is_some_and(|v| v > 0.25)
+                    && stderr.contains(&format!("the PSI of {f} is above DRIFT_PSI_ALERT"))
+            })
+    });
+    assert!(
+        seen,
+        "no PSI for every feature, or {drifting:?} not drifting with a WARN line: {:?}\n{}",
+        run.model.metrics(),
+        run.logs()
+    );
     // The reporter recomputes every second: two more ticks see the final window.
     std::thread::sleep(Duration::from_millis(2500));
     let metrics = run.model.metrics();
     let psi: HashMap<String, f64> = FEATURES
         .iter()
-        .map(|f| {
-            let value = psi(&metrics, f)
-                .unwrap_or_else(|| panic!("no PSI for {f} on /metrics\n{}", run.logs()));
-            (f.to_string(), value)
-        })
+        .map(|f| (f.to_string(), psi(&metrics, f).unwrap_or(f64::NAN)))
         .collect();
     let mut figures: Vec<_> = psi.iter().collect();
     figures.sort_by(|a, b| a.0.cmp(b.0));
@@ -72,6 +88,7 @@ async fn shifted_features_drift_and_the_others_do_not() {
     let (psi, stderr, health) = run(
         "drift",
         &[("DRIFT_AFTER", "1000"), ("DRIFT_SHIFT", "bmi=0.05,s5=0.04")],
+        &["bmi", "s5"],
     )
     .await;
     for feature in FEATURES {
@@ -106,7 +123,7 @@ async fn shifted_features_drift_and_the_others_do_not() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_shift_no_feature_drifts() {
-    let (psi, stderr, health) = run("nodrift", &[]).await;
+    let (psi, stderr, health) = run("nodrift", &[], &[]).await;
     for (feature, value) in &psi {
         assert!(*value < 0.1, "{feature}: PSI {value}: {psi:?}");
     }
