@@ -118,33 +118,6 @@ pub struct Config {
     pub drift_shift: Option<drift::ShiftSpec>,
 }
 
-impl Config {
-    /// The drift to simulate, resolved against the data set's feature names.
-    pub fn drift(&self, feature_names: &[String]) -> Result<drift::Drift, drift::UnknownFeatures> {
-        drift::Drift::new(
-            self.drift_after,
-            &self.drift_shift.clone().unwrap_or_default(),
-            feature_names,
-        )
-    }
-
-    /// Checks at start-up that `DRIFT_SHIFT` names only features of `DATA_PATH` (for a clear
-    /// command-line error). A data set that cannot be read is left to [`run`] to report.
-    pub fn check_drift_shift(&self) -> Result<(), drift::UnknownFeatures> {
-        if self
-            .drift_shift
-            .as_ref()
-            .is_none_or(|spec| spec.0.is_empty())
-        {
-            return Ok(());
-        }
-        match Dataset::from_csv(&self.data_path, self.target_column.as_deref()) {
-            Ok(data) => self.drift(&data.feature_names).map(|_| ()),
-            Err(_) => Ok(()),
-        }
-    }
-}
-
 /// Picks row indices.
 pub struct Sampler {
     order: Order,
