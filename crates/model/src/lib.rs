@@ -76,13 +76,14 @@ pub fn train(
     let artifact = artifact::Artifact::train(data, target, version)?;
     artifact.write(out)?;
     println!(
-        "wrote {} (version {}, {} features, {} rows, R² {:.4}, MAE {:.4})",
+        "wrote {} (version {}, {} features, {} rows, R² {:.4}, MAE {:.4}, drift reference of {} features)",
         out.display(),
         artifact.version,
         artifact.feature_names.len(),
         artifact.metrics.rows,
         artifact.metrics.r2,
-        artifact.metrics.mae
+        artifact.metrics.mae,
+        artifact.reference.as_ref().map_or(0, |r| r.features.len())
     );
     Ok(())
 }
