@@ -8,6 +8,8 @@
 //! with an error instead of a reconnect loop. With `COUNT`, the producer exits non-zero when the
 //! broker did not confirm every sample before the final drain timed out.
 
+pub mod drift;
+
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures_util::FutureExt as _;
@@ -111,6 +113,15 @@ pub struct Config {
     /// sees the final counts.
     #[arg(long, env = "LINGER_SECS", default_value_t = 0)]
     pub linger_secs: u64,
+
+    /// Simulated drift: samples from this number on (counted from 0) get DRIFT_SHIFT added.
+    #[arg(long, env = "DRIFT_AFTER", default_value_t = 0)]
+    pub drift_after: u64,
+
+    /// Simulated drift: FEATURE=AMOUNT pairs added to the features after DRIFT_AFTER samples,
+    /// e.g. `bmi=0.05,s5=0.04`; not set: no drift.
+    #[arg(long, env = "DRIFT_SHIFT", value_parser = drift::parse_shift_spec)]
+    pub drift_shift: Option<drift::ShiftSpec>,
 }
 
 /// Picks row indices.
@@ -201,6 +212,8 @@ impl Pacer {
 struct Sample {
     id: String,
     row: usize,
+    /// Position in the stream (from 0), so a republished sample is shifted as it was first.
+    number: u64,
 }
 
 /// Runs the producer until `COUNT` samples are confirmed or `shutdown` completes.
@@ -223,6 +236,10 @@ pub async fn run(
         "streaming {}",
         config.data_path.display()
     );
+    let drift = config.drift(&data.feature_names)?;
+    if let Some(shift) = config.drift_shift.as_ref().filter(|_| drift.is_on()) {
+        tracing::info!(after = config.drift_after, shift = %shift, "simulating drift: shifting features after DRIFT_AFTER samples");
+    }
 
     let mut registry = Registry::default();
     let metrics = BrokerMetrics::register(&mut registry);
@@ -249,6 +266,8 @@ pub async fn run(
         confirmed: 0,
         drain_timed_out: false,
         body: Vec::with_capacity(512),
+        drift,
+        drifted_row: Vec::new(),
         config,
     };
     let mut broker = Broker::new(producer.config.broker.clone(), "features", metrics, health);
@@ -281,6 +300,10 @@ struct Producer {
     /// The last drain gave up waiting for confirms.
     drain_timed_out: bool,
     body: Vec<u8>,
+    /// Simulated drift (`DRIFT_SHIFT`), applied where a sample's features are written.
+    drift: drift::Drift,
+    /// A shifted copy of the row being written.
+    drifted_row: Vec<f64>,
 }
 
 /// Publisher confirms not yet answered, oldest first, with the window sequence of their sample.
@@ -428,6 +451,7 @@ impl Producer {
                     Sample {
                         id: uuid::Uuid::new_v4().to_string(),
                         row: self.sampler.next_row(),
+                        number: self.generated - 1,
                     }
                 }
             };
@@ -496,7 +520,10 @@ impl Producer {
         let y_true = publisher
             .publish_json(&queues.y_true_queue, &self.body, Some(&sample.id))
             .await?;
-        write_features(&mut self.body, format, id, self.data.row(row), sent_at_us)?;
+        let features = self
+            .drift
+            .apply(sample.number, self.data.row(row), &mut self.drifted_row);
+        write_features(&mut self.body, format, id, features, sent_at_us)?;
         let features = publisher
             .publish_json(&queues.features_queue, &self.body, Some(&sample.id))
             .await?;

@@ -1,10 +1,12 @@
 //! Micro-benchmarks of the model service's per-message work: the prediction itself
 //! (`LinearModel::predict`, a dot product), the `y_pred` body, and the whole handling of one
-//! `features` message short of the broker (parse, predict, serialize).
+//! `features` message short of the broker (parse, predict, serialize), and the drift monitor's
+//! per-message work (binning 10 features into the window's ring under its lock).
 //!
 //! Run: `cargo bench -p model --bench predict` (add `-- --quick` for a short run).
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use model::drift_monitor::DriftMonitor;
 use model::regression::LinearModel;
 use pipeline::dataset::Dataset;
 use pipeline::messages::{FeaturesOut, YPredOut, parse_features};
@@ -71,6 +73,11 @@ fn predict(c: &mut Criterion) {
             .expect("serialize");
             body.len()
         })
+    });
+
+    let drift = DriftMonitor::new(1000);
+    group.bench_function("drift_observe", |b| {
+        b.iter(|| drift.observe(&model, black_box(&row)))
     });
     group.finish();
 }

@@ -2,6 +2,7 @@
 //! model and to know where it came from (`model train` writes one; `MODEL_PATH` serves one), and
 //! the watcher that swaps in a new artifact while the service runs.
 
+use crate::drift::Reference;
 use crate::regression::{FitMetrics, LinearModel, ModelError, derived_version, hex};
 use anyhow::Context as _;
 use pipeline::dataset::Dataset;
@@ -36,6 +37,10 @@ pub struct Artifact {
     pub metrics: FitMetrics,
     /// When it was trained (RFC 3339).
     pub trained_at: String,
+    /// Statistics of the training data, the reference of the drift figures. Absent in artifacts
+    /// written before they were recorded: those still load, without drift figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Reference>,
 }
 
 impl Artifact {
@@ -54,6 +59,7 @@ impl Artifact {
             model.version = version;
         }
         let metrics = model.evaluate(&data)?;
+        let reference = model.reference.as_deref().cloned();
         Ok(Self {
             format: FORMAT.to_owned(),
             version: model.version,
@@ -64,6 +70,7 @@ impl Artifact {
             training_data_sha256: hex(&Sha256::digest(&bytes)),
             metrics,
             trained_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            reference,
         })
     }
 
@@ -107,6 +114,7 @@ impl Artifact {
             coefficients: self.coefficients.clone(),
             intercept: self.intercept,
             version: self.version.clone(),
+            reference: self.reference.clone().map(Arc::new),
         }
     }
 
@@ -238,6 +246,62 @@ mod tests {
         assert_eq!(loaded.feature_names.len(), 10);
         assert_eq!(loaded.training_data_sha256.len(), 64);
         assert!(!dir.path().join(".model.json.tmp").exists());
+    }
+
+    #[test]
+    fn artifacts_record_the_reference_statistics() {
+        let artifact = Artifact::train(&diabetes(), None, Some("v1".into())).unwrap();
+        let reference = artifact
+            .reference
+            .as_ref()
+            .expect("no reference statistics");
+        assert_eq!(reference.rows, 442);
+        assert_eq!(reference.mae, artifact.metrics.mae);
+        let names: Vec<&str> = reference.features.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, artifact.feature_names);
+        let bmi = &reference.features[2];
+        assert_eq!(bmi.name, "bmi");
+        // The diabetes features are centred and scaled so that the sum of squares is 1.
+        assert!(bmi.mean.abs() < 1e-6, "{}", bmi.mean);
+        assert!((bmi.std_dev - (1.0f64 / 442.0).sqrt()).abs() < 1e-6);
+        assert_eq!(bmi.decile_edges.len(), 9);
+        let share: f64 = bmi.bin_fractions.iter().sum();
+        assert!((share - 1.0).abs() < 1e-9);
+        // The written file carries it, and the served model has it.
+        let text = serde_json::to_string(&artifact).unwrap();
+        assert!(text.contains("\"decile_edges\""));
+        assert_eq!(
+            Artifact::parse(&text).unwrap().model().reference.as_deref(),
+            Some(reference)
+        );
+    }
+
+    /// An artifact written before the reference statistics existed still loads, without them.
+    #[test]
+    fn older_artifacts_without_reference_statistics_load() {
+        let mut old =
+            serde_json::to_value(Artifact::train(&diabetes(), None, Some("v1".into())).unwrap())
+                .unwrap();
+        old.as_object_mut().unwrap().remove("reference");
+        let artifact = Artifact::parse(&old.to_string()).unwrap();
+        assert_eq!(artifact.reference, None);
+        assert_eq!(artifact.model().reference, None);
+        // And it is written back without the field.
+        assert!(
+            !serde_json::to_string(&artifact)
+                .unwrap()
+                .contains("reference")
+        );
+    }
+
+    #[test]
+    fn a_broken_reference_is_refused() {
+        let mut artifact =
+            serde_json::to_value(Artifact::train(&diabetes(), None, Some("v1".into())).unwrap())
+                .unwrap();
+        artifact["reference"]["features"][0]["decile_edges"] = serde_json::json!([1.0]);
+        let err = Artifact::parse(&artifact.to_string()).unwrap_err();
+        assert!(format!("{err:#}").contains("decile edges"), "{err:#}");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! with the same id, and acks each input only after its prediction is confirmed by the broker.
 
 pub mod artifact;
+pub mod drift;
+pub mod drift_monitor;
 pub mod regression;
 
 use anyhow::Context as _;
@@ -74,13 +76,14 @@ pub fn train(
     let artifact = artifact::Artifact::train(data, target, version)?;
     artifact.write(out)?;
     println!(
-        "wrote {} (version {}, {} features, {} rows, R² {:.4}, MAE {:.4})",
+        "wrote {} (version {}, {} features, {} rows, R² {:.4}, MAE {:.4}, drift reference of {} features)",
         out.display(),
         artifact.version,
         artifact.feature_names.len(),
         artifact.metrics.rows,
         artifact.metrics.r2,
-        artifact.metrics.mae
+        artifact.metrics.mae,
+        artifact.reference.as_ref().map_or(0, |r| r.features.len())
     );
     Ok(())
 }
@@ -120,6 +123,24 @@ pub struct Config {
     /// Address of the /healthz and /metrics endpoint.
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9102", value_parser = parse_socket_addr)]
     pub http_addr: SocketAddr,
+
+    /// Feature vectors in the sliding window compared with the training data for drift (PSI);
+    /// 0 turns drift figures off.
+    #[arg(long, env = "DRIFT_WINDOW", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub drift_window: u32,
+
+    /// A feature whose PSI goes above this is reported as drifting (a WARN line), and again when
+    /// it comes back.
+    #[arg(long, env = "DRIFT_PSI_ALERT", default_value_t = 0.25, value_parser = parse_psi_alert)]
+    pub drift_psi_alert: f64,
+}
+
+/// A PSI threshold: a finite number above 0.
+fn parse_psi_alert(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if value.is_finite() && value > 0.0 => Ok(value),
+        _ => Err(format!("{text:?} is not a number above 0")),
+    }
 }
 
 /// The model served at start-up.
@@ -142,9 +163,15 @@ pub fn load_model(config: &Config) -> anyhow::Result<StartModel> {
             mae = artifact.metrics.mae,
             trained_at = %artifact.trained_at,
             training_data_sha256 = %artifact.training_data_sha256,
+            drift_reference = artifact.reference.is_some(),
             "serving model artifact {}",
             path.display()
         );
+        if artifact.reference.is_none() {
+            tracing::info!(
+                "the artifact has no reference statistics (written by an older `model train`): no drift figures"
+            );
+        }
         return Ok(StartModel {
             model: artifact.model(),
             artifact_hash: Some(hash),
@@ -208,6 +235,23 @@ pub async fn run(
         &[&config.queues.features_queue, &config.queues.y_pred_queue],
         &health,
     );
+    let drift_gauges = drift_monitor::DriftGauges::default();
+    registry.register(
+        "pipeline_feature_drift_psi",
+        "Population stability index of each feature over the last DRIFT_WINDOW vectors against the model's training data",
+        drift_gauges.clone(),
+    );
+    let drift = (config.drift_window > 0).then(|| {
+        let monitor = drift_monitor::DriftMonitor::new(config.drift_window as usize);
+        let reporter = tokio::spawn(drift_monitor::report_drift(
+            monitor.clone(),
+            config.drift_psi_alert,
+            drift_gauges,
+            health.clone(),
+            shutdown.clone(),
+        ));
+        (monitor, reporter)
+    });
     let http = pipeline::http::spawn(
         config.http_addr,
         Arc::new(registry),
@@ -233,12 +277,16 @@ pub async fn run(
         y_pred_queue: queues.y_pred_queue.clone(),
         format: BodyFormat::of(config.broker.topology),
         body: Vec::with_capacity(256),
+        drift: drift.as_ref().map(|(monitor, _)| monitor.clone()),
     };
     let result = run_consumer(&mut broker, &spec, &mut predictor, &shutdown).await;
     shutdown.cancel();
     let _ = http.await;
     if let Some(watcher) = watcher {
         let _ = watcher.await;
+    }
+    if let Some((_, reporter)) = drift {
+        let _ = reporter.await;
     }
     result
 }
@@ -250,6 +298,8 @@ struct Predictor {
     /// Bare under `TOPOLOGY=course`; native otherwise, except in answer to a bare message.
     format: BodyFormat,
     body: Vec<u8>,
+    /// Where served features go for the drift figures (`None` with `DRIFT_WINDOW=0`).
+    drift: Option<drift_monitor::DriftMonitor>,
 }
 
 impl MessageHandler for Predictor {
@@ -273,6 +323,9 @@ impl MessageHandler for Predictor {
             Ok(y_pred) => y_pred,
             Err(err) => return Ok(Disposition::DeadLetter(err)),
         };
+        if let Some(drift) = &self.drift {
+            drift.observe(&model, &message.features);
+        }
         // Answer a bare course-style message in the same style.
         let format = if message.bare {
             BodyFormat::Bare

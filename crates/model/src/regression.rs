@@ -1,11 +1,13 @@
 //! The model: ordinary least squares with intercept, fitted by `linfa-linear`, and the per-message
 //! prediction (a dot product over the stored coefficients, no allocation).
 
+use crate::drift::Reference;
 use linfa::traits::Fit as _;
 use pipeline::dataset::Dataset;
 use pipeline::messages::MessageError;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use std::sync::Arc;
 
 /// Why a model cannot be fitted or used.
 #[derive(Debug, thiserror::Error)]
@@ -40,11 +42,15 @@ pub struct LinearModel {
     pub intercept: f64,
     /// Version carried on every prediction.
     pub version: String,
+    /// Statistics of the training data, for drift; `None` for an artifact written before they
+    /// were recorded.
+    pub reference: Option<Arc<Reference>>,
 }
 
 impl LinearModel {
     /// Fits ordinary least squares with intercept on `data` (the same model as scikit-learn's
-    /// `LinearRegression().fit(X, y)`). The version is derived from the coefficients.
+    /// `LinearRegression().fit(X, y)`) and records the reference statistics of `data`. The version
+    /// is derived from the coefficients.
     pub fn fit(data: &Dataset) -> Result<Self, ModelError> {
         let records = ndarray::Array2::from_shape_vec(
             (data.len(), data.n_features()),
@@ -58,13 +64,18 @@ impl LinearModel {
         let coefficients = fitted.params().to_vec();
         let intercept = fitted.intercept();
         let version = derived_version(&coefficients, intercept);
-        let model = Self {
+        let mut model = Self {
             feature_names: data.feature_names.clone(),
             coefficients,
             intercept,
             version,
+            reference: None,
         };
         model.validate()?;
+        let fit = model
+            .evaluate(data)
+            .map_err(|err| ModelError::Fit(err.to_string()))?;
+        model.reference = Some(Arc::new(Reference::of(data, fit.mae)));
         Ok(model)
     }
 
@@ -87,6 +98,9 @@ impl LinearModel {
         }
         if self.version.is_empty() {
             return Err(ModelError::Invalid("empty version".to_owned()));
+        }
+        if let Some(reference) = &self.reference {
+            reference.validate(&self.feature_names)?;
         }
         Ok(())
     }

@@ -1,0 +1,171 @@
+//! Feature drift end to end: the producer shifts two features after 1,000 of 3,000 samples and the
+//! model's `pipeline_feature_drift_psi` shows those two drifting and no other, with WARN lines and
+//! a `/healthz` note; without the shift no PSI comes near the alarm. Also: `DRIFT_SHIFT` naming an
+//! unknown feature is a usage error.
+//!
+//! Window: 1,000 vectors with 10 bins. Rows are drawn with replacement from the 442 the reference
+//! was computed on, so an undrifted feature's PSI is about chi²(9) / 1000: 0.009 on average, 0.1 is
+//! far in the tail. bmi + 0.05 and s5 + 0.04 are about one standard deviation (0.048): PSI > 1.
+
+use crate::helpers::*;
+use std::collections::HashMap;
+use std::time::Duration;
+
+const N: u64 = 3000;
+const FEATURES: [&str; 10] = [
+    "age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6",
+];
+
+fn psi(metrics: &HashMap<String, f64>, feature: &str) -> Option<f64> {
+    metrics
+        .get(&format!(
+            "pipeline_feature_drift_psi{{feature=\"{feature}\"}}"
+        ))
+        .copied()
+}
+
+/// Runs N samples with `extra` settings and waits until the model has predicted them all, shows a
+/// PSI for every feature, above 0.25 with a WARN line for each of `drifting`; then lets the
+/// reporter see the final window. Returns the PSI per feature, the model's stderr and /healthz.
+async fn run(
+    test: &str,
+    extra: &[(&str, &str)],
+    drifting: &[&str],
+) -> (HashMap<String, f64>, String, String) {
+    let mut options = Options::new(shared_amqp_url(), N)
+        .env("DRIFT_WINDOW", "1000")
+        .env("ORDER", "random");
+    for (key, value) in extra {
+        options = options.env(key, value);
+    }
+    let run = Pipeline::start(test, options);
+    let features_queue = run.queues.features.clone();
+    let done = wait_until(Duration::from_secs(120), || {
+        run.model.metrics().get(&format!(
+            "pipeline_messages_acked_total{{queue=\"{features_queue}\"}}"
+        )) == Some(&(N as f64))
+    });
+    assert!(
+        done,
+        "the model did not predict {N} samples\n{}",
+        run.logs()
+    );
+    let seen = wait_until(Duration::from_secs(30), || {
+        let metrics = run.model.metrics();
+        let stderr = run.model.stderr();
+        FEATURES.iter().all(|f| psi(&metrics, f).is_some())
+            && drifting.iter().all(|f| {
+                psi(&metrics, f).is_some_and(|v| v > 0.25)
+                    && stderr.contains(&format!("the PSI of {f} is above DRIFT_PSI_ALERT"))
+            })
+    });
+    assert!(
+        seen,
+        "no PSI for every feature, or {drifting:?} not drifting with a WARN line: {:?}\n{}",
+        run.model.metrics(),
+        run.logs()
+    );
+    // The reporter recomputes every second: two more ticks see the final window.
+    std::thread::sleep(Duration::from_millis(2500));
+    let metrics = run.model.metrics();
+    let psi: HashMap<String, f64> = FEATURES
+        .iter()
+        .map(|f| (f.to_string(), psi(&metrics, f).unwrap_or(f64::NAN)))
+        .collect();
+    let mut figures: Vec<_> = psi.iter().collect();
+    figures.sort_by(|a, b| a.0.cmp(b.0));
+    eprintln!("{test}: PSI per feature after {N} samples: {figures:?}");
+    let health = run.model.get("/healthz").unwrap_or_default().1;
+    let stderr = run.model.stderr();
+    let queues = run.queues.clone();
+    drop(run);
+    delete_queues(&shared_amqp_url(), &queues).await;
+    (psi, stderr, health)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shifted_features_drift_and_the_others_do_not() {
+    let (psi, stderr, health) = run(
+        "drift",
+        &[("DRIFT_AFTER", "1000"), ("DRIFT_SHIFT", "bmi=0.05,s5=0.04")],
+        &["bmi", "s5"],
+    )
+    .await;
+    for feature in FEATURES {
+        let value = psi[feature];
+        if feature == "bmi" || feature == "s5" {
+            assert!(
+                value > 0.25,
+                "{feature}: PSI {value} not above 0.25: {psi:?}"
+            );
+        } else {
+            assert!(value < 0.1, "{feature}: PSI {value} not below 0.1: {psi:?}");
+        }
+    }
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("feature drift"))
+        .collect();
+    for feature in ["bmi", "s5"] {
+        assert!(
+            warnings
+                .iter()
+                .any(|l| l.contains(&format!("the PSI of {feature} is above DRIFT_PSI_ALERT"))),
+            "no drift WARN line for {feature}:\n{stderr}"
+        );
+    }
+    assert_eq!(warnings.len(), 2, "{warnings:#?}");
+    assert!(
+        health.contains("feature drift (PSI > 0.25): bmi, s5"),
+        "/healthz: {health}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_shift_no_feature_drifts() {
+    let (psi, stderr, health) = run("nodrift", &[], &[]).await;
+    for (feature, value) in &psi {
+        assert!(*value < 0.1, "{feature}: PSI {value}: {psi:?}");
+    }
+    assert!(
+        !stderr.contains("feature drift"),
+        "a drift line without drift:\n{stderr}"
+    );
+    assert!(!health.contains("feature drift"), "/healthz: {health}");
+}
+
+#[test]
+fn an_unknown_feature_in_drift_shift_is_a_usage_error() {
+    let output = std::process::Command::new(bin_path("features"))
+        .current_dir(repo_root())
+        .env_clear()
+        .env("DRIFT_SHIFT", "bmi=0.05,weight=1")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("\"weight\"") && stderr.contains("age, sex, bmi"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_drift_settings_are_listed_by_help() {
+    for (binary, names) in [
+        ("features", &["DRIFT_AFTER", "DRIFT_SHIFT"][..]),
+        ("model", &["DRIFT_WINDOW", "DRIFT_PSI_ALERT"][..]),
+    ] {
+        let output = std::process::Command::new(bin_path(binary))
+            .arg("--help")
+            .output()
+            .unwrap();
+        let help = String::from_utf8(output.stdout).unwrap();
+        for name in names {
+            assert!(
+                help.contains(&format!("[env: {name}")),
+                "{binary} --help does not list {name}"
+            );
+        }
+    }
+}
