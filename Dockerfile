@@ -5,7 +5,10 @@
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
-COPY . .
+# Only what cargo needs, so editing the README or compose file does not rebuild the binaries.
+COPY Cargo.toml Cargo.lock ./
+COPY crates/ crates/
+COPY tests/ tests/
 # The shipped binaries carry no debug info (the release profile keeps line tables for the benchmark).
 ENV CARGO_PROFILE_RELEASE_DEBUG=false \
     CARGO_PROFILE_RELEASE_STRIP=true
