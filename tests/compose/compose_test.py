@@ -263,11 +263,30 @@ def under_load(stack, checks, name, action):
     )
 
 
-def run(checks, stack, work, timings):
-    copy = stack.folder
-    image_before = subprocess.run(
-        ["docker", "images", "-q", "--filter", "dangling=true"], capture_output=True, text=True
+def dangling_images():
+    return subprocess.run(
+        ["docker", "images", "-q", "--no-trunc", "--filter", "dangling=true"],
+        capture_output=True,
+        text=True,
     ).stdout.split()
+
+
+def remove_replaced_images(before):
+    """Removes the ml-pipeline images this run left untagged. Compose labels the image with the
+    project name, so each run under a new name tags a new image id (the same layers, no extra
+    space) and the previous one loses its tag; a user's reruns under one name keep the id."""
+    for image in set(dangling_images()) - set(before):
+        labels = subprocess.run(
+            ["docker", "image", "inspect", "-f", "{{json .Config.Labels}}", image],
+            capture_output=True,
+            text=True,
+        ).stdout
+        if '"com.docker.compose.service":"features"' in labels:
+            subprocess.run(["docker", "rmi", image], capture_output=True)
+
+
+def run(checks, stack, work, timings, image_before):
+    copy = stack.folder
 
     # 1. The README's command, with the ports moved through the variables.
     started = time.monotonic()
@@ -342,12 +361,9 @@ def run(checks, stack, work, timings):
                 text=True,
                 check=True,
             ).stdout.strip()
-    image_after = subprocess.run(
-        ["docker", "images", "-q", "--filter", "dangling=true"], capture_output=True, text=True
-    ).stdout.split()
-    # A rebuild of changed sources leaves the previous ml-pipeline:latest untagged (one image);
-    # the old pattern, three services building the same tag, left two per build.
-    new_dangling = len(set(image_after) - set(image_before))
+    # The previous ml-pipeline:latest loses its tag (one image: changed sources, or this run's
+    # project label); the old pattern, three services building one tag, left two per build.
+    new_dangling = len(set(dangling_images()) - set(image_before))
     built_names = open(stack.log_file).read().count("naming to docker.io/library/ml-pipeline:latest")
     metric_id = next(c["ID"] for c in stack.containers() if c["Service"] == "metric")
     debug = {}
@@ -487,8 +503,9 @@ def main():
     checks = Checks()
     timings = {}
     started = time.monotonic()
+    image_before = dangling_images()
     try:
-        run(checks, stack, work, timings)
+        run(checks, stack, work, timings, image_before)
     except Exception as error:  # any failure of the harness itself is a failed check
         checks.record("compose test ran to the end", False, repr(error))
     finally:
@@ -499,6 +516,7 @@ def main():
             subprocess.run(["docker", "compose", "ps", "-a"], cwd=copy, env=env)
             subprocess.run(["docker", "compose", "logs", "--tail", "15"], cwd=copy, env=env)
         stack.compose("down", "-v", "--remove-orphans", check=False)
+        remove_replaced_images(image_before)
         as_root(["rm", "-rf", str(work)])
     for name, seconds in timings.items():
         say(f"time: {name} {seconds:.0f} s")
