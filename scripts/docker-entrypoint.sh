@@ -4,7 +4,7 @@
 # its uid (1000, another, root), with nothing to export first:
 #   metric           runs as the owner of LOG_DIR (./logs in compose)
 #   model train      runs as the owner of /app/models (./models), where it writes the artifact
-#   everything else  runs as APP_USER (default 1000:1000)
+#   everything else  runs as 1000:1000
 # Started as another user than root (`docker run --user`), it runs the command as that user.
 set -eu
 
@@ -22,7 +22,7 @@ if [ "$(id -u)" != 0 ]; then
   exec "$@"
 fi
 
-user="${APP_USER:-1000:1000}"
+user=1000:1000
 why="default"
 case "$1" in
   metric)
