@@ -38,3 +38,65 @@ async fn a_drain_that_times_out_short_of_count_exits_non_zero() {
     assert!(stderr.contains("of COUNT=50 samples confirmed"), "{stderr}");
     drop(node);
 }
+
+/// A stop request that lands while a sample is being published: the producer lets that publish
+/// finish, so what it reports as confirmed is exactly what the queues hold. (It used to drop the
+/// publish half-way and count the sample as unsent although its messages had reached the broker,
+/// so a producer restarted with the rest of COUNT sent one sample too many.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_mid_publish_reports_exactly_what_the_queues_hold() {
+    let url = shared_amqp_url();
+    for round in 0..6 {
+        let queues = Queues::unique("stopmid");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut env = queues.env();
+        env.extend([
+            ("AMQP_URL".to_owned(), url.clone()),
+            ("COUNT".to_owned(), "0".to_owned()),
+            ("RATE".to_owned(), "0".to_owned()),
+        ]);
+        let mut features = spawn_service("features", env, dir.path());
+        assert!(
+            wait_until(Duration::from_secs(30), || features
+                .get("/healthz")
+                .is_some_and(|(status, _)| status == 200)),
+            "{}",
+            features.stderr()
+        );
+        // At full speed a publish is under way nearly all the time.
+        std::thread::sleep(Duration::from_millis(300 + 150 * round));
+        features.signal("TERM");
+        let exit = features
+            .wait_exit(Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("features still running:\n{}", features.stderr()));
+        let stderr = features.stderr();
+        assert!(exit.success(), "features exited {exit}:\n{stderr}");
+        let confirmed = stopped_with_confirmed(&stderr);
+        assert!(confirmed > 0, "nothing confirmed:\n{stderr}");
+        let depths = queue_depths(&url, &[queues.y_true.clone(), queues.features.clone()]).await;
+        assert_eq!(
+            (depths[&queues.y_true], depths[&queues.features]),
+            (confirmed as u32, confirmed as u32),
+            "round {round}: the producer reported {confirmed} samples confirmed"
+        );
+        delete_queues(&url, &queues).await;
+    }
+}
+
+/// `confirmed=N` of the producer's "producer stopped" line.
+fn stopped_with_confirmed(stderr: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains("producer stopped"))
+        .unwrap_or_else(|| panic!("no stop line in:\n{stderr}"));
+    line.split("confirmed")
+        .nth(1)
+        .and_then(|rest| {
+            rest.trim_start_matches(|c: char| !c.is_ascii_digit())
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no confirmed count in {line:?}"))
+}

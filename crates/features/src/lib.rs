@@ -166,6 +166,10 @@ pub struct Pacer {
     sent: u32,
 }
 
+/// How long a stop request lets a publish under way finish (it is only waiting for a free frame
+/// buffer, unless the broker blocks publishers).
+const PUBLISH_GRACE: Duration = Duration::from_secs(1);
+
 /// Longest delay the pacer makes up for by sending faster than `RATE`.
 pub const MAX_CATCH_UP: Duration = Duration::from_secs(1);
 
@@ -455,12 +459,22 @@ impl Producer {
                     }
                 }
             };
-            let published = tokio::select! {
-                published = self.publish(publisher, &sample) => published,
-                _ = shutdown.cancelled() => {
-                    self.retry.push_front(sample);
-                    break;
+            let published = {
+                let publish = self.publish(publisher, &sample);
+                tokio::pin!(publish);
+                tokio::select! {
+                    published = &mut publish => Some(published),
+                    // A publish under way may already have handed its messages to the broker:
+                    // let it finish, or the sample would count as unsent yet arrive. Only a
+                    // blocked broker holds it past the grace; then it stays owed.
+                    _ = shutdown.cancelled() => {
+                        tokio::time::timeout(PUBLISH_GRACE, &mut publish).await.ok()
+                    }
                 }
+            };
+            let Some(published) = published else {
+                self.retry.push_front(sample);
+                break;
             };
             match published {
                 Ok(parts) => {
