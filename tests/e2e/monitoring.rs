@@ -441,6 +441,7 @@ async fn every_rabbitmq_metric_in_the_rules_and_the_dashboard_is_exported_by_rab
     let cookie = format!("cookie-{}", uuid::Uuid::new_v4().simple());
     let mut node = BrokerNode::prepare("prom", free_port(), &cookie, Some(base.path()));
     let node_dir = base.path().join(&node.name);
+    let _epmd = EpmdOf(node_dir.clone());
     let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     std::fs::write(node_dir.join("enabled_plugins"), "[rabbitmq_prometheus].").unwrap();
     let mut conf = std::fs::read_to_string(node_dir.join("rabbitmq.conf")).unwrap();
@@ -489,6 +490,7 @@ async fn every_rabbitmq_metric_in_the_rules_and_the_dashboard_is_exported_by_rab
     let (status, totals) = http_get_plain(metrics_addr, "/metrics").expect("/metrics");
     assert_eq!(status, 200);
     let _ = connection.close(200, "bye".into()).await;
+    drop(node);
     let mut exported = exported_names(&detailed);
     exported.extend(exported_names(&totals));
     let missing: Vec<&String> = used
@@ -500,6 +502,41 @@ async fn every_rabbitmq_metric_in_the_rules_and_the_dashboard_is_exported_by_rab
         "the rules or the dashboard use metrics RabbitMQ does not export: {missing:?}"
     );
     eprintln!("rabbitmq names checked: {used:?}");
+}
+
+/// Kills, when dropped, the `epmd` the private node in this directory started: it daemonizes out
+/// of the node's process group, so dropping the node leaves it running.
+struct EpmdOf(PathBuf);
+
+impl Drop for EpmdOf {
+    fn drop(&mut self) {
+        stop_epmd_of(&self.0);
+    }
+}
+
+fn stop_epmd_of(node_dir: &Path) {
+    let home = format!("HOME={}", node_dir.join("home").display());
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for process in processes.flatten() {
+        let Some(pid) = process
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let is_epmd = std::fs::read_to_string(process.path().join("comm"))
+            .is_ok_and(|name| name.trim() == "epmd");
+        let environ = std::fs::read(process.path().join("environ")).unwrap_or_default();
+        let ours = environ
+            .split(|byte| *byte == 0)
+            .any(|entry| entry == home.as_bytes());
+        if is_epmd && ours {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+    }
 }
 
 /// A real Prometheus server on a free port, with its own data dir, scraping `targets` every second
