@@ -1,6 +1,7 @@
 //! What can be checked of the Docker set-up without a Docker engine: the paths the Dockerfile and
-//! compose use exist, every variable compose sets is one the binary reads, ports agree, and the
-//! binaries work with exactly the compose environment pointed at the local broker.
+//! compose use exist, every variable compose sets is one the binary reads, ports agree and move
+//! through variables, one image is built once, and the binaries work with exactly the compose
+//! environment pointed at the local broker. `scripts/compose-test` runs the real thing on Docker.
 
 use crate::helpers::*;
 use std::collections::BTreeMap;
@@ -36,6 +37,22 @@ fn merged(yaml: &Yaml) -> Yaml {
     }
 }
 
+/// A compose value with every `${NAME:-default}` replaced by its default, as compose does when
+/// NAME is not set.
+fn compose_default(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = start + rest[start..].find('}').expect("unclosed ${ in compose");
+        let inner = &rest[start + 2..end];
+        out.push_str(inner.split_once(":-").map_or("", |(_, default)| default));
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn scalar(yaml: &Yaml) -> String {
     match yaml {
         Yaml::String(s) | Yaml::Real(s) => s.clone(),
@@ -53,9 +70,13 @@ struct ComposeService {
     yaml: Yaml,
 }
 
-fn compose_services() -> BTreeMap<String, ComposeService> {
+fn compose_doc() -> Yaml {
     let text = std::fs::read_to_string(repo_root().join("docker-compose.yml")).unwrap();
-    let doc = merged(&YamlLoader::load_from_str(&text).unwrap()[0]);
+    merged(&YamlLoader::load_from_str(&text).unwrap()[0])
+}
+
+fn compose_services() -> BTreeMap<String, ComposeService> {
+    let doc = compose_doc();
     let mut services = BTreeMap::new();
     for (name, service) in doc["services"].as_hash().unwrap() {
         let name = name.as_str().unwrap().to_owned();
@@ -99,11 +120,13 @@ fn compose_and_dockerfile_agree_with_the_binaries() {
         .lines()
         .filter(|l| l.starts_with("COPY") && !l.contains("--from"))
     {
-        let source = line.split_whitespace().nth(1).unwrap();
-        assert!(
-            repo_root().join(source).exists(),
-            "Dockerfile copies {source}, which does not exist"
-        );
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for source in &words[1..words.len() - 1] {
+            assert!(
+                repo_root().join(source).exists(),
+                "Dockerfile copies {source}, which does not exist"
+            );
+        }
     }
     for (name, service) in &services {
         assert_eq!(&service.command, name, "service {name} runs its own binary");
@@ -139,10 +162,12 @@ fn compose_and_dockerfile_agree_with_the_binaries() {
                 "{name} mounts {host}, which does not exist"
             );
         }
+        // Relative to the image's WORKDIR /app, where ./data is mounted: the same path works
+        // with `cargo run` from the repository root.
         if let Some(path) = service.environment.get("DATA_PATH") {
-            let local = path.replace("/app/data", "data");
+            let local = compose_default(path);
             assert!(
-                repo_root().join(&local).exists(),
+                local.starts_with("data/") && repo_root().join(&local).exists(),
                 "{name}: DATA_PATH {path} is not in ./data"
             );
         }
@@ -158,16 +183,109 @@ fn compose_and_dockerfile_agree_with_the_binaries() {
                 "model must have no container_name"
             );
         } else {
+            // Host port through a variable whose default is the HTTP port, on 127.0.0.1 unless
+            // BIND_ADDRESS says otherwise.
+            let variable = format!("{}_PORT", name.to_uppercase());
             assert_eq!(
                 service.ports,
-                [format!("{0}:{0}", http.port())],
+                [format!(
+                    "${{BIND_ADDRESS:-127.0.0.1}}:${{{variable}:-{0}}}:{0}",
+                    http.port()
+                )],
                 "{name} publishes its HTTP port"
             );
         }
+        // Through the entrypoint, which unsets the empty MODEL_PATH as for the service itself.
         let healthcheck = &service.yaml["healthcheck"]["test"];
-        assert_eq!(scalar(&healthcheck[1]), *name);
-        assert_eq!(scalar(&healthcheck[2]), "healthcheck");
+        assert_eq!(scalar(&healthcheck[1]), "docker-entrypoint");
+        assert_eq!(scalar(&healthcheck[2]), *name);
+        assert_eq!(scalar(&healthcheck[3]), "healthcheck");
     }
+}
+
+#[test]
+fn compose_builds_one_image_and_keeps_the_broker_data() {
+    let doc = compose_doc();
+    let services = doc["services"].as_hash().unwrap();
+    let building: Vec<&str> = services
+        .iter()
+        .filter(|(_, service)| !service["build"].is_badvalue())
+        .map(|(name, _)| name.as_str().unwrap())
+        .collect();
+    assert_eq!(building, ["features"], "one service builds the image");
+    for name in ["features", "model", "metric"] {
+        let service = &doc["services"][name];
+        assert_eq!(service["image"].as_str(), Some("ml-pipeline:latest"));
+        if name != "features" {
+            assert_eq!(
+                service["pull_policy"].as_str(),
+                Some("never"),
+                "{name} uses the image features builds"
+            );
+        }
+    }
+    let rabbitmq = &doc["services"]["rabbitmq"];
+    let healthcheck: Vec<String> = rabbitmq["healthcheck"]["test"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(scalar)
+        .collect();
+    assert_eq!(
+        healthcheck,
+        [
+            "CMD",
+            "rabbitmq-diagnostics",
+            "-q",
+            "check_port_connectivity"
+        ],
+        "healthy only once AMQP is accepted"
+    );
+    assert!(rabbitmq["restart"].as_str().is_some());
+    let ports: Vec<String> = rabbitmq["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(scalar)
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            "${BIND_ADDRESS:-127.0.0.1}:${RABBITMQ_PORT:-5672}:5672",
+            "${BIND_ADDRESS:-127.0.0.1}:${RABBITMQ_UI_PORT:-15672}:15672"
+        ]
+    );
+    let volume = scalar(&rabbitmq["volumes"][0]);
+    let (named, path) = volume.split_once(':').unwrap();
+    assert_eq!(path, "/var/lib/rabbitmq");
+    assert!(
+        !doc["volumes"][named].is_badvalue(),
+        "{named} is a named volume"
+    );
+
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    for (number, line) in dockerfile.lines().enumerate() {
+        if line.to_lowercase().starts_with("# syntax=") {
+            assert_eq!(number, 0, "a parser directive is ignored after line 1");
+        }
+    }
+    assert!(dockerfile.contains("CARGO_PROFILE_RELEASE_DEBUG=false"));
+    let entrypoint = repo_root().join("scripts/docker-entrypoint.sh");
+    assert!(dockerfile.contains("COPY scripts/docker-entrypoint.sh"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&entrypoint).unwrap().permissions().mode();
+    assert!(mode & 0o111 != 0, "the entrypoint is executable");
+}
+
+#[test]
+fn compose_defaults_replace_variables() {
+    assert_eq!(
+        compose_default("${DATA_PATH:-data/diabetes.csv}"),
+        "data/diabetes.csv"
+    );
+    assert_eq!(compose_default("a${X:-1}b${Y:-2}"), "a1b2");
+    assert_eq!(compose_default("${MODEL_PATH:-}"), "");
+    assert_eq!(compose_default("plain"), "plain");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -180,15 +298,18 @@ async fn binaries_run_with_the_compose_environment() {
     for (name, service) in compose_services().into_iter().rev() {
         let mut env: Vec<(String, String)> = Vec::new();
         for (key, value) in &service.environment {
+            let value = &compose_default(value);
+            // Empty means unset: the image's entrypoint removes empty optional settings.
+            if value.is_empty() {
+                continue;
+            }
             // Only what cannot be the same here: the broker's host name, the container paths,
             // ports shared with other tests, and queue names shared with other tests.
             let value = match key.as_str() {
                 "AMQP_URL" => value
                     .replace("@rabbitmq:5672", "@127.0.0.1:5672")
                     .replace("amqp://guest:guest@127.0.0.1:5672/%2f", &url),
-                "DATA_PATH" => {
-                    value.replace("/app/data", &repo_root().join("data").display().to_string())
-                }
+                "DATA_PATH" => repo_root().join(value).display().to_string(),
                 "LOG_DIR" => logs.path().display().to_string(),
                 "HTTP_ADDR" => format!("127.0.0.1:{}", free_port()),
                 "FEATURES_QUEUE" => queues.features.clone(),
