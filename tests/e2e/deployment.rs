@@ -1,7 +1,8 @@
 //! What can be checked of the Docker set-up without a Docker engine: the paths the Dockerfile and
 //! compose use exist, every variable compose sets is one the binary reads, ports agree and move
-//! through variables, one image is built once, and the binaries work with exactly the compose
-//! environment pointed at the local broker. `scripts/compose-test` runs the real thing on Docker.
+//! through variables, one image is built once, the `monitoring` profile's Prometheus and Grafana
+//! get the repository's monitoring files and scrape the services on their ports, and the binaries
+//! work with exactly the compose environment pointed at the local broker. `scripts/compose-test` runs the real thing on Docker.
 
 use crate::helpers::*;
 use std::collections::BTreeMap;
@@ -80,7 +81,8 @@ fn compose_services() -> BTreeMap<String, ComposeService> {
     let mut services = BTreeMap::new();
     for (name, service) in doc["services"].as_hash().unwrap() {
         let name = name.as_str().unwrap().to_owned();
-        if name == "rabbitmq" {
+        // The broker and the monitoring profile's images are not built from this repo.
+        if name == "rabbitmq" || !service["profiles"].is_badvalue() {
             continue;
         }
         let list = |key: &str| {
@@ -346,4 +348,132 @@ async fn binaries_run_with_the_compose_environment() {
         "with the compose settings (RATE=10), fewer than 15 rows in 30 s"
     );
     delete_queues(&url, &queues).await;
+}
+
+/// The `monitoring` profile: Prometheus and Grafana start only with it, publish their ports through
+/// variables like the others, get the repository's monitoring files where their configs expect
+/// them, and Prometheus scrapes the compose services on the ports they listen on.
+#[test]
+fn the_monitoring_profile_adds_prometheus_and_grafana() {
+    let doc = compose_doc();
+    let mut profiled = Vec::new();
+    for (name, service) in doc["services"].as_hash().unwrap() {
+        if let Some(profiles) = service["profiles"].as_vec() {
+            let profiles: Vec<String> = profiles.iter().map(scalar).collect();
+            assert_eq!(profiles, ["monitoring"], "{name:?}");
+            profiled.push(scalar(name));
+        }
+    }
+    assert_eq!(
+        profiled,
+        ["prometheus", "grafana"],
+        "only these need the profile"
+    );
+
+    let list = |service: &Yaml, key: &str| -> Vec<String> {
+        service[key]
+            .as_vec()
+            .map(|items| items.iter().map(scalar).collect())
+            .unwrap_or_default()
+    };
+    for (name, variable, port) in [
+        ("prometheus", "PROMETHEUS_PORT", 9090),
+        ("grafana", "GRAFANA_PORT", 3000),
+    ] {
+        let service = &doc["services"][name];
+        assert_eq!(
+            list(service, "ports"),
+            [format!(
+                "${{BIND_ADDRESS:-127.0.0.1}}:${{{variable}:-{port}}}:{port}"
+            )],
+            "{name} publishes its port"
+        );
+        for volume in list(service, "volumes") {
+            let host = volume.split(':').next().unwrap();
+            if host.starts_with("./") {
+                assert!(
+                    repo_root().join(host).exists(),
+                    "{name} mounts {host}, which does not exist"
+                );
+            } else {
+                assert!(
+                    !doc["volumes"][host].is_badvalue(),
+                    "{host} is a named volume"
+                );
+            }
+        }
+    }
+
+    let prometheus = &doc["services"]["prometheus"];
+    assert!(
+        list(prometheus, "volumes")
+            .contains(&"./monitoring/prometheus:/etc/prometheus:ro".to_owned())
+    );
+    assert!(
+        list(prometheus, "command")
+            .contains(&"--config.file=/etc/prometheus/prometheus.yml".to_owned())
+    );
+    let grafana = &doc["services"]["grafana"];
+    let grafana_volumes = list(grafana, "volumes");
+    assert!(
+        grafana_volumes
+            .contains(&"./monitoring/grafana/provisioning:/etc/grafana/provisioning:ro".to_owned())
+    );
+    assert!(
+        grafana_volumes
+            .contains(&"./monitoring/grafana/dashboards:/var/lib/grafana/dashboards:ro".to_owned())
+    );
+    let load = |path: &str| {
+        let text = std::fs::read_to_string(repo_root().join(path)).unwrap();
+        YamlLoader::load_from_str(&text).unwrap().remove(0)
+    };
+    let providers = load("monitoring/grafana/provisioning/dashboards/pipeline.yml");
+    assert_eq!(
+        providers["providers"][0]["options"]["path"].as_str(),
+        Some("/var/lib/grafana/dashboards"),
+        "the provider reads where compose mounts the dashboards"
+    );
+    let home = scalar(&grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]);
+    let in_repo = home.replace(
+        "/var/lib/grafana/dashboards",
+        "monitoring/grafana/dashboards",
+    );
+    assert!(repo_root().join(&in_repo).exists(), "{home}");
+    let datasources = load("monitoring/grafana/provisioning/datasources/prometheus.yml");
+    assert_eq!(
+        datasources["datasources"][0]["url"].as_str(),
+        Some("http://prometheus:9090")
+    );
+
+    // Every scrape target is a compose service on the port it listens on (RabbitMQ: the
+    // rabbitmq_prometheus plugin's 15692, inside the network only).
+    let config = load("monitoring/prometheus/prometheus.yml");
+    let services = compose_services();
+    for job in config["scrape_configs"].as_vec().unwrap() {
+        let mut targets: Vec<String> = job["static_configs"][0]["targets"]
+            .as_vec()
+            .map(|t| t.iter().map(scalar).collect())
+            .unwrap_or_default();
+        if let Some(dns) = job["dns_sd_configs"].as_vec() {
+            for entry in dns {
+                for name in entry["names"].as_vec().unwrap() {
+                    targets.push(format!("{}:{}", scalar(name), scalar(&entry["port"])));
+                }
+            }
+        }
+        assert!(!targets.is_empty(), "{job:?}");
+        for target in targets {
+            let (host, port) = target.split_once(':').unwrap();
+            if host == "rabbitmq" {
+                assert_eq!(port, "15692", "{target}");
+                assert!(!doc["services"]["rabbitmq"].is_badvalue());
+            } else {
+                let service = services
+                    .get(host)
+                    .unwrap_or_else(|| panic!("{target}: no compose service {host}"));
+                let http: SocketAddr = service.environment["HTTP_ADDR"].parse().unwrap();
+                assert_eq!(port, http.port().to_string(), "{target}");
+            }
+        }
+    }
 }
