@@ -4,7 +4,8 @@
 # real ones where a registry answers; where none does (an offline build machine) it builds local
 # stand-ins under the same tags:
 #   debian:bookworm-slim   from debootstrap and the Debian mirror
-#   rabbitmq:3-management  Debian's rabbitmq-server, management plugin on, loopback_users = none,
+#   rabbitmq:3-management  Debian's rabbitmq-server, management and prometheus plugins on (as in the
+#                          real image), loopback_users = none,
 #                          in the foreground, rabbitmq-diagnostics on PATH
 #   rust:1-bookworm        this machine's Rust toolchain, trusting this machine's certificates so
 #                          cargo inside `docker build` reaches crates.io through a proxy
@@ -51,12 +52,12 @@ FROM debian:bookworm-slim
 RUN apt-get update -qq \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rabbitmq-server >/dev/null \
     && rm -rf /var/lib/apt/lists/* \
-    && rabbitmq-plugins enable --offline rabbitmq_management >/dev/null \
+    && rabbitmq-plugins enable --offline rabbitmq_management rabbitmq_prometheus >/dev/null \
     && printf 'loopback_users = none\nlisteners.tcp.default = 5672\nmanagement.tcp.port = 15672\n' \
        >/etc/rabbitmq/rabbitmq.conf
 ENV PATH=/usr/lib/rabbitmq/bin:/usr/sbin:/usr/local/sbin:/usr/local/bin:/usr/bin:/sbin:/bin
 VOLUME /var/lib/rabbitmq
-EXPOSE 5672 15672
+EXPOSE 5672 15672 15692
 CMD ["rabbitmq-server"]
 DOCKERFILE
   build -t rabbitmq:3-management "$work/rabbitmq"
