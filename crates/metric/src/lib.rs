@@ -96,6 +96,11 @@ pub struct Config {
     #[arg(long, env = "QUALITY_WINDOW", default_value_t = 1_000)]
     pub quality_window: usize,
 
+    /// The quality alarm goes up when a model version's MAE over its last QUALITY_WINDOW pairs is
+    /// above this many times its MAE over its first QUALITY_WINDOW pairs (its baseline).
+    #[arg(long, env = "QUALITY_ALERT_RATIO", default_value_t = 1.25, value_parser = parse_alert_ratio)]
+    pub quality_alert_ratio: f64,
+
     /// Address of the /healthz and /metrics endpoint.
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9103", value_parser = parse_socket_addr)]
     pub http_addr: SocketAddr,
@@ -135,6 +140,18 @@ pub struct Config {
     /// Model versions with their own metric series (the most recently seen); older ones are removed.
     #[arg(long, env = "MODEL_VERSIONS_KEPT", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub model_versions_kept: u64,
+}
+
+/// `QUALITY_ALERT_RATIO`: a finite number above 1 (at or below 1 the alarm would ring for noise).
+fn parse_alert_ratio(text: &str) -> Result<f64, String> {
+    let ratio: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if ratio.is_finite() && ratio > 1.0 {
+        Ok(ratio)
+    } else {
+        Err(format!("{text} must be a number above 1, e.g. 1.25"))
+    }
 }
 
 /// File name of the error histogram in `LOG_DIR`.
@@ -274,6 +291,7 @@ pub async fn run(
         &mut registry,
         config.quality_window,
         config.model_versions_kept as usize,
+        config.quality_alert_ratio,
     );
     let mut recorder = Recorder::recover(&config, quality, join_metrics, Plotter::new(&config))?;
 
@@ -750,7 +768,7 @@ mod tests {
     fn recover(config: &Config) -> Recorder {
         let mut registry = Registry::default();
         let join_metrics = JoinMetrics::register(&mut registry);
-        let quality = Quality::register(&mut registry, config.quality_window, 20);
+        let quality = Quality::register(&mut registry, config.quality_window, 20, 1.25);
         Recorder::recover(config, quality, join_metrics, Plotter::new(config)).unwrap()
     }
 
@@ -792,6 +810,18 @@ mod tests {
     fn assert_once(ids: &[String], n: usize) {
         let distinct: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!((ids.len(), distinct.len()), (n, n), "rows, distinct ids");
+    }
+
+    #[test]
+    fn a_quality_alert_ratio_at_or_below_one_is_refused() {
+        for bad in ["1", "0.5", "nan", "inf", "x"] {
+            let err = Cli::try_parse_from(["metric", "--quality-alert-ratio", bad]).unwrap_err();
+            assert!(
+                err.to_string().contains("QUALITY_ALERT_RATIO") || err.to_string().contains(bad),
+                "{err}"
+            );
+        }
+        assert_eq!(config(Path::new("."), &[]).quality_alert_ratio, 1.25);
     }
 
     #[test]
