@@ -8,6 +8,7 @@
 //! but not yet joined wait for their partner, and the time it takes does not grow with the history.
 
 pub mod checkpoint;
+pub mod dashboard;
 pub mod files;
 pub mod join;
 pub mod plot;
@@ -101,7 +102,7 @@ pub struct Config {
     #[arg(long, env = "QUALITY_ALERT_RATIO", default_value_t = 1.25, value_parser = parse_alert_ratio)]
     pub quality_alert_ratio: f64,
 
-    /// Address of the /healthz and /metrics endpoint.
+    /// Address of /healthz, /metrics and the live dashboard (/).
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9103", value_parser = parse_socket_addr)]
     pub http_addr: SocketAddr,
 
@@ -294,6 +295,7 @@ pub async fn run(
         config.quality_alert_ratio,
     );
     let mut recorder = Recorder::recover(&config, quality, join_metrics, Plotter::new(&config))?;
+    let connected = broker_metrics.connected.clone();
 
     let health = Health::new();
     pipeline::broker::topology::announce(
@@ -301,10 +303,18 @@ pub async fn run(
         &[&config.queues.y_true_queue, &config.queues.y_pred_queue],
         &health,
     );
-    let http = pipeline::http::spawn(
+    let registry = Arc::new(registry);
+    let dashboard = dashboard::routes(dashboard::Live {
+        snapshot: recorder.dashboard.shared(),
+        connected,
+        health: health.clone(),
+        registry: Arc::clone(&registry),
+    });
+    let http = pipeline::http::spawn_with(
         config.http_addr,
-        Arc::new(registry),
+        registry,
         health.clone(),
+        dashboard,
         shutdown.clone().cancelled_owned(),
     )
     .await?;
@@ -336,6 +346,7 @@ pub struct Recorder {
     quality: Quality,
     metrics: JoinMetrics,
     plotter: Plotter,
+    dashboard: dashboard::Dashboard,
     queue_names: [String; 2],
     log_dir: PathBuf,
     checkpoints: CheckpointPolicy,
@@ -427,6 +438,8 @@ impl Recorder {
         };
         let now = Instant::now();
         let mut stats = RecoveryStats::default();
+        let mut dashboard =
+            dashboard::Dashboard::new(config.quality_window, config.quality_alert_ratio);
         // Ids of the rows written after the checkpoint (all rows without one): their log lines
         // are not joined again, however many there are. Sorted 64-bit hashes, 8 bytes each (a
         // million rows: 8 MB, once): a collision could only make a line whose row is missing wait
@@ -463,6 +476,7 @@ impl Recorder {
                     );
                     quality.add_to_window(&pair);
                     plotter.observe(pair.absolute_error());
+                    dashboard.observe(pair.y_true, pair.y_pred);
                 })?;
                 // Rows after the checkpoint: into the totals.
                 files::read_csv_segments(&csv_segments, |pair| {
@@ -490,6 +504,7 @@ impl Recorder {
                     );
                     quality.observe(&pair);
                     plotter.observe(pair.absolute_error());
+                    dashboard.observe(pair.y_true, pair.y_pred);
                     written.push(short(&pair.id));
                 })?;
                 whole(&labels_chain)
@@ -521,6 +536,7 @@ impl Recorder {
                 files.push_row(&pair);
                 quality.observe(&pair);
                 plotter.observe(pair.absolute_error());
+                dashboard.observe(pair.y_true, pair.y_pred);
                 stats.rows_recovered += 1;
             }
             // Keep the waiting ids within JOIN_CAPACITY while replaying.
@@ -540,12 +556,14 @@ impl Recorder {
         files.flush()?;
         quality.update_window();
         metrics.waiting.set(joiner.waiting() as i64);
+        dashboard.maybe_update(&quality, joiner.waiting(), plotter.errors.iter());
         let mut recorder = Self {
             files,
             joiner,
             quality,
             metrics,
             plotter,
+            dashboard,
             queue_names: [
                 config.queues.y_true_queue.clone(),
                 config.queues.y_pred_queue.clone(),
@@ -692,6 +710,7 @@ impl Recorder {
                 self.files.push_row(&pair);
                 self.quality.observe(&pair);
                 self.plotter.observe(pair.absolute_error());
+                self.dashboard.observe(pair.y_true, pair.y_pred);
                 if let Some(sent) = pair.sent_at_us {
                     self.quality
                         .observe_latency(now_us().saturating_sub(sent) as f64 / 1e6);
@@ -744,6 +763,11 @@ impl MessageHandler for Recorder {
         }
         self.metrics.waiting.set(self.joiner.waiting() as i64);
         self.quality.update_window();
+        self.dashboard.maybe_update(
+            &self.quality,
+            self.joiner.waiting(),
+            self.plotter.errors.iter(),
+        );
         self.plotter.maybe_redraw();
         if self.checkpoints.due() {
             // Only when nothing is pending; else the next flush writes it.

@@ -89,18 +89,24 @@ pub fn median(values: &[f64]) -> Option<f64> {
     Some(lower + (upper - lower) / 2.0)
 }
 
-/// What the picture shows, computed from the absolute errors.
-struct Summary {
-    count: usize,
-    mean: f64,
-    median: f64,
+/// What the picture (and the dashboard's histogram) shows, computed from the absolute errors.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    /// Errors counted.
+    pub count: usize,
+    /// Their mean.
+    pub mean: f64,
+    /// Their median.
+    pub median: f64,
     /// Right end of the x axis: the largest error, or 1 when all are 0.
-    upper: f64,
-    bins: Vec<u64>,
+    pub upper: f64,
+    /// Counts of `BINS` equal bins from 0 to `upper`.
+    pub bins: Vec<u64>,
 }
 
 impl Summary {
-    fn of(errors: &[f64]) -> Self {
+    /// The summary of `errors` (absolute values).
+    pub fn of(errors: &[f64]) -> Self {
         let max = errors.iter().copied().fold(0.0, f64::max);
         let upper = if max > 0.0 { max } else { 1.0 };
         let mut bins = vec![0u64; BINS];
