@@ -35,6 +35,8 @@ fn psi(metrics: &HashMap<String, f64>, feature: &str) -> Option<f64> {
 /// reporter see the final window. Returns the PSI per feature, the model's stderr and /healthz,
 /// and the metric service's metrics and stderr once it joined all N pairs.
 struct Outcome {
+    /// The metric service's dashboard data (`/api/dashboard`).
+    dashboard: serde_json::Value,
     psi: HashMap<String, f64>,
     stderr: String,
     health: String,
@@ -109,10 +111,16 @@ async fn run(test: &str, extra: &[(&str, &str)], drifting: &[&str]) -> Outcome {
     std::thread::sleep(Duration::from_millis(1500));
     let metric = run.metric.metrics();
     let metric_stderr = run.metric.stderr();
+    let dashboard = run
+        .metric
+        .get("/api/dashboard")
+        .and_then(|(_, body)| serde_json::from_str(&body).ok())
+        .unwrap_or_default();
     let queues = run.queues.clone();
     drop(run);
     delete_queues(&shared_amqp_url(), &queues).await;
     Outcome {
+        dashboard,
         psi,
         stderr,
         health,
@@ -124,6 +132,7 @@ async fn run(test: &str, extra: &[(&str, &str)], drifting: &[&str]) -> Outcome {
 #[tokio::test(flavor = "multi_thread")]
 async fn shifted_features_drift_and_the_others_do_not() {
     let Outcome {
+        dashboard,
         psi,
         stderr,
         health,
@@ -170,12 +179,23 @@ async fn shifted_features_drift_and_the_others_do_not() {
         .filter(|l| l.contains("WARN") && l.contains("model quality alarm"))
         .collect();
     assert_eq!(raised.len(), 1, "{metric_stderr}");
+    eprintln!(
+        "drift: at the end, windowed MAE {} against a baseline of {}",
+        dashboard["state"]["versions"][0]["window"]["mae"],
+        dashboard["state"]["versions"][0]["baseline_mae"]
+    );
+    // The dashboard shows it too.
+    assert_eq!(
+        dashboard["state"]["versions"][0]["alarm"], true,
+        "{dashboard}"
+    );
     eprintln!("drift: {}", raised[0]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_shift_no_feature_drifts() {
     let Outcome {
+        dashboard,
         psi,
         stderr,
         health,
@@ -183,6 +203,10 @@ async fn without_a_shift_no_feature_drifts() {
         metric_stderr,
     } = run("nodrift", &[], &[]).await;
     assert_eq!(quality_alerts(&metric), [0.0], "{metric:?}");
+    assert_eq!(
+        dashboard["state"]["versions"][0]["alarm"], false,
+        "{dashboard}"
+    );
     assert!(
         !metric_stderr.contains("model quality alarm"),
         "a quality alarm without drift:\n{metric_stderr}"
