@@ -114,6 +114,10 @@ async fn the_dashboard_shows_the_csv_and_the_broker_going_away() {
     run.wait_rows(SAMPLES, Duration::from_secs(120));
     let rows = run.rows();
     assert_eq!(rows.len(), SAMPLES);
+    // One bad message: the dead-letter table shows it.
+    let connection = connect(&node.amqp_url()).await;
+    publish_raw(&connection, &run.queues.y_true, b"{not json", Some("bad-1")).await;
+    let _ = connection.close(200, "bye".into()).await;
     let csv_mae = rows.iter().map(|r| r.absolute_error).sum::<f64>() / rows.len() as f64;
 
     let driver = Driver::start();
@@ -135,6 +139,12 @@ async fn the_dashboard_shows_the_csv_and_the_broker_going_away() {
         Some(&(SAMPLES as f64))
     );
     assert_eq!(text(&client, "broker").await, "connected");
+    let y_true = run.queues.y_true.clone();
+    let (shown, dead_letters) = wait_text(&client, "dead-letters", Duration::from_secs(10), |t| {
+        t.contains(&y_true) && t.split_whitespace().last() == Some("1")
+    })
+    .await;
+    assert!(shown, "dead-letter table: {dead_letters:?}");
 
     // MAE: the CSV's mean, to the digits shown.
     let mae_text = text(&client, "mae-all").await;
@@ -198,6 +208,7 @@ async fn the_dashboard_shows_the_csv_and_the_broker_going_away() {
         shown,
         "indicator shows {broker:?} 10 s after the broker stopped"
     );
+    eprintln!("dashboard: dead letters shown as {dead_letters:?}");
     eprintln!(
         "dashboard: {pairs} pairs, MAE {mae_text} (CSV {csv_mae}), charts {counts:?}; \
          disconnected shown {:.1} s after the node stopped ({:.1} s after the stop began)",
