@@ -7,7 +7,6 @@
 //! What it keeps of its own is bounded by constants: the last [`RECENT_PAIRS`] pairs and
 //! [`HISTORY_POINTS`] points of windowed MAE per kept model version.
 
-use crate::plot::Summary;
 use crate::quality::{Figures, Quality, VersionView};
 use axum::Router;
 use axum::extract::State;
@@ -50,8 +49,18 @@ struct Snapshot<'a> {
     window: Figures,
     versions: &'a [VersionView],
     history: History<'a>,
-    errors: Option<Summary>,
+    errors: Option<ErrorHistogram>,
     recent: Recent,
+}
+
+/// The bins of `error_distribution.png` (same pairs, same bins; no median, which needs a copy).
+#[derive(Debug, serde::Serialize)]
+struct ErrorHistogram {
+    count: usize,
+    mean: f64,
+    /// Right end of the last bin (the bins split 0..upper evenly).
+    upper: f64,
+    bins: Vec<u64>,
 }
 
 /// The windowed MAE over time: `t` in seconds since the epoch, one series per kept version
@@ -118,7 +127,7 @@ impl Dashboard {
         &mut self,
         quality: &Quality,
         waiting: usize,
-        errors: impl ExactSizeIterator<Item = &'e f64>,
+        errors: impl Iterator<Item = &'e f64> + Clone,
     ) {
         let now = Instant::now();
         if self
@@ -150,7 +159,7 @@ impl Dashboard {
                 .map(|v| (v.version.clone(), v.window.mae))
                 .collect(),
         ));
-        let errors: Vec<f64> = errors.copied().collect();
+        let (count, mean, upper, bins) = crate::plot::histogram(errors);
         let snapshot = Snapshot {
             taken_at_ms: taken_at.as_millis() as u64,
             pairs,
@@ -162,7 +171,12 @@ impl Dashboard {
             window: Figures::from(quality.window()),
             versions: &versions,
             history: self.history_of(&versions),
-            errors: (!errors.is_empty()).then(|| Summary::of(&errors)),
+            errors: (count > 0).then_some(ErrorHistogram {
+                count,
+                mean,
+                upper,
+                bins,
+            }),
             recent: Recent {
                 y_true: self.recent.iter().map(|p| p.0).collect(),
                 y_pred: self.recent.iter().map(|p| p.1).collect(),
