@@ -6,6 +6,7 @@ mod bad_input;
 mod blocked;
 mod broker_node;
 mod course;
+mod dashboard;
 mod deployment;
 mod disk_full;
 mod drift;

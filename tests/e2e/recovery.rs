@@ -184,6 +184,7 @@ fn the_recovery_and_retention_settings_are_in_help_and_readme() {
         "CHECKPOINT_EVERY",
         "CHECKPOINT_INTERVAL_SECS",
         "MODEL_VERSIONS_KEPT",
+        "QUALITY_ALERT_RATIO",
     ] {
         assert!(
             help.contains(&format!("[env: {name}")),

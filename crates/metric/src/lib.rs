@@ -8,6 +8,7 @@
 //! but not yet joined wait for their partner, and the time it takes does not grow with the history.
 
 pub mod checkpoint;
+pub mod dashboard;
 pub mod files;
 pub mod join;
 pub mod plot;
@@ -96,7 +97,12 @@ pub struct Config {
     #[arg(long, env = "QUALITY_WINDOW", default_value_t = 1_000)]
     pub quality_window: usize,
 
-    /// Address of the /healthz and /metrics endpoint.
+    /// The quality alarm goes up when a model version's MAE over its last QUALITY_WINDOW pairs is
+    /// above this many times its MAE over its first QUALITY_WINDOW pairs (its baseline).
+    #[arg(long, env = "QUALITY_ALERT_RATIO", default_value_t = 1.25, value_parser = parse_alert_ratio)]
+    pub quality_alert_ratio: f64,
+
+    /// Address of /healthz, /metrics and the live dashboard (/).
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9103", value_parser = parse_socket_addr)]
     pub http_addr: SocketAddr,
 
@@ -135,6 +141,18 @@ pub struct Config {
     /// Model versions with their own metric series (the most recently seen); older ones are removed.
     #[arg(long, env = "MODEL_VERSIONS_KEPT", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub model_versions_kept: u64,
+}
+
+/// `QUALITY_ALERT_RATIO`: a finite number above 1 (at or below 1 the alarm would ring for noise).
+fn parse_alert_ratio(text: &str) -> Result<f64, String> {
+    let ratio: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if ratio.is_finite() && ratio > 1.0 {
+        Ok(ratio)
+    } else {
+        Err(format!("{text} must be a number above 1, e.g. 1.25"))
+    }
 }
 
 /// File name of the error histogram in `LOG_DIR`.
@@ -274,8 +292,10 @@ pub async fn run(
         &mut registry,
         config.quality_window,
         config.model_versions_kept as usize,
+        config.quality_alert_ratio,
     );
     let mut recorder = Recorder::recover(&config, quality, join_metrics, Plotter::new(&config))?;
+    let connected = broker_metrics.connected.clone();
 
     let health = Health::new();
     pipeline::broker::topology::announce(
@@ -283,10 +303,18 @@ pub async fn run(
         &[&config.queues.y_true_queue, &config.queues.y_pred_queue],
         &health,
     );
-    let http = pipeline::http::spawn(
+    let registry = Arc::new(registry);
+    let dashboard = dashboard::routes(dashboard::Live {
+        snapshot: recorder.dashboard.shared(),
+        connected,
+        health: health.clone(),
+        registry: Arc::clone(&registry),
+    });
+    let http = pipeline::http::spawn_with(
         config.http_addr,
-        Arc::new(registry),
+        registry,
         health.clone(),
+        dashboard,
         shutdown.clone().cancelled_owned(),
     )
     .await?;
@@ -318,6 +346,7 @@ pub struct Recorder {
     quality: Quality,
     metrics: JoinMetrics,
     plotter: Plotter,
+    dashboard: dashboard::Dashboard,
     queue_names: [String; 2],
     log_dir: PathBuf,
     checkpoints: CheckpointPolicy,
@@ -409,6 +438,8 @@ impl Recorder {
         };
         let now = Instant::now();
         let mut stats = RecoveryStats::default();
+        let mut dashboard =
+            dashboard::Dashboard::new(config.quality_window, config.quality_alert_ratio);
         // Ids of the rows written after the checkpoint (all rows without one): their log lines
         // are not joined again, however many there are. Sorted 64-bit hashes, 8 bytes each (a
         // million rows: 8 MB, once): a collision could only make a line whose row is missing wait
@@ -445,6 +476,7 @@ impl Recorder {
                     );
                     quality.add_to_window(&pair);
                     plotter.observe(pair.absolute_error());
+                    dashboard.observe(pair.y_true, pair.y_pred);
                 })?;
                 // Rows after the checkpoint: into the totals.
                 files::read_csv_segments(&csv_segments, |pair| {
@@ -472,6 +504,7 @@ impl Recorder {
                     );
                     quality.observe(&pair);
                     plotter.observe(pair.absolute_error());
+                    dashboard.observe(pair.y_true, pair.y_pred);
                     written.push(short(&pair.id));
                 })?;
                 whole(&labels_chain)
@@ -503,6 +536,7 @@ impl Recorder {
                 files.push_row(&pair);
                 quality.observe(&pair);
                 plotter.observe(pair.absolute_error());
+                dashboard.observe(pair.y_true, pair.y_pred);
                 stats.rows_recovered += 1;
             }
             // Keep the waiting ids within JOIN_CAPACITY while replaying.
@@ -522,12 +556,14 @@ impl Recorder {
         files.flush()?;
         quality.update_window();
         metrics.waiting.set(joiner.waiting() as i64);
+        dashboard.maybe_update(&quality, joiner.waiting(), plotter.errors.iter());
         let mut recorder = Self {
             files,
             joiner,
             quality,
             metrics,
             plotter,
+            dashboard,
             queue_names: [
                 config.queues.y_true_queue.clone(),
                 config.queues.y_pred_queue.clone(),
@@ -674,6 +710,7 @@ impl Recorder {
                 self.files.push_row(&pair);
                 self.quality.observe(&pair);
                 self.plotter.observe(pair.absolute_error());
+                self.dashboard.observe(pair.y_true, pair.y_pred);
                 if let Some(sent) = pair.sent_at_us {
                     self.quality
                         .observe_latency(now_us().saturating_sub(sent) as f64 / 1e6);
@@ -726,6 +763,11 @@ impl MessageHandler for Recorder {
         }
         self.metrics.waiting.set(self.joiner.waiting() as i64);
         self.quality.update_window();
+        self.dashboard.maybe_update(
+            &self.quality,
+            self.joiner.waiting(),
+            self.plotter.errors.iter(),
+        );
         self.plotter.maybe_redraw();
         if self.checkpoints.due() {
             // Only when nothing is pending; else the next flush writes it.
@@ -750,7 +792,7 @@ mod tests {
     fn recover(config: &Config) -> Recorder {
         let mut registry = Registry::default();
         let join_metrics = JoinMetrics::register(&mut registry);
-        let quality = Quality::register(&mut registry, config.quality_window, 20);
+        let quality = Quality::register(&mut registry, config.quality_window, 20, 1.25);
         Recorder::recover(config, quality, join_metrics, Plotter::new(config)).unwrap()
     }
 
@@ -792,6 +834,18 @@ mod tests {
     fn assert_once(ids: &[String], n: usize) {
         let distinct: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!((ids.len(), distinct.len()), (n, n), "rows, distinct ids");
+    }
+
+    #[test]
+    fn a_quality_alert_ratio_at_or_below_one_is_refused() {
+        for bad in ["1", "0.5", "nan", "inf", "x"] {
+            let err = Cli::try_parse_from(["metric", "--quality-alert-ratio", bad]).unwrap_err();
+            assert!(
+                err.to_string().contains("QUALITY_ALERT_RATIO") || err.to_string().contains(bad),
+                "{err}"
+            );
+        }
+        assert_eq!(config(Path::new("."), &[]).quality_alert_ratio, 1.25);
     }
 
     #[test]

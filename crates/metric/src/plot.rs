@@ -89,39 +89,52 @@ pub fn median(values: &[f64]) -> Option<f64> {
     Some(lower + (upper - lower) / 2.0)
 }
 
-/// What the picture shows, computed from the absolute errors.
-struct Summary {
-    count: usize,
-    mean: f64,
-    median: f64,
+/// What the picture (and the dashboard's histogram) shows, computed from the absolute errors.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    /// Errors counted.
+    pub count: usize,
+    /// Their mean.
+    pub mean: f64,
+    /// Their median.
+    pub median: f64,
     /// Right end of the x axis: the largest error, or 1 when all are 0.
-    upper: f64,
-    bins: Vec<u64>,
+    pub upper: f64,
+    /// Counts of `BINS` equal bins from 0 to `upper`.
+    pub bins: Vec<u64>,
 }
 
 impl Summary {
-    fn of(errors: &[f64]) -> Self {
-        let max = errors.iter().copied().fold(0.0, f64::max);
-        let upper = if max > 0.0 { max } else { 1.0 };
-        let mut bins = vec![0u64; BINS];
-        for &e in errors {
-            // Scaling by `upper` rather than dividing by the bin width keeps subnormal maxima exact.
-            let bin = (e / upper * BINS as f64) as usize;
-            bins[bin.min(BINS - 1)] += 1;
-        }
-        // A running mean cannot overflow where a sum of huge errors would.
-        let mean = errors
-            .iter()
-            .enumerate()
-            .fold(0.0, |mean, (i, e)| mean + (e - mean) / (i + 1) as f64);
+    /// The summary of `errors` (absolute values).
+    pub fn of(errors: &[f64]) -> Self {
+        let (count, mean, upper, bins) = histogram(errors.iter());
         Self {
-            count: errors.len(),
+            count,
             mean,
             median: median(errors).unwrap_or(0.0),
             upper,
             bins,
         }
     }
+}
+
+/// Count, mean, right end of the x axis and the [`BINS`] counts of the absolute `errors`, without
+/// copying them (the dashboard calls it every second on the last `PLOT_MAX_PAIRS` errors).
+pub fn histogram<'e>(errors: impl Iterator<Item = &'e f64> + Clone) -> (usize, f64, f64, Vec<u64>) {
+    let max = errors.clone().copied().fold(0.0, f64::max);
+    let upper = if max > 0.0 { max } else { 1.0 };
+    let mut bins = vec![0u64; BINS];
+    let mut count = 0;
+    // A running mean cannot overflow where a sum of huge errors would.
+    let mut mean = 0.0;
+    for &e in errors {
+        // Scaling by `upper` rather than dividing by the bin width keeps subnormal maxima exact.
+        let bin = (e / upper * BINS as f64) as usize;
+        bins[bin.min(BINS - 1)] += 1;
+        count += 1;
+        mean += (e - mean) / count as f64;
+    }
+    (count, mean, upper, bins)
 }
 
 /// Draws the chart into memory and encodes it to `tmp` (a `.png`: the encoder goes by the

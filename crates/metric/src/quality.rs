@@ -1,6 +1,10 @@
 //! Running quality of the model from the joined pairs: count, MAE, RMSE and R² since start and over
 //! a sliding window, MAE per model version, and end-to-end latency; all exported as metrics.
 //!
+//! The quality alarm: each version's baseline is its MAE over its first `QUALITY_WINDOW` pairs;
+//! `pipeline_model_quality_alert{model_version}` is 1 while the version's MAE over its last
+//! `QUALITY_WINDOW` pairs is above `QUALITY_ALERT_RATIO` times that baseline ([`AlarmRule`]).
+//!
 //! Per-version series are kept for the `MODEL_VERSIONS_KEPT` most recently seen versions only: an
 //! older version's series are removed, so a long run with many model swaps does not grow the
 //! metrics page (or the checkpoint) without bound.
@@ -80,10 +84,98 @@ struct SpanLabel {
 
 struct VersionStats {
     sums: Sums,
+    /// Its first `QUALITY_WINDOW` pairs (complete once `n` reaches it).
+    baseline: Sums,
+    /// Its last `QUALITY_WINDOW` pairs, as of the last [`Quality::update_window`].
+    window: Sums,
     /// When it was last seen, in pairs observed: the smallest is dropped first.
     last_seen: u64,
+    alarm_on: bool,
     mae: FloatGauge,
     pairs: Counter,
+    window_mae: FloatGauge,
+    alert: Gauge,
+}
+
+/// The quality alarm's rule, plain data: on while the windowed MAE of a version is above `ratio`
+/// times its baseline MAE.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AlarmRule {
+    /// `QUALITY_ALERT_RATIO`.
+    pub ratio: f64,
+}
+
+/// A change of a version's quality alarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlarmChange {
+    /// The windowed MAE went above the threshold.
+    Raised,
+    /// It came back to or below the threshold.
+    Lowered,
+}
+
+impl AlarmRule {
+    /// Whether the alarm should be on; `None` (undecided) while the baseline or the window is not
+    /// complete yet: a version needs `QUALITY_WINDOW` pairs before it is judged.
+    pub fn decide(&self, baseline_mae: Option<f64>, window_mae: Option<f64>) -> Option<bool> {
+        Some(window_mae? > self.ratio * baseline_mae?)
+    }
+
+    /// The change from `was_on`, if any; undecided keeps the alarm as it is (a restart that has
+    /// not refilled a version's window yet neither raises nor lowers it).
+    pub fn step(
+        &self,
+        was_on: bool,
+        baseline_mae: Option<f64>,
+        window_mae: Option<f64>,
+    ) -> Option<AlarmChange> {
+        match (was_on, self.decide(baseline_mae, window_mae)?) {
+            (false, true) => Some(AlarmChange::Raised),
+            (true, false) => Some(AlarmChange::Lowered),
+            _ => None,
+        }
+    }
+}
+
+/// One model version's figures, for the dashboard.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct VersionView {
+    /// Model version (`unknown` for none).
+    pub version: String,
+    /// Pairs since start.
+    pub pairs: u64,
+    /// MAE, RMSE, R² since start.
+    pub all: Figures,
+    /// The same over its last `QUALITY_WINDOW` pairs.
+    pub window: Figures,
+    /// MAE over its first `QUALITY_WINDOW` pairs, once it had them.
+    pub baseline_mae: Option<f64>,
+    /// Whether its quality alarm is on.
+    pub alarm: bool,
+}
+
+/// MAE, RMSE and R² of a set of pairs.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Figures {
+    /// Pairs.
+    pub n: u64,
+    /// Mean absolute error.
+    pub mae: f64,
+    /// Root mean squared error.
+    pub rmse: f64,
+    /// Coefficient of determination.
+    pub r2: f64,
+}
+
+impl From<&Sums> for Figures {
+    fn from(sums: &Sums) -> Self {
+        Self {
+            n: sums.n,
+            mae: sums.mae(),
+            rmse: sums.rmse(),
+            r2: sums.r2(),
+        }
+    }
 }
 
 /// The totals the checkpoint carries over a restart: since start and per kept model version.
@@ -93,6 +185,10 @@ pub struct Totals {
     pub all: Sums,
     /// Per model version (`unknown` for none), most recently seen last.
     pub by_version: Vec<(String, Sums)>,
+    /// Per model version: its first `QUALITY_WINDOW` pairs, the quality alarm's baseline. Absent
+    /// in older checkpoints: those versions take their baseline from the pairs that follow.
+    #[serde(default)]
+    pub baselines: Vec<(String, Sums)>,
 }
 
 /// The quality tracker and its metrics.
@@ -100,6 +196,13 @@ pub struct Quality {
     all: Sums,
     window: VecDeque<(f64, f64)>,
     window_size: usize,
+    /// The window over all versions, as of the last [`Quality::update_window`].
+    window_sums: Sums,
+    /// Per model version: its last `window_size` pairs. Kept apart from `by_version` so that
+    /// rows read back at start-up cannot create (or evict) a version's totals; pruned to the kept
+    /// versions on every update.
+    version_windows: std::collections::HashMap<String, VecDeque<(f64, f64)>>,
+    rule: AlarmRule,
     /// Per model version: its sums and its two metric handles, so the hot path allocates nothing
     /// once a version has been seen.
     by_version: std::collections::HashMap<String, VersionStats>,
@@ -111,17 +214,28 @@ pub struct Quality {
     r2: Family<SpanLabel, FloatGauge>,
     mae_by_version: Family<VersionLabel, FloatGauge>,
     pairs_by_version: Family<VersionLabel, Counter>,
+    window_mae_by_version: Family<VersionLabel, FloatGauge>,
+    alert_by_version: Family<VersionLabel, Gauge>,
     latency: Histogram,
 }
 
 impl Quality {
     /// Registers the quality metrics (prefix `pipeline_model_`) with a window of `window_size` pairs
-    /// and series for the `versions_kept` most recently seen model versions.
-    pub fn register(registry: &mut Registry, window_size: usize, versions_kept: usize) -> Self {
+    /// (also the baseline of the quality alarm), series for the `versions_kept` most recently seen
+    /// model versions, and the alarm at `alert_ratio` times the baseline.
+    pub fn register(
+        registry: &mut Registry,
+        window_size: usize,
+        versions_kept: usize,
+        alert_ratio: f64,
+    ) -> Self {
         let quality = Self {
             all: Sums::default(),
             window: VecDeque::with_capacity(window_size),
             window_size: window_size.max(1),
+            window_sums: Sums::default(),
+            version_windows: Default::default(),
+            rule: AlarmRule { ratio: alert_ratio },
             by_version: Default::default(),
             versions_kept: versions_kept.max(1),
             seen: 0,
@@ -131,6 +245,8 @@ impl Quality {
             r2: Family::default(),
             mae_by_version: Family::default(),
             pairs_by_version: Family::default(),
+            window_mae_by_version: Family::default(),
+            alert_by_version: Family::default(),
             latency: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
         };
         let registry = registry.sub_registry_with_prefix("pipeline");
@@ -165,6 +281,16 @@ impl Quality {
             quality.pairs_by_version.clone(),
         );
         registry.register(
+            "model_mae_window_by_version",
+            "Mean absolute error over the last QUALITY_WINDOW pairs, per model version",
+            quality.window_mae_by_version.clone(),
+        );
+        registry.register(
+            "model_quality_alert",
+            "1 while the windowed MAE of a model version is above QUALITY_ALERT_RATIO times its baseline (its MAE over its first QUALITY_WINDOW pairs), else 0",
+            quality.alert_by_version.clone(),
+        );
+        registry.register(
             "end_to_end_latency_seconds",
             "From the producer's send time to the row being written",
             quality.latency.clone(),
@@ -185,14 +311,27 @@ impl Quality {
             self.window.pop_front();
         }
         self.window.push_back((pair.y_true, pair.y_pred));
+        let version = pair.model_version.as_deref().unwrap_or("unknown");
+        let window = match self.version_windows.get_mut(version) {
+            Some(window) => window,
+            None => self.version_windows.entry(version.to_owned()).or_default(),
+        };
+        if window.len() == self.window_size {
+            window.pop_front();
+        }
+        window.push_back((pair.y_true, pair.y_pred));
     }
 
     /// Adds one pair to the totals only (since start and per version).
     pub fn add_to_totals(&mut self, pair: &Pair) {
         self.all.add(pair.y_true, pair.y_pred);
         let version = pair.model_version.as_deref().unwrap_or("unknown");
+        let baseline_size = self.window_size as u64;
         if let Some(stats) = self.version_stats(version) {
             stats.sums.add(pair.y_true, pair.y_pred);
+            if stats.baseline.n < baseline_size {
+                stats.baseline.add(pair.y_true, pair.y_pred);
+            }
             stats.mae.set(stats.sums.mae());
             stats.pairs.inc();
         }
@@ -220,15 +359,22 @@ impl Quality {
                 };
                 self.mae_by_version.remove(&label);
                 self.pairs_by_version.remove(&label);
+                self.window_mae_by_version.remove(&label);
+                self.alert_by_version.remove(&label);
             }
             let label = VersionLabel {
                 model_version: version.to_owned(),
             };
             let stats = VersionStats {
                 sums: Sums::default(),
+                baseline: Sums::default(),
+                window: Sums::default(),
                 last_seen: 0,
+                alarm_on: false,
                 mae: self.mae_by_version.get_or_create_owned(&label),
                 pairs: self.pairs_by_version.get_or_create_owned(&label),
+                window_mae: self.window_mae_by_version.get_or_create_owned(&label),
+                alert: self.alert_by_version.get_or_create_owned(&label),
             };
             self.by_version.insert(version.to_owned(), stats);
         }
@@ -246,8 +392,13 @@ impl Quality {
             .map(|(name, stats)| (stats.last_seen, name.clone(), stats.sums))
             .collect();
         by_version.sort_by_key(|(last_seen, _, _)| *last_seen);
+        let baselines = by_version
+            .iter()
+            .filter_map(|(_, name, _)| Some((name.clone(), self.by_version.get(name)?.baseline)))
+            .collect();
         Totals {
             all: self.all,
+            baselines,
             by_version: by_version
                 .into_iter()
                 .map(|(_, name, sums)| (name, sums))
@@ -266,6 +417,11 @@ impl Quality {
                 stats.pairs.inc_by(sums.n);
             }
         }
+        for (name, baseline) in &totals.baselines {
+            if let Some(stats) = self.by_version.get_mut(name) {
+                stats.baseline = *baseline;
+            }
+        }
         self.set(SpanLabel { span: "all" }, &self.all);
     }
 
@@ -274,13 +430,84 @@ impl Quality {
         self.latency.observe(seconds.max(0.0));
     }
 
-    /// Recomputes the window gauges.
+    /// Recomputes the window gauges and the quality alarms (on the consume loop's tick, not per
+    /// pair); a WARN line when a version's alarm goes up, an INFO line when it comes down.
     pub fn update_window(&mut self) {
         let mut sums = Sums::default();
         for (y_true, y_pred) in &self.window {
             sums.add(*y_true, *y_pred);
         }
         self.set(SpanLabel { span: "window" }, &sums);
+        self.window_sums = sums;
+        let by_version = &self.by_version;
+        self.version_windows
+            .retain(|version, _| by_version.contains_key(version));
+        let full = self.window_size as u64;
+        for (version, stats) in &mut self.by_version {
+            let mut window = Sums::default();
+            for (y_true, y_pred) in self.version_windows.get(version).into_iter().flatten() {
+                window.add(*y_true, *y_pred);
+            }
+            stats.window = window;
+            stats.window_mae.set(window.mae());
+            let baseline = (stats.baseline.n >= full).then(|| stats.baseline.mae());
+            let windowed = (window.n >= full).then(|| window.mae());
+            let threshold = self.rule.ratio * stats.baseline.mae();
+            match self.rule.step(stats.alarm_on, baseline, windowed) {
+                Some(AlarmChange::Raised) => {
+                    stats.alarm_on = true;
+                    tracing::warn!(
+                        model_version = %version,
+                        window_mae = window.mae(),
+                        baseline_mae = stats.baseline.mae(),
+                        threshold,
+                        "model quality alarm: the windowed MAE is above QUALITY_ALERT_RATIO times the version's baseline"
+                    );
+                }
+                Some(AlarmChange::Lowered) => {
+                    stats.alarm_on = false;
+                    tracing::info!(
+                        model_version = %version,
+                        window_mae = window.mae(),
+                        baseline_mae = stats.baseline.mae(),
+                        threshold,
+                        "model quality alarm cleared: the windowed MAE is back within QUALITY_ALERT_RATIO times the baseline"
+                    );
+                }
+                None => {}
+            }
+            stats.alert.set(i64::from(stats.alarm_on));
+        }
+    }
+
+    /// The window over all versions, as of the last [`Quality::update_window`].
+    pub fn window(&self) -> &Sums {
+        &self.window_sums
+    }
+
+    /// Each kept version's figures as of the last [`Quality::update_window`], most recently seen
+    /// first.
+    pub fn versions(&self) -> Vec<VersionView> {
+        let full = self.window_size as u64;
+        let mut versions: Vec<(u64, VersionView)> = self
+            .by_version
+            .iter()
+            .map(|(name, stats)| {
+                (
+                    stats.last_seen,
+                    VersionView {
+                        version: name.clone(),
+                        pairs: stats.sums.n,
+                        all: Figures::from(&stats.sums),
+                        window: Figures::from(&stats.window),
+                        baseline_mae: (stats.baseline.n >= full).then(|| stats.baseline.mae()),
+                        alarm: stats.alarm_on,
+                    },
+                )
+            })
+            .collect();
+        versions.sort_by_key(|(last_seen, _)| std::cmp::Reverse(*last_seen));
+        versions.into_iter().map(|(_, view)| view).collect()
     }
 
     /// Totals since start.
@@ -330,7 +557,7 @@ mod tests {
     #[test]
     fn only_the_newest_versions_keep_their_series() {
         let mut registry = Registry::default();
-        let mut quality = Quality::register(&mut registry, 10, 2);
+        let mut quality = Quality::register(&mut registry, 10, 2, 1.25);
         quality.observe(&pair(2.0, "v1"));
         quality.observe(&pair(2.0, "v2"));
         quality.observe(&pair(3.0, "v1"));
@@ -357,18 +584,150 @@ mod tests {
     #[test]
     fn totals_survive_a_restore() {
         let mut registry = Registry::default();
-        let mut quality = Quality::register(&mut registry, 10, 5);
+        let mut quality = Quality::register(&mut registry, 10, 5, 1.25);
         for i in 0..4 {
             quality.observe(&pair(f64::from(i), "v1"));
         }
         let totals = quality.totals();
         let mut registry = Registry::default();
-        let mut restored = Quality::register(&mut registry, 10, 5);
+        let mut restored = Quality::register(&mut registry, 10, 5, 1.25);
         restored.restore(&totals);
         restored.add_to_window(&pair(9.0, "v1"));
         assert_eq!(restored.all(), quality.all());
         assert_eq!(restored.totals(), totals);
         let text = scrape(&registry);
         assert!(text.contains("pipeline_pairs_total 4"), "{text}");
+    }
+
+    fn alert_line(text: &str, version: &str) -> Option<String> {
+        text.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "pipeline_model_quality_alert{{model_version=\"{version}\"}}"
+                ))
+            })
+            .map(str::to_owned)
+    }
+
+    fn feed(quality: &mut Quality, n: usize, error: f64, version: &str) {
+        for _ in 0..n {
+            quality.observe(&pair(1.0 + error, version));
+        }
+        quality.update_window();
+    }
+
+    #[test]
+    fn the_rule_waits_for_a_full_baseline_and_window() {
+        let rule = AlarmRule { ratio: 1.25 };
+        assert_eq!(rule.decide(None, Some(100.0)), None);
+        assert_eq!(rule.decide(Some(1.0), None), None);
+        assert_eq!(rule.decide(Some(1.0), Some(1.25)), Some(false));
+        assert_eq!(rule.decide(Some(1.0), Some(1.26)), Some(true));
+        assert_eq!(
+            rule.step(false, Some(1.0), Some(2.0)),
+            Some(AlarmChange::Raised)
+        );
+        assert_eq!(rule.step(true, Some(1.0), Some(2.0)), None);
+        assert_eq!(
+            rule.step(true, Some(1.0), Some(1.0)),
+            Some(AlarmChange::Lowered)
+        );
+        assert_eq!(
+            rule.step(true, Some(1.0), None),
+            None,
+            "undecided keeps it on"
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the sequence of figures, the alarm follows `window > ratio × baseline` when
+        /// both are known, stays as it was otherwise, and raised/lowered alternate.
+        #[test]
+        fn the_alarm_follows_the_threshold_and_alternates(
+            ratio in 1.0f64..3.0,
+            steps in proptest::collection::vec(
+                (proptest::option::of(0.0f64..100.0), proptest::option::of(0.0f64..300.0)),
+                0..50,
+            ),
+        ) {
+            let rule = AlarmRule { ratio };
+            let mut on = false;
+            for (baseline, window) in steps {
+                let change = rule.step(on, baseline, window);
+                match change {
+                    Some(AlarmChange::Raised) => { proptest::prop_assert!(!on); on = true; }
+                    Some(AlarmChange::Lowered) => { proptest::prop_assert!(on); on = false; }
+                    None => {}
+                }
+                match (baseline, window) {
+                    (Some(b), Some(w)) => proptest::prop_assert_eq!(on, w > ratio * b),
+                    _ => proptest::prop_assert!(change.is_none()),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_alarm_rises_when_the_window_degrades_and_falls_when_it_recovers() {
+        let mut registry = Registry::default();
+        let mut quality = Quality::register(&mut registry, 10, 5, 1.25);
+        // Half a baseline: undecided, the gauge shows 0.
+        feed(&mut quality, 5, 1.0, "v1");
+        assert!(
+            alert_line(&scrape(&registry), "v1")
+                .unwrap()
+                .ends_with(" 0")
+        );
+        // Baseline MAE 1; the window drifts to 5 × 2 + 5 × 1 = MAE 1.5 > 1.25: on.
+        feed(&mut quality, 5, 1.0, "v1");
+        feed(&mut quality, 5, 2.0, "v1");
+        let text = scrape(&registry);
+        assert!(alert_line(&text, "v1").unwrap().ends_with(" 1"), "{text}");
+        assert!(
+            text.contains("pipeline_model_mae_window_by_version{model_version=\"v1\"} 1.5"),
+            "{text}"
+        );
+        let view = &quality.versions()[0];
+        assert_eq!((view.baseline_mae, view.alarm), (Some(1.0), true));
+        // Another version is judged against its own baseline: a constant error of 2 is fine.
+        feed(&mut quality, 20, 2.0, "v2");
+        assert!(
+            alert_line(&scrape(&registry), "v2")
+                .unwrap()
+                .ends_with(" 0")
+        );
+        // v1 recovers: off again.
+        feed(&mut quality, 10, 1.0, "v1");
+        assert!(
+            alert_line(&scrape(&registry), "v1")
+                .unwrap()
+                .ends_with(" 0")
+        );
+    }
+
+    #[test]
+    fn the_baseline_survives_a_restore() {
+        let mut registry = Registry::default();
+        let mut quality = Quality::register(&mut registry, 10, 5, 1.25);
+        feed(&mut quality, 10, 1.0, "v1");
+        feed(&mut quality, 10, 3.0, "v1");
+        let totals = quality.totals();
+        assert_eq!(totals.baselines.len(), 1);
+        assert_eq!(totals.baselines[0].0, "v1");
+        assert_eq!(
+            (totals.baselines[0].1.n, totals.baselines[0].1.mae()),
+            (10, 1.0)
+        );
+        let mut registry = Registry::default();
+        let mut restored = Quality::register(&mut registry, 10, 5, 1.25);
+        restored.restore(&totals);
+        // The last rows come back into the window: judged against the baseline of error 1.
+        for _ in 0..10 {
+            restored.add_to_window(&pair(4.0, "v1"));
+        }
+        restored.update_window();
+        let text = scrape(&registry);
+        assert!(alert_line(&text, "v1").unwrap().ends_with(" 1"), "{text}");
+        assert_eq!(restored.versions()[0].baseline_mae, Some(1.0));
     }
 }

@@ -1,5 +1,5 @@
 //! The HTTP endpoint of every service: `GET /healthz` and `GET /metrics` (Prometheus text format),
-//! and the probe behind each binary's `healthcheck` subcommand (the runtime image has no curl).
+//! plus any routes a service mounts itself ([`spawn_with`]), and the probe behind each binary's `healthcheck` subcommand (the runtime image has no curl).
 
 use crate::health::Health;
 use anyhow::Context as _;
@@ -28,13 +28,26 @@ pub async fn spawn(
     health: Health,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    spawn_with(addr, registry, health, Router::new(), shutdown).await
+}
+
+/// [`spawn`] with the service's own routes in `extra` served beside `/healthz` and `/metrics`
+/// (which it must not define again: axum panics on overlapping routes at start-up).
+pub async fn spawn_with(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    health: Health,
+    extra: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on HTTP_ADDR {addr}"))?;
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .with_state(AppState { registry, health });
+        .with_state(AppState { registry, health })
+        .merge(extra);
     tracing::info!(%addr, "serving /healthz and /metrics");
     Ok(tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app)

@@ -1,0 +1,154 @@
+// The dashboard page: polls /api/dashboard once a second and draws it with uPlot.
+// window.dashboard exposes the charts and the last answer (the browser test reads them).
+"use strict";
+
+const dashboard = { charts: {}, last: null, versionsKey: null };
+window.dashboard = dashboard;
+
+const COLORS = ["#1565c0", "#d84315", "#2e7d32", "#6a1b9a", "#00838f", "#f9a825", "#4e342e", "#ad1457"];
+const $ = (id) => document.getElementById(id);
+const fixed = (x, digits) => (x === null || x === undefined || !isFinite(x) ? "–" : x.toFixed(digits));
+
+function chartWidth(id) {
+  return Math.max(300, $(id).clientWidth || 400);
+}
+
+function setPill(id, text, cls) {
+  const el = $(id);
+  el.textContent = text;
+  el.className = "pill " + cls;
+}
+
+// A new chart in the element `id`, replacing the chart stored as dashboard.charts[key].
+function makeChart(key, id, opts, data) {
+  const old = dashboard.charts[key];
+  if (old) old.destroy();
+  const chart = new uPlot({ width: chartWidth(id), height: 260, ...opts }, data, $(id));
+  dashboard.charts[key] = chart;
+  return chart;
+}
+
+function drawMaeHistory(state) {
+  const versions = state.history.series.map((s) => s.version);
+  const data = [state.history.t, ...state.history.series.map((s) => s.mae)];
+  const key = versions.join("\u0000");
+  if (dashboard.versionsKey !== key || !dashboard.charts.mae) {
+    dashboard.versionsKey = key;
+    const series = [{}, ...versions.map((v, i) => ({
+      label: v, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: false,
+    }))];
+    makeChart("mae", "chart-mae", { series, axes: [{}, { label: "MAE" }] }, data);
+  } else {
+    dashboard.charts.mae.setData(data);
+  }
+}
+
+function drawErrors(state) {
+  const summary = state.errors;
+  $("errors-count").textContent = summary ? summary.count.toLocaleString("en-US") : "0";
+  const bins = summary ? summary.bins : [];
+  const width = summary ? summary.upper / bins.length : 1;
+  const data = [bins.map((_, i) => (i + 0.5) * width), bins];
+  if (!dashboard.charts.errors) {
+    makeChart("errors", "chart-errors", {
+      scales: { x: { time: false } },
+      series: [{ label: "|error|" }, {
+        label: "pairs", fill: "#568cc4aa", stroke: "#568cc4",
+        paths: uPlot.paths.bars({ size: [0.9, Infinity] }), points: { show: false },
+      }],
+      axes: [{ label: "absolute error" }, { label: "pairs" }],
+    }, data);
+  } else {
+    dashboard.charts.errors.setData(data);
+  }
+}
+
+function drawScatter(state) {
+  const points = state.recent.y_true.map((t, i) => [t, state.recent.y_pred[i]]);
+  points.sort((a, b) => a[0] - b[0]);
+  $("recent-count").textContent = points.length;
+  const xs = points.map((p) => p[0]);
+  const data = [xs, points.map((p) => p[1]), xs.slice()];
+  if (!dashboard.charts.scatter) {
+    makeChart("scatter", "chart-scatter", {
+      scales: { x: { time: false } },
+      series: [{ label: "true" }, {
+        label: "predicted", stroke: "#1565c0", paths: () => null,
+        points: { show: true, size: 5, fill: "#1565c0" },
+      }, { label: "y = x", stroke: "#888", width: 1, points: { show: false } }],
+      axes: [{ label: "true" }, { label: "predicted" }],
+    }, data);
+  } else {
+    dashboard.charts.scatter.setData(data);
+  }
+}
+
+function render(answer) {
+  dashboard.last = answer;
+  const status = answer.status;
+  if (status.broker_connected) setPill("broker", "connected", "ok");
+  else setPill("broker", "disconnected", "bad");
+  $("health").textContent = status.health === "ok" ? "" : "health: " + status.health;
+  $("dead-letters").innerHTML = "";
+  for (const d of status.dead_letters) {
+    const row = $("dead-letters").insertRow();
+    row.insertCell().textContent = d.queue;
+    row.insertCell().textContent = d.reason;
+    row.insertCell().textContent = d.count.toLocaleString("en-US");
+  }
+  if (!status.dead_letters.length) $("dead-letters").insertRow().insertCell().textContent = "none";
+
+  const state = answer.state;
+  if (!state) return;
+  $("pairs").textContent = state.pairs.toLocaleString("en-US");
+  $("rate").textContent = fixed(state.pairs_per_second, 1);
+  $("waiting").textContent = state.waiting.toLocaleString("en-US");
+  $("window-size").textContent = state.window_size.toLocaleString("en-US");
+  $("ratio").textContent = state.alert_ratio;
+  $("mae-all").textContent = fixed(state.all.mae, 3);
+  $("rmse-all").textContent = fixed(state.all.rmse, 3);
+  $("r2-all").textContent = fixed(state.all.r2, 4);
+  $("mae-window").textContent = fixed(state.window.mae, 3);
+  $("rmse-window").textContent = fixed(state.window.rmse, 3);
+  $("r2-window").textContent = fixed(state.window.r2, 4);
+
+  const body = $("versions");
+  body.innerHTML = "";
+  for (const v of state.versions) {
+    const row = body.insertRow();
+    if (v.alarm) row.className = "alarm";
+    for (const text of [v.version, v.pairs.toLocaleString("en-US"), fixed(v.all.mae, 3), fixed(v.all.rmse, 3),
+      fixed(v.all.r2, 4), fixed(v.window.mae, 3), fixed(v.baseline_mae, 3), v.alarm ? "ALARM" : "ok"]) {
+      row.insertCell().textContent = text;
+    }
+  }
+  const alarms = state.versions.filter((v) => v.alarm).map((v) => v.version);
+  if (alarms.length) setPill("alarm", "ALARM: " + alarms.join(", "), "bad");
+  else setPill("alarm", "ok", "ok");
+
+  drawMaeHistory(state);
+  drawErrors(state);
+  drawScatter(state);
+}
+
+async function poll() {
+  try {
+    const response = await fetch("/api/dashboard", { cache: "no-store" });
+    if (!response.ok) throw new Error("HTTP " + response.status);
+    render(await response.json());
+  } catch (err) {
+    // The service itself is away: the broker state is unknown, so say so.
+    setPill("broker", "disconnected (service unreachable)", "bad");
+  } finally {
+    setTimeout(poll, 1000);
+  }
+}
+
+window.addEventListener("resize", () => {
+  for (const [id, chart] of Object.entries({ "chart-mae": dashboard.charts.mae,
+    "chart-errors": dashboard.charts.errors, "chart-scatter": dashboard.charts.scatter })) {
+    if (chart) chart.setSize({ width: chartWidth(id), height: 260 });
+  }
+});
+
+poll();
