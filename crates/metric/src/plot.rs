@@ -260,9 +260,13 @@ fn temp_file(path: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
     let mut prefix = std::ffi::OsString::from(".");
     prefix.push(stem);
     prefix.push(".");
+    // Readable by others, like the log files: tempfile's default 0600 would hide the picture from
+    // a web server or a colleague.
+    let readable = std::os::unix::fs::PermissionsExt::from_mode(0o644);
     tempfile::Builder::new()
         .prefix(&prefix)
         .suffix(".png")
+        .permissions(readable)
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a temporary picture in {}", dir.display()))
 }
@@ -355,6 +359,10 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["error_distribution.png"]);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777 & !0o022, 0o644, "mode {mode:o}");
     }
 
     #[test]
