@@ -536,6 +536,56 @@ pub async fn publish_raw(
     let _ = channel.close(200, "bye".into()).await;
 }
 
+/// Waits until `service` answers `/healthz` with 200, panicking with its log after `timeout`.
+pub fn wait_healthy(service: &Service, timeout: Duration) {
+    assert!(
+        wait_until(timeout, || service.get("/healthz").map(|r| r.0)
+            == Some(200)),
+        "{} not healthy after {timeout:?}:\n{}",
+        service.name,
+        service.stderr()
+    );
+}
+
+/// Stops `service` with SIGTERM (it must exit 0 within 10 s) and starts it again.
+pub fn restart_gracefully(service: &mut Service, dir: &Path) {
+    service.signal("TERM");
+    let status = service
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{} did not exit within 10 s of SIGTERM", service.name));
+    assert!(status.success(), "{} exit status {status}", service.name);
+    service.restart(dir);
+}
+
+/// Writes a metric history of `pairs` joined samples straight into `log_dir` (as the metric
+/// service writes them: both log lines of each sample and its CSV row); returns the ids.
+pub fn write_history(log_dir: &Path, pairs: usize) -> Vec<String> {
+    use std::io::Write;
+    std::fs::create_dir_all(log_dir).expect("log dir");
+    let mut labels =
+        std::io::BufWriter::new(File::create(log_dir.join("labels_log.txt")).expect("labels"));
+    let mut csv =
+        std::io::BufWriter::new(File::create(log_dir.join("metric_log.csv")).expect("csv"));
+    writeln!(csv, "id,y_true,y_pred,absolute_error,model_version").unwrap();
+    let mut ids = Vec::with_capacity(pairs);
+    for n in 0..pairs {
+        let id = uuid::Uuid::new_v4().to_string();
+        let y_true = (n % 300) as f64 + 25.0;
+        let y_pred = y_true + 0.5;
+        writeln!(labels, "2026-11-26T00:00:00.000000Z y_true {id} {y_true}").unwrap();
+        writeln!(
+            labels,
+            "2026-11-26T00:00:00.000001Z y_pred {id} {y_pred} ols-history"
+        )
+        .unwrap();
+        writeln!(csv, "{id},{y_true},{y_pred},0.5,ols-history").unwrap();
+        ids.push(id);
+    }
+    labels.flush().unwrap();
+    csv.flush().unwrap();
+    ids
+}
+
 /// Starts one service on its own, with exactly these settings (plus HTTP_ADDR), its stderr in `dir`.
 pub fn spawn_service(name: &'static str, env: Vec<(String, String)>, dir: &Path) -> Service {
     let starts = 200 + free_port() as u32;

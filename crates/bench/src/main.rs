@@ -15,6 +15,7 @@
 
 mod broker;
 mod ceiling;
+mod history;
 mod latency;
 mod pipeline_run;
 mod process;
@@ -81,6 +82,18 @@ pub struct Cli {
     /// The data set the producer streams and the model is fitted on.
     #[arg(long, default_value = "data/diabetes.csv")]
     pub data_path: PathBuf,
+
+    /// Only measure the metric service's start-up on a long history (see history.rs) and print it.
+    #[arg(long)]
+    pub history: bool,
+
+    /// Pairs in the history of --history.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub history_pairs: u64,
+
+    /// Starts of the metric service on the history (the first without a checkpoint).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub history_starts: u32,
 }
 
 impl Cli {
@@ -249,6 +262,15 @@ async fn run(cli: Cli, ledger: QueueLedger) -> anyhow::Result<()> {
         bench.run_id,
         pipeline::broker::connection::redact(&url)
     );
+    if bench.cli.history {
+        let results =
+            history::measure(&bench, bench.cli.history_pairs, bench.cli.history_starts).await?;
+        println!(
+            "{}",
+            history::to_markdown(bench.cli.history_pairs, &results)
+        );
+        return Ok(());
+    }
     let machine = report::Machine::read();
     let broker_version = broker::server_version(&url).await;
 

@@ -7,13 +7,21 @@
 //! Lines are collected in memory and written with one `write_all` per file at each flush, before
 //! the messages are acked; one process owns the files (a lock file), so lines never interleave. A
 //! crash mid-write can leave a half line at the end; it belongs to messages that were never acked,
-//! so start-up cuts it off and the broker delivers them again.
+//! so start-up cuts it off and the broker delivers them again. A failed write (disk full) is cut
+//! back to the length before it and its lines kept for the next try, so a retry never leaves a
+//! broken or doubled line; the error is a [`LocalFault`], which pauses consumption.
+//!
+//! Both files rotate by size: at `LOG_MAX_BYTES` the file is renamed to `<name>.1` (older ones to
+//! `.2` … up to `LOG_KEEP_FILES`, the oldest deleted) and a new one started, with the CSV header.
+//! `tail -F` follows the name. Start-up reads back across the rotated files where it needs to.
 
 use crate::join::Pair;
 use anyhow::Context as _;
+use pipeline::broker::LocalFault;
 use pipeline::messages::LabelKind;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead as _, BufReader, Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::{self, BufRead as _, BufReader, Read as _, Seek as _, SeekFrom, Write as _};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -25,6 +33,8 @@ pub const METRIC_CSV: &str = "metric_log.csv";
 pub const CSV_HEADER: &str = "id,y_true,y_pred,absolute_error,model_version";
 /// Lock file that keeps a second metric service away from the same files.
 pub const LOCK_FILE: &str = ".metric.lock";
+/// Bad rows of the CSV named one by one in the log, per read; beyond it only counted.
+const BAD_ROWS_LOGGED: u64 = 10;
 
 /// One line of `labels_log.txt`, read back at start-up.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,68 +137,403 @@ pub fn parse_label_line(line: &str) -> Option<LabelLine> {
     })
 }
 
-/// Calls `line` with the index and text of every line of `path`; a missing file has no lines.
-fn for_each_line(path: &Path, mut line: impl FnMut(usize, &str)) -> anyhow::Result<()> {
-    let file = match File::open(path) {
-        Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(err) => return Err(err).with_context(|| format!("cannot open {}", path.display())),
-    };
-    for (index, text) in BufReader::new(file).lines().enumerate() {
-        let text = text.with_context(|| format!("cannot read {}", path.display()))?;
-        line(index, &text);
+/// Which file a position is in: device and inode, so a rotated (renamed) file is still found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileId {
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+}
+
+impl FileId {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
     }
+}
+
+/// A byte position in one log file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FilePos {
+    /// The file.
+    pub file: FileId,
+    /// Bytes from its start.
+    pub offset: u64,
+}
+
+/// `<path>.<n>`: the `n`-th newest rotated file of `path`.
+pub fn rotated_path(path: &Path, n: usize) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+/// The files of one log that exist, oldest first: `<path>.N` … `<path>.1`, `<path>`.
+pub fn chain(path: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = (1..)
+        .map(|n| rotated_path(path, n))
+        .take_while(|p| p.exists())
+        .collect();
+    files.reverse();
+    if path.exists() {
+        files.push(path.to_owned());
+    }
+    files
+}
+
+/// A part of a file to read: from `start` to its end.
+pub type Segment = (PathBuf, u64);
+
+/// The parts of `chain` written after `pos`: the rest of the file it is in, then every newer file
+/// whole. `None` when that file is no longer there (or is shorter than the position).
+pub fn segments_after(chain: &[PathBuf], pos: &FilePos) -> anyhow::Result<Option<Vec<Segment>>> {
+    for (index, path) in chain.iter().enumerate() {
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("cannot read the metadata of {}", path.display()))?;
+        if FileId::of(&meta) == pos.file {
+            if meta.len() < pos.offset {
+                return Ok(None);
+            }
+            let mut segments = vec![(path.clone(), pos.offset)];
+            segments.extend(chain[index + 1..].iter().map(|p| (p.clone(), 0)));
+            return Ok(Some(segments));
+        }
+    }
+    Ok(None)
+}
+
+/// The parts of `chain` that hold its last `lines` lines (the CSV header of each file not
+/// counted when `header` is set), oldest first.
+pub fn tail_segments(
+    chain: &[PathBuf],
+    lines: usize,
+    header: bool,
+) -> anyhow::Result<Vec<Segment>> {
+    let mut segments = Vec::new();
+    let mut wanted = lines;
+    for path in chain.iter().rev() {
+        if wanted == 0 {
+            break;
+        }
+        let (start, found) = tail_start(path, wanted)?;
+        segments.push((path.clone(), start));
+        let found = if start == 0 && header {
+            found.saturating_sub(1)
+        } else {
+            found
+        };
+        wanted = wanted.saturating_sub(found);
+        if start > 0 {
+            break;
+        }
+    }
+    segments.reverse();
+    Ok(segments)
+}
+
+/// Where the last `lines` lines of `path` start, read backwards in blocks; and how many lines
+/// there are from there (fewer when the file is shorter).
+fn tail_start(path: &Path, lines: usize) -> anyhow::Result<(u64, usize)> {
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut block = vec![0u8; 64 * 1024];
+    // Newlines seen from the end; the file ends with one, so line k starts after newline k + 1.
+    let mut newlines = 0usize;
+    while end > 0 {
+        let start = end.saturating_sub(block.len() as u64);
+        let chunk = &mut block[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        for (pos, byte) in chunk.iter().enumerate().rev() {
+            if *byte == b'\n' {
+                newlines += 1;
+                if newlines == lines + 1 {
+                    return Ok((start + pos as u64 + 1, lines));
+                }
+            }
+        }
+        end = start;
+    }
+    Ok((0, newlines))
+}
+
+/// Moves a `metric_log.csv` with a header that is not ours aside (`metric_log.csv.<secs>.old`),
+/// before anything reads it, so its ids are never taken for ours.
+pub fn move_foreign_csv_aside(dir: &Path) -> anyhow::Result<()> {
+    let csv_path = dir.join(METRIC_CSV);
+    let file = match File::open(&csv_path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err).with_context(|| format!("cannot open {}", csv_path.display())),
+    };
+    let mut first = Vec::new();
+    BufReader::new(file)
+        .take(4096)
+        .read_until(b'\n', &mut first)
+        .with_context(|| format!("cannot read {}", csv_path.display()))?;
+    let first = String::from_utf8_lossy(&first);
+    let first = first.trim_end();
+    if first.is_empty() || first == CSV_HEADER {
+        return Ok(());
+    }
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = dir.join(format!("{METRIC_CSV}.{stamp}.old"));
+    std::fs::rename(&csv_path, &aside)
+        .with_context(|| format!("cannot move {} aside", csv_path.display()))?;
+    tracing::warn!(moved_to = %aside.display(), header = first, "metric_log.csv had another header; moved it aside");
     Ok(())
 }
 
-/// Reads the rows of `metric_log.csv` (after its header), calling `row` for each.
-pub fn read_csv_rows(path: &Path, mut row: impl FnMut(Pair)) -> anyhow::Result<u64> {
-    let mut rows = 0;
-    for_each_line(path, |index, line| {
-        if index == 0 {
-            return;
-        }
-        let mut fields = line.split(',');
-        let (Some(id), Some(y_true), Some(y_pred)) = (fields.next(), fields.next(), fields.next())
-        else {
-            return;
-        };
-        let (Ok(y_true), Ok(y_pred)) = (y_true.parse(), y_pred.parse()) else {
-            return;
-        };
-        let _absolute_error = fields.next();
-        let model_version = fields.next().filter(|v| !v.is_empty()).map(str::to_owned);
-        rows += 1;
-        row(Pair {
-            id: id.to_owned(),
-            y_true,
-            y_pred,
-            model_version,
-            sent_at_us: None,
-        });
-    })?;
-    Ok(rows)
+/// What reading the CSV found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CsvRead {
+    /// Good rows.
+    pub rows: u64,
+    /// Rows that are not ours (too few fields, a number that is not one); each reported.
+    pub bad_rows: u64,
 }
 
-/// Reads `labels_log.txt` line by line, calling `line` for each well-formed one.
-pub fn read_label_lines(path: &Path, mut line: impl FnMut(LabelLine)) -> anyhow::Result<u64> {
-    let mut count = 0;
-    for_each_line(path, |_, text| {
-        if let Some(parsed) = parse_label_line(text) {
-            count += 1;
-            line(parsed);
+impl std::ops::AddAssign for CsvRead {
+    fn add_assign(&mut self, other: Self) {
+        self.rows += other.rows;
+        self.bad_rows += other.bad_rows;
+    }
+}
+
+/// Parses one CSV record into a pair.
+fn parse_row(record: &csv::StringRecord) -> Result<Pair, String> {
+    if record.len() < 4 || record.len() > 5 {
+        return Err(format!("{} fields, expected 4 or 5", record.len()));
+    }
+    let id = &record[0];
+    pipeline::messages::validate_id(id).map_err(|_| format!("id {id:?} is not a valid id"))?;
+    let number = |index: usize, name: &str| -> Result<f64, String> {
+        record[index]
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| format!("{name} {:?} is not a finite number", &record[index]))
+    };
+    let y_true = number(1, "y_true")?;
+    let y_pred = number(2, "y_pred")?;
+    let model_version = record.get(4).filter(|v| !v.is_empty()).map(str::to_owned);
+    Ok(Pair {
+        id: id.to_owned(),
+        y_true,
+        y_pred,
+        model_version,
+        sent_at_us: None,
+    })
+}
+
+/// Reads the rows of the CSV segments (a header line is skipped), calling `row` for each good one;
+/// a bad row is reported with its file and line (the first few) and counted, never silently skipped.
+pub fn read_csv_segments(
+    segments: &[Segment],
+    mut row: impl FnMut(Pair),
+) -> anyhow::Result<CsvRead> {
+    let mut read = CsvRead::default();
+    for (path, start) in segments {
+        let mut file = match File::open(path) {
+            Ok(file) => file,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(err).with_context(|| format!("cannot open {}", path.display())),
+        };
+        file.seek(SeekFrom::Start(*start))
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(BufReader::with_capacity(256 * 1024, file));
+        let mut record = csv::StringRecord::new();
+        loop {
+            let problem = match reader.read_record(&mut record) {
+                Ok(false) => break,
+                Ok(true) if record.iter().eq(CSV_HEADER.split(',')) => continue,
+                Ok(true) => match parse_row(&record) {
+                    Ok(pair) => {
+                        read.rows += 1;
+                        row(pair);
+                        continue;
+                    }
+                    Err(problem) => problem,
+                },
+                Err(err) if err.is_io_error() => {
+                    return Err(err).with_context(|| format!("cannot read {}", path.display()));
+                }
+                Err(err) => err.to_string(),
+            };
+            read.bad_rows += 1;
+            if read.bad_rows <= BAD_ROWS_LOGGED {
+                let byte = start + reader.position().byte();
+                tracing::warn!(file = %path.display(), byte, problem, "bad row in the CSV, not taken as a joined id");
+            }
         }
-    })?;
+    }
+    if read.bad_rows > BAD_ROWS_LOGGED {
+        tracing::warn!(
+            bad_rows = read.bad_rows,
+            "bad rows in the CSV (only the first {BAD_ROWS_LOGGED} named)"
+        );
+    }
+    Ok(read)
+}
+
+/// Reads `labels_log.txt` segments line by line, calling `line` for each well-formed one.
+pub fn read_label_segments(
+    segments: &[Segment],
+    mut line: impl FnMut(LabelLine),
+) -> anyhow::Result<u64> {
+    let mut count = 0;
+    let mut text = String::new();
+    for (path, start) in segments {
+        let mut file = match File::open(path) {
+            Ok(file) => file,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(err).with_context(|| format!("cannot open {}", path.display())),
+        };
+        file.seek(SeekFrom::Start(*start))
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut reader = BufReader::with_capacity(256 * 1024, file);
+        loop {
+            text.clear();
+            let read = reader
+                .read_line(&mut text)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if read == 0 {
+                break;
+            }
+            if let Some(parsed) = parse_label_line(text.trim_end_matches('\n')) {
+                count += 1;
+                line(parsed);
+            }
+        }
+    }
     Ok(count)
 }
 
-/// The two append-only files and their pending lines.
-pub struct LogFiles {
-    labels: File,
-    csv: File,
-    labels_buf: Vec<u8>,
-    csv_buf: Vec<u8>,
-    csv_path: PathBuf,
+/// Lines in the segments (a count of newlines, read in large blocks).
+pub fn count_lines(segments: &[Segment]) -> anyhow::Result<u64> {
+    let mut lines = 0;
+    for (path, start) in segments {
+        let mut file =
+            File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        file.seek(SeekFrom::Start(*start))?;
+        let mut reader = BufReader::with_capacity(256 * 1024, file);
+        loop {
+            let buf = reader
+                .fill_buf()
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if buf.is_empty() {
+                break;
+            }
+            lines += buf.iter().filter(|b| **b == b'\n').count() as u64;
+            let len = buf.len();
+            reader.consume(len);
+        }
+    }
+    Ok(lines)
+}
+
+/// Reads every row of `metric_log.csv` (not its rotated files).
+pub fn read_csv_rows(path: &Path, row: impl FnMut(Pair)) -> anyhow::Result<CsvRead> {
+    read_csv_segments(&[(path.to_owned(), 0)], row)
+}
+
+/// Reads every line of `labels_log.txt` (not its rotated files).
+pub fn read_label_lines(path: &Path, line: impl FnMut(LabelLine)) -> anyhow::Result<u64> {
+    read_label_segments(&[(path.to_owned(), 0)], line)
+}
+
+/// Something that can be cut back to a length: a file, or a fake disk in tests.
+pub trait Truncate {
+    /// Cuts to `len` bytes.
+    fn truncate_to(&mut self, len: u64) -> io::Result<()>;
+}
+
+impl Truncate for File {
+    fn truncate_to(&mut self, len: u64) -> io::Result<()> {
+        self.set_len(len)
+    }
+}
+
+/// One append-only file, its known length and its pending lines.
+pub struct AppendLog<W = File> {
+    path: PathBuf,
+    sink: W,
+    /// Length of the file as last written whole: what a failed write is cut back to.
+    len: u64,
+    /// A failed write could not be cut back yet: cut before writing again.
+    needs_cut: bool,
+    buf: Vec<u8>,
+}
+
+impl<W: io::Write + Truncate> AppendLog<W> {
+    /// A log writing to `sink`, which is `len` bytes long.
+    pub fn new(path: PathBuf, sink: W, len: u64) -> Self {
+        Self {
+            path,
+            sink,
+            len,
+            needs_cut: false,
+            buf: Vec::with_capacity(64 * 1024),
+        }
+    }
+
+    /// Writes the pending lines, all or none: a failed or partial write is cut back to the length
+    /// before it and the lines are kept, so calling it again after a failure is safe.
+    pub fn flush(&mut self) -> Result<(), LocalFault> {
+        if self.buf.is_empty() && !self.needs_cut {
+            return Ok(());
+        }
+        let fault = |what: &str, source| LocalFault {
+            what: format!("cannot {what} {}", self.path.display()),
+            source,
+        };
+        if self.needs_cut {
+            self.sink
+                .truncate_to(self.len)
+                .map_err(|err| fault("cut back a failed write in", err))?;
+            self.needs_cut = false;
+        }
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        if let Err(err) = self
+            .sink
+            .write_all(&self.buf)
+            .and_then(|()| self.sink.flush())
+        {
+            // Whatever part went in is cut off now, or before the next write.
+            self.needs_cut = self.sink.truncate_to(self.len).is_err();
+            return Err(fault("append to", err));
+        }
+        self.len += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Pending bytes.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Length as last written whole.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was ever written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 fn open_append(path: &Path) -> anyhow::Result<File> {
@@ -199,34 +544,93 @@ fn open_append(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("cannot open {} for appending", path.display()))
 }
 
-impl LogFiles {
-    /// Opens (creating) both files in `dir`; writes the CSV header to a new CSV. A CSV with another
-    /// header is moved aside, not mixed with ours.
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let csv_path = dir.join(METRIC_CSV);
-        if let Ok(file) = File::open(&csv_path) {
-            let mut first = String::new();
-            BufReader::new(file).read_line(&mut first)?;
-            let first = first.trim_end();
-            if !first.is_empty() && first != CSV_HEADER {
-                let stamp = SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                let aside = dir.join(format!("{METRIC_CSV}.{stamp}.old"));
-                std::fs::rename(&csv_path, &aside)?;
-                tracing::warn!(moved_to = %aside.display(), header = first, "metric_log.csv had another header; moved it aside");
+impl AppendLog<File> {
+    /// Opens (creating) `path` for appending; a new or empty file starts with `header`.
+    pub fn open(path: PathBuf, header: Option<&str>) -> anyhow::Result<Self> {
+        let mut file = open_append(&path)?;
+        let mut len = file.metadata()?.len();
+        if len == 0
+            && let Some(header) = header
+        {
+            let line = format!("{header}\n");
+            file.write_all(line.as_bytes())
+                .with_context(|| format!("cannot write the header of {}", path.display()))?;
+            len = line.len() as u64;
+        }
+        Ok(Self::new(path, file, len))
+    }
+
+    /// Where the file stands (identity and length as last written whole).
+    pub fn pos(&self) -> anyhow::Result<FilePos> {
+        let meta = self
+            .sink
+            .metadata()
+            .with_context(|| format!("cannot read the metadata of {}", self.path.display()))?;
+        Ok(FilePos {
+            file: FileId::of(&meta),
+            offset: self.len,
+        })
+    }
+
+    /// Renames the file to `.1` (shifting older ones up to `.keep`, the oldest deleted) and starts
+    /// a new one with `header`. Call with nothing pending.
+    pub fn rotate(&mut self, keep: usize, header: Option<&str>) -> anyhow::Result<()> {
+        let keep = keep.max(1);
+        match std::fs::remove_file(rotated_path(&self.path, keep)) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err).with_context(|| {
+                    format!("cannot delete the oldest rotated {}", self.path.display())
+                });
             }
         }
-        let mut csv = open_append(&csv_path)?;
-        if csv.metadata()?.len() == 0 {
-            csv.write_all(format!("{CSV_HEADER}\n").as_bytes())?;
+        for n in (1..keep).rev() {
+            let from = rotated_path(&self.path, n);
+            match std::fs::rename(&from, rotated_path(&self.path, n + 1)) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(err).with_context(|| format!("cannot rotate {}", from.display()));
+                }
+            }
         }
+        std::fs::rename(&self.path, rotated_path(&self.path, 1))
+            .with_context(|| format!("cannot rotate {}", self.path.display()))?;
+        let fresh = Self::open(self.path.clone(), header)?;
+        self.sink = fresh.sink;
+        self.len = fresh.len;
+        self.needs_cut = false;
+        Ok(())
+    }
+}
+
+/// When the files rotate.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotation {
+    /// Size at which a file is rotated; 0 = never.
+    pub max_bytes: u64,
+    /// Rotated files kept per log.
+    pub keep: usize,
+}
+
+/// The two append-only files and their pending lines.
+pub struct LogFiles {
+    labels: AppendLog,
+    csv: AppendLog,
+    number: String,
+    rotation: Rotation,
+}
+
+impl LogFiles {
+    /// Opens (creating) both files in `dir`; writes the CSV header to a new CSV. Call
+    /// [`move_foreign_csv_aside`] first.
+    pub fn open(dir: &Path, rotation: Rotation) -> anyhow::Result<Self> {
         Ok(Self {
-            labels: open_append(&dir.join(LABELS_LOG))?,
-            csv,
-            labels_buf: Vec::with_capacity(64 * 1024),
-            csv_buf: Vec::with_capacity(64 * 1024),
-            csv_path,
+            labels: AppendLog::open(dir.join(LABELS_LOG), None)?,
+            csv: AppendLog::open(dir.join(METRIC_CSV), Some(CSV_HEADER))?,
+            number: String::new(),
+            rotation,
         })
     }
 
@@ -241,47 +645,83 @@ impl LogFiles {
         let time = humantime::format_rfc3339_micros(SystemTime::now());
         let id = id.unwrap_or("-");
         let kind = kind.as_str();
+        let buf = &mut self.labels.buf;
         // Writing to a Vec cannot fail.
         let _ = match model_version {
-            Some(version) => writeln!(self.labels_buf, "{time} {kind} {id} {value} {version}"),
-            None => writeln!(self.labels_buf, "{time} {kind} {id} {value}"),
+            Some(version) => writeln!(buf, "{time} {kind} {id} {value} {version}"),
+            None => writeln!(buf, "{time} {kind} {id} {value}"),
         };
     }
 
-    /// Queues one row of `metric_log.csv`.
+    /// Queues one row of `metric_log.csv`, encoded by the `csv` crate; numbers as Rust prints
+    /// them (shortest form that reads back to the same value).
     pub fn push_row(&mut self, pair: &Pair) {
-        let _ = writeln!(
-            self.csv_buf,
-            "{},{},{},{},{}",
-            pair.id,
-            pair.y_true,
-            pair.y_pred,
-            pair.absolute_error(),
-            pair.model_version.as_deref().unwrap_or("")
-        );
+        use std::fmt::Write as _;
+        let mut field = |row: &mut csv::Writer<&mut Vec<u8>>, value: f64| {
+            self.number.clear();
+            let _ = write!(self.number, "{value}");
+            row.write_field(&self.number)
+        };
+        let mut writer = csv::WriterBuilder::new()
+            .has_headers(false)
+            .buffer_capacity(256)
+            .from_writer(&mut self.csv.buf);
+        let row = &mut writer;
+        // Writing to a Vec cannot fail.
+        let _ = row
+            .write_field(&pair.id)
+            .and_then(|()| field(row, pair.y_true))
+            .and_then(|()| field(row, pair.y_pred))
+            .and_then(|()| field(row, pair.absolute_error()))
+            .and_then(|()| row.write_field(pair.model_version.as_deref().unwrap_or("")))
+            .and_then(|()| row.write_record(None::<&[u8]>));
+        let _ = row.flush();
     }
 
-    /// Writes the queued lines, the message log first. After this returns, they are in the files.
-    pub fn flush(&mut self) -> anyhow::Result<()> {
-        if !self.labels_buf.is_empty() {
-            self.labels
-                .write_all(&self.labels_buf)
-                .context("cannot append to labels_log.txt")?;
-            self.labels_buf.clear();
+    /// Whether nothing is waiting to be written.
+    pub fn is_flushed(&self) -> bool {
+        self.labels.pending() == 0 && self.csv.pending() == 0
+    }
+
+    /// Writes the queued lines, the message log first; rotates a file that reached its size.
+    /// Returns whether one rotated. After `Ok`, the lines are in the files. After an error
+    /// (a [`LocalFault`] for a failed write), nothing partial is left and it can be called again.
+    pub fn flush(&mut self) -> anyhow::Result<bool> {
+        self.labels.flush()?;
+        self.csv.flush()?;
+        let mut rotated = false;
+        if self.rotation.max_bytes > 0 {
+            for (log, header) in [(&mut self.labels, None), (&mut self.csv, Some(CSV_HEADER))] {
+                if log.len() >= self.rotation.max_bytes {
+                    log.rotate(self.rotation.keep, header).map_err(|err| {
+                        let what = format!("{err:#}");
+                        let source = err
+                            .downcast::<io::Error>()
+                            .unwrap_or_else(|err| io::Error::other(format!("{err:#}")));
+                        LocalFault { what, source }
+                    })?;
+                    tracing::info!(file = %log.path.display(), "rotated");
+                    rotated = true;
+                }
+            }
         }
-        if !self.csv_buf.is_empty() {
-            self.csv
-                .write_all(&self.csv_buf)
-                .with_context(|| format!("cannot append to {}", self.csv_path.display()))?;
-            self.csv_buf.clear();
-        }
-        Ok(())
+        Ok(rotated)
+    }
+
+    /// Positions of both files as written (call when flushed).
+    pub fn positions(&self) -> anyhow::Result<(FilePos, FilePos)> {
+        Ok((self.labels.pos()?, self.csv.pos()?))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NO_ROTATION: Rotation = Rotation {
+        max_bytes: 0,
+        keep: 1,
+    };
 
     #[test]
     fn half_lines_are_cut() {
@@ -300,7 +740,7 @@ mod tests {
     #[test]
     fn lines_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let mut files = LogFiles::open(dir.path()).unwrap();
+        let mut files = LogFiles::open(dir.path(), NO_ROTATION).unwrap();
         files.push_label(LabelKind::YTrue, Some("a"), 151.0, None);
         files.push_label(LabelKind::YPred, Some("a"), 0.1 + 0.2, Some("ols-1"));
         files.push_label(LabelKind::YPred, None, 3.5, None);
@@ -319,8 +759,14 @@ mod tests {
         assert_eq!(lines[1].model_version.as_deref(), Some("ols-1"));
         assert_eq!(lines[2].id, None);
         let mut rows = Vec::new();
-        read_csv_rows(&dir.path().join(METRIC_CSV), |p| rows.push(p)).unwrap();
-        assert_eq!(rows.len(), 1);
+        let read = read_csv_rows(&dir.path().join(METRIC_CSV), |p| rows.push(p)).unwrap();
+        assert_eq!(
+            read,
+            CsvRead {
+                rows: 1,
+                bad_rows: 0
+            }
+        );
         assert_eq!(rows[0].y_pred, 0.1 + 0.2);
         let csv = std::fs::read_to_string(dir.path().join(METRIC_CSV)).unwrap();
         assert!(csv.starts_with(CSV_HEADER));
@@ -332,5 +778,198 @@ mod tests {
         let _first = lock_dir(dir.path()).unwrap();
         let err = lock_dir(dir.path()).unwrap_err();
         assert!(err.to_string().contains("another metric service"), "{err}");
+    }
+
+    /// A disk with `room` bytes left: a write takes what fits, then fails like a full disk.
+    struct FakeDisk {
+        data: Vec<u8>,
+        room: usize,
+        writes: usize,
+    }
+
+    impl io::Write for FakeDisk {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.writes += 1;
+            let take = buf.len().min(self.room).min(7);
+            if take == 0 {
+                return Err(io::Error::from(io::ErrorKind::StorageFull));
+            }
+            self.data.extend_from_slice(&buf[..take]);
+            self.room -= take;
+            Ok(take)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Truncate for FakeDisk {
+        fn truncate_to(&mut self, len: u64) -> io::Result<()> {
+            let cut = self.data.len() - len as usize;
+            self.data.truncate(len as usize);
+            self.room += cut;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_that_fails_midway_leaves_nothing_and_is_written_once_on_retry() {
+        let disk = FakeDisk {
+            data: b"old line\n".to_vec(),
+            room: 30,
+            writes: 0,
+        };
+        let mut log = AppendLog::new(PathBuf::from("fake.txt"), disk, 9);
+        log.buf
+            .extend_from_slice(b"first line of twenty\nsecond line of twenty\n");
+        let fault = log.flush().unwrap_err();
+        assert_eq!(fault.source.kind(), io::ErrorKind::StorageFull);
+        assert!(fault.to_string().contains("fake.txt"), "{fault}");
+        assert!(
+            LocalFault::is_in(&anyhow::Error::new(fault).context("flush")),
+            "a write error is a local fault"
+        );
+        // Nothing of the failed write is left, the lines are kept.
+        assert_eq!(log.sink.data, b"old line\n");
+        assert_eq!(log.pending(), 43);
+        // More lines come while the disk is full: still nothing half written.
+        log.buf.extend_from_slice(b"third\n");
+        assert!(log.flush().is_err());
+        assert_eq!(log.sink.data, b"old line\n");
+        // Space again: every line once, whole.
+        log.sink.room = 1000;
+        log.flush().unwrap();
+        assert_eq!(
+            String::from_utf8(log.sink.data.clone()).unwrap(),
+            "old line\nfirst line of twenty\nsecond line of twenty\nthird\n"
+        );
+        assert_eq!((log.len(), log.pending()), (58, 0));
+    }
+
+    #[test]
+    fn bad_csv_rows_are_counted_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(METRIC_CSV);
+        std::fs::write(
+            &path,
+            format!(
+                "{CSV_HEADER}\na,1,2,1,v1\nb,1\nc,x,2,1,\nd,1,2,1\ne f,1,2,1,\ng,1,2,1,v,extra\n"
+            ),
+        )
+        .unwrap();
+        let mut ids = Vec::new();
+        let read = read_csv_rows(&path, |p| ids.push(p.id)).unwrap();
+        assert_eq!(ids, ["a", "d"]);
+        assert_eq!(
+            read,
+            CsvRead {
+                rows: 2,
+                bad_rows: 4
+            }
+        );
+    }
+
+    #[test]
+    fn rows_written_with_the_csv_crate_read_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = LogFiles::open(dir.path(), NO_ROTATION).unwrap();
+        let pairs: Vec<Pair> = (0..50)
+            .map(|i| Pair {
+                id: format!("id-{i}"),
+                y_true: f64::from(i) * 1.1,
+                y_pred: 1.0 / f64::from(i + 3),
+                model_version: (i % 2 == 0).then(|| format!("v{i}")),
+                sent_at_us: None,
+            })
+            .collect();
+        for pair in &pairs {
+            files.push_row(pair);
+        }
+        files.flush().unwrap();
+        let text = std::fs::read_to_string(dir.path().join(METRIC_CSV)).unwrap();
+        assert!(
+            text.contains("\nid-1,1.1,0.25,0.8500000000000001,\n"),
+            "{text}"
+        );
+        let mut back = Vec::new();
+        read_csv_rows(&dir.path().join(METRIC_CSV), |p| back.push(p)).unwrap();
+        assert_eq!(back, pairs);
+    }
+
+    #[test]
+    fn rotation_keeps_n_files_and_the_tail_reads_across_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let rotation = Rotation {
+            max_bytes: 200,
+            keep: 2,
+        };
+        let mut files = LogFiles::open(dir.path(), rotation).unwrap();
+        for i in 0..40 {
+            files.push_row(&Pair {
+                id: format!("id{i:02}"),
+                y_true: 1.0,
+                y_pred: 2.0,
+                model_version: None,
+                sent_at_us: None,
+            });
+            files.flush().unwrap();
+        }
+        let csv = dir.path().join(METRIC_CSV);
+        let chain = chain(&csv);
+        assert_eq!(
+            chain,
+            [rotated_path(&csv, 2), rotated_path(&csv, 1), csv.clone()]
+        );
+        assert!(!rotated_path(&csv, 3).exists());
+        for path in &chain {
+            let text = std::fs::read_to_string(path).unwrap();
+            assert!(text.starts_with(CSV_HEADER), "{text}");
+        }
+        let mut all = Vec::new();
+        read_csv_segments(
+            &chain.iter().map(|p| (p.clone(), 0)).collect::<Vec<_>>(),
+            |p| all.push(p.id),
+        )
+        .unwrap();
+        assert_eq!(all.last().map(String::as_str), Some("id39"));
+        // The last 15 rows span the current file and the one before.
+        let segments = tail_segments(&chain, 15, true).unwrap();
+        let mut tail = Vec::new();
+        read_csv_segments(&segments, |p| tail.push(p.id)).unwrap();
+        assert_eq!(tail, all[all.len() - 15..]);
+        // Asking for more than there is gives all there is.
+        let segments = tail_segments(&chain, 1000, true).unwrap();
+        let mut tail = Vec::new();
+        read_csv_segments(&segments, |p| tail.push(p.id)).unwrap();
+        assert_eq!(tail, all);
+        // A position in a rotated file is still found, with every newer file after it.
+        let (_, pos) = files.positions().unwrap();
+        let after = segments_after(&chain, &pos).unwrap().unwrap();
+        assert_eq!(after, [(csv.clone(), pos.offset)]);
+        files.push_row(&Pair {
+            id: "late".into(),
+            y_true: 1.0,
+            y_pred: 1.0,
+            model_version: None,
+            sent_at_us: None,
+        });
+        files.flush().unwrap();
+        let mut late = Vec::new();
+        read_csv_segments(&after, |p| late.push(p.id)).unwrap();
+        assert_eq!(late, ["late"]);
+    }
+
+    #[test]
+    fn a_foreign_csv_is_moved_aside_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(METRIC_CSV), "id,score\na,1\n").unwrap();
+        move_foreign_csv_aside(dir.path()).unwrap();
+        assert!(!dir.path().join(METRIC_CSV).exists());
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".old"))
+            .count();
+        assert_eq!(aside, 1);
     }
 }

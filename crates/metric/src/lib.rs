@@ -3,9 +3,11 @@
 //! the model's running quality as metrics.
 //!
 //! It is a single instance by design (it owns the files): a lock file and exclusive consumers make
-//! a second one fail loudly. On start-up it rebuilds its state from its own files: ids already in
-//! the CSV are never written again, and values logged but not yet joined wait for their partner.
+//! a second one fail loudly. On start-up it rebuilds its state from its checkpoint and the end of
+//! its own files (see [`checkpoint`]): ids already in the CSV are never written again, values logged
+//! but not yet joined wait for their partner, and the time it takes does not grow with the history.
 
+pub mod checkpoint;
 pub mod files;
 pub mod join;
 pub mod plot;
@@ -13,8 +15,8 @@ pub mod quality;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use files::LogFiles;
-use join::{JoinLimits, Joiner, Offer};
+use files::{LogFiles, Rotation};
+use join::{JoinLimits, Joiner, Offer, fingerprint};
 use lapin::message::Delivery;
 use pipeline::broker::consumer::ConsumerSpec;
 use pipeline::broker::{Broker, Disposition, MessageHandler, Publisher, Topology, run_consumer};
@@ -113,6 +115,26 @@ pub struct Config {
     /// Most recent pairs the histogram covers.
     #[arg(long, env = "PLOT_MAX_PAIRS", default_value_t = 20_000)]
     pub plot_max_pairs: usize,
+
+    /// Size in bytes at which labels_log.txt and metric_log.csv are rotated (renamed to .1); 0 = never.
+    #[arg(long, env = "LOG_MAX_BYTES", default_value_t = 100 * 1024 * 1024)]
+    pub log_max_bytes: u64,
+
+    /// Rotated files kept of each log (.1 to .N); the oldest beyond it is deleted.
+    #[arg(long, env = "LOG_KEEP_FILES", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub log_keep_files: u64,
+
+    /// Pairs after which the recovery checkpoint is written again (at the next flush).
+    #[arg(long, env = "CHECKPOINT_EVERY", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: u64,
+
+    /// Seconds after which the recovery checkpoint is written again when anything changed.
+    #[arg(long, env = "CHECKPOINT_INTERVAL_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_interval_secs: u64,
+
+    /// Model versions with their own metric series (the most recently seen); older ones are removed.
+    #[arg(long, env = "MODEL_VERSIONS_KEPT", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub model_versions_kept: u64,
 }
 
 /// File name of the error histogram in `LOG_DIR`.
@@ -248,7 +270,11 @@ pub async fn run(
     let mut registry = Registry::default();
     let broker_metrics = BrokerMetrics::register(&mut registry);
     let join_metrics = JoinMetrics::register(&mut registry);
-    let quality = Quality::register(&mut registry, config.quality_window);
+    let quality = Quality::register(
+        &mut registry,
+        config.quality_window,
+        config.model_versions_kept as usize,
+    );
     let mut recorder = Recorder::recover(&config, quality, join_metrics, Plotter::new(&config))?;
 
     let health = Health::new();
@@ -276,6 +302,7 @@ pub async fn run(
         service: "metric",
     };
     let result = run_consumer(&mut broker, &spec, &mut recorder, &shutdown).await;
+    recorder.finish();
     shutdown.cancel();
     let _ = http.await;
     result
@@ -292,18 +319,52 @@ pub struct Recorder {
     metrics: JoinMetrics,
     plotter: Plotter,
     queue_names: [String; 2],
+    log_dir: PathBuf,
+    checkpoints: CheckpointPolicy,
+}
+
+/// When the checkpoint is written again.
+struct CheckpointPolicy {
+    every_pairs: u64,
+    interval: Duration,
+    pairs_since: u64,
+    changed: bool,
+    last: Instant,
+    /// The last save failed (logged once until one succeeds again).
+    failing: bool,
+}
+
+impl CheckpointPolicy {
+    fn due(&self) -> bool {
+        self.changed
+            && (self.pairs_since >= self.every_pairs || self.last.elapsed() >= self.interval)
+    }
+}
+
+/// What start-up read, for its log line.
+#[derive(Default)]
+struct RecoveryStats {
+    csv: files::CsvRead,
+    label_lines: u64,
+    rows_recovered: u64,
+    evicted: u64,
 }
 
 impl Recorder {
-    /// Opens the files in `LOG_DIR` and rebuilds the state from them: cuts half lines, remembers
-    /// every id of the CSV, and replays logged values that are not joined yet.
+    /// Opens the files in `LOG_DIR` and rebuilds the state from the checkpoint and the end of the
+    /// files (or from the whole files when there is no usable checkpoint, then writes one): cuts
+    /// half lines, remembers the last `DEDUP_CAPACITY` ids of the CSV, and replays logged values
+    /// written after the checkpoint.
     fn recover(
         config: &Config,
         mut quality: Quality,
         metrics: JoinMetrics,
         mut plotter: Plotter,
     ) -> anyhow::Result<Self> {
+        let started = Instant::now();
         let dir = &config.log_dir;
+        // A foreign CSV goes before anything reads it: its ids are not ours.
+        files::move_foreign_csv_aside(dir)?;
         for name in [files::LABELS_LOG, files::METRIC_CSV] {
             let cut = files::repair_tail(&dir.join(name))?;
             if cut > 0 {
@@ -319,16 +380,107 @@ impl Recorder {
             max_age: Duration::from_secs(config.join_max_age_secs),
             dedup_capacity: config.dedup_capacity,
         });
-        let rows = files::read_csv_rows(&dir.join(files::METRIC_CSV), |pair| {
-            joiner.mark_joined(&pair.id, pair.y_true, pair.y_pred);
-            quality.observe(&pair);
-            plotter.observe(pair.absolute_error());
-        })?;
-        let mut files = LogFiles::open(dir)?;
+        let labels_chain = files::chain(&dir.join(files::LABELS_LOG));
+        let csv_chain = files::chain(&dir.join(files::METRIC_CSV));
+        let whole = |chain: &[PathBuf]| -> Vec<files::Segment> {
+            chain.iter().map(|path| (path.clone(), 0)).collect()
+        };
+        let saved = match checkpoint::load(dir) {
+            Ok(saved) => saved,
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "checkpoint unusable; reading the log files whole");
+                None
+            }
+        };
+        let resume = match saved {
+            Some(saved) => match (
+                files::segments_after(&labels_chain, &saved.labels)?,
+                files::segments_after(&csv_chain, &saved.csv)?,
+            ) {
+                (Some(labels), Some(csv)) => Some((saved, labels, csv)),
+                _ => {
+                    tracing::warn!(
+                        "the checkpoint does not match the log files (moved or deleted?); reading them whole"
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
         let now = Instant::now();
-        let mut rejoined = 0u64;
-        let lines = files::read_label_lines(&dir.join(files::LABELS_LOG), |line| {
+        let mut stats = RecoveryStats::default();
+        // Ids of the rows written after the checkpoint (all rows without one): their log lines
+        // are not joined again, however many there are. Sorted, 16 bytes each.
+        let mut written: Vec<u128> = Vec::new();
+        let from_checkpoint = resume.is_some();
+        let label_segments = match resume {
+            Some((saved, label_segments, csv_segments)) => {
+                quality.restore(&saved.totals);
+                joiner.restore_waiting(saved.waiting, now);
+                // The last rows: the de-duplication window, the quality window and the picture.
+                let recent = config.dedup_capacity.max(config.quality_window).max(
+                    if plotter.interval.is_some() {
+                        config.plot_max_pairs
+                    } else {
+                        0
+                    },
+                );
+                let tail = files::tail_segments(&csv_chain, recent, true)?;
+                stats.csv += files::read_csv_segments(&tail, |pair| {
+                    joiner.mark_joined(
+                        &pair.id,
+                        pair.y_true,
+                        pair.y_pred,
+                        pair.model_version.as_deref(),
+                    );
+                    quality.add_to_window(&pair);
+                    plotter.observe(pair.absolute_error());
+                })?;
+                // Rows after the checkpoint: into the totals.
+                files::read_csv_segments(&csv_segments, |pair| {
+                    joiner.mark_joined(
+                        &pair.id,
+                        pair.y_true,
+                        pair.y_pred,
+                        pair.model_version.as_deref(),
+                    );
+                    quality.add_to_totals(&pair);
+                    written.push(fingerprint(&pair.id));
+                })?;
+                label_segments
+            }
+            None => {
+                // Once, for files without a checkpoint: room for every id, no doubling on the way.
+                let rows = files::count_lines(&whole(&csv_chain))?;
+                written.reserve_exact(usize::try_from(rows).unwrap_or(0));
+                stats.csv = files::read_csv_segments(&whole(&csv_chain), |pair| {
+                    joiner.mark_joined(
+                        &pair.id,
+                        pair.y_true,
+                        pair.y_pred,
+                        pair.model_version.as_deref(),
+                    );
+                    quality.observe(&pair);
+                    plotter.observe(pair.absolute_error());
+                    written.push(fingerprint(&pair.id));
+                })?;
+                whole(&labels_chain)
+            }
+        };
+        written.sort_unstable();
+        written.dedup();
+        let mut files = LogFiles::open(
+            dir,
+            Rotation {
+                max_bytes: config.log_max_bytes,
+                keep: config.log_keep_files as usize,
+            },
+        )?;
+        stats.label_lines = files::read_label_segments(&label_segments, |line| {
             let Some(id) = line.id.as_deref() else { return };
+            if written.binary_search(&fingerprint(id)).is_ok() {
+                return;
+            }
             // A pair whose row a crash kept from the CSV is written now.
             if let Ok(Offer::Paired(pair)) = joiner.offer(
                 line.kind,
@@ -341,21 +493,25 @@ impl Recorder {
                 files.push_row(&pair);
                 quality.observe(&pair);
                 plotter.observe(pair.absolute_error());
-                rejoined += 1;
+                stats.rows_recovered += 1;
+            }
+            // Keep the waiting ids within JOIN_CAPACITY while replaying.
+            if joiner.waiting() > config.join_capacity.saturating_mul(2).max(1024) {
+                stats.evicted += joiner.evict(now).len() as u64;
             }
         })?;
+        drop(written);
+        stats.evicted += joiner.evict(now).len() as u64;
+        if stats.evicted > 0 {
+            metrics
+                .evicted
+                .get_or_create(&ReasonLabel { reason: "capacity" })
+                .inc_by(stats.evicted);
+        }
         files.flush()?;
         quality.update_window();
         metrics.waiting.set(joiner.waiting() as i64);
-        tracing::info!(
-            log_dir = %dir.display(),
-            csv_rows = rows,
-            label_lines = lines,
-            rows_recovered = rejoined,
-            waiting = joiner.waiting(),
-            "state rebuilt from the log files"
-        );
-        Ok(Self {
+        let mut recorder = Self {
             files,
             joiner,
             quality,
@@ -365,7 +521,78 @@ impl Recorder {
                 config.queues.y_true_queue.clone(),
                 config.queues.y_pred_queue.clone(),
             ],
-        })
+            log_dir: dir.clone(),
+            checkpoints: CheckpointPolicy {
+                every_pairs: config.checkpoint_every,
+                interval: Duration::from_secs(config.checkpoint_interval_secs),
+                pairs_since: 0,
+                changed: true,
+                last: Instant::now(),
+                failing: false,
+            },
+        };
+        recorder.save_checkpoint();
+        tracing::info!(
+            log_dir = %dir.display(),
+            from = if from_checkpoint { "checkpoint" } else { "whole files" },
+            csv_rows_read = stats.csv.rows,
+            csv_bad_rows = stats.csv.bad_rows,
+            label_lines_replayed = stats.label_lines,
+            rows_recovered = stats.rows_recovered,
+            evicted_while_replaying = stats.evicted,
+            waiting = recorder.joiner.waiting(),
+            pairs = recorder.quality.all().n,
+            millis = started.elapsed().as_millis() as u64,
+            "state rebuilt from the log files"
+        );
+        Ok(recorder)
+    }
+
+    /// Writes the checkpoint when nothing is pending (so it matches the files); a failure is
+    /// logged, not fatal: the previous checkpoint stays valid, start-up only reads more.
+    fn save_checkpoint(&mut self) {
+        if !self.files.is_flushed() {
+            return;
+        }
+        let result = self.files.positions().and_then(|(labels, csv)| {
+            let saved = checkpoint::Checkpoint::new(
+                labels,
+                csv,
+                self.quality.totals(),
+                self.joiner.waiting_entries(Instant::now()),
+            );
+            checkpoint::save(&self.log_dir, &saved)
+        });
+        match result {
+            Ok(()) => {
+                if self.checkpoints.failing {
+                    tracing::info!("checkpoint written again");
+                }
+                self.checkpoints.failing = false;
+                self.checkpoints.changed = false;
+                self.checkpoints.pairs_since = 0;
+                self.checkpoints.last = Instant::now();
+            }
+            Err(err) => {
+                if !self.checkpoints.failing {
+                    tracing::warn!(error = %format!("{err:#}"), "cannot write the checkpoint; the previous one stays, start-up reads more");
+                }
+                self.checkpoints.failing = true;
+                // Try again at the next interval, not at every flush.
+                self.checkpoints.last = Instant::now();
+            }
+        }
+    }
+
+    /// At shutdown: writes what is pending and a last checkpoint.
+    fn finish(&mut self) {
+        if let Err(err) = self.files.flush() {
+            tracing::warn!(error = %format!("{err:#}"), "cannot write the log files at shutdown; the unacked messages come again");
+            return;
+        }
+        if self.checkpoints.changed {
+            self.save_checkpoint();
+        }
     }
 
     fn record(&mut self, kind: LabelKind, delivery: &Delivery) -> Result<(), MessageError> {
@@ -401,6 +628,7 @@ impl Recorder {
             message.sent_at_us,
             Instant::now(),
         );
+        self.checkpoints.changed = true;
         let offer = match offer {
             Ok(offer) => offer,
             Err(err) => {
@@ -426,6 +654,7 @@ impl Recorder {
                     .inc();
             }
             Offer::Paired(pair) => {
+                self.checkpoints.pairs_since += 1;
                 self.files.push_row(&pair);
                 self.quality.observe(&pair);
                 self.plotter.observe(pair.absolute_error());
@@ -455,11 +684,17 @@ impl MessageHandler for Recorder {
 
     async fn flush(&mut self) -> anyhow::Result<()> {
         self.metrics.waiting.set(self.joiner.waiting() as i64);
-        self.files.flush().context("cannot write the log files")
+        // A write error is a LocalFault (in the chain): the loop pauses and calls again.
+        let rotated = self.files.flush().context("cannot write the log files")?;
+        if rotated || self.checkpoints.due() {
+            self.save_checkpoint();
+        }
+        Ok(())
     }
 
     async fn tick(&mut self) -> anyhow::Result<()> {
         for evicted in self.joiner.evict(Instant::now()) {
+            self.checkpoints.changed = true;
             tracing::warn!(
                 id = %evicted.id,
                 had = evicted.had.as_str(),
@@ -476,6 +711,210 @@ impl MessageHandler for Recorder {
         self.metrics.waiting.set(self.joiner.waiting() as i64);
         self.quality.update_window();
         self.plotter.maybe_redraw();
+        if self.checkpoints.due() {
+            // Only when nothing is pending; else the next flush writes it.
+            self.save_checkpoint();
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+    use std::path::Path;
+
+    fn config(dir: &Path, extra: &[&str]) -> Config {
+        let mut args = vec!["metric", "--log-dir", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Cli::try_parse_from(args).unwrap().config
+    }
+
+    fn recover(config: &Config) -> Recorder {
+        let mut registry = Registry::default();
+        let join_metrics = JoinMetrics::register(&mut registry);
+        let quality = Quality::register(&mut registry, config.quality_window, 20);
+        Recorder::recover(config, quality, join_metrics, Plotter::new(config)).unwrap()
+    }
+
+    /// Appends `ids` as a history: both log lines of each, and its row when `row` says so.
+    fn append_history(dir: &Path, ids: impl Iterator<Item = String>, row: impl Fn(usize) -> bool) {
+        let mut labels = String::new();
+        let mut csv = String::new();
+        if !dir.join(files::METRIC_CSV).exists() {
+            csv.push_str(files::CSV_HEADER);
+            csv.push('\n');
+        }
+        for (n, id) in ids.enumerate() {
+            labels.push_str(&format!("2026-11-26T00:00:00.000000Z y_true {id} 100\n"));
+            labels.push_str(&format!(
+                "2026-11-26T00:00:00.000001Z y_pred {id} 90.5 v1\n"
+            ));
+            if row(n) {
+                csv.push_str(&format!("{id},100,90.5,9.5,v1\n"));
+            }
+        }
+        for (name, text) in [(files::LABELS_LOG, labels), (files::METRIC_CSV, csv)] {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(name))
+                .unwrap();
+            file.write_all(text.as_bytes()).unwrap();
+        }
+    }
+
+    fn csv_ids(dir: &Path) -> Vec<String> {
+        let mut ids = Vec::new();
+        let chain = files::chain(&dir.join(files::METRIC_CSV));
+        let segments: Vec<_> = chain.into_iter().map(|p| (p, 0)).collect();
+        files::read_csv_segments(&segments, |pair| ids.push(pair.id)).unwrap();
+        ids
+    }
+
+    fn assert_once(ids: &[String], n: usize) {
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!((ids.len(), distinct.len()), (n, n), "rows, distinct ids");
+    }
+
+    #[test]
+    fn a_history_longer_than_dedup_capacity_is_never_joined_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), &["--dedup-capacity", "100"]);
+        append_history(dir.path(), (0..3000).map(|i| format!("a{i}")), |_| true);
+        // Files of an older version (no checkpoint): one whole read, then a checkpoint.
+        drop(recover(&config));
+        assert_once(&csv_ids(dir.path()), 3000);
+        assert!(dir.path().join(checkpoint::CHECKPOINT).exists());
+        // Restarts from the checkpoint.
+        for _ in 0..2 {
+            let recorder = recover(&config);
+            assert_eq!(recorder.quality.all().n, 3000);
+            drop(recorder);
+            assert_once(&csv_ids(dir.path()), 3000);
+        }
+        // A crash after the checkpoint: 500 more pairs logged, the last 20 rows never written.
+        append_history(dir.path(), (0..500).map(|i| format!("b{i}")), |n| n < 480);
+        let recorder = recover(&config);
+        assert_eq!(recorder.quality.all().n, 3500);
+        drop(recorder);
+        assert_once(&csv_ids(dir.path()), 3500);
+        drop(recover(&config));
+        assert_once(&csv_ids(dir.path()), 3500);
+    }
+
+    #[test]
+    fn orphans_dropped_before_a_checkpoint_do_not_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), &["--join-max-age-secs", "1"]);
+        let mut labels = String::new();
+        for i in 0..200 {
+            labels.push_str(&format!("2026-11-26T00:00:00.000000Z y_true orphan{i} 1\n"));
+        }
+        std::fs::write(dir.path().join(files::LABELS_LOG), labels).unwrap();
+        let mut recorder = recover(&config);
+        assert_eq!(recorder.joiner.waiting(), 200);
+        let dropped = recorder
+            .joiner
+            .evict(Instant::now() + Duration::from_secs(5));
+        assert_eq!(dropped.len(), 200);
+        recorder.checkpoints.changed = true;
+        recorder.finish();
+        drop(recorder);
+        let recorder = recover(&config);
+        assert_eq!(recorder.joiner.waiting(), 0);
+    }
+
+    #[test]
+    fn waiting_ids_come_back_from_the_checkpoint_and_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), &[]);
+        std::fs::write(
+            dir.path().join(files::LABELS_LOG),
+            "2026-11-26T00:00:00.000000Z y_true w1 10\n",
+        )
+        .unwrap();
+        // Whole read, checkpoint with w1 waiting; then a restart from the checkpoint.
+        drop(recover(&config));
+        let recorder = recover(&config);
+        assert_eq!(recorder.joiner.waiting(), 1);
+        drop(recorder);
+        // Its prediction was logged after the checkpoint, the row not written (a crash).
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(files::LABELS_LOG))
+            .unwrap();
+        writeln!(file, "2026-11-26T00:00:01.000000Z y_pred w1 7 v2").unwrap();
+        let recorder = recover(&config);
+        assert_eq!(recorder.joiner.waiting(), 0);
+        drop(recorder);
+        let csv = std::fs::read_to_string(dir.path().join(files::METRIC_CSV)).unwrap();
+        assert!(csv.ends_with("\nw1,10,7,3,v2\n"), "{csv}");
+    }
+
+    #[test]
+    fn a_foreign_csv_does_not_seed_the_joined_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(files::METRIC_CSV),
+            "sample,truth,guess,err\nx1,100,90.5,9.5\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join(files::LABELS_LOG),
+            "2026-11-26T00:00:00.000000Z y_true x1 100\n2026-11-26T00:00:00.000001Z y_pred x1 90.5 v1\n",
+        )
+        .unwrap();
+        drop(recover(&config(dir.path(), &[])));
+        assert_eq!(csv_ids(dir.path()), ["x1"]);
+    }
+
+    #[test]
+    fn recovery_reads_across_rotated_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(
+            dir.path(),
+            &[
+                "--dedup-capacity",
+                "50",
+                "--log-max-bytes",
+                "1000",
+                "--log-keep-files",
+                "100",
+            ],
+        );
+        drop(recover(&config));
+        for round in 0..5 {
+            let mut recorder = recover(&config);
+            for i in 0..100 {
+                let pair = join::Pair {
+                    id: format!("r{round}-{i}"),
+                    y_true: 1.0,
+                    y_pred: 2.0,
+                    model_version: None,
+                    sent_at_us: None,
+                };
+                recorder
+                    .files
+                    .push_label(LabelKind::YTrue, Some(&pair.id), 1.0, None);
+                recorder
+                    .files
+                    .push_label(LabelKind::YPred, Some(&pair.id), 2.0, None);
+                recorder.files.push_row(&pair);
+                recorder.joiner.mark_joined(&pair.id, 1.0, 2.0, None);
+                recorder.quality.observe(&pair);
+                // Flushes rotate and checkpoint now and then; the last rows have none after them.
+                let rotated = recorder.files.flush().unwrap();
+                if rotated {
+                    recorder.save_checkpoint();
+                }
+            }
+        }
+        assert!(files::rotated_path(&dir.path().join(files::METRIC_CSV), 2).exists());
+        let recorder = recover(&config);
+        assert_eq!(recorder.quality.all().n, 500);
+        drop(recorder);
+        assert_once(&csv_ids(dir.path()), 500);
     }
 }

@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail, ensure};
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 /// DejaVu Sans, embedded so the picture looks the same on any machine (license in `assets/`).
@@ -34,7 +34,7 @@ const MEDIAN: RGBColor = RGBColor(0, 0, 0);
 /// `height` pixels, with the mean and the median marked and the number of values in the title.
 ///
 /// The picture is drawn in memory and written to a hidden temporary file beside `path`
-/// (`.<stem>.tmp.png`), then renamed over `path`, so a viewer sees either the old picture or the
+/// (`.<stem>.<random>.png`, `tempfile`), then persisted (renamed) over `path`, so a viewer sees either the old picture or the
 /// new one, never half of one. Fails on an empty slice, on a value that is not finite and on a
 /// side outside 200..=8192 pixels. CPU-bound (about 5 ms for 960x540 in a release build, half a
 /// second in a debug one): from async code, call it in `spawn_blocking`.
@@ -58,23 +58,17 @@ pub fn render_error_histogram(
         (MIN_SIDE..=MAX_SIDE).contains(&width) && (MIN_SIDE..=MAX_SIDE).contains(&height),
         "a {width}x{height} picture is out of bounds: each side must be {MIN_SIDE} to {MAX_SIDE} pixels"
     );
-    let tmp = temp_path(path)?;
+    let tmp = temp_file(path)?;
     install_font()?;
 
     let errors: Vec<f64> = errors.iter().map(|e| e.abs()).collect();
     let summary = Summary::of(&errors);
     // plotters keeps the pixels in memory and encodes them to `tmp` only when presented: the
-    // same as `with_buffer` plus an encoder, without a second PNG dependency.
-    if let Err(err) = draw(&summary, &tmp, width, height) {
-        // A failed drawing may still have been flushed to `tmp`: do not leave it behind.
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err);
-    }
-    if let Err(err) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err)
-            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()));
-    }
+    // same as `with_buffer` plus an encoder, without a second PNG dependency. On any error `tmp`
+    // is deleted when it drops.
+    draw(&summary, tmp.path(), width, height)?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot move the new picture to {}", path.display()))?;
     Ok(())
 }
 
@@ -239,16 +233,25 @@ fn install_font() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `.<stem>.tmp.png` beside `path`: same directory, so the rename is atomic; ends in `.png`, so
-/// the encoder picks PNG; hidden, so a glob for `*.png` skips it.
-fn temp_path(path: &Path) -> anyhow::Result<PathBuf> {
+/// A temporary `.<stem>.<random>.png` beside `path` (`tempfile`, deleted unless persisted): same
+/// directory, so the rename is atomic; ends in `.png`, so the encoder picks PNG; hidden, so a glob
+/// for `*.png` skips it.
+fn temp_file(path: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
     let Some(stem) = path.file_stem() else {
         bail!("{} does not name a file", path.display());
     };
-    let mut name = std::ffi::OsString::from(".");
-    name.push(stem);
-    name.push(".tmp.png");
-    Ok(path.with_file_name(name))
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(stem);
+    prefix.push(".");
+    tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".png")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary picture in {}", dir.display()))
 }
 
 /// About four significant digits, without trailing zeros; scientific beyond 1e-3..1e6.

@@ -1,5 +1,9 @@
 //! Running quality of the model from the joined pairs: count, MAE, RMSE and R² since start and over
 //! a sliding window, MAE per model version, and end-to-end latency; all exported as metrics.
+//!
+//! Per-version series are kept for the `MODEL_VERSIONS_KEPT` most recently seen versions only: an
+//! older version's series are removed, so a long run with many model swaps does not grow the
+//! metrics page (or the checkpoint) without bound.
 
 use crate::join::Pair;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -14,7 +18,7 @@ use std::sync::atomic::AtomicU64;
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Sums from which MAE, RMSE and R² follow.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Sums {
     /// Pairs.
     pub n: u64,
@@ -76,8 +80,19 @@ struct SpanLabel {
 
 struct VersionStats {
     sums: Sums,
+    /// When it was last seen, in pairs observed: the smallest is dropped first.
+    last_seen: u64,
     mae: FloatGauge,
     pairs: Counter,
+}
+
+/// The totals the checkpoint carries over a restart: since start and per kept model version.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Totals {
+    /// All pairs.
+    pub all: Sums,
+    /// Per model version (`unknown` for none), most recently seen last.
+    pub by_version: Vec<(String, Sums)>,
 }
 
 /// The quality tracker and its metrics.
@@ -88,6 +103,8 @@ pub struct Quality {
     /// Per model version: its sums and its two metric handles, so the hot path allocates nothing
     /// once a version has been seen.
     by_version: std::collections::HashMap<String, VersionStats>,
+    versions_kept: usize,
+    seen: u64,
     pairs: Counter,
     mae: Family<SpanLabel, FloatGauge>,
     rmse: Family<SpanLabel, FloatGauge>,
@@ -98,13 +115,16 @@ pub struct Quality {
 }
 
 impl Quality {
-    /// Registers the quality metrics (prefix `pipeline_model_`) with a window of `window_size` pairs.
-    pub fn register(registry: &mut Registry, window_size: usize) -> Self {
+    /// Registers the quality metrics (prefix `pipeline_model_`) with a window of `window_size` pairs
+    /// and series for the `versions_kept` most recently seen model versions.
+    pub fn register(registry: &mut Registry, window_size: usize, versions_kept: usize) -> Self {
         let quality = Self {
             all: Sums::default(),
             window: VecDeque::with_capacity(window_size),
             window_size: window_size.max(1),
             by_version: Default::default(),
+            versions_kept: versions_kept.max(1),
+            seen: 0,
             pairs: Counter::default(),
             mae: Family::default(),
             rmse: Family::default(),
@@ -152,31 +172,100 @@ impl Quality {
         quality
     }
 
-    /// Adds one pair (a new row, or one read back from the CSV at start-up).
+    /// Adds one new pair: to the totals and to the window.
     pub fn observe(&mut self, pair: &Pair) {
-        self.all.add(pair.y_true, pair.y_pred);
+        self.add_to_totals(pair);
+        self.add_to_window(pair);
+    }
+
+    /// Adds one pair to the sliding window only (a recent row read back at start-up, already in
+    /// the checkpoint's totals).
+    pub fn add_to_window(&mut self, pair: &Pair) {
         if self.window.len() == self.window_size {
             self.window.pop_front();
         }
         self.window.push_back((pair.y_true, pair.y_pred));
+    }
+
+    /// Adds one pair to the totals only (since start and per version).
+    pub fn add_to_totals(&mut self, pair: &Pair) {
+        self.all.add(pair.y_true, pair.y_pred);
         let version = pair.model_version.as_deref().unwrap_or("unknown");
-        if !self.by_version.contains_key(version) {
-            let label = VersionLabel {
-                model_version: version.to_owned(),
-            };
-            let stats = VersionStats {
-                sums: Sums::default(),
-                mae: self.mae_by_version.get_or_create_owned(&label),
-                pairs: self.pairs_by_version.get_or_create_owned(&label),
-            };
-            self.by_version.insert(version.to_owned(), stats);
-        }
-        if let Some(stats) = self.by_version.get_mut(version) {
+        if let Some(stats) = self.version_stats(version) {
             stats.sums.add(pair.y_true, pair.y_pred);
             stats.mae.set(stats.sums.mae());
             stats.pairs.inc();
         }
         self.pairs.inc();
+        self.set(SpanLabel { span: "all" }, &self.all);
+    }
+
+    /// The stats of `version`, created (and the least recently seen version dropped beyond
+    /// `versions_kept`) when new; marked as seen now.
+    fn version_stats(&mut self, version: &str) -> Option<&mut VersionStats> {
+        self.seen += 1;
+        if !self.by_version.contains_key(version) {
+            while self.by_version.len() >= self.versions_kept {
+                let Some(oldest) = self
+                    .by_version
+                    .iter()
+                    .min_by_key(|(_, stats)| stats.last_seen)
+                    .map(|(name, _)| name.clone())
+                else {
+                    break;
+                };
+                self.by_version.remove(&oldest);
+                let label = VersionLabel {
+                    model_version: oldest,
+                };
+                self.mae_by_version.remove(&label);
+                self.pairs_by_version.remove(&label);
+            }
+            let label = VersionLabel {
+                model_version: version.to_owned(),
+            };
+            let stats = VersionStats {
+                sums: Sums::default(),
+                last_seen: 0,
+                mae: self.mae_by_version.get_or_create_owned(&label),
+                pairs: self.pairs_by_version.get_or_create_owned(&label),
+            };
+            self.by_version.insert(version.to_owned(), stats);
+        }
+        let seen = self.seen;
+        let stats = self.by_version.get_mut(version)?;
+        stats.last_seen = seen;
+        Some(stats)
+    }
+
+    /// The totals to save in a checkpoint.
+    pub fn totals(&self) -> Totals {
+        let mut by_version: Vec<_> = self
+            .by_version
+            .iter()
+            .map(|(name, stats)| (stats.last_seen, name.clone(), stats.sums))
+            .collect();
+        by_version.sort_by_key(|(last_seen, _, _)| *last_seen);
+        Totals {
+            all: self.all,
+            by_version: by_version
+                .into_iter()
+                .map(|(_, name, sums)| (name, sums))
+                .collect(),
+        }
+    }
+
+    /// Starts from saved totals (before any pair is observed).
+    pub fn restore(&mut self, totals: &Totals) {
+        self.all = totals.all;
+        self.pairs.inc_by(totals.all.n);
+        for (name, sums) in &totals.by_version {
+            if let Some(stats) = self.version_stats(name) {
+                stats.sums = *sums;
+                stats.mae.set(sums.mae());
+                stats.pairs.inc_by(sums.n);
+            }
+        }
         self.set(SpanLabel { span: "all" }, &self.all);
     }
 
@@ -220,5 +309,66 @@ mod tests {
         assert!((sums.rmse() - 0.5).abs() < 1e-12);
         // ss_res = 0.75, ss_tot = 2.
         assert!((sums.r2() - (1.0 - 0.75 / 2.0)).abs() < 1e-12);
+    }
+
+    fn pair(y_pred: f64, version: &str) -> Pair {
+        Pair {
+            id: "a".into(),
+            y_true: 1.0,
+            y_pred,
+            model_version: Some(version.into()),
+            sent_at_us: None,
+        }
+    }
+
+    fn scrape(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn only_the_newest_versions_keep_their_series() {
+        let mut registry = Registry::default();
+        let mut quality = Quality::register(&mut registry, 10, 2);
+        quality.observe(&pair(2.0, "v1"));
+        quality.observe(&pair(2.0, "v2"));
+        quality.observe(&pair(3.0, "v1"));
+        quality.observe(&pair(2.0, "v3"));
+        let text = scrape(&registry);
+        assert!(!text.contains("model_version=\"v2\""), "{text}");
+        assert!(
+            text.contains("pipeline_model_mae_by_version{model_version=\"v1\"} 1.5"),
+            "{text}"
+        );
+        assert!(text.contains("model_version=\"v3\""), "{text}");
+        assert!(text.contains("pipeline_pairs_total 4"), "{text}");
+        let totals = quality.totals();
+        assert_eq!(
+            totals
+                .by_version
+                .iter()
+                .map(|(v, _)| v.as_str())
+                .collect::<Vec<_>>(),
+            ["v1", "v3"]
+        );
+    }
+
+    #[test]
+    fn totals_survive_a_restore() {
+        let mut registry = Registry::default();
+        let mut quality = Quality::register(&mut registry, 10, 5);
+        for i in 0..4 {
+            quality.observe(&pair(f64::from(i), "v1"));
+        }
+        let totals = quality.totals();
+        let mut registry = Registry::default();
+        let mut restored = Quality::register(&mut registry, 10, 5);
+        restored.restore(&totals);
+        restored.add_to_window(&pair(9.0, "v1"));
+        assert_eq!(restored.all(), quality.all());
+        assert_eq!(restored.totals(), totals);
+        let text = scrape(&registry);
+        assert!(text.contains("pipeline_pairs_total 4"), "{text}");
     }
 }
