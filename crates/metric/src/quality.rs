@@ -10,7 +10,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
@@ -131,7 +131,7 @@ impl Quality {
             r2: Family::default(),
             mae_by_version: Family::default(),
             pairs_by_version: Family::default(),
-            latency: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
+            latency: Histogram::new(pipeline::metrics::latency_buckets()),
         };
         let registry = registry.sub_registry_with_prefix("pipeline");
         registry.register(
