@@ -98,6 +98,11 @@ pub struct Cli {
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub cluster_samples: u64,
 
+    /// Extra environment of every service process, `NAME=VALUE`, repeatable (for trying a
+    /// setting, e.g. `--service-env TOKIO_WORKER_THREADS=1`).
+    #[arg(long, value_parser = parse_env_pair)]
+    pub service_env: Vec<(String, String)>,
+
     /// Samples queued before model and metric start, in the backlog phase.
     #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub backlog_samples: u64,
@@ -150,6 +155,14 @@ impl Cli {
         } else {
             self.phases.contains(&phase)
         }
+    }
+}
+
+/// `NAME=VALUE` as a pair.
+fn parse_env_pair(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("expected NAME=VALUE, got {text:?}")),
     }
 }
 
@@ -246,6 +259,9 @@ impl Bench {
             ("RUST_LOG".into(), rust_log.to_owned()),
             ("LOG_FORMAT".into(), "json".into()),
         ]
+        .into_iter()
+        .chain(self.cli.service_env.iter().cloned())
+        .collect()
     }
 }
 

@@ -102,6 +102,8 @@ pub struct Settings {
     pub prefetch: u16,
     /// CONFIRM_WINDOW of the producer.
     pub confirm_window: u64,
+    /// Extra environment of the services (`--service-env`).
+    pub service_env: Vec<String>,
 }
 
 /// Everything the benchmark measured; a phase not run is `None` (or empty).
@@ -150,6 +152,12 @@ impl Report {
                 .map_or_else(|| "?".to_owned(), |v| v.get_name().to_owned()),
             prefetch: bench.cli.consume.prefetch,
             confirm_window: bench.cli.confirm_window,
+            service_env: bench
+                .cli
+                .service_env
+                .iter()
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect(),
         };
         Self {
             date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
@@ -270,8 +278,15 @@ impl Report {
         writeln!(md, "| broker | {} at {} |", self.broker_version, s.amqp_url)?;
         writeln!(
             md,
-            "| settings | {} queues, PREFETCH {}, CONFIRM_WINDOW {} |",
-            s.queue_type, s.prefetch, s.confirm_window
+            "| settings | {} queues, PREFETCH {}, CONFIRM_WINDOW {}{} |",
+            s.queue_type,
+            s.prefetch,
+            s.confirm_window,
+            if s.service_env.is_empty() {
+                String::new()
+            } else {
+                format!(", services also with {}", s.service_env.join(" "))
+            }
         )?;
         writeln!(md, "| command | `{}` |\n", s.command)?;
         self.write_throughput(md)?;
