@@ -24,7 +24,11 @@ fn exported_bounds() -> Vec<f64> {
 fn buckets_between_1_ms_and_1_s_are_at_most_1_5_times_wide() {
     let bounds = exported_bounds();
     assert!(bounds.len() > 2, "{bounds:?}");
-    assert!(bounds[0] <= 0.001, "first bound {} is above 1 ms", bounds[0]);
+    assert!(
+        bounds[0] <= 0.001,
+        "first bound {} is above 1 ms",
+        bounds[0]
+    );
     assert!(
         *bounds.last().unwrap() >= 1.0,
         "last finite bound {} is below 1 s",
