@@ -422,13 +422,23 @@ async fn run(cli: Cli, ledger: QueueLedger) -> anyhow::Result<()> {
             "backlog: queueing {} samples, then draining them",
             cli.backlog_samples
         );
-        let drain =
-            pipeline_run::throughput(&bench, "backlog", cli.backlog_samples, 1, true).await?;
-        progress!(
-            "backlog: drained at {:.0} samples/s",
-            drain.samples_per_second
-        );
-        report.backlog = Some(drain);
+        // A drain that stalls is a finding, not a reason to lose the other figures.
+        match pipeline_run::throughput(&bench, "backlog", cli.backlog_samples, 1, true).await {
+            Ok(drain) => {
+                progress!(
+                    "backlog: drained at {:.0} samples/s",
+                    drain.samples_per_second
+                );
+                report.backlog = Some(drain);
+            }
+            Err(err) => {
+                progress!("backlog: failed: {err:#}");
+                report.failures.push(format!(
+                    "backlog of {} samples: {err:#}",
+                    cli.backlog_samples
+                ));
+            }
+        }
     }
     if cli.runs(Phase::History) {
         let starts = history::measure(&bench, cli.history_pairs, cli.history_starts).await?;

@@ -134,6 +134,8 @@ pub struct Report {
     pub history: Option<(u64, Vec<HistoryStart>)>,
     /// The model's start-up.
     pub startup: Option<StartupResult>,
+    /// Phases that failed, with their error.
+    pub failures: Vec<String>,
     /// The targets of issues 5 and 12.
     pub targets: Vec<Target>,
 }
@@ -172,6 +174,7 @@ impl Report {
             backlog: None,
             history: None,
             startup: None,
+            failures: Vec::new(),
             targets: Vec::new(),
         }
     }
@@ -296,6 +299,13 @@ impl Report {
         self.write_startup(md)?;
         if let Some((pairs, starts)) = &self.history {
             writeln!(md, "{}", crate::history::to_markdown(*pairs, starts))?;
+        }
+        for failure in &self.failures {
+            writeln!(
+                md,
+                "**Failed:** {}\n",
+                failure.lines().next().unwrap_or_default()
+            )?;
         }
         if !self.targets.is_empty() {
             writeln!(md, "## Targets\n")?;
