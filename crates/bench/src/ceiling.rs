@@ -15,11 +15,18 @@
 //! No JSON is parsed, no model runs, no file is written. The queues are declared with
 //! [`Topology`], so their arguments are the services'. Samples per second = samples / (first
 //! publish to the ack that covers the last `y_true` and `y_pred`).
+//!
+//! Paced at a rate (the producer's own [`Pacer`]), it is the latency limit: each sample's time from
+//! its send (right after both messages went out, where the producer logs `published`) to the
+//! metric role holding both its `y_true` and its `y_pred`, the point where the metric service
+//! would join them. One process, one clock.
 
 use crate::Bench;
 use crate::broker::connect;
+use crate::latency::{Summary, summarize};
 use crate::process::{Usage, cpu_seconds};
 use anyhow::{Context as _, bail, ensure};
+use features::Pacer;
 use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -33,7 +40,7 @@ use pipeline::dataset::Dataset;
 use pipeline::messages::{FeaturesOut, YPredOut, YTrueOut, now_us};
 use pipeline::metrics::BrokerMetrics;
 use serde::Serialize;
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -47,6 +54,8 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct CeilingResult {
     /// Samples sent through.
     pub samples: u64,
+    /// Samples per second asked for (0: as fast as the broker confirms).
+    pub target_rate: f64,
     /// From the first publish to the last ack, in seconds.
     pub seconds: f64,
     /// Samples per second.
@@ -57,12 +66,15 @@ pub struct CeilingResult {
     pub client_cpu_seconds: f64,
     /// CPU time of the broker over the run, when it runs on this machine.
     pub broker_cpu_seconds: Option<f64>,
+    /// Per sample: its send to the metric role holding both of its messages.
+    pub latency: Option<Summary>,
 }
 
 /// Settings shared by the three roles.
 #[derive(Clone)]
 struct Plan {
     samples: u64,
+    rate: f64,
     prefetch: u16,
     window: usize,
     features_queue: String,
@@ -70,12 +82,19 @@ struct Plan {
     y_pred_queue: String,
 }
 
-/// Runs the ceiling on fresh queues and deletes them afterwards.
-pub async fn run(bench: &Bench) -> anyhow::Result<CeilingResult> {
+/// Runs the bare client on fresh queues of `phase`, `samples` samples at `rate` per second (0: as
+/// fast as the broker confirms), and deletes the queues afterwards.
+pub async fn run(
+    bench: &Bench,
+    phase: &str,
+    samples: u64,
+    rate: f64,
+) -> anyhow::Result<CeilingResult> {
     let url = bench.url()?;
-    let queues = bench.queues("ceiling");
+    let queues = bench.queues(phase);
     let plan = Plan {
-        samples: bench.cli.ceiling_samples(),
+        samples,
+        rate,
         prefetch: bench.cli.consume.prefetch,
         window: usize::try_from(bench.cli.confirm_window).unwrap_or(usize::MAX),
         features_queue: queues.features_queue.clone(),
@@ -151,19 +170,24 @@ pub async fn run(bench: &Bench) -> anyhow::Result<CeilingResult> {
     let mut first_publish = None;
     let mut last_ack = None;
     let mut body_bytes = [0u64; 3];
+    let (mut sent, mut both_in) = (Vec::new(), Vec::new());
     let mut progress = (0u64, Instant::now());
     while !roles.is_empty() {
         tokio::select! {
             joined = roles.join_next() => match joined {
                 Some(Ok(Ok(done))) => {
                     match done {
-                        RoleDone::Producer { first_publish: at, y_true_bytes, features_bytes } => {
+                        RoleDone::Producer { first_publish: at, y_true_bytes, features_bytes, sent: times } => {
                             first_publish = Some(at);
+                            sent = times;
                             body_bytes[0] = y_true_bytes;
                             body_bytes[1] = features_bytes;
                         }
                         RoleDone::Model { y_pred_bytes } => body_bytes[2] = y_pred_bytes,
-                        RoleDone::Metric { last_ack: at } => last_ack = Some(at),
+                        RoleDone::Metric { last_ack: at, both_in: times } => {
+                            last_ack = Some(at);
+                            both_in = times;
+                        }
                     }
                 }
                 Some(Ok(Err(err))) => return Err(err.context("the ceiling run failed")),
@@ -194,8 +218,17 @@ pub async fn run(bench: &Bench) -> anyhow::Result<CeilingResult> {
     };
     let seconds = last_ack.duration_since(first_publish).as_secs_f64();
     let n = plan.samples as f64;
+    let sent: HashMap<String, Instant> = sent.into_iter().collect();
+    let mut latencies_ms: Vec<f64> = both_in
+        .iter()
+        .filter_map(|(id, at)| {
+            Some(at.saturating_duration_since(*sent.get(id)?).as_secs_f64() * 1e3)
+        })
+        .collect();
     Ok(CeilingResult {
         samples: plan.samples,
+        target_rate: plan.rate,
+        latency: summarize(&mut latencies_ms),
         seconds,
         samples_per_second: n / seconds,
         mean_body_bytes: body_bytes.map(|total| total as f64 / n),
@@ -210,12 +243,16 @@ enum RoleDone {
         first_publish: Instant,
         y_true_bytes: u64,
         features_bytes: u64,
+        /// Each sample's id and send time.
+        sent: Vec<(String, Instant)>,
     },
     Model {
         y_pred_bytes: u64,
     },
     Metric {
         last_ack: Instant,
+        /// Each sample's id and when its second message arrived.
+        both_in: Vec<(String, Instant)>,
     },
 }
 
@@ -267,6 +304,8 @@ async fn producer_role(
     let mut confirms: VecDeque<(u64, Confirm)> = VecDeque::with_capacity(2 * plan.window);
     let mut body = Vec::with_capacity(512);
     let (mut y_true_bytes, mut features_bytes) = (0u64, 0u64);
+    let mut sent = Vec::with_capacity(usize::try_from(plan.samples).unwrap_or(0));
+    let mut pacer = Pacer::new(plan.rate);
     let first_publish = Instant::now();
     for _ in 0..plan.samples {
         // Retire what is confirmed already; wait for the oldest only when the window is full.
@@ -274,6 +313,11 @@ async fn producer_role(
         if window.len() >= plan.window {
             retire_confirmed(&mut window, &mut confirms, true).await?;
         }
+        // Paced as the producer paces.
+        if let Some(at) = pacer.next_due(tokio::time::Instant::now()) {
+            tokio::time::sleep_until(at).await;
+        }
+        pacer.sent();
         let id = uuid::Uuid::new_v4().to_string();
         let row = rng.usize(0..data.len());
         let sent_at_us = now_us();
@@ -303,6 +347,7 @@ async fn producer_role(
         let features = channel
             .publish_json(&plan.features_queue, &body, Some(&id))
             .await?;
+        sent.push((id, Instant::now()));
         let seq = window.push((), 2);
         confirms.extend([(seq, y_true), (seq, features)]);
     }
@@ -314,6 +359,7 @@ async fn producer_role(
         first_publish,
         y_true_bytes,
         features_bytes,
+        sent,
     })
 }
 
@@ -466,6 +512,9 @@ async fn metric_role(
     );
     let mut counts = [0u64; 2];
     let batch_limit = usize::from(plan.prefetch);
+    // Ids with one of their two messages in; the second completes the sample.
+    let mut halves: HashSet<String> = HashSet::new();
+    let mut both_in = Vec::with_capacity(usize::try_from(plan.samples).unwrap_or(0));
     loop {
         let mut next = Some(deliveries.next().await);
         let mut taken = 0;
@@ -474,6 +523,14 @@ async fn metric_role(
             let (kind, delivery) = item.context("the broker cancelled a consumer")?;
             let delivery = delivery?;
             counts[kind] += 1;
+            if let Some(id) = delivery.properties.message_id() {
+                let id = id.as_str();
+                if halves.remove(id) {
+                    both_in.push((id.to_owned(), Instant::now()));
+                } else {
+                    halves.insert(id.to_owned());
+                }
+            }
             last_tag = Some(delivery.delivery_tag);
             taken += 1;
             if taken < batch_limit {
@@ -489,7 +546,7 @@ async fn metric_role(
         if counts.iter().all(|count| *count >= plan.samples) {
             let last_ack = Instant::now();
             let _ = channel.close(200, "done".into()).await;
-            return Ok(RoleDone::Metric { last_ack });
+            return Ok(RoleDone::Metric { last_ack, both_in });
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::SystemTime;
 /// The metric service's end-to-end latency histogram.
 pub const HISTOGRAM: &str = "pipeline_end_to_end_latency_seconds";
 
-/// p50, p99 and maximum of a latency distribution, in milliseconds.
+/// p50, p99, p99.9 and maximum of a latency distribution, in milliseconds.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Summary {
     /// Samples it covers.
@@ -21,6 +21,8 @@ pub struct Summary {
     pub p50_ms: f64,
     /// 99th percentile.
     pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
     /// Largest (for a histogram: the upper bound of the highest non-empty bucket).
     pub max_ms: f64,
     /// Mean.
@@ -39,6 +41,7 @@ pub fn summarize(latencies_ms: &mut [f64]) -> Option<Summary> {
         samples: n as u64,
         p50_ms: rank(0.50),
         p99_ms: rank(0.99),
+        p999_ms: rank(0.999),
         max_ms: latencies_ms[n - 1],
         mean_ms: latencies_ms.iter().sum::<f64>() / n as f64,
     })
@@ -114,12 +117,30 @@ pub fn histogram_summary(exposition: &str, name: &str) -> Option<Summary> {
         samples: total as u64,
         p50_ms: quantile(0.50) * 1e3,
         p99_ms: quantile(0.99) * 1e3,
+        p999_ms: quantile(0.999) * 1e3,
         max_ms: max * 1e3,
         mean_ms: match (sum, count) {
             (Some(sum), Some(count)) if count > 0.0 => sum / count * 1e3,
             _ => f64::NAN,
         },
     })
+}
+
+/// The widest bucket of histogram `name` that overlaps `from..=to` seconds, as upper bound over
+/// lower bound: how far off a quantile read from it can be. `None` when it has no such bucket.
+pub fn widest_bucket_ratio(exposition: &str, name: &str, from: f64, to: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut bounds: Vec<f64> = exposition
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix)?.split('"').next()?.parse().ok())
+        .filter(|bound: &f64| bound.is_finite())
+        .collect();
+    bounds.sort_by(f64::total_cmp);
+    bounds
+        .windows(2)
+        .filter(|pair| pair[1] > from && pair[0] < to)
+        .map(|pair| pair[1] / pair[0])
+        .max_by(f64::total_cmp)
 }
 
 /// One JSON log line of a service (`LOG_FORMAT=json`), the fields the benchmark reads.
@@ -219,11 +240,16 @@ mod tests {
 
     #[test]
     fn nearest_rank_percentiles() {
-        let mut values: Vec<f64> = (1..=100).map(f64::from).collect();
+        let mut values: Vec<f64> = (1..=1000).rev().map(f64::from).collect();
         let summary = summarize(&mut values).unwrap();
         assert_eq!(
-            (summary.p50_ms, summary.p99_ms, summary.max_ms),
-            (50.0, 99.0, 100.0)
+            (
+                summary.p50_ms,
+                summary.p99_ms,
+                summary.p999_ms,
+                summary.max_ms
+            ),
+            (500.0, 990.0, 999.0, 1000.0)
         );
         assert!(summarize(&mut []).is_none());
     }
@@ -244,5 +270,7 @@ pipeline_end_to_end_latency_seconds_bucket{le=\"+Inf\"} 100
         assert!((summary.p99_ms - 3.96).abs() < 1e-9);
         assert_eq!(summary.max_ms, 4.0);
         assert!((summary.mean_ms - 15.0).abs() < 1e-9);
+        let widest = widest_bucket_ratio(text, HISTOGRAM, 0.001, 1.0).unwrap();
+        assert!((widest - 2.0).abs() < 1e-9);
     }
 }

@@ -1,12 +1,19 @@
-//! `bench`: the benchmark of issue 5, "As fast as the broker allows".
+//! `bench`: the benchmark of issues 5 and 12, "As fast as the broker allows" and "Latency as short
+//! as the broker's own, and how cost grows with the work".
 //!
-//! Against the broker at `AMQP_URL`, on queues of its own (`bench.<random>.<phase>.*`), it measures:
+//! Against the broker at `AMQP_URL`, on queues of its own (`bench.<random>.<phase>.*`), it measures
+//! (each a `--phases` name):
 //!
-//! 1. the model's start-up time (spawn to `/healthz` 200),
-//! 2. the ceiling: a bare lapin client doing exactly the pipeline's traffic, nothing else,
-//! 3. the pipeline's throughput: the release binaries `features`, `model` and `metric`, with the
+//! 1. `startup`: the model's start-up time (spawn to `/healthz` 200),
+//! 2. `ceiling`: a bare lapin client doing exactly the pipeline's traffic, nothing else,
+//! 3. `throughput`: the release binaries `features`, `model` and `metric` at full speed, with the
 //!    CPU time and peak RSS of each service,
-//! 4. the end-to-end latency of every sample with the pipeline paced at half that throughput,
+//! 4. `curve`: the latency of every sample at 10, 25, 50, 75 and 90 % of that throughput, through
+//!    the pipeline and through the bare client at the same rates (a table and `latency_curve.png`),
+//! 5. `replicas`: 1, 2 and 3 model replicas at full speed, samples/s and CPU per sample,
+//! 6. `cluster`: quorum queues on a three-node cluster of private nodes,
+//! 7. `backlog`: `--backlog-samples` queued before model and metric start: drain rate, peak RSS,
+//! 8. `history`: the metric service's start-up and RSS on a long history (history.rs),
 //!
 //! then prints a markdown table and writes it, with a JSON twin, to `--out`. Queues and child
 //! processes are cleaned up on success, on error, on panic and on SIGINT/SIGTERM.
@@ -16,6 +23,9 @@
 
 mod broker;
 mod ceiling;
+mod chart;
+mod cluster;
+mod curve;
 mod history;
 mod latency;
 mod pipeline_run;
@@ -26,6 +36,8 @@ mod startup;
 use anyhow::Context as _;
 use broker::QueueLedger;
 use clap::{Parser, ValueEnum as _};
+/// For `tests/e2e/broker_node.rs`, compiled into `cluster`.
+use cluster::helpers;
 use pipeline::config::{BrokerConfig, ConsumeConfig, QueueNames};
 use pipeline::dataset::Dataset;
 use process::Binaries;
@@ -59,9 +71,42 @@ pub struct Cli {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub ceiling_samples: Option<u64>,
 
-    /// Samples of the half-rate latency run.
+    /// What to measure, comma-separated (all by default).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Phase::all())]
+    pub phases: Vec<Phase>,
+
+    /// Seconds of traffic at each point of the latency curve (and the cluster's latency run).
+    #[arg(long, default_value_t = 10.0)]
+    pub curve_seconds: f64,
+
+    /// Samples at each point of the latency curve, at least.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub curve_min_samples: u64,
+
+    /// Points of the latency curve, as fractions of the pipeline's maximum rate.
+    #[arg(long, value_delimiter = ',', default_values_t = curve::FRACTIONS)]
+    pub curve_at: Vec<f64>,
+
+    /// The pipeline's maximum rate for the curve, when the throughput phase is not run.
+    #[arg(long)]
+    pub max_rate: Option<f64>,
+
+    /// Samples of each run of the replicas phase.
+    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub replica_samples: u64,
+
+    /// Samples of the cluster's full-speed run.
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub latency_samples: u64,
+    pub cluster_samples: u64,
+
+    /// Extra environment of every service process, `NAME=VALUE`, repeatable (for trying a
+    /// setting, e.g. `--service-env TOKIO_WORKER_THREADS=1`).
+    #[arg(long, value_parser = parse_env_pair)]
+    pub service_env: Vec<(String, String)>,
+
+    /// Samples queued before model and metric start, in the backlog phase.
+    #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub backlog_samples: u64,
 
     /// Times the model is started to measure its start-up (the median is reported).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -84,7 +129,8 @@ pub struct Cli {
     #[arg(long, default_value = "data/diabetes.csv")]
     pub data_path: PathBuf,
 
-    /// Only measure the metric service's start-up on a long history (see history.rs) and print it.
+    /// Only measure the metric service's start-up on a long history (the same as
+    /// `--phases history`).
     #[arg(long)]
     pub history: bool,
 
@@ -101,6 +147,51 @@ impl Cli {
     /// Samples of the ceiling run.
     pub fn ceiling_samples(&self) -> u64 {
         self.ceiling_samples.unwrap_or(self.samples)
+    }
+
+    /// Whether `phase` is to be measured.
+    pub fn runs(&self, phase: Phase) -> bool {
+        if self.history {
+            phase == Phase::History
+        } else {
+            self.phases.contains(&phase)
+        }
+    }
+}
+
+/// `NAME=VALUE` as a pair.
+fn parse_env_pair(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("expected NAME=VALUE, got {text:?}")),
+    }
+}
+
+/// A part of the benchmark.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The model's start-up.
+    Startup,
+    /// The bare client at full speed.
+    Ceiling,
+    /// The pipeline at full speed.
+    Throughput,
+    /// The latency–throughput curve, pipeline and bare client.
+    Curve,
+    /// 1, 2 and 3 model replicas.
+    Replicas,
+    /// Quorum queues on a private three-node cluster.
+    Cluster,
+    /// Draining a backlog.
+    Backlog,
+    /// The metric service on a long history.
+    History,
+}
+
+impl Phase {
+    fn all() -> Vec<Self> {
+        use clap::ValueEnum as _;
+        Self::value_variants().to_vec()
     }
 }
 
@@ -169,6 +260,9 @@ impl Bench {
             ("RUST_LOG".into(), rust_log.to_owned()),
             ("LOG_FORMAT".into(), "json".into()),
         ]
+        .into_iter()
+        .chain(self.cli.service_env.iter().cloned())
+        .collect()
     }
 }
 
@@ -263,45 +357,96 @@ async fn run(cli: Cli, ledger: QueueLedger) -> anyhow::Result<()> {
         bench.run_id,
         pipeline::broker::connection::redact(&url)
     );
-    if bench.cli.history {
-        let results =
-            history::measure(&bench, bench.cli.history_pairs, bench.cli.history_starts).await?;
-        println!(
-            "{}",
-            history::to_markdown(bench.cli.history_pairs, &results)
-        );
-        return Ok(());
-    }
     let machine = report::Machine::read();
     let broker_version = broker::server_version(&url).await;
+    let cli = &bench.cli;
+    let mut report = report::Report::new(&bench, machine, broker_version);
 
-    progress!("model start-up, {} runs", bench.cli.startup_runs);
-    let startup = startup::measure(&bench).await?;
+    if cli.runs(Phase::Startup) {
+        progress!("model start-up, {} runs", cli.startup_runs);
+        report.startup = Some(startup::measure(&bench).await?);
+    }
+    if cli.runs(Phase::Ceiling) {
+        progress!("ceiling, {} samples", cli.ceiling_samples());
+        let ceiling = ceiling::run(&bench, "ceiling", cli.ceiling_samples(), 0.0).await?;
+        progress!("ceiling: {:.0} samples/s", ceiling.samples_per_second);
+        report.ceiling = Some(ceiling);
+    }
+    if cli.runs(Phase::Throughput) {
+        progress!("pipeline at full speed, {} samples", cli.samples);
+        let throughput =
+            pipeline_run::throughput(&bench, "pipeline", cli.samples, 1, false).await?;
+        progress!("pipeline: {:.0} samples/s", throughput.samples_per_second);
+        report.pipeline = Some(throughput);
+    }
+    let max_rate = cli
+        .max_rate
+        .or(report.pipeline.as_ref().map(|p| p.samples_per_second));
+    if cli.runs(Phase::Curve) {
+        let max_rate = max_rate.context(
+            "the curve needs the pipeline's maximum: run the throughput phase or give --max-rate",
+        )?;
+        let points = curve::measure(&bench, max_rate, &cli.curve_at).await?;
+        let png = cli.out.join("latency_curve.png");
+        std::fs::create_dir_all(&cli.out)
+            .with_context(|| format!("cannot create {}", cli.out.display()))?;
+        chart::draw(&points, &png)?;
+        progress!("wrote {}", png.display());
+        report.curve = points;
+    }
+    if cli.runs(Phase::Replicas) {
+        for models in 1..=3 {
+            progress!(
+                "replicas: {models} model(s) at full speed, {} samples",
+                cli.replica_samples
+            );
+            let run = pipeline_run::throughput(
+                &bench,
+                &format!("replicas{models}"),
+                cli.replica_samples,
+                models,
+                false,
+            )
+            .await?;
+            progress!(
+                "replicas: {models}: {:.0} samples/s",
+                run.samples_per_second
+            );
+            report.replicas.push(run);
+        }
+    }
+    if cli.runs(Phase::Cluster) {
+        report.cluster = Some(cluster::measure(&bench).await?);
+    }
+    if cli.runs(Phase::Backlog) {
+        progress!(
+            "backlog: queueing {} samples, then draining them",
+            cli.backlog_samples
+        );
+        // A drain that stalls is a finding, not a reason to lose the other figures.
+        match pipeline_run::throughput(&bench, "backlog", cli.backlog_samples, 1, true).await {
+            Ok(drain) => {
+                progress!(
+                    "backlog: drained at {:.0} samples/s",
+                    drain.samples_per_second
+                );
+                report.backlog = Some(drain);
+            }
+            Err(err) => {
+                progress!("backlog: failed: {err:#}");
+                report.failures.push(format!(
+                    "backlog of {} samples: {err:#}",
+                    cli.backlog_samples
+                ));
+            }
+        }
+    }
+    if cli.runs(Phase::History) {
+        let starts = history::measure(&bench, cli.history_pairs, cli.history_starts).await?;
+        report.history = Some((cli.history_pairs, starts));
+    }
 
-    progress!("ceiling, {} samples", bench.cli.ceiling_samples());
-    let ceiling = ceiling::run(&bench).await?;
-    progress!("ceiling: {:.0} samples/s", ceiling.samples_per_second);
-
-    progress!("pipeline at full speed, {} samples", bench.cli.samples);
-    let throughput = pipeline_run::throughput(&bench).await?;
-    progress!("pipeline: {:.0} samples/s", throughput.samples_per_second);
-
-    let rate = throughput.samples_per_second / 2.0;
-    progress!(
-        "latency at {rate:.0} samples/s, {} samples",
-        bench.cli.latency_samples
-    );
-    let latency = pipeline_run::latency(&bench, rate).await?;
-
-    let report = report::Report::new(
-        &bench,
-        machine,
-        broker_version,
-        startup,
-        ceiling,
-        throughput,
-        latency,
-    );
+    report.judge();
     let markdown = report.to_markdown();
     println!("{markdown}");
     let written = report.write(&bench.cli.out, &markdown)?;

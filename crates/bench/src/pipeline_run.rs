@@ -35,8 +35,8 @@ const LABELS_LOG: &str = "labels_log.txt";
 /// CPU time and peak RSS of one service over a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceUsage {
-    /// `features`, `model` or `metric`.
-    pub service: &'static str,
+    /// `features`, `model` (`model 2`, ...) or `metric`.
+    pub service: String,
     /// What it used.
     #[serde(flatten)]
     pub usage: Usage,
@@ -49,7 +49,10 @@ pub struct ServiceUsage {
 pub struct ThroughputResult {
     /// Samples sent through.
     pub samples: u64,
-    /// From just before `features` was spawned to the last row seen in the CSV.
+    /// Model replicas.
+    pub models: usize,
+    /// From just before `features` was spawned (for a backlog: from the start of metric and
+    /// model, all samples queued) to the last row seen in the CSV.
     pub seconds: f64,
     /// `samples / seconds`: the headline figure.
     pub samples_per_second: f64,
@@ -60,6 +63,8 @@ pub struct ThroughputResult {
     pub samples_per_second_from_first_message: Option<f64>,
     /// Per service.
     pub usage: Vec<ServiceUsage>,
+    /// CPU time of metric and the models during the run.
+    pub consumers_cpu_seconds: f64,
     /// CPU time of the benchmark process itself during the run (mostly polling the CSV).
     pub bench_cpu_seconds: f64,
     /// CPU time of the broker during the run, when it runs on this machine.
@@ -80,8 +85,13 @@ pub struct LatencyResult {
     pub per_sample: Option<Summary>,
     /// Rows whose id had no send time in the producer's log.
     pub unmatched_rows: u64,
+    /// Per sample: send to the metric service having handled both messages (its `labels_log.txt`
+    /// stamps), the measure the bare client takes of itself.
+    pub both_handled: Option<Summary>,
     /// From the metric service's `pipeline_end_to_end_latency_seconds` histogram.
     pub histogram: Option<Summary>,
+    /// The histogram's widest bucket between 1 ms and 1 s (upper bound / lower bound).
+    pub histogram_widest_bucket: Option<f64>,
     /// Where the time goes, per sample, from the metric service's `labels_log.txt`.
     pub stages: Vec<Stage>,
 }
@@ -96,57 +106,85 @@ pub struct Stage {
 }
 
 /// The stages of [`LatencyResult::stages`], in order.
-const STAGES: [&str; 3] = [
+const STAGES: [&str; 4] = [
     "send → metric handled y_true (producer → broker → metric)",
     "send → metric handled y_pred (producer → broker → model → broker → metric)",
+    "send → metric handled both (the bare client's measure)",
     "metric handled the later of the two → row seen in the CSV (flush, then the 1 ms poll)",
 ];
 
-/// Metric and model running on a phase's queues, with their log folder.
+/// The stage measured the way the bare client measures its latency.
+const BOTH_HANDLED: usize = 2;
+
+/// Metric and the model replicas running on a phase's queues, with their log folder.
 struct Consumers {
     // Fields drop in order: the processes are killed before the folder is removed.
     metric: Service,
-    model: Service,
+    models: Vec<Service>,
     queues: QueueNames,
     logs: PathBuf,
     dir: tempfile::TempDir,
 }
 
 impl Consumers {
-    /// Starts metric and model on fresh queues and waits until both are healthy.
-    async fn start(bench: &Bench, phase: &str) -> anyhow::Result<Self> {
+    /// Starts metric and `models` model replicas on fresh queues and waits until all are healthy.
+    /// With `backlog`, a producer first queues that many samples (`RATE=0`) and exits before they
+    /// start.
+    async fn start(
+        bench: &Bench,
+        phase: &str,
+        models: usize,
+        backlog: Option<u64>,
+    ) -> anyhow::Result<Self> {
         let queues = bench.queues(phase);
         let dir = tempfile::Builder::new()
             .prefix(&format!("bench-{phase}-"))
             .tempdir()
             .context("cannot create a temporary folder")?;
+        if let Some(count) = backlog {
+            let mut features = spawn_features(bench, &queues, dir.path(), count, 0.0, "warn")?;
+            let exit = features.wait_exit(Duration::from_secs(1800)).await?;
+            ensure!(
+                exit.status.success(),
+                "features failed ({})\n{}",
+                exit.status,
+                features.stderr_tail(20)
+            );
+        }
         let logs = dir.path().join("logs");
         let mut metric_env = bench.service_env(&queues, "warn");
         metric_env.push(("LOG_DIR".into(), logs.display().to_string()));
         let mut metric = Service::spawn("metric", &bench.binaries.metric, &metric_env, dir.path())?;
-        let mut model = Service::spawn(
-            "model",
-            &bench.binaries.model,
-            &bench.service_env(&queues, "warn"),
-            dir.path(),
-        )?;
+        let mut replicas = Vec::with_capacity(models);
+        for n in 1..=models {
+            let name = if n == 1 {
+                "model".to_owned()
+            } else {
+                format!("model {n}")
+            };
+            replicas.push(Service::spawn(
+                name,
+                &bench.binaries.model,
+                &bench.service_env(&queues, "warn"),
+                dir.path(),
+            )?);
+        }
         let timeout = Duration::from_secs(60);
-        metric
-            .wait_healthy(timeout, Duration::from_millis(10))
-            .await?;
-        model
-            .wait_healthy(timeout, Duration::from_millis(10))
-            .await?;
+        for service in std::iter::once(&mut metric).chain(replicas.iter_mut()) {
+            service
+                .wait_healthy(timeout, Duration::from_millis(10))
+                .await?;
+        }
         Ok(Self {
             metric,
-            model,
+            models: replicas,
             queues,
             logs,
             dir,
         })
     }
 
-    /// Starts the producer with `COUNT` and `RATE` (and extra settings such as RUST_LOG).
+    /// Starts the producer with `COUNT` and `RATE` (and `rust_log` as RUST_LOG).
     fn start_features(
         &self,
         bench: &Bench,
@@ -154,20 +192,12 @@ impl Consumers {
         rate: f64,
         rust_log: &str,
     ) -> anyhow::Result<Service> {
-        let mut env = bench.service_env(&self.queues, rust_log);
-        env.push(("COUNT".into(), count.to_string()));
-        env.push(("RATE".into(), rate.to_string()));
-        env.push((
-            "CONFIRM_WINDOW".into(),
-            bench.cli.confirm_window.to_string(),
-        ));
-        env.push(("ORDER".into(), "random".into()));
-        Service::spawn("features", &bench.binaries.features, &env, self.dir.path())
+        spawn_features(bench, &self.queues, self.dir.path(), count, rate, rust_log)
     }
 
-    /// Fails when metric or model is no longer running.
+    /// Fails when metric or a model is no longer running.
     fn check_alive(&mut self) -> anyhow::Result<()> {
-        for service in [&mut self.metric, &mut self.model] {
+        for service in std::iter::once(&mut self.metric).chain(self.models.iter_mut()) {
             if !service.is_running() {
                 bail!(
                     "{} stopped during the run\n{}",
@@ -179,60 +209,109 @@ impl Consumers {
         Ok(())
     }
 
-    /// Stops both services and deletes the phase's queues.
+    /// CPU time and peak RSS of metric and each model, now.
+    fn usage(&self) -> anyhow::Result<Vec<ServiceUsage>> {
+        std::iter::once(&self.metric)
+            .chain(self.models.iter())
+            .map(|service| {
+                Ok(ServiceUsage {
+                    service: service.name.clone(),
+                    usage: service.usage_now()?,
+                    source: RUNNING_SOURCE,
+                })
+            })
+            .collect()
+    }
+
+    /// Stops the services and deletes the phase's queues.
     async fn finish(mut self, bench: &Bench) -> anyhow::Result<()> {
         self.metric.stop().await?;
-        self.model.stop().await?;
+        for model in &mut self.models {
+            model.stop().await?;
+        }
         bench.ledger.delete(&bench.url()?, &self.queues).await
     }
 }
 
-/// The full-speed run: `COUNT=--samples RATE=0`.
-pub async fn throughput(bench: &Bench) -> anyhow::Result<ThroughputResult> {
-    let samples = bench.cli.samples;
-    let mut consumers = Consumers::start(bench, "pipeline").await?;
+/// How the usage of a running service is read.
+const RUNNING_SOURCE: &str = "/proc/<pid>/stat utime+stime, /proc/<pid>/status VmHWM";
+
+/// Starts a producer on `queues` with `COUNT`, `RATE` and `rust_log` as RUST_LOG.
+fn spawn_features(
+    bench: &Bench,
+    queues: &QueueNames,
+    dir: &Path,
+    count: u64,
+    rate: f64,
+    rust_log: &str,
+) -> anyhow::Result<Service> {
+    let mut env = bench.service_env(queues, rust_log);
+    env.push(("COUNT".into(), count.to_string()));
+    env.push(("RATE".into(), rate.to_string()));
+    env.push((
+        "CONFIRM_WINDOW".into(),
+        bench.cli.confirm_window.to_string(),
+    ));
+    env.push(("ORDER".into(), "random".into()));
+    Service::spawn("features", &bench.binaries.features, &env, dir)
+}
+
+/// A full-speed run on the queues of `phase`: `COUNT=samples RATE=0` through `models` replicas
+/// of the model. With `backlog`, the samples are all queued before metric and model start, and the
+/// time counts from their start (the drain).
+pub async fn throughput(
+    bench: &Bench,
+    phase: &str,
+    samples: u64,
+    models: usize,
+    backlog: bool,
+) -> anyhow::Result<ThroughputResult> {
+    let mut consumers = Consumers::start(bench, phase, models, backlog.then_some(samples)).await?;
     let csv = consumers.logs.join(METRIC_CSV);
     let bench_cpu_before = Usage::of_running(std::process::id())?.cpu_seconds;
     let broker_cpu_before = cpu_seconds(bench.broker_pid);
+    let consumers_cpu_before: f64 = consumers.usage()?.iter().map(|u| u.usage.cpu_seconds).sum();
 
     let started = Instant::now();
-    let mut features = consumers.start_features(bench, samples, 0.0, "warn")?;
-    let tail = watch_csv(&mut consumers, &mut features, &csv, samples, false).await?;
+    let mut features = if backlog {
+        None
+    } else {
+        Some(consumers.start_features(bench, samples, 0.0, "warn")?)
+    };
+    let tail = watch_csv(&mut consumers, features.as_mut(), &csv, samples, false).await?;
     let seconds = tail.done_at.duration_since(started).as_secs_f64();
 
     let bench_cpu_seconds = Usage::of_running(std::process::id())?.cpu_seconds - bench_cpu_before;
     let broker_cpu_seconds = cpu_seconds(bench.broker_pid)
         .zip(broker_cpu_before)
         .map(|(after, before)| after - before);
-    let features_exit = features.wait_exit(Duration::from_secs(30)).await?;
-    ensure!(
-        features_exit.status.success(),
-        "features failed ({})\n{}",
-        features_exit.status,
-        features.stderr_tail(20)
-    );
-    let usage = vec![
-        ServiceUsage {
-            service: "features",
+    let mut usage = Vec::new();
+    if let Some(features) = features.as_mut() {
+        let exit = features.wait_exit(Duration::from_secs(30)).await?;
+        ensure!(
+            exit.status.success(),
+            "features failed ({})\n{}",
+            exit.status,
+            features.stderr_tail(20)
+        );
+        usage.push(ServiceUsage {
+            service: "features".to_owned(),
             usage: Usage {
-                cpu_seconds: features_exit.usage.cpu_seconds,
+                cpu_seconds: exit.usage.cpu_seconds,
                 peak_rss_mib: features
                     .last_usage()
                     .map_or(f64::NAN, |usage| usage.peak_rss_mib),
             },
             source: "it exits by itself: CPU from wait4 rusage at exit (ru_utime+ru_stime); VmHWM of /proc/<pid>/status, last read (every 20 ms) before it exited",
-        },
-        ServiceUsage {
-            service: "model",
-            usage: consumers.model.usage_now()?,
-            source: "/proc/<pid>/stat utime+stime, /proc/<pid>/status VmHWM",
-        },
-        ServiceUsage {
-            service: "metric",
-            usage: consumers.metric.usage_now()?,
-            source: "/proc/<pid>/stat utime+stime, /proc/<pid>/status VmHWM",
-        },
-    ];
+        });
+    }
+    let consumers_usage = consumers.usage()?;
+    let consumers_cpu_seconds = consumers_usage
+        .iter()
+        .map(|u| u.usage.cpu_seconds)
+        .sum::<f64>()
+        - consumers_cpu_before;
+    usage.extend(consumers_usage);
 
     let first_message = latency::first_label_time(&consumers.logs.join(LABELS_LOG))?;
     let seconds_from_first_message = first_message
@@ -242,24 +321,30 @@ pub async fn throughput(bench: &Bench) -> anyhow::Result<ThroughputResult> {
 
     Ok(ThroughputResult {
         samples,
+        models,
         seconds,
         samples_per_second: samples as f64 / seconds,
         seconds_from_first_message,
         samples_per_second_from_first_message: seconds_from_first_message
             .map(|s| samples as f64 / s),
         usage,
+        consumers_cpu_seconds,
         bench_cpu_seconds,
         broker_cpu_seconds,
     })
 }
 
-/// The paced run: `COUNT=--latency-samples RATE=rate`, every row's latency.
-pub async fn latency(bench: &Bench, rate: f64) -> anyhow::Result<LatencyResult> {
-    let samples = bench.cli.latency_samples;
-    let mut consumers = Consumers::start(bench, "latency").await?;
+/// A paced run on the queues of `phase`: `COUNT=samples RATE=rate`, every row's latency.
+pub async fn latency(
+    bench: &Bench,
+    phase: &str,
+    samples: u64,
+    rate: f64,
+) -> anyhow::Result<LatencyResult> {
+    let mut consumers = Consumers::start(bench, phase, 1, None).await?;
     let csv = consumers.logs.join(METRIC_CSV);
     let mut features = consumers.start_features(bench, samples, rate, "warn,features=trace")?;
-    let tail = watch_csv(&mut consumers, &mut features, &csv, samples, true).await?;
+    let tail = watch_csv(&mut consumers, Some(&mut features), &csv, samples, true).await?;
     let exit = features.wait_exit(Duration::from_secs(30)).await?;
     ensure!(
         exit.status.success(),
@@ -268,8 +353,8 @@ pub async fn latency(bench: &Bench, rate: f64) -> anyhow::Result<LatencyResult> 
         features.stderr_tail(20)
     );
 
-    let histogram = match http_get(consumers.metric.http_addr, "/metrics").await {
-        Ok((200, body)) => latency::histogram_summary(&body, HISTOGRAM),
+    let exposition = match http_get(consumers.metric.http_addr, "/metrics").await {
+        Ok((200, body)) => Some(body),
         Ok((status, _)) => {
             progress!("metric's /metrics answered {status}; no histogram figures");
             None
@@ -279,6 +364,12 @@ pub async fn latency(bench: &Bench, rate: f64) -> anyhow::Result<LatencyResult> 
             None
         }
     };
+    let histogram = exposition
+        .as_deref()
+        .and_then(|text| latency::histogram_summary(text, HISTOGRAM));
+    let histogram_widest_bucket = exposition
+        .as_deref()
+        .and_then(|text| latency::widest_bucket_ratio(text, HISTOGRAM, 0.001, 1.0));
     // Read before `finish`, which removes the folder of the logs.
     let sent = latency::producer_send_times(&features.stderr_path)?;
     let handled = latency::metric_handle_times(&consumers.logs.join(LABELS_LOG))?;
@@ -290,7 +381,7 @@ pub async fn latency(bench: &Bench, rate: f64) -> anyhow::Result<LatencyResult> 
         to.duration_since(*from).unwrap_or_default().as_secs_f64() * 1e3
     };
     let mut latencies_ms = Vec::with_capacity(tail.rows.len());
-    let mut stages: [Vec<f64>; 3] = Default::default();
+    let mut stages: [Vec<f64>; 4] = Default::default();
     let mut unmatched_rows = 0u64;
     for (id, seen) in &tail.rows {
         let Some(sent_at) = sent.get(id) else {
@@ -299,12 +390,14 @@ pub async fn latency(bench: &Bench, rate: f64) -> anyhow::Result<LatencyResult> 
         };
         latencies_ms.push(ms(seen, sent_at));
         if let Some([Some(y_true), Some(y_pred)]) = handled.get(id) {
+            let later = y_true.max(y_pred);
             stages[0].push(ms(y_true, sent_at));
             stages[1].push(ms(y_pred, sent_at));
-            stages[2].push(ms(seen, y_true.max(y_pred)));
+            stages[2].push(ms(later, sent_at));
+            stages[3].push(ms(seen, later));
         }
     }
-    let stages = STAGES
+    let stages: Vec<Stage> = STAGES
         .iter()
         .zip(stages.iter_mut())
         .filter_map(|(stage, values)| {
@@ -327,9 +420,14 @@ pub async fn latency(bench: &Bench, rate: f64) -> anyhow::Result<LatencyResult> 
         samples,
         target_rate: rate,
         achieved_rate,
+        both_handled: stages
+            .iter()
+            .find(|stage| stage.stage == STAGES[BOTH_HANDLED])
+            .map(|stage| stage.summary),
         per_sample: latency::summarize(&mut latencies_ms),
         unmatched_rows,
         histogram,
+        histogram_widest_bucket,
         stages,
     })
 }
@@ -357,7 +455,7 @@ impl Drop for StopOnDrop {
 /// services run and the producer did not fail.
 async fn watch_csv(
     consumers: &mut Consumers,
-    features: &mut Service,
+    mut features: Option<&mut Service>,
     csv: &Path,
     rows: u64,
     stamp: bool,
@@ -376,11 +474,14 @@ async fn watch_csv(
                 return joined.context("the CSV poller crashed")?;
             }
             _ = tokio::time::sleep(Duration::from_millis(20)) => {
-                features.sample_usage();
                 checks += 1;
                 if checks.is_multiple_of(10) {
                     consumers.check_alive()?;
                 }
+                let Some(features) = features.as_deref_mut() else {
+                    continue;
+                };
+                features.sample_usage();
                 if !features.is_running() {
                     // It exits by itself once every sample is confirmed; only a failure matters.
                     if let Ok(exit) = features.wait_exit(Duration::ZERO).await

@@ -164,8 +164,8 @@ pub struct Exit {
 
 /// One service process; killed (SIGKILL) and reaped when dropped.
 pub struct Service {
-    /// `features`, `model` or `metric`.
-    pub name: &'static str,
+    /// `features`, `model` or `metric` (`model 2` for a second replica).
+    pub name: String,
     pid: libc::pid_t,
     exit: Option<Exit>,
     last_usage: Option<Usage>,
@@ -183,13 +183,14 @@ impl Service {
     /// Starts `binary` with only PATH, `env` and HTTP_ADDR (a free loopback port) in its
     /// environment; its stderr goes to `<dir>/<name>.stderr`.
     pub fn spawn(
-        name: &'static str,
+        name: impl Into<String>,
         binary: &Path,
         env: &[(String, String)],
         dir: &Path,
     ) -> anyhow::Result<Self> {
+        let name = name.into();
         let http_addr = free_local_addr()?;
-        let stderr_path = dir.join(format!("{name}.stderr"));
+        let stderr_path = dir.join(format!("{}.stderr", name.replace(' ', "-")));
         let stderr = File::create(&stderr_path)
             .with_context(|| format!("cannot create {}", stderr_path.display()))?;
         let spawned_wall = SystemTime::now();

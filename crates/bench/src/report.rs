@@ -1,10 +1,13 @@
-//! The results: the machine, the figures, the targets of issue 5, as a markdown table and as JSON,
+//! The results: the machine, the figures, the targets of issues 5 and 12, as a markdown table and as JSON,
 //! written to `--out` as `latest.{md,json}` and a timestamped copy of each.
 
 use crate::Bench;
 use crate::ceiling::CeilingResult;
+use crate::cluster::ClusterResult;
+use crate::curve::CurvePoint;
+use crate::history::HistoryStart;
 use crate::latency::Summary;
-use crate::pipeline_run::{LatencyResult, ThroughputResult};
+use crate::pipeline_run::ThroughputResult;
 use crate::startup::StartupResult;
 use anyhow::Context as _;
 use clap::ValueEnum as _;
@@ -17,6 +20,16 @@ use std::time::SystemTime;
 const TARGET_RATIO: f64 = 0.9;
 /// p99 end-to-end latency at half rate, at most, in milliseconds.
 const TARGET_P99_MS: f64 = 20.0;
+/// Pipeline p99 over bare-client p99 at each load up to 75 %, at most.
+const TARGET_GAP: f64 = 1.5;
+
+/// Column names of the per-hop stages, in the order of `LatencyResult::stages`.
+const STAGE_HEADERS: [&str; 4] = [
+    "send → metric has y_true (1 hop)",
+    "send → metric has y_pred (2 hops, via model)",
+    "send → metric has both",
+    "metric has both → row seen (flush + 1 ms poll)",
+];
 /// Peak RSS of each service, at most, in MiB.
 const TARGET_RSS_MIB: f64 = 20.0;
 /// Model start-up to healthy, at most, in milliseconds.
@@ -89,9 +102,11 @@ pub struct Settings {
     pub prefetch: u16,
     /// CONFIRM_WINDOW of the producer.
     pub confirm_window: u64,
+    /// Extra environment of the services (`--service-env`).
+    pub service_env: Vec<String>,
 }
 
-/// Everything the benchmark measured.
+/// Everything the benchmark measured; a phase not run is `None` (or empty).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     /// When it ran (UTC, RFC 3339).
@@ -102,32 +117,32 @@ pub struct Report {
     pub broker_version: String,
     /// How it ran.
     pub settings: Settings,
-    /// The bare client.
-    pub ceiling: CeilingResult,
+    /// The bare client at full speed.
+    pub ceiling: Option<CeilingResult>,
     /// The pipeline at full speed.
-    pub pipeline: ThroughputResult,
-    /// `pipeline.samples_per_second / ceiling.samples_per_second`.
-    pub ratio: f64,
-    /// The pipeline at half rate.
-    pub latency: LatencyResult,
+    pub pipeline: Option<ThroughputResult>,
+    /// The latency–throughput curve.
+    pub curve: Vec<CurvePoint>,
+    /// 1, 2 and 3 model replicas at full speed.
+    pub replicas: Vec<ThroughputResult>,
+    /// Quorum queues on a private cluster.
+    pub cluster: Option<ClusterResult>,
+    /// Draining a backlog.
+    pub backlog: Option<ThroughputResult>,
+    /// The metric service on a history of this many pairs.
+    #[serde(skip)]
+    pub history: Option<(u64, Vec<HistoryStart>)>,
     /// The model's start-up.
-    pub startup: StartupResult,
-    /// The targets of issue 5.
+    pub startup: Option<StartupResult>,
+    /// Phases that failed, with their error.
+    pub failures: Vec<String>,
+    /// The targets of issues 5 and 12.
     pub targets: Vec<Target>,
 }
 
 impl Report {
-    /// Puts the results together and judges the targets.
-    pub fn new(
-        bench: &Bench,
-        machine: Machine,
-        broker_version: String,
-        startup: StartupResult,
-        ceiling: CeilingResult,
-        pipeline: ThroughputResult,
-        latency: LatencyResult,
-    ) -> Self {
-        let ratio = pipeline.samples_per_second / ceiling.samples_per_second;
+    /// An empty report of a run of `bench`; the phases fill it in.
+    pub fn new(bench: &Bench, machine: Machine, broker_version: String) -> Self {
         let settings = Settings {
             command: std::env::args().collect::<Vec<_>>().join(" "),
             amqp_url: pipeline::broker::connection::redact(&bench.cli.broker.amqp_url),
@@ -139,67 +154,106 @@ impl Report {
                 .map_or_else(|| "?".to_owned(), |v| v.get_name().to_owned()),
             prefetch: bench.cli.consume.prefetch,
             confirm_window: bench.cli.confirm_window,
+            service_env: bench
+                .cli
+                .service_env
+                .iter()
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect(),
         };
-        let mut report = Self {
+        Self {
             date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             machine,
             broker_version,
             settings,
-            ceiling,
-            pipeline,
-            ratio,
-            latency,
-            startup,
+            ceiling: None,
+            pipeline: None,
+            curve: Vec::new(),
+            replicas: Vec::new(),
+            cluster: None,
+            backlog: None,
+            history: None,
+            startup: None,
+            failures: Vec::new(),
             targets: Vec::new(),
-        };
-        report.targets = report.judge();
-        report
+        }
     }
 
-    fn judge(&self) -> Vec<Target> {
-        let mut targets = vec![Target {
-            name: "throughput",
-            goal: format!("pipeline / ceiling ≥ {TARGET_RATIO}"),
-            measured: format!("{:.2}", self.ratio),
-            met: self.ratio >= TARGET_RATIO,
-        }];
-        let (p99, method) = match (&self.latency.per_sample, &self.latency.histogram) {
-            (Some(exact), _) => (Some(exact.p99_ms), "per sample"),
-            (None, Some(histogram)) => (Some(histogram.p99_ms), "histogram"),
-            (None, None) => (None, "not measured"),
-        };
-        targets.push(Target {
-            name: "latency",
-            goal: format!("p99 ≤ {TARGET_P99_MS} ms at half rate"),
-            measured: p99.map_or_else(
-                || "not measured".to_owned(),
-                |p99| format!("{p99:.1} ms ({method})"),
-            ),
-            met: p99.is_some_and(|p99| p99 <= TARGET_P99_MS),
-        });
-        let rss: Vec<String> = self
-            .pipeline
-            .usage
-            .iter()
-            .map(|u| format!("{} {:.1}", u.service, u.usage.peak_rss_mib))
-            .collect();
-        targets.push(Target {
-            name: "memory",
-            goal: format!("peak RSS ≤ {TARGET_RSS_MIB} MiB per service"),
-            measured: format!("{} MiB", rss.join(", ")),
-            met: self
+    /// Judges the targets of what was measured.
+    pub fn judge(&mut self) {
+        let mut targets = Vec::new();
+        if let (Some(ceiling), Some(pipeline)) = (&self.ceiling, &self.pipeline) {
+            let ratio = pipeline.samples_per_second / ceiling.samples_per_second;
+            targets.push(Target {
+                name: "throughput",
+                goal: format!("pipeline / ceiling ≥ {TARGET_RATIO}"),
+                measured: format!("{ratio:.2}"),
+                met: ratio >= TARGET_RATIO,
+            });
+        }
+        if let Some(half) = self.curve.iter().find(|p| (p.fraction - 0.5).abs() < 1e-9) {
+            let p99 = half.pipeline.per_sample.map(|s| s.p99_ms);
+            targets.push(Target {
+                name: "latency at 50 %",
+                goal: format!("pipeline p99 ≤ {TARGET_P99_MS} ms (send → row seen in the CSV)"),
+                measured: p99.map_or_else(|| "not measured".to_owned(), |v| format!("{v:.1} ms")),
+                met: p99.is_some_and(|v| v <= TARGET_P99_MS),
+            });
+        }
+        for point in self.curve.iter().filter(|p| p.fraction <= 0.75 + 1e-9) {
+            let ratio = point
                 .pipeline
+                .both_handled
+                .zip(point.bare.latency)
+                .map(|(pipeline, bare)| pipeline.p99_ms / bare.p99_ms);
+            targets.push(Target {
+                name: "latency gap",
+                goal: format!(
+                    "at {:.0} %: pipeline p99 ≤ {TARGET_GAP} × bare client p99 (both: send → metric holds both messages)",
+                    point.fraction * 100.0
+                ),
+                measured: ratio.map_or_else(|| "not measured".to_owned(), |r| format!("{r:.2} ×")),
+                met: ratio.is_some_and(|r| r <= TARGET_GAP),
+            });
+        }
+        if let Some(pipeline) = &self.pipeline {
+            let rss: Vec<String> = pipeline
                 .usage
                 .iter()
-                .all(|u| u.usage.peak_rss_mib <= TARGET_RSS_MIB),
-        });
-        targets.push(Target {
-            name: "start-up",
-            goal: format!("model healthy ≤ {TARGET_STARTUP_MS} ms after spawn"),
-            measured: format!("{:.0} ms (median)", self.startup.median_healthy_ms),
-            met: self.startup.median_healthy_ms <= TARGET_STARTUP_MS,
-        });
-        targets
+                .map(|u| format!("{} {:.1}", u.service, u.usage.peak_rss_mib))
+                .collect();
+            targets.push(Target {
+                name: "memory",
+                goal: format!("peak RSS ≤ {TARGET_RSS_MIB} MiB per service"),
+                measured: format!("{} MiB", rss.join(", ")),
+                met: pipeline
+                    .usage
+                    .iter()
+                    .all(|u| u.usage.peak_rss_mib <= TARGET_RSS_MIB),
+            });
+        }
+        if let Some(startup) = &self.startup {
+            targets.push(Target {
+                name: "start-up",
+                goal: format!("model healthy ≤ {TARGET_STARTUP_MS} ms after spawn"),
+                measured: format!("{:.0} ms (median)", startup.median_healthy_ms),
+                met: startup.median_healthy_ms <= TARGET_STARTUP_MS,
+            });
+        }
+        if let Some(widest) = self
+            .curve
+            .iter()
+            .find_map(|p| p.pipeline.histogram_widest_bucket)
+        {
+            targets.push(Target {
+                name: "histogram",
+                goal: "`pipeline_end_to_end_latency_seconds` buckets ≤ ×1.5 wide from 1 ms to 1 s"
+                    .to_owned(),
+                measured: format!("widest ×{widest:.2}"),
+                met: widest <= 1.5 + 1e-9,
+            });
+        }
+        self.targets = targets;
     }
 
     /// The report as markdown.
@@ -213,7 +267,10 @@ impl Report {
     fn write_markdown(&self, md: &mut String) -> std::fmt::Result {
         let m = &self.machine;
         let s = &self.settings;
-        writeln!(md, "# Benchmark: as fast as the broker allows (issue 5)\n")?;
+        writeln!(
+            md,
+            "# Benchmark: the pipeline against the broker's limit (issues 5 and 12)\n"
+        )?;
         writeln!(md, "| | |\n|---|---|")?;
         writeln!(md, "| date | {} |", self.date)?;
         writeln!(
@@ -224,104 +281,298 @@ impl Report {
         writeln!(md, "| broker | {} at {} |", self.broker_version, s.amqp_url)?;
         writeln!(
             md,
-            "| settings | {} queues, PREFETCH {}, CONFIRM_WINDOW {} |",
-            s.queue_type, s.prefetch, s.confirm_window
+            "| settings | {} queues, PREFETCH {}, CONFIRM_WINDOW {}{} |",
+            s.queue_type,
+            s.prefetch,
+            s.confirm_window,
+            if s.service_env.is_empty() {
+                String::new()
+            } else {
+                format!(", services also with {}", s.service_env.join(" "))
+            }
         )?;
         writeln!(md, "| command | `{}` |\n", s.command)?;
+        self.write_throughput(md)?;
+        self.write_curve(md)?;
+        self.write_scaling(md)?;
+        self.write_usage(md)?;
+        self.write_startup(md)?;
+        if let Some((pairs, starts)) = &self.history {
+            writeln!(md, "{}", crate::history::to_markdown(*pairs, starts))?;
+        }
+        for failure in &self.failures {
+            writeln!(
+                md,
+                "**Failed:** {}\n",
+                failure.lines().next().unwrap_or_default()
+            )?;
+        }
+        if !self.targets.is_empty() {
+            writeln!(md, "## Targets\n")?;
+            writeln!(md, "| target | goal | measured | |")?;
+            writeln!(md, "|---|---|---|---|")?;
+            for t in &self.targets {
+                writeln!(
+                    md,
+                    "| {} | {} | {} | {} |",
+                    t.name,
+                    t.goal,
+                    t.measured,
+                    if t.met { "met" } else { "**not met**" }
+                )?;
+            }
+        }
+        Ok(())
+    }
 
-        let c = &self.ceiling;
-        let p = &self.pipeline;
+    fn write_throughput(&self, md: &mut String) -> std::fmt::Result {
+        if self.ceiling.is_none() && self.pipeline.is_none() {
+            return Ok(());
+        }
+        let s = &self.settings;
         writeln!(md, "## Throughput\n")?;
         writeln!(
             md,
             "| run | samples | seconds | samples/s | measured from → to |"
         )?;
         writeln!(md, "|---|---:|---:|---:|---|")?;
-        writeln!(
-            md,
-            "| ceiling: bare lapin client | {} | {:.2} | {} | first publish → the ack covering the last y_true and y_pred. Same traffic as the pipeline (mean bodies: y_true {:.0} B, features {:.0} B, y_pred {:.0} B), durable queues from `Topology`, persistent, confirms in a window of {}, manual acks with `multiple`, prefetch {}; no model, no parsing, no files |",
-            thousands(c.samples as f64),
-            c.seconds,
-            thousands(c.samples_per_second),
-            c.mean_body_bytes[0],
-            c.mean_body_bytes[1],
-            c.mean_body_bytes[2],
-            s.confirm_window,
-            s.prefetch
-        )?;
-        writeln!(
-            md,
-            "| pipeline: features → model → metric | {} | {:.2} | {} | just before spawning `features` (COUNT={}, RATE=0) → the last row seen in metric_log.csv (polled every 1 ms); includes the producer's start-up |",
-            thousands(p.samples as f64),
-            p.seconds,
-            thousands(p.samples_per_second),
-            p.samples
-        )?;
-        if let (Some(seconds), Some(rate)) = (
-            p.seconds_from_first_message,
-            p.samples_per_second_from_first_message,
-        ) {
+        if let Some(c) = &self.ceiling {
             writeln!(
                 md,
-                "| pipeline, without the producer's start-up | {} | {seconds:.2} | {} | first line of labels_log.txt (metric handled the first y_true) → the last row |",
-                thousands(p.samples as f64),
-                thousands(rate)
+                "| ceiling: bare lapin client | {} | {:.2} | {} | first publish → the ack covering the last y_true and y_pred. Same traffic as the pipeline (mean bodies: y_true {:.0} B, features {:.0} B, y_pred {:.0} B), durable queues from `Topology`, persistent, confirms in a window of {}, manual acks with `multiple`, prefetch {}; no model, no parsing, no files |",
+                thousands(c.samples as f64),
+                c.seconds,
+                thousands(c.samples_per_second),
+                c.mean_body_bytes[0],
+                c.mean_body_bytes[1],
+                c.mean_body_bytes[2],
+                s.confirm_window,
+                s.prefetch
             )?;
         }
-        writeln!(
-            md,
-            "| **ratio pipeline / ceiling** | | | **{:.2}** | pipeline (spawn → last row) / ceiling |\n",
-            self.ratio
-        )?;
-
-        let l = &self.latency;
-        writeln!(
-            md,
-            "## Latency at half the pipeline's rate ({} samples, RATE={:.0}, achieved {:.0}/s)\n",
-            thousands(l.samples as f64),
-            l.target_rate,
-            l.achieved_rate
-        )?;
-        writeln!(
-            md,
-            "| method | samples | p50 ms | p99 ms | max ms | mean ms |"
-        )?;
-        writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
-        let row = |md: &mut String, method: String, summary: &Option<Summary>| match summary {
-            Some(x) => writeln!(
+        if let Some(p) = &self.pipeline {
+            writeln!(
                 md,
-                "| {method} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
-                thousands(x.samples as f64),
-                x.p50_ms,
-                x.p99_ms,
-                x.max_ms,
-                x.mean_ms
-            ),
-            None => writeln!(md, "| {method} | – | – | – | – | – |"),
-        };
-        row(
-            md,
-            format!(
-                "per sample: row seen in metric_log.csv (1 ms poll, so up to ~1 ms late) − the producer's `published` TRACE log time{}",
-                if l.unmatched_rows > 0 {
-                    format!(" ({} rows without a send time left out)", l.unmatched_rows)
-                } else {
-                    String::new()
-                }
-            ),
-            &l.per_sample,
-        )?;
-        for stage in &l.stages {
-            row(md, format!("stage: {}", stage.stage), &Some(stage.summary))?;
+                "| pipeline: features → model → metric | {} | {:.2} | {} | just before spawning `features` (COUNT={}, RATE=0) → the last row seen in metric_log.csv (polled every 1 ms); includes the producer's start-up |",
+                thousands(p.samples as f64),
+                p.seconds,
+                thousands(p.samples_per_second),
+                p.samples
+            )?;
+            if let (Some(seconds), Some(rate)) = (
+                p.seconds_from_first_message,
+                p.samples_per_second_from_first_message,
+            ) {
+                writeln!(
+                    md,
+                    "| pipeline, without the producer's start-up | {} | {seconds:.2} | {} | first line of labels_log.txt (metric handled the first y_true) → the last row |",
+                    thousands(p.samples as f64),
+                    thousands(rate)
+                )?;
+            }
         }
-        row(
-            md,
-            "metric's histogram `pipeline_end_to_end_latency_seconds` (sent_at_us → pair made; p50/p99 interpolated in buckets ×2 wide, max = upper bound of the top bucket)".to_owned(),
-            &l.histogram,
-        )?;
-        writeln!(md)?;
+        if let (Some(c), Some(p)) = (&self.ceiling, &self.pipeline) {
+            writeln!(
+                md,
+                "| **ratio pipeline / ceiling** | | | **{:.2}** | pipeline (spawn → last row) / ceiling |",
+                p.samples_per_second / c.samples_per_second
+            )?;
+        }
+        writeln!(md)
+    }
 
-        writeln!(md, "## CPU and memory\n")?;
+    fn write_curve(&self, md: &mut String) -> std::fmt::Result {
+        if self.curve.is_empty() {
+            return Ok(());
+        }
+        writeln!(
+            md,
+            "## Latency against load: pipeline and bare client at the same rates\n"
+        )?;
+        writeln!(
+            md,
+            "Each point: the same number of samples at the same RATE (the producer's pacer in both), all guarantees on. **pipeline**: send (the producer's `published` TRACE log line, after both messages went out) → the row seen in metric_log.csv (polled every 1 ms). **pipeline, both in**: send → the metric service handled the second of the two messages (its labels_log.txt stamps), the bare client's measure. **bare**: the bare client's send (same place) → its metric role received the second of the two. Milliseconds; chart: `latency_curve.png`.\n"
+        )?;
+        writeln!(
+            md,
+            "| load | rate /s | samples | pipeline p50 | p99 | p99.9 | max | pipeline, both in: p50 | p99 | p99.9 | max | bare p50 | p99 | p99.9 | max | p99 pipeline (both in) / bare |"
+        )?;
+        writeln!(
+            md,
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        )?;
+        let cells = |summary: Option<Summary>| {
+            summary.map_or_else(
+                || "– | – | – | –".to_owned(),
+                |x| {
+                    format!(
+                        "{:.1} | {:.1} | {:.1} | {:.1}",
+                        x.p50_ms, x.p99_ms, x.p999_ms, x.max_ms
+                    )
+                },
+            )
+        };
+        for p in &self.curve {
+            let ratio = p.pipeline.both_handled.zip(p.bare.latency).map_or_else(
+                || "–".to_owned(),
+                |(a, b)| format!("{:.2}", a.p99_ms / b.p99_ms),
+            );
+            writeln!(
+                md,
+                "| {:.0} % | {} | {} | {} | {} | {} | {ratio} |",
+                p.fraction * 100.0,
+                thousands(p.rate),
+                thousands(p.pipeline.samples as f64),
+                cells(p.pipeline.per_sample),
+                cells(p.pipeline.both_handled),
+                cells(p.bare.latency),
+            )?;
+        }
+        writeln!(md)?;
+        writeln!(
+            md,
+            "### Where the pipeline's time goes, per hop (p50 / p99 / p99.9 ms)\n"
+        )?;
+        writeln!(
+            md,
+            "| load | achieved /s | {} | histogram p50 / p99 (interpolated) |",
+            STAGE_HEADERS.join(" | ")
+        )?;
+        writeln!(
+            md,
+            "|---:|---:|{}---:|",
+            "---:|".repeat(STAGE_HEADERS.len())
+        )?;
+        for p in &self.curve {
+            let stages: Vec<String> = p
+                .pipeline
+                .stages
+                .iter()
+                .map(|stage| {
+                    let x = stage.summary;
+                    format!("{:.1} / {:.1} / {:.1}", x.p50_ms, x.p99_ms, x.p999_ms)
+                })
+                .collect();
+            let histogram = p.pipeline.histogram.map_or_else(
+                || "–".to_owned(),
+                |h| format!("{:.1} / {:.1}", h.p50_ms, h.p99_ms),
+            );
+            writeln!(
+                md,
+                "| {:.0} % | {} | {} | {histogram} |",
+                p.fraction * 100.0,
+                thousands(p.pipeline.achieved_rate),
+                stages.join(" | "),
+            )?;
+        }
+        writeln!(md)
+    }
+
+    fn write_scaling(&self, md: &mut String) -> std::fmt::Result {
+        let mut runs: Vec<(String, &ThroughputResult)> = Vec::new();
+        for r in &self.replicas {
+            runs.push((format!("{} model replica(s), classic", r.models), r));
+        }
+        if let Some(cluster) = &self.cluster {
+            runs.push((
+                format!("quorum queues, {}-node private cluster", cluster.nodes),
+                &cluster.throughput,
+            ));
+        }
+        if let Some(b) = &self.backlog {
+            runs.push((
+                format!(
+                    "backlog: {} samples queued, then model + metric started (drain)",
+                    thousands(b.samples as f64)
+                ),
+                b,
+            ));
+        }
+        if runs.is_empty() {
+            return Ok(());
+        }
+        writeln!(md, "## How cost grows with the work\n")?;
+        writeln!(
+            md,
+            "CPU µs per sample: features (when it ran), model replicas together, metric, the broker (when local); peak RSS (VmHWM) per service.\n"
+        )?;
+        writeln!(
+            md,
+            "| run | samples | samples/s | CPU µs/sample: features | models | metric | broker | peak RSS MiB |"
+        )?;
+        writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---|")?;
+        for (name, r) in runs {
+            let per = |seconds: f64| format!("{:.0}", seconds / r.samples as f64 * 1e6);
+            let sum = |prefix: &str| -> Option<f64> {
+                let found: Vec<f64> = r
+                    .usage
+                    .iter()
+                    .filter(|u| u.service.starts_with(prefix))
+                    .map(|u| u.usage.cpu_seconds)
+                    .collect();
+                (!found.is_empty()).then(|| found.iter().sum())
+            };
+            let rss: Vec<String> = r
+                .usage
+                .iter()
+                .map(|u| format!("{} {:.1}", u.service, u.usage.peak_rss_mib))
+                .collect();
+            writeln!(
+                md,
+                "| {name} | {} | {} | {} | {} | {} | {} | {} |",
+                thousands(r.samples as f64),
+                thousands(r.samples_per_second),
+                sum("features").map_or_else(|| "–".to_owned(), per),
+                sum("model").map_or_else(|| "–".to_owned(), per),
+                sum("metric").map_or_else(|| "–".to_owned(), per),
+                r.broker_cpu_seconds.map_or_else(|| "–".to_owned(), per),
+                rss.join(", ")
+            )?;
+        }
+        writeln!(md)?;
+        if let Some(cluster) = &self.cluster {
+            let classic = self
+                .curve
+                .iter()
+                .find(|p| (p.fraction - 0.5).abs() < 1e-9)
+                .and_then(|p| p.pipeline.per_sample);
+            let quorum = cluster.latency.per_sample;
+            let cell = |s: Option<Summary>| {
+                s.map_or_else(
+                    || "– | –".to_owned(),
+                    |s| format!("{:.1} | {:.1}", s.p50_ms, s.p99_ms),
+                )
+            };
+            writeln!(
+                md,
+                "Latency at half of each one's maximum (send → row seen, ms):\n"
+            )?;
+            writeln!(md, "| queues | rate /s | p50 | p99 |")?;
+            writeln!(md, "|---|---:|---:|---:|")?;
+            if let Some(p) = self.curve.iter().find(|p| (p.fraction - 0.5).abs() < 1e-9) {
+                writeln!(
+                    md,
+                    "| classic, one node (the curve's 50 % point) | {} | {} |",
+                    thousands(p.rate),
+                    cell(classic)
+                )?;
+            }
+            writeln!(
+                md,
+                "| quorum, {}-node private cluster | {} | {} |\n",
+                cluster.nodes,
+                thousands(cluster.latency.target_rate),
+                cell(quorum)
+            )?;
+        }
+        Ok(())
+    }
+
+    fn write_usage(&self, md: &mut String) -> std::fmt::Result {
+        let (Some(c), Some(p)) = (&self.ceiling, &self.pipeline) else {
+            return Ok(());
+        };
+        writeln!(md, "## CPU and memory at full speed\n")?;
         writeln!(
             md,
             "| run | process | CPU s | CPU µs / sample | cores busy (CPU s / run s) | peak RSS MiB | source |"
@@ -369,7 +620,7 @@ impl Report {
             cpu_row(
                 md,
                 "pipeline",
-                u.service,
+                &u.service,
                 Some(u.usage.cpu_seconds),
                 pipeline_run,
                 Some(u.usage.peak_rss_mib),
@@ -394,9 +645,13 @@ impl Report {
             None,
             "/proc/self/stat over the run",
         )?;
-        writeln!(md)?;
+        writeln!(md)
+    }
 
-        let st = &self.startup;
+    fn write_startup(&self, md: &mut String) -> std::fmt::Result {
+        let Some(st) = &self.startup else {
+            return Ok(());
+        };
         let runs: Vec<String> = st
             .runs
             .iter()
@@ -429,22 +684,7 @@ impl Report {
             st.median_fitted_ms
                 .map_or_else(|| "–".to_owned(), |f| format!("{f:.1}")),
             fitted.join(", ")
-        )?;
-
-        writeln!(md, "## Targets\n")?;
-        writeln!(md, "| target | goal | measured | |")?;
-        writeln!(md, "|---|---|---|---|")?;
-        for t in &self.targets {
-            writeln!(
-                md,
-                "| {} | {} | {} | {} |",
-                t.name,
-                t.goal,
-                t.measured,
-                if t.met { "met" } else { "**not met**" }
-            )?;
-        }
-        Ok(())
+        )
     }
 
     /// Writes `latest.md`, `latest.json` and timestamped copies to `out`; returns the paths.

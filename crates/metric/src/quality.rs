@@ -14,7 +14,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
@@ -247,7 +247,7 @@ impl Quality {
             pairs_by_version: Family::default(),
             window_mae_by_version: Family::default(),
             alert_by_version: Family::default(),
-            latency: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
+            latency: Histogram::new(pipeline::metrics::latency_buckets()),
         };
         let registry = registry.sub_registry_with_prefix("pipeline");
         registry.register(
