@@ -8,7 +8,7 @@ use prometheus_client::registry::Registry;
 /// The `le` bounds of `pipeline_end_to_end_latency_seconds`, as the metric service exports them.
 fn exported_bounds() -> Vec<f64> {
     let mut registry = Registry::default();
-    let quality = Quality::register(&mut registry, 10, 10);
+    let quality = Quality::register(&mut registry, 10, 10, 1.25);
     quality.observe_latency(0.004);
     let mut text = String::new();
     encode(&mut text, &registry).unwrap();
