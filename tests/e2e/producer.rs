@@ -12,20 +12,7 @@ async fn a_drain_that_times_out_short_of_count_exits_non_zero() {
     let url = node.amqp_url();
     let queues = Queues::unique("drain");
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut env = queues.env();
-    env.extend([
-        ("AMQP_URL".to_owned(), url.clone()),
-        ("COUNT".to_owned(), "50".to_owned()),
-        ("RATE".to_owned(), "10".to_owned()),
-    ]);
-    let mut features = spawn_service("features", env, dir.path());
-    assert!(
-        wait_until(Duration::from_secs(30), || features
-            .get("/healthz")
-            .is_some_and(|(status, _)| status == 200)),
-        "{}",
-        features.stderr()
-    );
+    let mut features = start_features(&queues, &url, "50", "10", dir.path());
     node.freeze();
     let exit = features.wait_exit(Duration::from_secs(40));
     node.thaw();
@@ -49,20 +36,7 @@ async fn a_stop_mid_publish_reports_exactly_what_the_queues_hold() {
     for round in 0..6 {
         let queues = Queues::unique("stopmid");
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut env = queues.env();
-        env.extend([
-            ("AMQP_URL".to_owned(), url.clone()),
-            ("COUNT".to_owned(), "0".to_owned()),
-            ("RATE".to_owned(), "0".to_owned()),
-        ]);
-        let mut features = spawn_service("features", env, dir.path());
-        assert!(
-            wait_until(Duration::from_secs(30), || features
-                .get("/healthz")
-                .is_some_and(|(status, _)| status == 200)),
-            "{}",
-            features.stderr()
-        );
+        let mut features = start_features(&queues, &url, "0", "0", dir.path());
         // At full speed a publish is under way nearly all the time.
         std::thread::sleep(Duration::from_millis(300 + 150 * round));
         features.signal("TERM");
@@ -99,4 +73,23 @@ fn stopped_with_confirmed(stderr: &str) -> u64 {
         })
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no confirmed count in {line:?}"))
+}
+
+/// Starts a producer on `queues` at `url` with `COUNT` and `RATE`, and waits until it is healthy.
+fn start_features(
+    queues: &Queues,
+    url: &str,
+    count: &str,
+    rate: &str,
+    dir: &std::path::Path,
+) -> Service {
+    let mut env = queues.env();
+    env.extend([
+        ("AMQP_URL".to_owned(), url.to_owned()),
+        ("COUNT".to_owned(), count.to_owned()),
+        ("RATE".to_owned(), rate.to_owned()),
+    ]);
+    let features = spawn_service("features", env, dir);
+    wait_healthy(&features, Duration::from_secs(30));
+    features
 }
