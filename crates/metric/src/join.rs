@@ -4,6 +4,13 @@
 //! to the caller to log and count. Ids already joined are remembered (as 128-bit hashes, up to a
 //! capacity) so a redelivered or republished message never makes a second row.
 //!
+//! A lagging partner is not a missing one. An id's age counts only the time during which messages
+//! of its partner's kind were arriving (an [`ActivityClock`]), so a model that is down ages
+//! nobody; and an old id is dropped only when pairs had already passed it `max_age` ago, or when
+//! nothing has paired for `max_age`: the `y_true` read ahead of a model that is catching up stay.
+//! The caller keeps the waiting `y_true` under the capacity by holding that queue back
+//! (`pipeline::broker::flow`).
+//!
 //! A `y_pred` for an id that already has one from a *different* model version is a re-prediction
 //! (a `features` message redelivered after a model swap): a duplicate, the first prediction is kept.
 //! The same version with a different value is a conflict.
@@ -105,10 +112,58 @@ struct Joined {
 #[derive(Debug)]
 struct Waiting {
     seq: u64,
-    since: Instant,
+    /// The partner kind's activity clock when this id began to wait here.
+    since: Duration,
+    /// How long it had waited before (in an earlier run, from the checkpoint).
+    waited_before: Duration,
     y_true: Option<f64>,
     y_pred: Option<(f64, Option<String>)>,
     sent_at_us: Option<u64>,
+}
+
+impl Waiting {
+    /// The kind of the value this id waits for.
+    fn waits_for(&self) -> LabelKind {
+        if self.y_true.is_some() {
+            LabelKind::YPred
+        } else {
+            LabelKind::YTrue
+        }
+    }
+}
+
+/// Longest pause between two messages of a kind that still counts as time they were arriving.
+const ACTIVITY_GAP: Duration = Duration::from_secs(5);
+
+/// The time during which messages of one kind were arriving: the sum of the gaps between them,
+/// each counted up to [`ACTIVITY_GAP`]. While the model is down, the `y_pred` clock stands still.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ActivityClock {
+    elapsed: Duration,
+    last: Option<Instant>,
+}
+
+impl ActivityClock {
+    /// A message of this kind arrived at `now`.
+    pub fn note(&mut self, now: Instant) {
+        if let Some(last) = self.last {
+            self.elapsed += now.saturating_duration_since(last).min(ACTIVITY_GAP);
+        }
+        self.last = Some(self.last.map_or(now, |last| last.max(now)));
+    }
+
+    /// The active time so far.
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+}
+
+/// The most recent pair: which waiting entry it completed and the two clocks then.
+#[derive(Debug, Clone, Copy, Default)]
+struct LastPair {
+    /// Sequence number of the entry it completed; `None`: before every entry (at start).
+    seq: Option<u64>,
+    clocks: [Duration; 2],
 }
 
 /// Limits of the join state.
@@ -133,6 +188,16 @@ pub struct Joiner {
     /// Joined ids (fingerprints) with their values.
     joined: HashMap<u128, Joined>,
     joined_order: VecDeque<u128>,
+    /// Activity of `y_true` and `y_pred`, indexed by [`LabelKind`].
+    clocks: [ActivityClock; 2],
+    last_pair: LastPair,
+    /// Waiting ids by the kind they wait for, indexed by [`LabelKind`].
+    waiting_for: [usize; 2],
+    /// Per kind, the most recent pair's entry as it was at earlier readings of that kind's
+    /// clock, back to `max_age` ago: an id counts as overtaken only once pairs had passed it
+    /// `max_age` ago, so reordering shorter than that (a replica's prefetch, a redelivery) drops
+    /// nothing.
+    frontier_history: [VecDeque<(Duration, Option<u64>)>; 2],
 }
 
 /// 128-bit fingerprint of an id: two keyed SipHash runs. A false "already joined" needs a
@@ -198,6 +263,76 @@ impl Joiner {
             next_seq: 0,
             joined: HashMap::new(),
             joined_order: VecDeque::new(),
+            clocks: [ActivityClock::default(); 2],
+            last_pair: LastPair::default(),
+            waiting_for: [0; 2],
+            frontier_history: [VecDeque::new(), VecDeque::new()],
+        }
+    }
+
+    /// Ids waiting for a value of `kind` (`YPred`: true values whose prediction has not come).
+    pub fn waiting_for(&self, kind: LabelKind) -> usize {
+        self.waiting_for[kind as usize]
+    }
+
+    /// Takes a waiting entry out of the order and the counts.
+    fn remove_waiting(&mut self, id: &str) -> Option<Waiting> {
+        let entry = self.waiting.remove(id)?;
+        self.order.remove(&entry.seq);
+        self.count_out(entry.waits_for());
+        Some(entry)
+    }
+
+    /// One id waiting for `kind` less.
+    fn count_out(&mut self, kind: LabelKind) {
+        let count = &mut self.waiting_for[kind as usize];
+        *count = count.saturating_sub(1);
+    }
+
+    /// A message of `kind` arrived at `now` (also one without an id, which is never offered):
+    /// the ids waiting for that kind age.
+    pub fn note_activity(&mut self, kind: LabelKind, now: Instant) {
+        self.clocks[kind as usize].note(now);
+    }
+
+    /// How long `entry` has waited while its partner's kind was arriving.
+    fn age(&self, entry: &Waiting) -> Duration {
+        let clock = self.clocks[entry.waits_for() as usize].elapsed;
+        entry.waited_before + clock.saturating_sub(entry.since)
+    }
+
+    /// Whether entry `seq`, waiting for `kind`, may still get its partner: pairs are being made
+    /// (within `max_age` of that kind's clock) and, `max_age` ago, they had not passed it yet.
+    /// Then the model is catching up to it, however long that takes.
+    fn catching_up_to(&self, seq: u64, kind: LabelKind) -> bool {
+        let clock = self.clocks[kind as usize].elapsed;
+        let since_last_pair = clock.saturating_sub(self.last_pair.clocks[kind as usize]);
+        if since_last_pair > self.limits.max_age {
+            return false;
+        }
+        let horizon = clock.checked_sub(self.limits.max_age);
+        match self.frontier_history[kind as usize].front() {
+            Some((at, Some(then))) if horizon.is_some_and(|h| *at <= h) => *then < seq,
+            _ => true,
+        }
+    }
+
+    /// Notes where the pairs are now on each kind's clock, keeping one reading `max_age` old.
+    fn record_frontier(&mut self) {
+        for kind in 0..2 {
+            let clock = self.clocks[kind].elapsed;
+            let seq = self.last_pair.seq;
+            let history = &mut self.frontier_history[kind];
+            if history
+                .back()
+                .is_none_or(|(at, last)| *at < clock || *last != seq)
+            {
+                history.push_back((clock, seq));
+            }
+            let horizon = clock.saturating_sub(self.limits.max_age);
+            while history.len() > 1 && history[1].0 <= horizon {
+                history.pop_front();
+            }
         }
     }
 
@@ -213,9 +348,7 @@ impl Joiner {
 
     /// Remembers `id` as joined with its values (a row for it exists); it waits no longer.
     pub fn mark_joined(&mut self, id: &str, y_true: f64, y_pred: f64, model_version: Option<&str>) {
-        if let Some(done) = self.waiting.remove(id) {
-            self.order.remove(&done.seq);
-        }
+        self.remove_waiting(id);
         self.remember(fingerprint(id), y_true, y_pred, version_hash(model_version));
     }
 
@@ -256,6 +389,7 @@ impl Joiner {
         sent_at_us: Option<u64>,
         now: Instant,
     ) -> Result<Offer, MessageError> {
+        self.note_activity(kind, now);
         let version = version_hash(model_version);
         if let Some(joined) = self.joined.get(&fingerprint(id)) {
             return match kind {
@@ -265,15 +399,22 @@ impl Joiner {
                 }
             };
         }
+        let created = !self.waiting.contains_key(id);
         let entry = match self.waiting.get_mut(id) {
             Some(entry) => entry,
             None => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 self.order.insert(seq, id.to_owned());
+                let partner = match kind {
+                    LabelKind::YTrue => LabelKind::YPred,
+                    LabelKind::YPred => LabelKind::YTrue,
+                };
+                let since = self.clocks[partner as usize].elapsed;
                 self.waiting.entry(id.to_owned()).or_insert(Waiting {
                     seq,
-                    since: now,
+                    since,
+                    waited_before: Duration::ZERO,
                     y_true: None,
                     y_pred: None,
                     sent_at_us: None,
@@ -294,12 +435,21 @@ impl Joiner {
         }
         entry.sent_at_us = entry.sent_at_us.or(sent_at_us);
         let (Some(y_true), Some(_)) = (entry.y_true, &entry.y_pred) else {
+            if created {
+                self.waiting_for[entry.waits_for() as usize] += 1;
+            }
             return Ok(Offer::Waiting);
         };
+        // It waited for this kind; now it has both values.
         let Some(done) = self.waiting.remove(id) else {
             return Ok(Offer::Waiting);
         };
         self.order.remove(&done.seq);
+        self.count_out(kind);
+        self.last_pair = LastPair {
+            seq: Some(done.seq),
+            clocks: [self.clocks[0].elapsed, self.clocks[1].elapsed],
+        };
         let (y_pred, model_version) = done.y_pred.unwrap_or((f64::NAN, None));
         self.remember(fingerprint(id), y_true, y_pred, version);
         Ok(Offer::Paired(Pair {
@@ -311,8 +461,9 @@ impl Joiner {
         }))
     }
 
-    /// The waiting ids, oldest first, with how long each has waited at `now`.
-    pub fn waiting_entries(&self, now: Instant) -> Vec<WaitingEntry> {
+    /// The waiting ids, oldest first, with how long each has waited (while its partner's kind
+    /// was arriving).
+    pub fn waiting_entries(&self) -> Vec<WaitingEntry> {
         self.order
             .values()
             .filter_map(|id| {
@@ -327,7 +478,7 @@ impl Joiner {
                     y_pred,
                     model_version,
                     sent_at_us: entry.sent_at_us,
-                    age_ms: now.saturating_duration_since(entry.since).as_millis() as u64,
+                    age_ms: self.age(entry).as_millis() as u64,
                 })
             })
             .collect()
@@ -335,7 +486,7 @@ impl Joiner {
 
     /// Puts back ids saved by [`Self::waiting_entries`], each with the age it had then, so the
     /// time the service was down does not count against them. Already joined ids are skipped.
-    pub fn restore_waiting(&mut self, entries: Vec<WaitingEntry>, now: Instant) {
+    pub fn restore_waiting(&mut self, entries: Vec<WaitingEntry>) {
         for entry in entries {
             if self.is_joined(&entry.id) || self.waiting.contains_key(&entry.id) {
                 continue;
@@ -343,9 +494,13 @@ impl Joiner {
             if entry.y_true.is_none() && entry.y_pred.is_none() {
                 continue;
             }
-            let since = now
-                .checked_sub(Duration::from_millis(entry.age_ms))
-                .unwrap_or(now);
+            let waits_for = if entry.y_true.is_some() {
+                LabelKind::YPred
+            } else {
+                LabelKind::YTrue
+            };
+            self.waiting_for[waits_for as usize] += 1;
+            let since = self.clocks[waits_for as usize].elapsed;
             let seq = self.next_seq;
             self.next_seq += 1;
             self.order.insert(seq, entry.id.clone());
@@ -354,6 +509,7 @@ impl Joiner {
                 Waiting {
                     seq,
                     since,
+                    waited_before: Duration::from_millis(entry.age_ms),
                     y_true: entry.y_true,
                     y_pred: entry.y_pred.map(|value| (value, entry.model_version)),
                     sent_at_us: entry.sent_at_us,
@@ -362,32 +518,67 @@ impl Joiner {
         }
     }
 
-    /// Drops waiting ids beyond the capacity (oldest first) and older than the maximum age.
-    pub fn evict(&mut self, now: Instant) -> Vec<Evicted> {
+    /// Drops the oldest waiting ids beyond the capacity, then the ids that waited longer than the
+    /// maximum age while nobody is catching up to them (see the module header).
+    pub fn evict(&mut self) -> Vec<Evicted> {
         let mut evicted = Vec::new();
-        while let Some((&seq, id)) = self.order.first_key_value() {
-            let Some(entry) = self.waiting.get(id) else {
-                self.order.remove(&seq);
-                continue;
-            };
-            let reason = if self.waiting.len() > self.limits.capacity {
-                Eviction::Capacity
-            } else if now.saturating_duration_since(entry.since) > self.limits.max_age {
-                Eviction::Age
-            } else {
+        while self.waiting.len() > self.limits.capacity {
+            let Some((_, id)) = self.order.pop_first() else {
                 break;
             };
-            let had = if entry.y_true.is_some() {
-                LabelKind::YTrue
-            } else {
-                LabelKind::YPred
+            if let Some(entry) = self.waiting.remove(&id) {
+                self.count_out(entry.waits_for());
+                evicted.push(Evicted {
+                    id,
+                    had: had(&entry),
+                    reason: Eviction::Capacity,
+                });
+            }
+        }
+        self.record_frontier();
+        // Per kind waited for, ages only grow towards the oldest entry, and whether pairs are
+        // made below an entry only changes once: the first entry that stays ends that kind.
+        let mut done = [false; 2];
+        let mut stale = Vec::new();
+        for (&seq, id) in &self.order {
+            if done == [true; 2] {
+                break;
+            }
+            let Some(entry) = self.waiting.get(id) else {
+                continue;
             };
-            let id = id.clone();
-            self.order.remove(&seq);
-            self.waiting.remove(&id);
-            evicted.push(Evicted { id, had, reason });
+            let kind = entry.waits_for();
+            if done[kind as usize] {
+                continue;
+            }
+            if self.age(entry) <= self.limits.max_age || self.catching_up_to(seq, kind) {
+                done[kind as usize] = true;
+                continue;
+            }
+            stale.push(seq);
+        }
+        for seq in stale {
+            let Some(id) = self.order.get(&seq).cloned() else {
+                continue;
+            };
+            if let Some(entry) = self.remove_waiting(&id) {
+                evicted.push(Evicted {
+                    id,
+                    had: had(&entry),
+                    reason: Eviction::Age,
+                });
+            }
         }
         evicted
+    }
+}
+
+/// Which value a waiting id has.
+fn had(entry: &Waiting) -> LabelKind {
+    if entry.y_true.is_some() {
+        LabelKind::YTrue
+    } else {
+        LabelKind::YPred
     }
 }
 
@@ -482,18 +673,78 @@ mod tests {
             j.offer(LabelKind::YTrue, id, 1.0, None, None, start)
                 .unwrap();
         }
-        let evicted = j.evict(start);
+        let evicted = j.evict();
         assert_eq!(evicted.len(), 1);
         assert_eq!(
             (evicted[0].id.as_str(), evicted[0].reason),
             ("a", Eviction::Capacity)
         );
-        assert!(j.evict(start + Duration::from_secs(5)).is_empty());
-        let evicted = j.evict(start + Duration::from_secs(11));
+        assert_eq!(j.waiting_for(LabelKind::YPred), 2);
+        // Predictions (without ids) arrive for 5 s, then for 11 s: nothing pairs, b and c are old.
+        for s in 0..=5 {
+            j.note_activity(LabelKind::YPred, start + Duration::from_secs(s));
+        }
+        assert!(j.evict().is_empty());
+        for s in 6..=11 {
+            j.note_activity(LabelKind::YPred, start + Duration::from_secs(s));
+        }
+        let evicted = j.evict();
         assert_eq!(
-            evicted.iter().map(|e| e.reason).collect::<Vec<_>>(),
-            [Eviction::Age, Eviction::Age]
+            evicted.iter().map(|e| (e.id.as_str(), e.reason)).collect::<Vec<_>>(),
+            [("b", Eviction::Age), ("c", Eviction::Age)]
         );
+        assert_eq!(j.waiting(), 0);
+        assert_eq!(j.waiting_for(LabelKind::YPred), 0);
+    }
+
+    #[test]
+    fn while_the_partner_is_silent_nobody_ages() {
+        let start = Instant::now();
+        let mut j = joiner(100, Duration::from_secs(10));
+        j.offer(LabelKind::YTrue, "a", 1.0, None, None, start)
+            .unwrap();
+        // y_true keeps coming for an hour, the model is down: no y_pred at all.
+        for s in 1..3600 {
+            j.offer(LabelKind::YTrue, "a", 1.0, None, None, start + Duration::from_secs(s))
+                .unwrap();
+        }
+        assert!(j.evict().is_empty());
+        // A model back after an hour-long gap adds one ACTIVITY_GAP at most.
+        let back = start + Duration::from_secs(3600);
+        j.note_activity(LabelKind::YPred, start);
+        j.note_activity(LabelKind::YPred, back);
+        assert!(j.evict().is_empty());
+        assert!(matches!(
+            j.offer(LabelKind::YPred, "a", 2.0, None, None, back).unwrap(),
+            Offer::Paired(_)
+        ));
+    }
+
+    #[test]
+    fn ids_a_slow_model_is_catching_up_to_stay_overtaken_ones_go() {
+        let start = Instant::now();
+        let mut j = joiner(1000, Duration::from_secs(10));
+        for n in 0..100 {
+            j.offer(LabelKind::YTrue, &format!("s{n}"), 1.0, None, None, start)
+                .unwrap();
+        }
+        // One prediction a second, in order, but s50's features were lost (dead-lettered).
+        let mut at = start;
+        for n in (0..100).filter(|n| *n != 50) {
+            at += Duration::from_secs(1);
+            assert!(matches!(
+                j.offer(LabelKind::YPred, &format!("s{n}"), 1.0, None, None, at).unwrap(),
+                Offer::Paired(_)
+            ));
+            // Every id still waiting has waited longer than max_age of y_pred traffic, but the
+            // model is pairing below it: only s50 goes, max_age after s51 overtook it.
+            let evicted: Vec<_> = j.evict().into_iter().map(|e| (e.id, e.reason)).collect();
+            if n == 61 {
+                assert_eq!(evicted, [("s50".to_owned(), Eviction::Age)]);
+            } else {
+                assert!(evicted.is_empty(), "{n}: {evicted:?}");
+            }
+        }
         assert_eq!(j.waiting(), 0);
     }
 
@@ -557,7 +808,7 @@ mod tests {
             .unwrap();
         j.mark_joined("a", 1.0, 2.0, Some("v1"));
         assert_eq!(j.waiting(), 0);
-        assert!(j.evict(now + Duration::from_secs(600)).is_empty());
+        assert!(j.evict().is_empty());
         assert_eq!(
             j.offer(LabelKind::YPred, "a", 9.0, Some("v2"), None, now)
                 .unwrap(),
@@ -572,29 +823,41 @@ mod tests {
     #[test]
     fn waiting_ids_survive_a_save_and_restore_with_their_age() {
         let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
         let mut j = joiner(10, Duration::from_secs(10));
-        j.offer(LabelKind::YTrue, "old", 1.0, None, Some(5), start)
+        j.offer(LabelKind::YTrue, "old", 1.0, None, Some(5), at(0))
             .unwrap();
-        j.offer(
-            LabelKind::YPred,
-            "new",
-            2.0,
-            Some("v1"),
-            None,
-            start + Duration::from_secs(6),
-        )
-        .unwrap();
-        let saved = j.waiting_entries(start + Duration::from_secs(8));
+        j.note_activity(LabelKind::YPred, at(0));
+        j.note_activity(LabelKind::YPred, at(3));
+        j.note_activity(LabelKind::YTrue, at(6));
+        j.offer(LabelKind::YPred, "new", 2.0, Some("v1"), None, at(6))
+            .unwrap();
+        j.note_activity(LabelKind::YTrue, at(8));
+        j.note_activity(LabelKind::YPred, at(8));
+        let saved = j.waiting_entries();
         assert_eq!(saved.len(), 2);
         assert_eq!((saved[0].id.as_str(), saved[0].age_ms), ("old", 8000));
+        assert_eq!((saved[1].id.as_str(), saved[1].age_ms), ("new", 2000));
 
-        let later = start + Duration::from_secs(100);
+        // The restart took an hour: that does not count.
+        let later = at(3600);
         let mut restored = joiner(10, Duration::from_secs(10));
         restored.mark_joined("gone", 1.0, 1.0, None);
-        restored.restore_waiting(saved, later);
+        restored.restore_waiting(saved);
         assert_eq!(restored.waiting(), 2);
-        // "old" had waited 8 s: it goes 2 s after the restart, "new" (2 s) does not.
-        let evicted = restored.evict(later + Duration::from_millis(2500));
+        assert_eq!(restored.waiting_for(LabelKind::YPred), 1);
+        // "old" had waited 8 s for a prediction, "new" 2 s for a true value.
+        restored.note_activity(LabelKind::YPred, later);
+        restored.note_activity(LabelKind::YTrue, later);
+        restored.note_activity(LabelKind::YPred, later + Duration::from_millis(2500));
+        restored.note_activity(LabelKind::YTrue, later + Duration::from_millis(2500));
+        // Nothing has paired since the start: for max_age of predictions, nobody goes.
+        assert!(restored.evict().is_empty());
+        for s in 3..=12 {
+            restored.note_activity(LabelKind::YPred, later + Duration::from_secs(s));
+        }
+        // Then "old" (8 + 12 s) goes, "new" (2 + 2.5 s of true values) stays.
+        let evicted = restored.evict();
         assert_eq!(evicted.len(), 1);
         assert_eq!(evicted[0].id, "old");
         let Offer::Paired(pair) = restored
@@ -604,5 +867,168 @@ mod tests {
             panic!("expected a pair")
         };
         assert_eq!(pair.model_version.as_deref(), Some("v1"));
+    }
+
+    mod lagging_model {
+        use super::*;
+        use pipeline::broker::flow::Hysteresis;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            /// The producer publishes this many samples (features and y_true).
+            Publish(usize),
+            /// The metric takes this many from each queue (y_true only while its flow control
+            /// lets it).
+            MetricTakes(usize),
+            /// The model predicts this many, slightly out of order (replicas, prefetch).
+            ModelWorks(usize),
+            /// Nothing arrives for this many seconds (a service down, a quiet hour).
+            Quiet(u64),
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                (1usize..40).prop_map(Step::Publish),
+                (1usize..40).prop_map(Step::MetricTakes),
+                (1usize..40).prop_map(Step::ModelWorks),
+                (0u64..4000).prop_map(Step::Quiet),
+            ]
+        }
+
+        struct World {
+            joiner: Joiner,
+            flow: Hysteresis,
+            now: Instant,
+            published: usize,
+            y_true_taken: usize,
+            features_taken: usize,
+            /// Predictions in flight at the model: (id, times passed over).
+            in_flight: Vec<(usize, usize)>,
+            /// Predictions published, not yet taken by the metric.
+            y_pred_queue: VecDeque<usize>,
+            reorder: usize,
+            /// A small LCG: which in-flight prediction comes next.
+            rng: u64,
+            paired: Vec<usize>,
+            evicted: Vec<Evicted>,
+        }
+
+        impl World {
+            fn offer(&mut self, kind: LabelKind, n: usize) {
+                self.now += Duration::from_millis(10);
+                let offer = self
+                    .joiner
+                    .offer(kind, &format!("s{n}"), n as f64, None, None, self.now)
+                    .unwrap();
+                if let Offer::Paired(pair) = offer {
+                    self.paired.push(pair.y_true as usize);
+                }
+                self.flow.update(self.joiner.waiting_for(LabelKind::YPred));
+            }
+
+            fn metric_takes(&mut self, k: usize) {
+                for _ in 0..k {
+                    if !self.flow.is_held() && self.y_true_taken < self.published {
+                        self.offer(LabelKind::YTrue, self.y_true_taken);
+                        self.y_true_taken += 1;
+                    }
+                    if let Some(n) = self.y_pred_queue.pop_front() {
+                        self.offer(LabelKind::YPred, n);
+                    }
+                }
+            }
+
+            fn model_works(&mut self, k: usize) {
+                for _ in 0..k {
+                    while self.in_flight.len() < self.reorder
+                        && self.features_taken < self.published
+                    {
+                        self.in_flight.push((self.features_taken, 0));
+                        self.features_taken += 1;
+                    }
+                    if self.in_flight.is_empty() {
+                        break;
+                    }
+                    // Any of them, but none passed over more than `reorder` times.
+                    let pick = match self.in_flight.iter().position(|(_, p)| *p >= self.reorder) {
+                        Some(oldest) => oldest,
+                        None => {
+                            self.rng = self
+                                .rng
+                                .wrapping_mul(6_364_136_223_846_793_005)
+                                .wrapping_add(1_442_695_040_888_963_407);
+                            (self.rng >> 33) as usize % self.in_flight.len()
+                        }
+                    };
+                    let (n, _) = self.in_flight.remove(pick);
+                    for (_, passed) in &mut self.in_flight {
+                        *passed += 1;
+                    }
+                    self.y_pred_queue.push_back(n);
+                }
+            }
+
+            fn tick(&mut self) {
+                let evicted = self.joiner.evict();
+                self.evicted.extend(evicted);
+                self.flow.update(self.joiner.waiting_for(LabelKind::YPred));
+            }
+        }
+
+        proptest! {
+            /// However long the model is down and however far it falls behind, with the metric
+            /// holding back y_true while its join is nearly full, no id is dropped and every
+            /// sample pairs exactly once.
+            #[test]
+            fn a_lagging_model_loses_no_pair(
+                capacity in 5usize..60,
+                reorder in 1usize..5,
+                seed in any::<u64>(),
+                steps in proptest::collection::vec(step(), 1..120),
+            ) {
+                let mut world = World {
+                    joiner: Joiner::new(JoinLimits {
+                        capacity,
+                        max_age: Duration::from_secs(60),
+                        dedup_capacity: 10_000,
+                    }),
+                    flow: Hysteresis::for_capacity(capacity),
+                    now: Instant::now(),
+                    published: 0,
+                    y_true_taken: 0,
+                    features_taken: 0,
+                    in_flight: Vec::new(),
+                    y_pred_queue: VecDeque::new(),
+                    reorder,
+                    rng: seed,
+                    paired: Vec::new(),
+                    evicted: Vec::new(),
+                };
+                for step in steps {
+                    match step {
+                        Step::Publish(k) => world.published += k,
+                        Step::MetricTakes(k) => world.metric_takes(k),
+                        Step::ModelWorks(k) => world.model_works(k),
+                        Step::Quiet(seconds) => world.now += Duration::from_secs(seconds),
+                    }
+                    world.tick();
+                }
+                // Everybody comes back and works the backlogs off.
+                for _ in 0..100_000 {
+                    if world.paired.len() == world.published {
+                        break;
+                    }
+                    world.metric_takes(7);
+                    world.model_works(5);
+                    world.tick();
+                }
+                prop_assert!(world.evicted.is_empty(), "dropped: {:?}", world.evicted);
+                let mut paired = world.paired.clone();
+                paired.sort_unstable();
+                prop_assert_eq!(paired, (0..world.published).collect::<Vec<_>>());
+                prop_assert!(world.joiner.waiting_for(LabelKind::YPred) <= capacity);
+            }
+        }
     }
 }

@@ -20,6 +20,7 @@ use files::{LogFiles, Rotation};
 use join::{JoinLimits, Joiner, Offer, fingerprint};
 use lapin::message::Delivery;
 use pipeline::broker::consumer::ConsumerSpec;
+use pipeline::broker::flow::{FlowChange, Hysteresis};
 use pipeline::broker::{Broker, Disposition, MessageHandler, Publisher, Topology, run_consumer};
 use pipeline::config::{
     BrokerConfig, ConsumeConfig, QueueNames, TelemetryConfig, parse_socket_addr,
@@ -240,6 +241,7 @@ struct JoinMetrics {
     unpaired: Counter,
     evicted: Family<ReasonLabel, Counter>,
     waiting: Gauge,
+    y_true_held: Gauge,
 }
 
 impl JoinMetrics {
@@ -250,6 +252,7 @@ impl JoinMetrics {
             unpaired: Counter::default(),
             evicted: Family::default(),
             waiting: Gauge::default(),
+            y_true_held: Gauge::default(),
         };
         let registry = registry.sub_registry_with_prefix("pipeline_join");
         registry.register("duplicates", "Messages for an id already joined or already waiting with the same value (redelivered or republished), ignored", metrics.duplicates.clone());
@@ -272,6 +275,11 @@ impl JoinMetrics {
             "waiting",
             "Ids waiting for their partner",
             metrics.waiting.clone(),
+        );
+        registry.register(
+            "y_true_held",
+            "1 while y_true is not taken because the join is full (the broker keeps it until the model catches up)",
+            metrics.y_true_held.clone(),
         );
         metrics
     }
@@ -298,6 +306,8 @@ pub async fn run(
     let connected = broker_metrics.connected.clone();
 
     let health = Health::new();
+    recorder.health = health.clone();
+    recorder.update_flow();
     pipeline::broker::topology::announce(
         &config.broker,
         &[&config.queues.y_true_queue, &config.queues.y_pred_queue],
@@ -350,6 +360,10 @@ pub struct Recorder {
     queue_names: [String; 2],
     log_dir: PathBuf,
     checkpoints: CheckpointPolicy,
+    /// Holds back `y_true` while the join is nearly full, so a lagging model loses no pair.
+    y_true_flow: Hysteresis,
+    join_capacity: usize,
+    health: Health,
 }
 
 /// When the checkpoint is written again.
@@ -450,7 +464,7 @@ impl Recorder {
         let label_segments = match resume {
             Some((saved, label_segments, csv_segments)) => {
                 quality.restore(&saved.totals);
-                joiner.restore_waiting(saved.waiting, now);
+                joiner.restore_waiting(saved.waiting);
                 // While replaying, remember the rows after the checkpoint too: a line logged
                 // then was checked against the last DEDUP_CAPACITY rows of its time, which are
                 // all among the last DEDUP_CAPACITY + (rows since) rows now.
@@ -541,12 +555,12 @@ impl Recorder {
             }
             // Keep the waiting ids within JOIN_CAPACITY while replaying.
             if joiner.waiting() > config.join_capacity.saturating_mul(2).max(1024) {
-                stats.evicted += joiner.evict(now).len() as u64;
+                stats.evicted += joiner.evict().len() as u64;
             }
         })?;
         drop(written);
         joiner.set_dedup_capacity(config.dedup_capacity);
-        stats.evicted += joiner.evict(now).len() as u64;
+        stats.evicted += joiner.evict().len() as u64;
         if stats.evicted > 0 {
             metrics
                 .evicted
@@ -577,6 +591,9 @@ impl Recorder {
                 last: Instant::now(),
                 failing: false,
             },
+            y_true_flow: Hysteresis::for_capacity(config.join_capacity),
+            join_capacity: config.join_capacity,
+            health: Health::new(),
         };
         recorder.save_checkpoint();
         tracing::info!(
@@ -606,7 +623,7 @@ impl Recorder {
                 labels,
                 csv,
                 self.quality.totals(),
-                self.joiner.waiting_entries(Instant::now()),
+                self.joiner.waiting_entries(),
             );
             checkpoint::save(&self.log_dir, &saved)
         });
@@ -628,6 +645,31 @@ impl Recorder {
                 // Try again at the next interval, not at every flush.
                 self.checkpoints.last = Instant::now();
             }
+        }
+    }
+
+    /// Holds back or takes again `y_true` as the join fills and empties: while the model lags,
+    /// the broker keeps the `y_true` backlog instead of the join dropping the oldest ids.
+    fn update_flow(&mut self) {
+        // Only true values waiting for a prediction: holding y_true cannot lower the others.
+        let waiting = self.joiner.waiting_for(LabelKind::YPred);
+        match self.y_true_flow.update(waiting) {
+            Some(FlowChange::Held) => {
+                let note = format!(
+                    "{waiting} true values wait for their prediction (JOIN_CAPACITY {}): {} is \
+                     not taken until the model catches up; the broker keeps it",
+                    self.join_capacity, self.queue_names[0]
+                );
+                tracing::warn!("{note}");
+                self.health.set_note("join", Some(note));
+                self.metrics.y_true_held.set(1);
+            }
+            Some(FlowChange::Resumed) => {
+                tracing::info!(waiting, "{} is taken again", self.queue_names[0]);
+                self.health.set_note("join", None);
+                self.metrics.y_true_held.set(0);
+            }
+            None => {}
         }
     }
 
@@ -662,6 +704,8 @@ impl Recorder {
     /// Logs one parsed message and offers it to the join.
     fn accept(&mut self, kind: LabelKind, message: LabelMessage) -> Result<(), MessageError> {
         let Some(id) = message.id.as_deref() else {
+            // Not joinable, but its kind is arriving: ids waiting for it age.
+            self.joiner.note_activity(kind, Instant::now());
             self.files
                 .push_label(kind, None, message.value, message.model_version.as_deref());
             self.metrics.unpaired.inc();
@@ -729,10 +773,16 @@ impl MessageHandler for Recorder {
         delivery: &Delivery,
         _publisher: &Publisher,
     ) -> anyhow::Result<Disposition> {
-        Ok(match self.record(KINDS[input], delivery) {
+        let disposition = match self.record(KINDS[input], delivery) {
             Ok(()) => Disposition::Ack,
             Err(err) => Disposition::DeadLetter(err),
-        })
+        };
+        self.update_flow();
+        Ok(disposition)
+    }
+
+    fn accepts(&self, input: usize) -> bool {
+        !(KINDS[input] == LabelKind::YTrue && self.y_true_flow.is_held())
     }
 
     async fn flush(&mut self) -> anyhow::Result<()> {
@@ -746,7 +796,7 @@ impl MessageHandler for Recorder {
     }
 
     async fn tick(&mut self) -> anyhow::Result<()> {
-        for evicted in self.joiner.evict(Instant::now()) {
+        for evicted in self.joiner.evict() {
             self.checkpoints.changed = true;
             tracing::warn!(
                 id = %evicted.id,
@@ -762,6 +812,7 @@ impl MessageHandler for Recorder {
                 .inc();
         }
         self.metrics.waiting.set(self.joiner.waiting() as i64);
+        self.update_flow();
         self.quality.update_window();
         self.dashboard.maybe_update(
             &self.quality,
@@ -885,9 +936,13 @@ mod tests {
         std::fs::write(dir.path().join(files::LABELS_LOG), labels).unwrap();
         let mut recorder = recover(&config);
         assert_eq!(recorder.joiner.waiting(), 200);
-        let dropped = recorder
-            .joiner
-            .evict(Instant::now() + Duration::from_secs(5));
+        // Predictions (without ids) arrive for 5 s and nothing pairs: the orphans are old.
+        let start = Instant::now();
+        for s in 0..=5 {
+            let at = start + Duration::from_secs(s);
+            recorder.joiner.note_activity(LabelKind::YPred, at);
+        }
+        let dropped = recorder.joiner.evict();
         assert_eq!(dropped.len(), 200);
         recorder.checkpoints.changed = true;
         recorder.finish();

@@ -96,6 +96,14 @@ pub trait MessageHandler: Send {
     fn tick(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send {
         async { Ok(()) }
     }
+
+    /// Whether to take deliveries from input `input` now. While it says no, the loop does not poll
+    /// that input: the broker keeps its messages (beyond the prefetch already sent) until the
+    /// handler has room again ([`super::flow`]). Asked before every delivery.
+    fn accepts(&self, input: usize) -> bool {
+        let _ = input;
+        true
+    }
 }
 
 /// What the consume loop does when [`MessageHandler::flush`] fails.
@@ -130,6 +138,48 @@ struct Input {
     counters: QueueCounters,
     window: AckWindow,
     confirms: VecDeque<(u64, Confirm)>,
+}
+
+/// The consumers of a session's inputs, polled in turn (so a busy input cannot starve the
+/// others), skipping the inputs the handler does not accept now.
+struct Deliveries<S> {
+    streams: Vec<S>,
+    /// Input polled first next time.
+    start: usize,
+}
+
+impl<S> Deliveries<S>
+where
+    S: futures_util::Stream<Item = lapin::Result<Delivery>> + Unpin,
+{
+    /// Which inputs the handler takes now.
+    fn open<H: MessageHandler>(&self, handler: &H) -> Vec<bool> {
+        (0..self.streams.len()).map(|i| handler.accepts(i)).collect()
+    }
+
+    /// The next delivery of an open input, with its input number; `None` when the broker ended a
+    /// consumer. Pending while no input is open: the loop's other branches go on.
+    async fn next(&mut self, open: &[bool]) -> Option<(usize, lapin::Result<Delivery>)> {
+        futures_util::future::poll_fn(|cx| {
+            let n = self.streams.len();
+            for k in 0..n {
+                let i = (self.start + k) % n;
+                if !open.get(i).copied().unwrap_or(true) {
+                    continue;
+                }
+                match self.streams[i].poll_next_unpin(cx) {
+                    Poll::Ready(Some(item)) => {
+                        self.start = (i + 1) % n;
+                        return Poll::Ready(Some((i, item)));
+                    }
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
 }
 
 /// What the consume loop needs besides the handler.
@@ -210,16 +260,16 @@ impl Session<'_> {
             );
         }
         let mut streams = Vec::new();
-        for (index, queue) in self.spec.inputs.iter().enumerate() {
+        for queue in self.spec.inputs {
             match self.open_input(queue).await {
                 Ok((input, consumer)) => {
                     self.inputs.push(input);
-                    streams.push(consumer.map(move |delivery| (index, delivery)));
+                    streams.push(consumer);
                 }
                 Err(end) => return (end, Some((publisher, Box::new(streams)))),
             }
         }
-        let mut deliveries = futures_util::stream::select_all(streams);
+        let mut deliveries = Deliveries { streams, start: 0 };
         let end = self
             .consume(handler, shutdown, &publisher, &mut deliveries)
             .await;
@@ -231,10 +281,10 @@ impl Session<'_> {
         handler: &mut H,
         shutdown: &CancellationToken,
         publisher: &Publisher,
-        deliveries: &mut S,
+        deliveries: &mut Deliveries<S>,
     ) -> SessionEnd
     where
-        S: futures_util::Stream<Item = (usize, lapin::Result<Delivery>)> + Unpin,
+        S: futures_util::Stream<Item = lapin::Result<Delivery>> + Unpin,
     {
         let lost = |err| SessionEnd::failed(Step::Run, err);
         self.broker.health.set_healthy();
@@ -243,6 +293,7 @@ impl Session<'_> {
         let mut tick = tokio::time::interval(TICK);
         let batch_limit = usize::from(self.spec.consume.prefetch);
         loop {
+            let open = deliveries.open(handler);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -254,7 +305,7 @@ impl Session<'_> {
                         return end;
                     }
                 }
-                next = deliveries.next() => {
+                next = deliveries.next(&open) => {
                     // Take every delivery already here (up to the prefetch), then settle the batch
                     // with one flush and one ack per channel. Never pull a delivery without
                     // handling it: a later ack with `multiple` would ack it too.
@@ -272,7 +323,8 @@ impl Session<'_> {
                         }
                         taken += 1;
                         if taken < batch_limit {
-                            next = deliveries.next().now_or_never();
+                            let open = deliveries.open(handler);
+                            next = deliveries.next(&open).now_or_never();
                         }
                     }
                     if let Err(end) = self.settle(handler, shutdown).await {

@@ -1,0 +1,130 @@
+//! Flow control of one input queue: when a consumer holds too much that it cannot finish yet (the
+//! metric service's join, full of `y_true` waiting for a lagging model), it stops taking that queue
+//! so the broker keeps the backlog, and takes it again once it has room.
+//!
+//! [`Hysteresis`] is the rule, as plain data: hold at a high-water mark, take again at a lower
+//! one, so the consumer does not flap at the boundary. The consume loop asks
+//! [`crate::broker::MessageHandler::accepts`] before it polls an input.
+
+/// Whether an input is being taken, after an [`Hysteresis::update`] that changed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowChange {
+    /// The level reached the high-water mark: stop taking the input.
+    Held,
+    /// The level fell to the low-water mark: take the input again.
+    Resumed,
+}
+
+/// Holds an input at `hold_at` or more, resumes it at `resume_at` or less.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hysteresis {
+    hold_at: usize,
+    resume_at: usize,
+    held: bool,
+}
+
+impl Hysteresis {
+    /// Marks for a store of `capacity` entries: hold at 90 %, resume at 75 % (at least 1 and 0),
+    /// leaving the last 10 % for what the other inputs still bring while this one is held.
+    pub fn for_capacity(capacity: usize) -> Self {
+        let hold_at = (capacity / 10 * 9 + capacity % 10 * 9 / 10).max(1);
+        let resume_at = (capacity / 4 * 3).min(hold_at - 1);
+        Self::new(hold_at, resume_at)
+    }
+
+    /// Hold at `hold_at` (at least 1), resume at `resume_at` (below `hold_at`).
+    pub fn new(hold_at: usize, resume_at: usize) -> Self {
+        let hold_at = hold_at.max(1);
+        Self {
+            hold_at,
+            resume_at: resume_at.min(hold_at - 1),
+            held: false,
+        }
+    }
+
+    /// Whether the input is held now.
+    pub fn is_held(&self) -> bool {
+        self.held
+    }
+
+    /// The high-water mark.
+    pub fn hold_at(&self) -> usize {
+        self.hold_at
+    }
+
+    /// Takes the current level; returns the change it caused, if any.
+    pub fn update(&mut self, level: usize) -> Option<FlowChange> {
+        if !self.held && level >= self.hold_at {
+            self.held = true;
+            Some(FlowChange::Held)
+        } else if self.held && level <= self.resume_at {
+            self.held = false;
+            Some(FlowChange::Resumed)
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn holds_at_the_high_mark_and_resumes_at_the_low_one() {
+        let mut flow = Hysteresis::for_capacity(100);
+        assert_eq!((flow.hold_at, flow.resume_at), (90, 75));
+        assert_eq!(flow.update(89), None);
+        assert_eq!(flow.update(90), Some(FlowChange::Held));
+        assert_eq!(flow.update(95), None);
+        assert_eq!(flow.update(76), None);
+        assert!(flow.is_held());
+        assert_eq!(flow.update(75), Some(FlowChange::Resumed));
+        assert_eq!(flow.update(80), None);
+        assert!(!flow.is_held());
+    }
+
+    #[test]
+    fn tiny_capacities_still_hold_and_resume() {
+        for capacity in 0..12 {
+            let mut flow = Hysteresis::for_capacity(capacity);
+            assert!(flow.hold_at >= 1 && flow.resume_at < flow.hold_at, "{capacity}");
+            assert_eq!(flow.update(flow.hold_at), Some(FlowChange::Held));
+            assert_eq!(flow.update(0), Some(FlowChange::Resumed));
+        }
+        assert_eq!(Hysteresis::for_capacity(100_000).hold_at, 90_000);
+    }
+
+    proptest! {
+        /// Held exactly when the level last crossed the high mark and has not fallen to the low
+        /// one since; every change is reported once.
+        #[test]
+        fn held_iff_the_last_mark_crossed_was_the_high_one(
+            capacity in 1usize..1000,
+            levels in proptest::collection::vec(0usize..1200, 0..200),
+        ) {
+            let mut flow = Hysteresis::for_capacity(capacity);
+            let mut expected = false;
+            for level in levels {
+                let before = flow.is_held();
+                let change = flow.update(level);
+                if level >= flow.hold_at {
+                    expected = true;
+                } else if level <= flow.resume_at {
+                    expected = false;
+                }
+                prop_assert_eq!(flow.is_held(), expected);
+                let reported = match change {
+                    Some(FlowChange::Held) => !before && flow.is_held(),
+                    Some(FlowChange::Resumed) => before && !flow.is_held(),
+                    None => before == flow.is_held(),
+                };
+                prop_assert!(reported);
+                // Never held below the low mark, never taking at or above the high mark.
+                prop_assert!(!(flow.is_held() && level <= flow.resume_at));
+                prop_assert!(flow.is_held() || level < flow.hold_at);
+            }
+        }
+    }
+}
