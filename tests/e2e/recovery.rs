@@ -1,7 +1,9 @@
 //! Recovery that does not grow with history (issue 10, defects 1 and 2): restarts of the metric
 //! service once the history is longer than `DEDUP_CAPACITY` write no row twice, and ids dropped
 //! for waiting too long do not come back at the next start. Also: a prediction redelivered after a
-//! model swap (another model version, another value) is a duplicate, not a dead letter.
+//! model swap (another model version, another value) is a duplicate, not a dead letter; and a model
+//! that is down far longer than `JOIN_MAX_AGE_SECS` while more than `JOIN_CAPACITY` samples queue
+//! up costs no pair: the metric holds `y_true` back and the broker keeps it.
 
 use crate::helpers::*;
 use std::time::Duration;
@@ -82,6 +84,28 @@ async fn dropped_orphans_do_not_come_back_after_a_restart() {
             let id = format!("orphan-{round}-{n}");
             let body = format!(r#"{{"id":"{id}","y_true":{n}}}"#);
             publish_raw(&connection, &run.queues.y_true, body.as_bytes(), Some(&id)).await;
+        }
+        // An orphan is an id the pipeline moves past: pairs of later ids keep coming, for
+        // longer than JOIN_MAX_AGE_SECS (while nothing comes, nobody ages).
+        for n in 0..40 {
+            let id = format!("later-{round}-{n}");
+            let y_true = format!(r#"{{"id":"{id}","y_true":{n}}}"#);
+            let y_pred = format!(r#"{{"id":"{id}","y_pred":{n}}}"#);
+            publish_raw(
+                &connection,
+                &run.queues.y_true,
+                y_true.as_bytes(),
+                Some(&id),
+            )
+            .await;
+            publish_raw(
+                &connection,
+                &run.queues.y_pred,
+                y_pred.as_bytes(),
+                Some(&id),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
         }
         let evicted = |metric: &Service| {
             metric
@@ -257,5 +281,79 @@ async fn a_prediction_from_another_model_version_is_a_duplicate_not_a_dead_lette
         (140.5, "ols-old")
     );
     let _ = connection.close(200, "bye".into()).await;
+    delete_queues(&url, &run.queues).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_down_longer_than_the_join_allows_loses_no_pair() {
+    const SAMPLES: usize = 5000;
+    let url = shared_amqp_url();
+    // Room for 1,000 waiting ids, 2 s of age: the old policy dropped 4,000 by capacity, then the
+    // rest by age.
+    let options = Options::new(url.clone(), SAMPLES as u64)
+        .rate(0.0)
+        .env("JOIN_CAPACITY", "1000")
+        .env("JOIN_MAX_AGE_SECS", "2");
+    let mut run = Pipeline::start_consumers("lagging", options);
+    let dir = run.dir.path().to_owned();
+    wait_healthy(&run.metric, LONG);
+    wait_healthy(&run.model, LONG);
+    run.model.signal("TERM");
+    assert!(run.model.wait_exit(Duration::from_secs(20)).is_some());
+
+    run.start_features();
+    let held = |metric: &Service| metric.metrics().get("pipeline_join_y_true_held").copied();
+    assert!(
+        wait_until(LONG, || held(&run.metric) == Some(1.0)),
+        "y_true was never held back:\n{}",
+        run.metric.stderr()
+    );
+    // The model stays down for three times JOIN_MAX_AGE_SECS; the broker keeps the backlog.
+    std::thread::sleep(Duration::from_secs(6));
+    let metrics = run.metric.metrics();
+    let waiting = metrics
+        .get("pipeline_join_waiting")
+        .copied()
+        .unwrap_or(-1.0);
+    assert!((900.0..=1000.0).contains(&waiting), "waiting {waiting}");
+    let depths = queue_depths(&url, std::slice::from_ref(&run.queues.y_true)).await;
+    let queued = depths.get(&run.queues.y_true).copied().unwrap_or(0);
+    assert!(
+        queued >= 3000,
+        "the broker should keep most of y_true, has {queued}"
+    );
+    assert!(
+        run.metric
+            .stderr()
+            .contains("is not taken until the model catches up")
+    );
+    let health = run
+        .metric
+        .get("/healthz")
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    assert!(
+        health.contains("true values wait for their prediction"),
+        "{health}"
+    );
+
+    run.model.restart(&dir);
+    run.wait_rows(SAMPLES, LONG);
+    let rows = run.rows();
+    assert_exactly_once(&rows, SAMPLES);
+    let metrics = run.metric.metrics();
+    let evicted: f64 = metrics
+        .iter()
+        .filter(|(name, _)| name.starts_with("pipeline_join_evicted_total"))
+        .map(|(_, value)| value)
+        .sum();
+    assert_eq!(evicted, 0.0, "ids were dropped:\n{}", run.metric.stderr());
+    assert!(wait_until(Duration::from_secs(10), || held(&run.metric) == Some(0.0)));
+    assert!(!run.metric.stderr().contains("dropped an id"));
+    println!(
+        "lagging model: {SAMPLES} samples, {queued} y_true kept by the broker while the model was down, {} rows, 0 dropped",
+        rows.len()
+    );
+    assert_queues_empty(&url, &run.queues).await;
     delete_queues(&url, &run.queues).await;
 }

@@ -690,7 +690,10 @@ mod tests {
         }
         let evicted = j.evict();
         assert_eq!(
-            evicted.iter().map(|e| (e.id.as_str(), e.reason)).collect::<Vec<_>>(),
+            evicted
+                .iter()
+                .map(|e| (e.id.as_str(), e.reason))
+                .collect::<Vec<_>>(),
             [("b", Eviction::Age), ("c", Eviction::Age)]
         );
         assert_eq!(j.waiting(), 0);
@@ -705,8 +708,15 @@ mod tests {
             .unwrap();
         // y_true keeps coming for an hour, the model is down: no y_pred at all.
         for s in 1..3600 {
-            j.offer(LabelKind::YTrue, "a", 1.0, None, None, start + Duration::from_secs(s))
-                .unwrap();
+            j.offer(
+                LabelKind::YTrue,
+                "a",
+                1.0,
+                None,
+                None,
+                start + Duration::from_secs(s),
+            )
+            .unwrap();
         }
         assert!(j.evict().is_empty());
         // A model back after an hour-long gap adds one ACTIVITY_GAP at most.
@@ -715,7 +725,8 @@ mod tests {
         j.note_activity(LabelKind::YPred, back);
         assert!(j.evict().is_empty());
         assert!(matches!(
-            j.offer(LabelKind::YPred, "a", 2.0, None, None, back).unwrap(),
+            j.offer(LabelKind::YPred, "a", 2.0, None, None, back)
+                .unwrap(),
             Offer::Paired(_)
         ));
     }
@@ -733,7 +744,8 @@ mod tests {
         for n in (0..100).filter(|n| *n != 50) {
             at += Duration::from_secs(1);
             assert!(matches!(
-                j.offer(LabelKind::YPred, &format!("s{n}"), 1.0, None, None, at).unwrap(),
+                j.offer(LabelKind::YPred, &format!("s{n}"), 1.0, None, None, at)
+                    .unwrap(),
                 Offer::Paired(_)
             ));
             // Every id still waiting has waited longer than max_age of y_pred traffic, but the

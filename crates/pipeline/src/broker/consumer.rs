@@ -154,7 +154,9 @@ where
 {
     /// Which inputs the handler takes now.
     fn open<H: MessageHandler>(&self, handler: &H) -> Vec<bool> {
-        (0..self.streams.len()).map(|i| handler.accepts(i)).collect()
+        (0..self.streams.len())
+            .map(|i| handler.accepts(i))
+            .collect()
     }
 
     /// The next delivery of an open input, with its input number; `None` when the broker ended a

@@ -89,7 +89,10 @@ mod tests {
     fn tiny_capacities_still_hold_and_resume() {
         for capacity in 0..12 {
             let mut flow = Hysteresis::for_capacity(capacity);
-            assert!(flow.hold_at >= 1 && flow.resume_at < flow.hold_at, "{capacity}");
+            assert!(
+                flow.hold_at >= 1 && flow.resume_at < flow.hold_at,
+                "{capacity}"
+            );
             assert_eq!(flow.update(flow.hold_at), Some(FlowChange::Held));
             assert_eq!(flow.update(0), Some(FlowChange::Resumed));
         }
