@@ -289,10 +289,11 @@ async fn a_model_down_longer_than_the_join_allows_loses_no_pair() {
     const SAMPLES: usize = 5000;
     let url = shared_amqp_url();
     // Room for 1,000 waiting ids, 2 s of age: the old policy dropped 4,000 by capacity, then the
-    // rest by age.
+    // rest by age. Now at most 500 true values are read ahead of their prediction.
     let options = Options::new(url.clone(), SAMPLES as u64)
         .rate(0.0)
         .env("JOIN_CAPACITY", "1000")
+        .env("JOIN_READ_AHEAD", "500")
         .env("JOIN_MAX_AGE_SECS", "2");
     let mut run = Pipeline::start_consumers("lagging", options);
     let dir = run.dir.path().to_owned();
@@ -315,7 +316,7 @@ async fn a_model_down_longer_than_the_join_allows_loses_no_pair() {
         .get("pipeline_join_waiting")
         .copied()
         .unwrap_or(-1.0);
-    assert!((900.0..=1000.0).contains(&waiting), "waiting {waiting}");
+    assert!((500.0..=600.0).contains(&waiting), "waiting {waiting}");
     let depths = queue_depths(&url, std::slice::from_ref(&run.queues.y_true)).await;
     let queued = depths.get(&run.queues.y_true).copied().unwrap_or(0);
     assert!(

@@ -995,6 +995,7 @@ mod tests {
             #[test]
             fn a_lagging_model_loses_no_pair(
                 capacity in 5usize..60,
+                read_ahead in 1usize..60,
                 reorder in 1usize..5,
                 seed in any::<u64>(),
                 steps in proptest::collection::vec(step(), 1..120),
@@ -1005,7 +1006,7 @@ mod tests {
                         max_age: Duration::from_secs(60),
                         dedup_capacity: 10_000,
                     }),
-                    flow: Hysteresis::for_capacity(capacity),
+                    flow: Hysteresis::with_high_water(read_ahead.min(capacity)),
                     now: Instant::now(),
                     published: 0,
                     y_true_taken: 0,

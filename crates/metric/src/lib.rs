@@ -82,11 +82,14 @@ pub struct Config {
     #[arg(long, env = "LOG_DIR", default_value = "logs")]
     pub log_dir: PathBuf,
 
-    /// Ids waiting for their partner, at most. At 90 % of it in true values waiting for a
-    /// prediction, y_true is held back (the broker keeps it) until 75 %; beyond it the oldest is
-    /// dropped (logged, counted).
+    /// Ids waiting for their partner, at most; beyond it the oldest is dropped (logged, counted).
     #[arg(long, env = "JOIN_CAPACITY", default_value_t = 100_000)]
     pub join_capacity: usize,
+
+    /// True values waiting for their prediction, at most (and at most 90 % of JOIN_CAPACITY):
+    /// then y_true is held back, the broker keeps it, until three quarters of them have paired.
+    #[arg(long, env = "JOIN_READ_AHEAD", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub join_read_ahead: u64,
 
     /// Seconds an id waits for its partner before it is dropped (logged, counted): counted only
     /// while its partner's kind arrives, and only once later ids pair or nothing pairs at all.
@@ -349,6 +352,14 @@ pub async fn run(
     result
 }
 
+/// True values waiting for a prediction at which `y_true` is held back: JOIN_READ_AHEAD, but
+/// leaving a tenth of JOIN_CAPACITY for predictions that come before their true value.
+fn read_ahead_limit(config: &Config) -> usize {
+    let capacity = config.join_capacity;
+    let read_ahead = usize::try_from(config.join_read_ahead).unwrap_or(usize::MAX);
+    read_ahead.min(capacity / 10 * 9 + capacity % 10 * 9 / 10)
+}
+
 /// Order of the inputs in [`ConsumerSpec::inputs`].
 const KINDS: [LabelKind; 2] = [LabelKind::YTrue, LabelKind::YPred];
 
@@ -365,7 +376,6 @@ pub struct Recorder {
     checkpoints: CheckpointPolicy,
     /// Holds back `y_true` while the join is nearly full, so a lagging model loses no pair.
     y_true_flow: Hysteresis,
-    join_capacity: usize,
     health: Health,
 }
 
@@ -594,8 +604,7 @@ impl Recorder {
                 last: Instant::now(),
                 failing: false,
             },
-            y_true_flow: Hysteresis::for_capacity(config.join_capacity),
-            join_capacity: config.join_capacity,
+            y_true_flow: Hysteresis::with_high_water(read_ahead_limit(config)),
             health: Health::new(),
         };
         recorder.save_checkpoint();
@@ -659,9 +668,9 @@ impl Recorder {
         match self.y_true_flow.update(waiting) {
             Some(FlowChange::Held) => {
                 let note = format!(
-                    "{waiting} true values wait for their prediction (JOIN_CAPACITY {}): {} is \
+                    "{waiting} true values wait for their prediction (JOIN_READ_AHEAD): {} is \
                      not taken until the model catches up; the broker keeps it",
-                    self.join_capacity, self.queue_names[0]
+                    self.queue_names[0]
                 );
                 tracing::warn!("{note}");
                 self.health.set_note("join", Some(note));

@@ -24,15 +24,12 @@ pub struct Hysteresis {
 }
 
 impl Hysteresis {
-    /// Marks for a store of `capacity` entries: hold at 90 %, resume at 75 % (at least 1 and 0),
-    /// leaving the last 10 % for what the other inputs still bring while this one is held.
-    pub fn for_capacity(capacity: usize) -> Self {
-        let hold_at = (capacity / 10 * 9 + capacity % 10 * 9 / 10).max(1);
-        let resume_at = (capacity / 4 * 3).min(hold_at - 1);
-        Self::new(hold_at, resume_at)
+    /// Hold at `hold_at` (at least 1), resume at three quarters of it.
+    pub fn with_high_water(hold_at: usize) -> Self {
+        Self::new(hold_at, hold_at / 4 * 3 + hold_at % 4 * 3 / 4)
     }
 
-    /// Hold at `hold_at` (at least 1), resume at `resume_at` (below `hold_at`).
+    /// Hold at `hold_at` (at least 1), resume at `resume_at` (below `hold_at`, else one below).
     pub fn new(hold_at: usize, resume_at: usize) -> Self {
         let hold_at = hold_at.max(1);
         Self {
@@ -73,8 +70,8 @@ mod tests {
 
     #[test]
     fn holds_at_the_high_mark_and_resumes_at_the_low_one() {
-        let mut flow = Hysteresis::for_capacity(100);
-        assert_eq!((flow.hold_at, flow.resume_at), (90, 75));
+        let mut flow = Hysteresis::new(90, 75);
+        assert_eq!(Hysteresis::with_high_water(100).resume_at, 75);
         assert_eq!(flow.update(89), None);
         assert_eq!(flow.update(90), Some(FlowChange::Held));
         assert_eq!(flow.update(95), None);
@@ -87,16 +84,13 @@ mod tests {
 
     #[test]
     fn tiny_capacities_still_hold_and_resume() {
-        for capacity in 0..12 {
-            let mut flow = Hysteresis::for_capacity(capacity);
-            assert!(
-                flow.hold_at >= 1 && flow.resume_at < flow.hold_at,
-                "{capacity}"
-            );
+        for high in 0..12 {
+            let mut flow = Hysteresis::with_high_water(high);
+            assert!(flow.hold_at >= 1 && flow.resume_at < flow.hold_at, "{high}");
             assert_eq!(flow.update(flow.hold_at), Some(FlowChange::Held));
             assert_eq!(flow.update(0), Some(FlowChange::Resumed));
         }
-        assert_eq!(Hysteresis::for_capacity(100_000).hold_at, 90_000);
+        assert_eq!(Hysteresis::with_high_water(10_000).resume_at, 7_500);
     }
 
     proptest! {
@@ -104,10 +98,10 @@ mod tests {
         /// one since; every change is reported once.
         #[test]
         fn held_iff_the_last_mark_crossed_was_the_high_one(
-            capacity in 1usize..1000,
+            high in 0usize..1000,
             levels in proptest::collection::vec(0usize..1200, 0..200),
         ) {
-            let mut flow = Hysteresis::for_capacity(capacity);
+            let mut flow = Hysteresis::with_high_water(high);
             let mut expected = false;
             for level in levels {
                 let before = flow.is_held();
