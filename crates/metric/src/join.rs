@@ -101,12 +101,21 @@ pub struct WaitingEntry {
     pub age_ms: u64,
 }
 
-/// What is remembered of a joined id: its values and a hash of its model version.
+/// What is remembered of a joined id: its values, a hash of its model version, and when it was
+/// joined (a wrapping count), in 24 bytes: with its 16-byte key, 40 bytes a remembered id.
 #[derive(Debug, Clone, Copy)]
 struct Joined {
     y_true: f64,
     y_pred: f64,
-    version: u64,
+    version: u32,
+    seq: u32,
+}
+
+/// The key of a remembered id: its 128-bit fingerprint as two halves (8-byte aligned, where a
+/// `u128` would pad every entry to 48 bytes).
+fn joined_key(id: &str) -> [u64; 2] {
+    let print = fingerprint(id);
+    [(print >> 64) as u64, print as u64]
 }
 
 #[derive(Debug)]
@@ -185,9 +194,12 @@ pub struct Joiner {
     /// Waiting ids in arrival order, for eviction.
     order: BTreeMap<u64, String>,
     next_seq: u64,
-    /// Joined ids (fingerprints) with their values.
-    joined: HashMap<u128, Joined>,
-    joined_order: VecDeque<u128>,
+    /// Joined ids (fingerprints) with their values. The oldest are forgotten in batches (a
+    /// `retain` once an eighth more than the capacity is held), so no second structure keeps
+    /// their order.
+    joined: HashMap<[u64; 2], Joined>,
+    /// Sequence number of the next joined id (wrapping).
+    joined_seq: u32,
     /// Activity of `y_true` and `y_pred`, indexed by [`LabelKind`].
     clocks: [ActivityClock; 2],
     last_pair: LastPair,
@@ -213,10 +225,10 @@ pub fn fingerprint(id: &str) -> u128 {
 }
 
 /// Hash of a model version, to tell a re-prediction from a conflict without keeping the string.
-fn version_hash(model_version: Option<&str>) -> u64 {
+fn version_hash(model_version: Option<&str>) -> u32 {
     let mut hasher = DefaultHasher::new();
     model_version.hash(&mut hasher);
-    hasher.finish()
+    hasher.finish() as u32
 }
 
 /// A `y_pred` seen before for the same id: from another model version it is a re-prediction (a
@@ -224,9 +236,9 @@ fn version_hash(model_version: Option<&str>) -> u64 {
 fn same_prediction_or_conflict(
     id: &str,
     first: f64,
-    first_version: u64,
+    first_version: u32,
     value: f64,
-    version: u64,
+    version: u32,
 ) -> Result<Offer, MessageError> {
     if first_version != version {
         return Ok(Offer::Duplicate);
@@ -262,7 +274,7 @@ impl Joiner {
             order: BTreeMap::new(),
             next_seq: 0,
             joined: HashMap::new(),
-            joined_order: VecDeque::new(),
+            joined_seq: 0,
             clocks: [ActivityClock::default(); 2],
             last_pair: LastPair::default(),
             waiting_for: [0; 2],
@@ -343,38 +355,51 @@ impl Joiner {
 
     /// Whether `id` was joined already (within the remembered window).
     pub fn is_joined(&self, id: &str) -> bool {
-        self.joined.contains_key(&fingerprint(id))
+        self.joined.contains_key(&joined_key(id))
     }
 
     /// Remembers `id` as joined with its values (a row for it exists); it waits no longer.
     pub fn mark_joined(&mut self, id: &str, y_true: f64, y_pred: f64, model_version: Option<&str>) {
         self.remove_waiting(id);
-        self.remember(fingerprint(id), y_true, y_pred, version_hash(model_version));
+        self.remember(joined_key(id), y_true, y_pred, version_hash(model_version));
     }
 
     /// Changes how many joined ids are remembered; the oldest beyond it are forgotten.
     pub fn set_dedup_capacity(&mut self, capacity: usize) {
         self.limits.dedup_capacity = capacity;
-        self.forget_beyond_capacity();
+        self.forget_beyond(self.dedup_capacity());
     }
 
-    fn forget_beyond_capacity(&mut self) {
-        while self.joined_order.len() > self.limits.dedup_capacity {
-            if let Some(old) = self.joined_order.pop_front() {
-                self.joined.remove(&old);
-            }
+    /// The capacity in the units of the wrapping sequence numbers.
+    fn dedup_capacity(&self) -> u32 {
+        u32::try_from(self.limits.dedup_capacity)
+            .unwrap_or(u32::MAX)
+            .min(u32::MAX / 2)
+    }
+
+    /// Forgets all but the newest `keep` joined ids.
+    fn forget_beyond(&mut self, keep: u32) {
+        if self.joined.len() <= keep as usize {
+            return;
         }
+        let next = self.joined_seq;
+        self.joined
+            .retain(|_, joined| next.wrapping_sub(joined.seq) <= keep);
     }
 
-    fn remember(&mut self, print: u128, y_true: f64, y_pred: f64, version: u64) {
+    fn remember(&mut self, key: [u64; 2], y_true: f64, y_pred: f64, version: u32) {
         let joined = Joined {
             y_true,
             y_pred,
             version,
+            seq: self.joined_seq,
         };
-        if self.joined.insert(print, joined).is_none() {
-            self.joined_order.push_back(print);
-            self.forget_beyond_capacity();
+        if self.joined.insert(key, joined).is_none() {
+            self.joined_seq = self.joined_seq.wrapping_add(1);
+            let capacity = self.dedup_capacity();
+            if self.joined.len() > capacity as usize + (capacity / 8) as usize {
+                self.forget_beyond(capacity);
+            }
         }
     }
 
@@ -391,7 +416,7 @@ impl Joiner {
     ) -> Result<Offer, MessageError> {
         self.note_activity(kind, now);
         let version = version_hash(model_version);
-        if let Some(joined) = self.joined.get(&fingerprint(id)) {
+        if let Some(joined) = self.joined.get(&joined_key(id)) {
             return match kind {
                 LabelKind::YTrue => same_or_conflict(id, kind, joined.y_true, value),
                 LabelKind::YPred => {
@@ -451,7 +476,7 @@ impl Joiner {
             clocks: [self.clocks[0].elapsed, self.clocks[1].elapsed],
         };
         let (y_pred, model_version) = done.y_pred.unwrap_or((f64::NAN, None));
-        self.remember(fingerprint(id), y_true, y_pred, version);
+        self.remember(joined_key(id), y_true, y_pred, version);
         Ok(Offer::Paired(Pair {
             id: id.to_owned(),
             y_true,
@@ -763,11 +788,39 @@ mod tests {
     #[test]
     fn joined_ids_are_forgotten_beyond_dedup_capacity() {
         let mut j = joiner(10, Duration::from_secs(60));
+        // Up to an eighth more is held, then the oldest go in one batch.
         for i in 0..11 {
             j.mark_joined(&format!("id{i}"), 1.0, 2.0, None);
         }
-        assert!(!j.is_joined("id0"));
-        assert!(j.is_joined("id10"));
+        assert!(j.is_joined("id0"));
+        j.mark_joined("id11", 1.0, 2.0, None);
+        assert!(!j.is_joined("id0") && !j.is_joined("id1"));
+        assert!((2..12).all(|i| j.is_joined(&format!("id{i}"))));
+        j.set_dedup_capacity(3);
+        assert!((9..12).all(|i| j.is_joined(&format!("id{i}"))));
+        assert!(!j.is_joined("id8"));
+    }
+
+    proptest::proptest! {
+        /// The newest DEDUP_CAPACITY joined ids are always remembered, never more than an eighth
+        /// beyond it are held, also across the wrap of the sequence numbers.
+        #[test]
+        fn the_newest_joined_ids_are_remembered(
+            capacity in 1usize..200,
+            joins in 0usize..2000,
+            start in proptest::prelude::any::<u32>(),
+        ) {
+            let mut j = joiner(1, Duration::from_secs(60));
+            j.set_dedup_capacity(capacity);
+            j.joined_seq = start;
+            for i in 0..joins {
+                j.mark_joined(&format!("id{i}"), 1.0, 2.0, None);
+                proptest::prop_assert!(j.joined.len() <= capacity + capacity / 8);
+            }
+            for i in joins.saturating_sub(capacity)..joins {
+                proptest::prop_assert!(j.is_joined(&format!("id{i}")), "id{} forgotten", i);
+            }
+        }
     }
 
     #[test]
