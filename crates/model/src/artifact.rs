@@ -69,7 +69,7 @@ impl Artifact {
         if let Some(version) = version {
             model.version = version;
         }
-        Ok(Self::of(&model, data, data_sha256)?)
+        Self::of(&model, data, data_sha256)
     }
 
     /// The artifact of a fitted `model`, with its in-sample quality on `data`.

@@ -226,8 +226,8 @@ mod tests {
                     pipeline_pairs_total 12\n";
         let alarms = parse_alarms(text);
         assert_eq!(alarms.len(), 2, "{alarms:?}");
-        assert_eq!(alarms["ols-1a2b"], true);
-        assert_eq!(alarms["v2"], false);
+        assert!(alarms["ols-1a2b"]);
+        assert!(!alarms["v2"]);
     }
 
     #[test]
