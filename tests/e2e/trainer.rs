@@ -217,6 +217,24 @@ async fn the_trainer_promotes_after_a_drift_and_refuses_a_worse_candidate() {
         mae_new < mae_old,
         "the new version {new} ({mae_new}) is not better than {old} ({mae_old}) after the drift"
     );
+    let mut by_version: Vec<(String, usize, f64)> = Vec::new();
+    for version in after.iter().map(|r| r.model_version.clone()) {
+        if !by_version.iter().any(|(v, _, _)| *v == version) {
+            let rows: Vec<&Row> = after
+                .iter()
+                .filter(|r| r.model_version == version)
+                .collect();
+            by_version.push((version, rows.len(), mae(&rows)));
+        }
+    }
+    eprintln!("closed loop: after the drift, (version, rows, MAE): {by_version:?}");
+    // Nothing failed through the swaps: no dead letter anywhere.
+    let dead: Vec<String> = [&run.queues.features, &run.queues.y_true, &run.queues.y_pred]
+        .iter()
+        .map(|q| dead_letter_queue(q))
+        .collect();
+    let depths = queue_depths(&url, &dead).await;
+    assert!(depths.values().all(|d| *d == 0), "dead letters: {depths:?}");
 
     // A restart keeps the window; retrains only on request from now on.
     trainer.restart_with(

@@ -291,6 +291,51 @@ mod tests {
     }
 
     #[test]
+    fn streams_get_one_fanout_exchange_with_their_queues_bound() {
+        let topology = Topology::new(&config(&[]), &["features", "y_true"])
+            .with_fanout("features")
+            .with_fanout("y_true")
+            .with_training_queue("features", 100)
+            .with_training_queue("y_true", 100);
+        let fanouts: Vec<(&str, Vec<&str>)> = topology
+            .fanouts
+            .iter()
+            .map(|f| {
+                (
+                    f.exchange.as_str(),
+                    f.bound.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            fanouts,
+            [
+                ("features.fanout", vec!["features", "features.train"]),
+                ("y_true.fanout", vec!["y_true", "y_true.train"]),
+            ]
+        );
+        assert_eq!(
+            topology.bounded,
+            [
+                ("features.train".to_owned(), 100),
+                ("y_true.train".to_owned(), 100)
+            ]
+        );
+        let arguments = topology.bounded_arguments(100);
+        let inner = arguments.inner();
+        assert_eq!(
+            inner.get("x-max-length"),
+            Some(&AMQPValue::LongLongInt(100))
+        );
+        assert_eq!(
+            inner.get("x-overflow"),
+            Some(&AMQPValue::LongString("drop-head".into()))
+        );
+        // Dropped copies must not be dead-lettered (that would fill the dead-letter queue).
+        assert!(inner.get("x-dead-letter-exchange").is_none());
+    }
+
+    #[test]
     fn durable_is_the_default_and_says_nothing() {
         let config = config(&[]);
         assert_eq!(config.topology, TopologyMode::Durable);
