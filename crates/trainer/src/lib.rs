@@ -330,6 +330,7 @@ pub async fn run(
     let mut broker = Broker::new(config.broker.clone(), "trainer", broker_metrics, health);
     let mut handler = Handler {
         shared: shared.clone(),
+        unpaired_reported: 0,
     };
     let result = run_consumer(&mut broker, &spec, &mut handler, &shutdown).await;
     shutdown.cancel();
@@ -347,6 +348,8 @@ pub async fn run(
 /// Adds each delivery to the window; acks once its line is synced.
 struct Handler {
     shared: Shared,
+    /// The store's count of halves dropped unpaired, as far as the counter has it.
+    unpaired_reported: u64,
 }
 
 impl MessageHandler for Handler {
@@ -394,10 +397,10 @@ impl MessageHandler for Handler {
         };
         metrics.window.set(len as i64);
         metrics.waiting.set(waiting as i64);
-        let counted = metrics.unpaired.get();
-        if unpaired > counted {
-            metrics.unpaired.inc_by(unpaired - counted);
-        }
+        metrics
+            .unpaired
+            .inc_by(unpaired.saturating_sub(self.unpaired_reported));
+        self.unpaired_reported = unpaired;
         match added {
             Added::Joined => {
                 metrics.joined.inc();

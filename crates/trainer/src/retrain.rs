@@ -140,6 +140,14 @@ impl Promoter {
     /// exist, the baseline is written as `<its version>.json` first, so `model rollback` can go
     /// back to it.
     fn promote(&self, serving: &Artifact, candidate: &Artifact) -> anyhow::Result<PathBuf> {
+        if let Some(dir) = self
+            .model_path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
         if !self.model_path.try_exists().unwrap_or(true)
             && let Some(path) = versioned_path(&self.model_path, &serving.version)
             && !path.exists()
