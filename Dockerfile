@@ -1,4 +1,4 @@
-# One image for the three services; compose picks the binary with `command`.
+# One image for the four services; compose picks the binary with `command`.
 # Needs BuildKit (the `RUN --mount` cache mounts): Docker 23+ uses it by default, and `docker compose`
 # always does. No `# syntax=` line: the built-in Dockerfile frontend is enough, and a build machine
 # without a registry could not fetch another one.
@@ -16,15 +16,15 @@ ENV CARGO_PROFILE_RELEASE_DEBUG=false \
 # recompiles only the workspace crates.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p features -p model -p metric \
+    cargo build --release --locked -p features -p model -p metric -p trainer \
     && mkdir -p /out \
-    && cp target/release/features target/release/model target/release/metric /out/
+    && cp target/release/features target/release/model target/release/metric target/release/trainer /out/
 
 FROM debian:bookworm-slim
 COPY --from=build /out/ /usr/local/bin/
 COPY scripts/docker-entrypoint.sh /usr/local/bin/docker-entrypoint
 WORKDIR /app
-# Compose mounts ./data read-only, ./models, and ./logs for the metric service. Unmounted, the
+# Compose mounts ./data read-only, ./models (model and trainer), and ./logs for the metric service. Unmounted, the
 # folders belong to the unprivileged user the entrypoint runs the services as.
 RUN mkdir -p /app/data /app/logs /app/models && chown 1000:1000 /app/logs /app/models
 # Starts as root only to pick the user (see the entrypoint), then runs the service without privileges.

@@ -3,7 +3,8 @@
 # Files written to a mounted folder then belong to whoever owns that folder on the host, whatever
 # its uid (1000, another, root), with nothing to export first:
 #   metric           runs as the owner of LOG_DIR (./logs in compose)
-#   model train      runs as the owner of /app/models (./models), where it writes the artifact
+#   trainer          runs as the owner of /app/models (./models): its window and the promoted models
+#   model train, model rollback   run as the owner of /app/models, where they write the artifact
 #   everything else  runs as 1000:1000
 # Started as another user than root (`docker run --user`), it runs the command as that user.
 set -eu
@@ -33,7 +34,13 @@ case "$1" in
     fi
     ;;
   model)
-    if [ "${2:-}" = train ] && [ -d /app/models ]; then
+    if { [ "${2:-}" = train ] || [ "${2:-}" = rollback ]; } && [ -d /app/models ]; then
+      user="$(stat -c '%u:%g' /app/models)"
+      why="owner of /app/models"
+    fi
+    ;;
+  trainer)
+    if [ -d /app/models ]; then
       user="$(stat -c '%u:%g' /app/models)"
       why="owner of /app/models"
     fi

@@ -4,7 +4,7 @@ repository, as a user would (`docker compose up --build`), and checks what the R
 
 Started by scripts/compose-test, which installs Docker, Compose and the base images first. Host
 ports are moved only through the compose variables (RABBITMQ_PORT, RABBITMQ_UI_PORT, FEATURES_PORT,
-METRIC_PORT); ./logs and ./models of the copy belong to a uid other than 1000. The stack runs
+METRIC_PORT, TRAINER_PORT); ./logs and ./models of the copy belong to a uid other than 1000. The stack runs
 under a unique project name and is removed with `down -v` at the end, also on failure.
 Prints one line per check and `compose: N passed, M failed`; exits 1 on any failure.
 """
@@ -31,8 +31,13 @@ REPO = Path(__file__).resolve().parents[2]
 OWNER_UID = int(os.environ.get("COMPOSE_TEST_OWNER_UID", "4321"))
 # Samples per second during the test, through the compose file's RATE variable.
 RATE = os.environ.get("COMPOSE_TEST_RATE", "50")
-SERVICES = ["features", "metric", "model", "rabbitmq"]
-SIX_QUEUES = {"features", "y_true", "y_pred", "features.dlq", "y_true.dlq", "y_pred.dlq"}
+SERVICES = ["features", "metric", "model", "rabbitmq", "trainer"]
+# The pipeline's three queues and the trainer's two bounded copies, each with its dead-letter queue.
+QUEUES = {
+    "features", "y_true", "y_pred", "features.dlq", "y_true.dlq", "y_pred.dlq",
+    "features.train", "y_true.train", "features.train.dlq", "y_true.train.dlq",
+}
+ALL_UP = {"features": 1, "model": 1, "metric": 1, "rabbitmq": 1, "trainer": 1}
 
 
 def say(text):
@@ -249,7 +254,7 @@ def under_load(stack, checks, name, action):
     action()
     back = wait_for(
         120,
-        lambda: stack.all_healthy({"features": 1, "model": 1, "metric": 1, "rabbitmq": 1})
+        lambda: stack.all_healthy(ALL_UP)
         and len(stack.rows()) >= rows_before + 100,
     )
     after = stack.csv_text()
@@ -293,7 +298,7 @@ def run(checks, stack, work, timings, image_before):
     stack.compose("up", "--build", "-d")
     timings["up --build -d"] = time.monotonic() - started
     healthy = wait_for(
-        60, lambda: stack.all_healthy({"features": 1, "model": 1, "metric": 1, "rabbitmq": 1})
+        60, lambda: stack.all_healthy(ALL_UP)
     )
     created = []
     for c in stack.containers():
@@ -305,9 +310,9 @@ def run(checks, stack, work, timings, image_before):
         ).stdout.strip()
         created.append(parse_time(inspected))
     since_created = time.time() - min(created) if created else float("nan")
-    timings["containers created to 4 healthy"] = since_created
+    timings["containers created to 5 healthy"] = since_created
     if not checks.record(
-        "up --build: four containers healthy",
+        "up --build: five containers healthy",
         healthy,
         f"all healthy {since_created:.0f} s after the first container was created "
         f"(up --build -d took {timings['up --build -d']:.0f} s)",
@@ -333,7 +338,7 @@ def run(checks, stack, work, timings, image_before):
         f"rows {first} -> {second} in 5 s; owners {owners} (./logs is {wanted})",
     )
 
-    # 3. The management API: three connections named after the services, six queues.
+    # 3. The management API: four connections named after the services, ten queues.
     def api_ok():
         names = sorted(
             (c.get("client_properties") or {}).get("connection_name", "?").split(" (")[0]
@@ -341,17 +346,17 @@ def run(checks, stack, work, timings, image_before):
         )
         queues = {q["name"] for q in stack.api("queues/%2f")}
         api_ok.seen = (names, sorted(queues))
-        return names == ["features", "metric", "model"] and queues == SIX_QUEUES
+        return names == ["features", "metric", "model", "trainer"] and queues == QUEUES
 
     api_ok.seen = None
     ok = wait_for(30, api_ok)
     checks.record(
-        "management API: three named connections, six queues",
+        "management API: four named connections, ten queues",
         ok,
         f"connections {api_ok.seen[0] if api_ok.seen else '?'}, queues {api_ok.seen[1] if api_ok.seen else '?'}",
     )
 
-    # 4. One image for the three services, built once, shipped without debug info.
+    # 4. One image for the four services, built once, shipped without debug info.
     images = {}
     for c in stack.containers():
         if c["Service"] != "rabbitmq":
@@ -367,7 +372,7 @@ def run(checks, stack, work, timings, image_before):
     built_names = open(stack.log_file).read().count("naming to docker.io/library/ml-pipeline:latest")
     metric_id = next(c["ID"] for c in stack.containers() if c["Service"] == "metric")
     debug = {}
-    for binary in ["features", "model", "metric"]:
+    for binary in ["features", "model", "metric", "trainer"]:
         local = work / binary
         subprocess.run(
             ["docker", "cp", f"{metric_id}:/usr/local/bin/{binary}", str(local)],
@@ -378,11 +383,11 @@ def run(checks, stack, work, timings, image_before):
     checks.record(
         "one image, built once, no debug info",
         len(set(images.values())) == 1
-        and len(images) == 3
+        and len(images) == 4
         and built_names <= 1
         and new_dangling <= 1
         and not any(debug.values()),
-        f"image of features/model/metric: {sorted(set(i[7:19] for i in images.values()))}, "
+        f"image of features/model/metric/trainer: {sorted(set(i[7:19] for i in images.values()))}, "
         f"tagged {built_names} time(s) by the build, new dangling images {new_dangling}, "
         f"debug sections {debug}",
     )
@@ -396,25 +401,46 @@ def run(checks, stack, work, timings, image_before):
     artifact = copy / "models" / "model.json"
     owner = f"{artifact.stat().st_uid}:{artifact.stat().st_gid}" if artifact.exists() else "-"
     version = json.loads(artifact.read_text()).get("version") if artifact.exists() else "-"
-    # ... and served through MODEL_PATH, kept for the rest of the test.
-    stack.env["MODEL_PATH"] = "models/model.json"
+    # ... and served: compose's MODEL_PATH is models/model.json, which the replicas watch.
     stack.compose("up", "-d")
     served = wait_for(
         90,
         lambda: any(row["model_version"] == "compose-test" for row in stack.rows()[-50:]),
     )
     checks.record(
-        "model train --out models/model.json, served with MODEL_PATH",
+        "model train --out models/model.json, served from MODEL_PATH",
         code == 0 and owner == wanted and version == "compose-test" and served,
         f"exit {code}, artifact version {version}, owner {owner} (./models is {wanted}); "
-        f"rows with model_version compose-test after MODEL_PATH=models/model.json up -d: {served}",
+        f"rows with model_version compose-test after writing models/model.json: {served}",
+    )
+
+    # 5b. The trainer retrains on request from the window it collected (RETRAIN_EVERY=0 here, so
+    # the served version stays compose-test for the checks above): promoted or refused, a
+    # decision with both MAEs, and its window in ./models/train, owned by the owner of ./models.
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{stack.env['TRAINER_PORT']}/retrain", method="POST"),
+            timeout=60,
+        ) as response:
+            outcome = json.load(response)
+    except Exception as error:  # reported as the check's detail
+        outcome = {"error": repr(error)}
+    journal = copy / "models" / "train" / "window.jsonl"
+    journal_owner = f"{journal.stat().st_uid}:{journal.stat().st_gid}" if journal.exists() else "-"
+    checks.record(
+        "trainer: POST /retrain decides with both MAEs, window in ./models/train",
+        outcome.get("result") in ("promoted", "refused")
+        and "serving_mae" in outcome
+        and "candidate_mae" in outcome
+        and journal_owner == wanted,
+        f"outcome {outcome}; {journal} owner {journal_owner} (./models is {wanted})",
     )
 
     # 6. Three model consumers on `features`, each handling messages.
     stack.compose("up", "-d", "--scale", "model=3")
     three = wait_for(
         90,
-        lambda: stack.all_healthy({"features": 1, "model": 3, "metric": 1, "rabbitmq": 1})
+        lambda: stack.all_healthy({**ALL_UP, "model": 3})
         and len([c for c in stack.api("consumers/%2f") if c["queue"]["name"] == "features"]) == 3,
     )
     first = [stack.model_acked(i) for i in (1, 2, 3)] if three else []
@@ -452,7 +478,7 @@ def run(checks, stack, work, timings, image_before):
     stack.compose("up", "-d", "--scale", "features=0")
     drained = wait_for(
         120,
-        lambda: stack.all_healthy({"model": 1, "metric": 1, "rabbitmq": 1})
+        lambda: stack.all_healthy({"model": 1, "metric": 1, "rabbitmq": 1, "trainer": 1})
         and all(n == 0 for name, n in stack.queue_depths().items() if not name.endswith(".dlq"))
         and len(stack.rows()) >= rows_before + queued.get("y_true", 0),
     )
@@ -481,11 +507,11 @@ def main():
     copy.mkdir()
     copy_repo(copy)
     as_root(["chown", "-R", f"{OWNER_UID}:{OWNER_UID}", str(copy / "logs"), str(copy / "models")])
-    rabbitmq_port, ui_port, features_port, metric_port = free_ports(4)
+    rabbitmq_port, ui_port, features_port, metric_port, trainer_port = free_ports(5)
     project = f"pipelinetest{os.getpid()}{random.randrange(1000, 9999)}"
     env = dict(os.environ)
     # Only the compose file's own variables; nothing of the caller's shell leaks in.
-    for name in ["DATA_PATH", "MODEL_PATH", "BIND_ADDRESS", "RATE"]:
+    for name in ["DATA_PATH", "MODEL_PATH", "BIND_ADDRESS", "RATE", "RETRAIN_EVERY"]:
         env.pop(name, None)
     env.update(
         COMPOSE_PROJECT_NAME=project,
@@ -493,12 +519,16 @@ def main():
         RABBITMQ_UI_PORT=str(ui_port),
         FEATURES_PORT=str(features_port),
         METRIC_PORT=str(metric_port),
+        TRAINER_PORT=str(trainer_port),
         RATE=RATE,
+        # Retrains only on request: the served version must stay what step 5 trained.
+        RETRAIN_EVERY="0",
     )
     stack = Stack(copy, env, ui_port, work / "compose.log")
     say(
         f"project {project} in {copy}; ./logs and ./models owned by {OWNER_UID}; ports "
-        f"AMQP {rabbitmq_port}, UI {ui_port}, features {features_port}, metric {metric_port}; RATE={RATE}"
+        f"AMQP {rabbitmq_port}, UI {ui_port}, features {features_port}, metric {metric_port}, "
+        f"trainer {trainer_port}; RATE={RATE}"
     )
     checks = Checks()
     timings = {}

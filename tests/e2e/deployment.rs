@@ -115,7 +115,7 @@ fn compose_and_dockerfile_agree_with_the_binaries() {
     let services = compose_services();
     assert_eq!(
         services.keys().collect::<Vec<_>>(),
-        ["features", "metric", "model"]
+        ["features", "metric", "model", "trainer"]
     );
     let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
     for line in dockerfile
@@ -215,7 +215,7 @@ fn compose_builds_one_image_and_keeps_the_broker_data() {
         .map(|(name, _)| name.as_str().unwrap())
         .collect();
     assert_eq!(building, ["features"], "one service builds the image");
-    for name in ["features", "model", "metric"] {
+    for name in ["features", "model", "metric", "trainer"] {
         let service = &doc["services"][name];
         assert_eq!(service["image"].as_str(), Some("ml-pipeline:latest"));
         if name != "features" {
@@ -302,7 +302,8 @@ async fn binaries_run_with_the_compose_environment() {
         for (key, value) in &service.environment {
             let value = &compose_default(value);
             // Empty means unset: the image's entrypoint removes empty optional settings.
-            if value.is_empty() {
+            // METRIC_URL names the metric container: unset here (the alarm trigger is off).
+            if value.is_empty() || key == "METRIC_URL" {
                 continue;
             }
             // Only what cannot be the same here: the broker's host name, the container paths,
@@ -313,6 +314,9 @@ async fn binaries_run_with_the_compose_environment() {
                     .replace("amqp://guest:guest@127.0.0.1:5672/%2f", &url),
                 "DATA_PATH" => repo_root().join(value).display().to_string(),
                 "LOG_DIR" => logs.path().display().to_string(),
+                // ./models of the repository stays untouched.
+                "MODEL_PATH" => logs.path().join("models/model.json").display().to_string(),
+                "TRAIN_DIR" => logs.path().join("models/train").display().to_string(),
                 "HTTP_ADDR" => format!("127.0.0.1:{}", free_port()),
                 "FEATURES_QUEUE" => queues.features.clone(),
                 "Y_TRUE_QUEUE" => queues.y_true.clone(),

@@ -492,13 +492,28 @@ pub async fn assert_queues_empty(url: &str, queues: &Queues) {
     );
 }
 
-/// Deletes the test's queues (best effort).
+/// Deletes the test's queues (best effort), the trainer's copies and the producer's fanout
+/// exchanges included.
 pub async fn delete_queues(url: &str, queues: &Queues) {
+    use pipeline::broker::topology::{fanout_exchange, training_queue};
     let connection = connect(url).await;
+    let mut all = queues.all();
+    for stream in [&queues.features, &queues.y_true] {
+        all.push(training_queue(stream));
+        all.push(dead_letter_queue(&training_queue(stream)));
+    }
     if let Ok(channel) = connection.create_channel().await {
-        for queue in queues.all() {
+        for queue in all {
             let _ = channel
                 .queue_delete(queue.as_str().into(), Default::default())
+                .await;
+        }
+    }
+    for stream in [&queues.features, &queues.y_true] {
+        // A channel each: deleting an exchange that was never declared may close the channel.
+        if let Ok(channel) = connection.create_channel().await {
+            let _ = channel
+                .exchange_delete(fanout_exchange(stream).as_str().into(), Default::default())
                 .await;
         }
     }

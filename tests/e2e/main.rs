@@ -21,3 +21,4 @@ mod recovery;
 mod scaling;
 mod secrets;
 mod supervisor;
+mod trainer;

@@ -185,19 +185,25 @@ async fn every_pipeline_metric_in_the_rules_and_the_dashboard_is_exported() {
         "pipeline_model_mae_by_version",
         "pipeline_end_to_end_latency_seconds_bucket",
         "pipeline_feature_drift_psi",
+        "pipeline_model_served",
+        "pipeline_trainer_retrains_total",
     ] {
         assert!(in_dashboard.contains(name), "{name}: {in_dashboard:?}");
     }
     used.extend(in_dashboard);
 
     // A family with no series is not exported at all: give each one a series. A window of 10
-    // fills with the 20 samples (drift PSI); one malformed message is dead-lettered.
-    let run = Pipeline::start(
+    // fills with the 20 samples (drift PSI); one malformed message is dead-lettered; the trainer,
+    // started first, retrains after 10 labels (skipped: too few samples, but counted).
+    let mut run = Pipeline::start_consumers(
         "promnames",
         Options::new(shared_amqp_url(), 20)
             .env("LINGER_SECS", "60")
             .env("DRIFT_WINDOW", "10"),
     );
+    let trainer_dir = tempfile::tempdir().unwrap();
+    let trainer = start_trainer(&run, trainer_dir.path(), 10);
+    run.start_features();
     run.wait_rows(20, Duration::from_secs(60));
     let connection = connect(&shared_amqp_url()).await;
     publish_raw(
@@ -210,8 +216,10 @@ async fn every_pipeline_metric_in_the_rules_and_the_dashboard_is_exported() {
     let _ = connection.close(200, "bye".into()).await;
     let dead_lettered = wait_until(Duration::from_secs(30), || {
         let text = run.model.get("/metrics").unwrap_or_default().1;
+        let trainer = trainer.get("/metrics").unwrap_or_default().1;
         text.contains("pipeline_messages_dead_lettered_total{")
             && text.contains("pipeline_feature_drift_psi{")
+            && trainer.contains("pipeline_trainer_retrains_total{")
     });
     assert!(
         dead_lettered,
@@ -220,7 +228,7 @@ async fn every_pipeline_metric_in_the_rules_and_the_dashboard_is_exported() {
     );
     let features = run.features.as_ref().expect("producer");
     let mut exported = BTreeSet::new();
-    for service in [features, &run.model, &run.metric] {
+    for service in [features, &run.model, &run.metric, &trainer] {
         let (status, body) = service
             .get("/metrics")
             .unwrap_or_else(|| panic!("{} /metrics did not answer", service.name));
@@ -228,6 +236,7 @@ async fn every_pipeline_metric_in_the_rules_and_the_dashboard_is_exported() {
         exported.extend(exported_names(&body));
     }
     let queues = run.queues.clone();
+    drop(trainer);
     drop(run);
     delete_queues(&shared_amqp_url(), &queues).await;
     let missing: Vec<&String> = used
@@ -708,10 +717,30 @@ fn alert_states(alerts: &[serde_json::Value], label: &str) -> Vec<(String, Strin
 
 const SAMPLES: u64 = 1500;
 
-/// Starts the three services (`SAMPLES` samples, a drift window of 500, a quality window of 400, the producer kept up after
-/// its last sample) and a Prometheus scraping them; waits until Prometheus sees every target up and
-/// every sample predicted and written, and every dashboard query answers.
-fn pipeline_under_prometheus(test: &str, extra: &[(&str, &str)]) -> (Pipeline, PrometheusServer) {
+/// A trainer on the run's streams (its window in `dir`, retraining every `retrain_every` labels),
+/// healthy, so its queues are bound before the producer starts.
+fn start_trainer(run: &Pipeline, dir: &Path, retrain_every: u32) -> Service {
+    let trainer = run.extra_service(
+        "trainer",
+        &[
+            ("TRAIN_DIR", dir.join("train").display().to_string()),
+            ("MODEL_PATH", dir.join("model.json").display().to_string()),
+            ("RETRAIN_EVERY", retrain_every.to_string()),
+        ],
+    );
+    wait_healthy(&trainer, Duration::from_secs(30));
+    trainer
+}
+
+/// Starts the four services (`SAMPLES` samples, a drift window of 500, a quality window of 400, the producer kept up after
+/// its last sample, the trainer retraining every 500 labels) and a Prometheus scraping them; waits
+/// until Prometheus sees every target up and every sample predicted and written, and every
+/// dashboard query answers. The trainer (its window in `dir`) is returned last.
+fn pipeline_under_prometheus(
+    test: &str,
+    extra: &[(&str, &str)],
+    dir: &Path,
+) -> (Pipeline, PrometheusServer, Service) {
     let mut options = Options::new(shared_amqp_url(), SAMPLES)
         .env("LINGER_SECS", "300")
         .env("DRIFT_WINDOW", "500")
@@ -723,19 +752,22 @@ fn pipeline_under_prometheus(test: &str, extra: &[(&str, &str)]) -> (Pipeline, P
     for (key, value) in extra {
         options = options.env(key, value);
     }
-    let run = Pipeline::start(test, options);
+    let mut run = Pipeline::start_consumers(test, options);
+    let trainer = start_trainer(&run, dir, 500);
+    run.start_features();
     let features = run.features.as_ref().expect("producer");
     let prometheus = PrometheusServer::start(&[
         ("features", features.http_addr),
         ("model", run.model.http_addr),
         ("metric", run.metric.http_addr),
+        ("trainer", trainer.http_addr),
     ]);
 
     let mut targets = serde_json::Value::Null;
     let all_up = wait_until(Duration::from_secs(30), || {
         targets = prometheus.api("targets")["activeTargets"].clone();
         targets.as_array().is_some_and(|active| {
-            active.len() == 3 && active.iter().all(|target| target["health"] == "up")
+            active.len() == 4 && active.iter().all(|target| target["health"] == "up")
         })
     });
     assert!(all_up, "targets not all up: {targets:#}\n{}", run.logs());
@@ -780,7 +812,7 @@ fn pipeline_under_prometheus(test: &str, extra: &[(&str, &str)]) -> (Pipeline, P
             "no series for the dashboard query {query}"
         );
     }
-    (run, prometheus)
+    (run, prometheus, trainer)
 }
 
 /// Whether the metric service exports the quality alarm gauge yet (another part of issue 11).
@@ -792,9 +824,11 @@ fn quality_alarm_exported(run: &Pipeline) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prometheus_fires_the_drift_alert_on_a_drift_run() {
-    let (run, prometheus) = pipeline_under_prometheus(
+    let trainer_dir = tempfile::tempdir().unwrap();
+    let (run, prometheus, trainer) = pipeline_under_prometheus(
         "promdrift",
         &[("DRIFT_AFTER", "500"), ("DRIFT_SHIFT", "bmi=0.05,s5=0.04")],
+        trainer_dir.path(),
     );
     let quality_checked = quality_alarm_exported(&run);
     let mut states = Vec::new();
@@ -837,13 +871,16 @@ async fn prometheus_fires_the_drift_alert_on_a_drift_run() {
     }
     eprintln!("alerts of the drift run: {states:?}");
     let queues = run.queues.clone();
+    drop(trainer);
     drop(run);
     delete_queues(&shared_amqp_url(), &queues).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prometheus_fires_no_quality_or_drift_alert_on_a_normal_run() {
-    let (run, prometheus) = pipeline_under_prometheus("promnormal", &[]);
+    let trainer_dir = tempfile::tempdir().unwrap();
+    let (run, prometheus, trainer) =
+        pipeline_under_prometheus("promnormal", &[], trainer_dir.path());
     let quality_checked = quality_alarm_exported(&run);
     // The rules must have been evaluated on the full window, for longer than their `for:`.
     let since = prometheus.value("vector(time())").expect("time() answers");
@@ -888,6 +925,7 @@ async fn prometheus_fires_no_quality_or_drift_alert_on_a_normal_run() {
     }
     eprintln!("normal run: highest PSI {max_psi:.3}, active alerts {states:?}");
     let queues = run.queues.clone();
+    drop(trainer);
     drop(run);
     delete_queues(&shared_amqp_url(), &queues).await;
 }

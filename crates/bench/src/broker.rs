@@ -119,6 +119,18 @@ async fn delete_queues(url: &str, names: &[String]) -> anyhow::Result<()> {
             channel = connection.create_channel().await?;
         }
     }
+    // The producer's fanout exchanges of the phase's streams (`<queue>.fanout`); best effort, as
+    // only the features and y_true queues have one.
+    for name in names {
+        let exchange = pipeline::broker::topology::fanout_exchange(name);
+        if channel
+            .exchange_delete(exchange.as_str().into(), Default::default())
+            .await
+            .is_err()
+        {
+            channel = connection.create_channel().await?;
+        }
+    }
     let _ = connection.close(200, "bye".into()).await;
     if failed.is_empty() {
         Ok(())

@@ -1,5 +1,7 @@
 //! The producer: picks rows of a CSV (at random or in order) and publishes, for each, the feature
-//! vector to `features` and the true target to `y_true`, both with the same fresh id.
+//! vector to `features` and the true target to `y_true`, both with the same fresh id. It publishes
+//! through each stream's fanout exchange (`features.fanout`, `y_true.fanout`), declared and bound
+//! to its queue at the start of every session, so the trainer's queues get a copy.
 //!
 //! Every sample stays in a confirm window until the broker has confirmed both of its messages; a
 //! sample not confirmed when the connection drops is published again after the reconnect, so a
@@ -368,10 +370,14 @@ impl Producer {
             return SessionEnd::Finished;
         }
         let queues = &self.config.queues;
+        // The bindings exist before the first publish: a fanout exchange without them would
+        // return every message as unroutable.
         let topology = Topology::new(
             &self.config.broker,
             &[queues.features_queue.as_str(), queues.y_true_queue.as_str()],
-        );
+        )
+        .with_fanout(&queues.features_queue)
+        .with_fanout(&queues.y_true_queue);
         // A blocked connection (broker resource alarm) holds every frame, declares too: a stop
         // request must not wait for the alarm to end.
         let setup = async {
@@ -532,14 +538,14 @@ impl Producer {
             sent_at_us,
         )?;
         let y_true = publisher
-            .publish_json(&queues.y_true_queue, &self.body, Some(&sample.id))
+            .publish_fanout(&queues.y_true_queue, &self.body, Some(&sample.id))
             .await?;
         let features = self
             .drift
             .apply(sample.number, self.data.row(row), &mut self.drifted_row);
         write_features(&mut self.body, format, id, features, sent_at_us)?;
         let features = publisher
-            .publish_json(&queues.features_queue, &self.body, Some(&sample.id))
+            .publish_fanout(&queues.features_queue, &self.body, Some(&sample.id))
             .await?;
         tracing::trace!(id = %sample.id, row = sample.row, "published");
         Ok([y_true, features])

@@ -54,23 +54,38 @@ impl Artifact {
         let bytes = std::fs::read(data_path)
             .with_context(|| format!("cannot read {}", data_path.display()))?;
         let data = Dataset::from_csv(data_path, target_column)?;
-        let mut model = LinearModel::fit(&data)?;
+        Self::fit(&data, hex(&Sha256::digest(&bytes)), version)
+    }
+
+    /// Fits on `data` (in memory, e.g. the trainer's window) and describes the result;
+    /// `data_sha256` names the data it came from. The version is `version`, or derived from the
+    /// coefficients.
+    pub fn fit(
+        data: &Dataset,
+        data_sha256: String,
+        version: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let mut model = LinearModel::fit(data)?;
         if let Some(version) = version {
             model.version = version;
         }
-        let metrics = model.evaluate(&data)?;
-        let reference = model.reference.as_deref().cloned();
+        Self::of(&model, data, data_sha256)
+    }
+
+    /// The artifact of a fitted `model`, with its in-sample quality on `data`.
+    pub fn of(model: &LinearModel, data: &Dataset, data_sha256: String) -> anyhow::Result<Self> {
+        let metrics = model.evaluate(data)?;
         Ok(Self {
             format: FORMAT.to_owned(),
-            version: model.version,
-            feature_names: model.feature_names,
-            target_name: data.target_name,
-            coefficients: model.coefficients,
+            version: model.version.clone(),
+            feature_names: model.feature_names.clone(),
+            target_name: data.target_name.clone(),
+            coefficients: model.coefficients.clone(),
             intercept: model.intercept,
-            training_data_sha256: hex(&Sha256::digest(&bytes)),
+            training_data_sha256: data_sha256,
             metrics,
             trained_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            reference,
+            reference: model.reference.as_deref().cloned(),
         })
     }
 
@@ -118,24 +133,80 @@ impl Artifact {
         }
     }
 
-    /// Writes the artifact atomically (temporary file, then rename), so a watcher never reads half
-    /// of it.
+    /// Writes the artifact atomically (a temporary file in the same folder, synced, then renamed
+    /// over `path`), so a watcher never reads half of it and a crash leaves the old file or the
+    /// new one. Two writers never share a temporary file.
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
-        let json = serde_json::to_string_pretty(self)?;
-        let tmp = temporary_path(path);
-        std::fs::write(&tmp, json + "\n")
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+        let json = serde_json::to_string_pretty(self)? + "\n";
+        write_atomically(path, json.as_bytes())
     }
 }
 
-fn temporary_path(path: &Path) -> PathBuf {
+/// Replaces `path` with `bytes` atomically: a uniquely named temporary file beside it (mode 0644,
+/// so model services running as another user can read it; `tempfile` creates 0600), synced, then
+/// renamed over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(|| format!("cannot write {}", tmp.path().display()))?;
+    let readable = std::os::unix::fs::PermissionsExt::from_mode(0o644);
+    std::fs::set_permissions(tmp.path(), readable)
+        .with_context(|| format!("cannot make {} readable", tmp.path().display()))?;
+    // On error the temporary file is deleted when `tmp` drops.
+    tmp.persist(path)
+        .with_context(|| format!("cannot move the new file to {}", path.display()))?;
+    Ok(())
+}
+
+/// The file of version `version` beside the served artifact `model_path`:
+/// `<folder of model_path>/<version>.json`, where the trainer writes every promoted version.
+/// `None` for a string that is not a version (so it cannot name a path elsewhere).
+pub fn versioned_path(model_path: &Path, version: &str) -> Option<PathBuf> {
+    pipeline::messages::validate_id(version).ok()?;
+    let dir = model_path.parent().unwrap_or(Path::new(""));
+    Some(dir.join(format!("{version}.json")))
+}
+
+/// `model rollback --to VERSION`: puts `<folder of model_path>/<VERSION>.json` back as the served
+/// artifact, atomically, after checking it is a valid artifact of that version. The model
+/// services watching `model_path` swap to it. Returns the artifact put back.
+pub fn rollback(model_path: &Path, version: &str) -> anyhow::Result<Artifact> {
+    let source = versioned_path(model_path, version).with_context(|| {
+        format!("{version:?} is not a version (1 to 128 characters of A-Z a-z 0-9 . _ : -)")
+    })?;
+    let bytes = std::fs::read(&source).with_context(|| {
+        format!(
+            "no artifact of version {version}: cannot read {}",
+            source.display()
+        )
+    })?;
+    let artifact = std::str::from_utf8(&bytes)
+        .map_err(anyhow::Error::from)
+        .and_then(Artifact::parse)
+        .with_context(|| format!("refusing {}", source.display()))?;
+    if artifact.version != version {
+        anyhow::bail!(
+            "{} holds version {}, not {version}",
+            source.display(),
+            artifact.version
+        );
+    }
+    write_atomically(model_path, &bytes)?;
+    Ok(artifact)
 }
 
 /// The version a fit on data would get, for the log.
@@ -156,12 +227,14 @@ impl ContentHash {
 
 /// Watches the artifact at `path` (polling every `interval`) and sends each new valid model on
 /// `models`. `loaded` is the hash of the file the served model was read from (taken at that read,
-/// so a file replaced between the first load and the watcher's start is still loaded). A file that
+/// so a file replaced between the first load and the watcher's start is still loaded); `None`
+/// when there was no file yet (the model was fitted on `DATA_PATH`): the first file to appear
+/// is loaded. A file that
 /// cannot be read, is not a valid artifact, or has another number of features than the model being
 /// served is refused with an error log; the current model keeps serving.
 pub async fn watch_artifact(
     path: PathBuf,
-    loaded: ContentHash,
+    loaded: Option<ContentHash>,
     interval: Duration,
     models: watch::Sender<Arc<LinearModel>>,
     reloads: prometheus_client::metrics::family::Family<
@@ -180,10 +253,10 @@ pub async fn watch_artifact(
             continue;
         };
         let hash = ContentHash::of(&bytes);
-        if hash == last {
+        if Some(hash) == last {
             continue;
         }
-        last = hash;
+        last = Some(hash);
         let current = models.borrow().clone();
         let result = std::str::from_utf8(&bytes)
             .map_err(anyhow::Error::from)
@@ -245,7 +318,15 @@ mod tests {
         assert_eq!(loaded.version, "v1");
         assert_eq!(loaded.feature_names.len(), 10);
         assert_eq!(loaded.training_data_sha256.len(), 64);
-        assert!(!dir.path().join(".model.json.tmp").exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["model.json"], "no temporary file left");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o644, "mode {mode:o}");
     }
 
     #[test]
@@ -330,7 +411,7 @@ mod tests {
         let reloads = prometheus_client::metrics::family::Family::<ReloadLabel, _>::default();
         let watcher = tokio::spawn(watch_artifact(
             path,
-            loaded,
+            Some(loaded),
             Duration::from_millis(10),
             models,
             reloads.clone(),
@@ -351,6 +432,61 @@ mod tests {
             .get_or_create(&ReloadLabel { result: "loaded" })
             .clone();
         assert_eq!(loads.get(), 1);
+    }
+
+    #[test]
+    fn rollback_puts_a_versioned_artifact_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let served = dir.path().join("model.json");
+        let v1 = Artifact::train(&diabetes(), None, Some("v1".into())).unwrap();
+        v1.write(&dir.path().join("v1.json")).unwrap();
+        Artifact::train(&diabetes(), None, Some("v2".into()))
+            .unwrap()
+            .write(&served)
+            .unwrap();
+        let back = rollback(&served, "v1").unwrap();
+        assert_eq!(back, v1);
+        assert_eq!(Artifact::load(&served).unwrap(), v1);
+        // Unknown versions, names that are not versions, and a file of another version.
+        assert!(format!("{:#}", rollback(&served, "v9").unwrap_err()).contains("no artifact"));
+        assert!(rollback(&served, "../v1").is_err());
+        std::fs::copy(dir.path().join("v1.json"), dir.path().join("v3.json")).unwrap();
+        assert!(format!("{:#}", rollback(&served, "v3").unwrap_err()).contains("not v3"));
+        assert_eq!(Artifact::load(&served).unwrap(), v1);
+    }
+
+    /// A model started before its artifact exists picks the file up when it appears.
+    #[tokio::test]
+    async fn an_artifact_that_appears_later_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.json");
+        let fitted = Artifact::train(&diabetes(), None, Some("fitted".into())).unwrap();
+        let (models, mut current) = watch::channel(Arc::new(fitted.model()));
+        let shutdown = pipeline::CancellationToken::new();
+        let reloads = prometheus_client::metrics::family::Family::<ReloadLabel, _>::default();
+        let watcher = tokio::spawn(watch_artifact(
+            path.clone(),
+            None,
+            Duration::from_millis(10),
+            models,
+            reloads,
+            shutdown.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(current.borrow().version, "fitted");
+        Artifact::train(&diabetes(), None, Some("v1".into()))
+            .unwrap()
+            .write(&path)
+            .unwrap();
+        let swapped = tokio::time::timeout(
+            Duration::from_secs(10),
+            current.wait_for(|model| model.version == "v1"),
+        )
+        .await
+        .is_ok();
+        shutdown.cancel();
+        watcher.await.unwrap();
+        assert!(swapped, "the new artifact was never loaded");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use pipeline::messages::{BodyFormat, parse_features, write_y_pred};
 use pipeline::metrics::BrokerMetrics;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use regression::LinearModel;
 use std::net::SocketAddr;
@@ -64,6 +65,29 @@ pub enum Command {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Put an earlier version back: copies <folder of MODEL_PATH>/<VERSION>.json over MODEL_PATH
+    /// (atomically); the running model services swap to it within MODEL_POLL_MS.
+    Rollback {
+        /// Version to serve again (the trainer writes each promoted version as <VERSION>.json).
+        #[arg(long = "to")]
+        to: String,
+    },
+}
+
+/// `model rollback --to VERSION`: puts the artifact back and prints what is served now.
+pub fn rollback(model_path: Option<&std::path::Path>, version: &str) -> anyhow::Result<()> {
+    let model_path =
+        model_path.context("MODEL_PATH is not set: rollback needs the served artifact's path")?;
+    let artifact = artifact::rollback(model_path, version)?;
+    println!(
+        "{} now serves version {} (trained {}, {} rows, MAE {:.4})",
+        model_path.display(),
+        artifact.version,
+        artifact.trained_at,
+        artifact.metrics.rows,
+        artifact.metrics.mae
+    );
+    Ok(())
 }
 
 /// `model train`: fits, writes the artifact, prints a summary.
@@ -108,7 +132,9 @@ pub struct Config {
     #[arg(long, env = "DATA_PATH", default_value = "data/diabetes.csv")]
     pub data_path: PathBuf,
 
-    /// Model artifact to serve (written by `model train`); watched and swapped in when it changes.
+    /// Model artifact to serve (written by `model train` or the trainer); watched and swapped in
+    /// when it changes. While the file does not exist yet, the model is fitted on DATA_PATH and the
+    /// file is loaded as soon as it appears.
     #[arg(long, env = "MODEL_PATH")]
     pub model_path: Option<PathBuf>,
 
@@ -152,9 +178,19 @@ pub struct StartModel {
     pub artifact_hash: Option<artifact::ContentHash>,
 }
 
-/// The model to serve at start-up: the artifact at `MODEL_PATH`, or a fit on `DATA_PATH`.
+/// The model to serve at start-up: the artifact at `MODEL_PATH`, or a fit on `DATA_PATH` (also
+/// when `MODEL_PATH` names a file that does not exist yet: the watcher loads it once it appears).
 pub fn load_model(config: &Config) -> anyhow::Result<StartModel> {
-    if let Some(path) = &config.model_path {
+    if let Some(path) = config.model_path.as_ref().filter(|path| {
+        let exists = path.try_exists().unwrap_or(true);
+        if !exists {
+            tracing::info!(
+                "no model artifact at MODEL_PATH {} yet: fitting on DATA_PATH, and serving the artifact once it appears",
+                path.display()
+            );
+        }
+        exists
+    }) {
         let (artifact, hash) = artifact::Artifact::load_with_hash(path)?;
         tracing::info!(
             version = %artifact.version,
@@ -215,20 +251,23 @@ pub async fn run(
         "Model artifacts seen at MODEL_PATH, by result (loaded, refused)",
         reloads.clone(),
     );
-    let watcher = config
-        .model_path
-        .clone()
-        .zip(start.artifact_hash)
-        .map(|(path, loaded)| {
-            tokio::spawn(artifact::watch_artifact(
-                path,
-                loaded,
-                Duration::from_millis(config.model_poll_ms.max(10)),
-                model_tx,
-                reloads,
-                shutdown.clone(),
-            ))
-        });
+    let served = Family::<VersionLabel, Gauge>::default();
+    registry.register(
+        "pipeline_model_served",
+        "1 for the model version this replica serves now",
+        served.clone(),
+    );
+    let version_gauge = tokio::spawn(export_version(model_rx.clone(), served));
+    let watcher = config.model_path.clone().map(|path| {
+        tokio::spawn(artifact::watch_artifact(
+            path,
+            start.artifact_hash,
+            Duration::from_millis(config.model_poll_ms.max(10)),
+            model_tx,
+            reloads,
+            shutdown.clone(),
+        ))
+    });
     let health = Health::new();
     pipeline::broker::topology::announce(
         &config.broker,
@@ -264,10 +303,12 @@ pub async fn run(
     let queues = &config.queues;
     let spec = ConsumerSpec {
         inputs: &[queues.features_queue.as_str()],
+        // The producer's fanout exchange of `features`, bound here too, so either may start first.
         topology: Topology::new(
             &config.broker,
             &[queues.features_queue.as_str(), queues.y_pred_queue.as_str()],
-        ),
+        )
+        .with_fanout(&queues.features_queue),
         consume: config.consume.clone(),
         exclusive: false,
         service: "model",
@@ -285,10 +326,34 @@ pub async fn run(
     if let Some(watcher) = watcher {
         let _ = watcher.await;
     }
+    version_gauge.abort();
     if let Some((_, reporter)) = drift {
         let _ = reporter.await;
     }
     result
+}
+
+/// Label of `pipeline_model_served`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct VersionLabel {
+    /// The model version.
+    pub version: String,
+}
+
+/// Keeps `pipeline_model_served{version}` at 1 for the served version only, so a scrape of each
+/// replica tells which version it serves.
+async fn export_version(
+    mut models: watch::Receiver<Arc<LinearModel>>,
+    served: Family<VersionLabel, Gauge>,
+) {
+    loop {
+        let version = models.borrow_and_update().version.clone();
+        served.clear();
+        served.get_or_create(&VersionLabel { version }).set(1);
+        if models.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Predicts each features message and publishes the prediction.

@@ -16,6 +16,9 @@ async fn main() -> anyhow::Result<()> {
         }) => {
             return model::train(&data, &out, version, target.as_deref());
         }
+        Some(Command::Rollback { to }) => {
+            return model::rollback(cli.config.model_path.as_deref(), &to);
+        }
         None => {}
     }
     pipeline::telemetry::init(cli.config.telemetry.log_format);

@@ -159,6 +159,23 @@ impl Dataset {
         })
     }
 
+    /// A data set of rows already in memory: `features` row-major, one row per target. `None`
+    /// when the shapes do not fit (no feature names, or a length that is not rows × features).
+    pub fn from_rows(
+        feature_names: Vec<String>,
+        target_name: String,
+        features: Vec<f64>,
+        targets: Vec<f64>,
+    ) -> Option<Self> {
+        (!feature_names.is_empty() && features.len() == targets.len() * feature_names.len())
+            .then_some(Self {
+                feature_names,
+                target_name,
+                features,
+                targets,
+            })
+    }
+
     /// Number of rows.
     pub fn len(&self) -> usize {
         self.targets.len()

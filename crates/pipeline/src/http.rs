@@ -101,22 +101,58 @@ pub fn probe(addr: SocketAddr) -> anyhow::Result<()> {
     } else {
         addr
     };
+    let response = http_get(target, "/healthz")?;
+    if response.status == 200 {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "unhealthy: {}: {}",
+            response.status_line,
+            response.body.trim()
+        )
+    }
+}
+
+/// The answer to [`http_get`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// The status code (0 when the status line has none).
+    pub status: u16,
+    /// The whole status line, for messages.
+    pub status_line: String,
+    /// The body (not decoded: the services answer with `Content-Length` bodies).
+    pub body: String,
+}
+
+/// A small blocking HTTP/1.1 `GET path` to `addr` (3 s timeouts), for the healthcheck probe and
+/// for services that read another one's `/metrics`.
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<Response> {
     let timeout = Duration::from_secs(3);
-    let mut stream = TcpStream::connect_timeout(&target, timeout)
-        .with_context(|| format!("cannot connect to {target}"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("cannot connect to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     write!(
         stream,
-        "GET /healthz HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status_line = response.lines().next().unwrap_or_default();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
-    if status_line.split_whitespace().nth(1) == Some("200") {
-        Ok(())
-    } else {
-        anyhow::bail!("unhealthy: {status_line}: {body}")
-    }
+    stream
+        .read_to_string(&mut response)
+        .with_context(|| format!("cannot read the answer of {addr}"))?;
+    let status_line = response.lines().next().unwrap_or_default().to_owned();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok(Response {
+        status,
+        status_line,
+        body,
+    })
 }

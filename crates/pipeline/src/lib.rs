@@ -1,5 +1,5 @@
-//! The shared library of the pipeline: everything the `features`, `model` and `metric` services have
-//! in common, so each service's crate holds only its own logic.
+//! The shared library of the pipeline: everything the `features`, `model`, `metric` and `trainer`
+//! services have in common, so each service's crate holds only its own logic.
 //!
 //! - [`messages`]: the JSON messages on the three queues, and how bad input is classified.
 //! - [`dataset`]: loading a numeric CSV (features, target) for the producer and the model.

@@ -1,7 +1,7 @@
-//! Everything that talks to RabbitMQ: connecting with backoff ([`connection`]), the queues and
-//! dead-letter queues ([`topology`]), confirmed publishing ([`publisher`]) and the one consume loop
-//! all consuming services run ([`consumer`]), which stops taking an input its handler cannot keep
-//! up with ([`flow`]).
+//! Everything that talks to RabbitMQ: connecting with backoff ([`connection`]), the queues,
+//! dead-letter queues and fanout exchanges ([`topology`]), confirmed publishing ([`publisher`])
+//! and the one consume loop all consuming services run ([`consumer`]), which stops taking an input
+//! its handler cannot keep up with ([`flow`]).
 //!
 //! Recovery is ours, not lapin's (`enable_auto_recover` has had bugs around broker restarts): one
 //! [`supervisor`] runs every service's sessions. On a connection error a service drops the

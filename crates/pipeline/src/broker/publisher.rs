@@ -1,8 +1,10 @@
 //! Publishing with publisher confirms on a channel of its own: persistent JSON messages to the
-//! default exchange, `mandatory` so an unroutable message comes back instead of vanishing.
+//! default exchange (straight to a queue) or to a stream's fanout exchange, `mandatory` so an
+//! unroutable message comes back instead of vanishing.
 
 use super::topology::{
     DEAD_LETTER_EXCHANGE, DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, dead_letter_queue,
+    fanout_exchange,
 };
 use crate::messages::MessageError;
 use crate::metrics::BrokerMetrics;
@@ -90,6 +92,30 @@ impl Publisher {
         body: &[u8],
         message_id: Option<&str>,
     ) -> lapin::Result<Confirm> {
+        self.publish_to("", queue, body, message_id).await
+    }
+
+    /// Publishes a persistent JSON `body` to the fanout exchange of the stream `queue`
+    /// ([`fanout_exchange`]): to `queue` and to every other queue bound there (the trainer's
+    /// copy). Confirmed once every bound queue has it; returned as unroutable (not confirmed)
+    /// when nothing is bound, so declare the topology first. Counted under `queue`.
+    pub async fn publish_fanout(
+        &self,
+        queue: &str,
+        body: &[u8],
+        message_id: Option<&str>,
+    ) -> lapin::Result<Confirm> {
+        self.publish_to(&fanout_exchange(queue), queue, body, message_id)
+            .await
+    }
+
+    async fn publish_to(
+        &self,
+        exchange: &str,
+        queue: &str,
+        body: &[u8],
+        message_id: Option<&str>,
+    ) -> lapin::Result<Confirm> {
         let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(PERSISTENT)
@@ -100,7 +126,7 @@ impl Publisher {
         let inner = self
             .channel
             .basic_publish(
-                "".into(),
+                exchange.into(),
                 queue.into(),
                 BasicPublishOptions {
                     mandatory: true,

@@ -5,6 +5,13 @@
 //! declares them (`queue_declare(queue=name)`: non-durable, no arguments), so a Python service and
 //! ours can share them in either start order. The dead-letter exchange and the `.dlq` queues are
 //! still declared: the services dead-letter bad input themselves.
+//!
+//! The producer publishes each stream (`features`, `y_true`) to a fanout exchange named after its
+//! queue (`<queue>.fanout`, [`fanout_exchange`]) instead of straight to the queue, so the trainer
+//! gets its own copy: the exchange is bound to the stream's queue and to the trainer's bounded
+//! queue (`<queue>.train`, [`training_queue`]). Every service that touches a stream declares the
+//! exchange and its own bindings (idempotent), so start order does not matter; a message published
+//! straight to the queue (a course-style producer) reaches only that queue.
 
 use crate::config::{BrokerConfig, QueueType, TopologyMode};
 use crate::health::Health;
@@ -29,10 +36,30 @@ pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dlq")
 }
 
+/// The fanout exchange the producer publishes the stream of `queue` to.
+pub fn fanout_exchange(queue: &str) -> String {
+    format!("{queue}.fanout")
+}
+
+/// The trainer's copy of the stream of `queue`.
+pub fn training_queue(queue: &str) -> String {
+    format!("{queue}.train")
+}
+
+/// A stream's fanout exchange and the queues this service binds to it.
+#[derive(Debug, Clone)]
+struct Fanout {
+    exchange: String,
+    bound: Vec<String>,
+}
+
 /// The queues one service declares.
 #[derive(Debug, Clone)]
 pub struct Topology {
     queues: Vec<String>,
+    /// Queues capped at a length, dropping their oldest messages when full (the trainer's copies).
+    bounded: Vec<(String, u32)>,
+    fanouts: Vec<Fanout>,
     queue_type: QueueType,
     delivery_limit: u32,
     mode: TopologyMode,
@@ -43,13 +70,49 @@ impl Topology {
     pub fn new(config: &BrokerConfig, queues: &[&str]) -> Self {
         Self {
             queues: queues.iter().map(|q| (*q).to_owned()).collect(),
+            bounded: Vec::new(),
+            fanouts: Vec::new(),
             queue_type: config.queue_type,
             delivery_limit: config.delivery_limit,
             mode: config.topology,
         }
     }
 
-    /// Declares the dead-letter exchange, each queue and its dead-letter queue. Idempotent.
+    /// Also declares the fanout exchange of the stream `queue` and binds `queue` to it (`queue`
+    /// should be one of the declared queues).
+    pub fn with_fanout(mut self, queue: &str) -> Self {
+        self.fanout_mut(queue).bound.push(queue.to_owned());
+        self
+    }
+
+    /// Also declares the trainer's copy of the stream `queue`: the fanout exchange, and
+    /// [`training_queue`] bound to it, durable, holding at most `max_length` messages: when full
+    /// the broker drops the oldest (`x-overflow=drop-head`), so a stopped trainer never fills the
+    /// broker. No dead-letter exchange on it: the dropped copies are not dead-lettered.
+    pub fn with_training_queue(mut self, queue: &str, max_length: u32) -> Self {
+        let copy = training_queue(queue);
+        self.fanout_mut(queue).bound.push(copy.clone());
+        self.bounded.push((copy, max_length));
+        self
+    }
+
+    fn fanout_mut(&mut self, queue: &str) -> &mut Fanout {
+        let exchange = fanout_exchange(queue);
+        let index = match self.fanouts.iter().position(|f| f.exchange == exchange) {
+            Some(index) => index,
+            None => {
+                self.fanouts.push(Fanout {
+                    exchange,
+                    bound: Vec::new(),
+                });
+                self.fanouts.len() - 1
+            }
+        };
+        &mut self.fanouts[index]
+    }
+
+    /// Declares the dead-letter exchange, each queue and its dead-letter queue, then the fanout
+    /// exchanges and their bindings. Idempotent.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
         channel
             .exchange_declare(
@@ -64,18 +127,7 @@ impl Topology {
             .await?;
         for queue in &self.queues {
             let dlq = dead_letter_queue(queue);
-            channel
-                .queue_declare(dlq.as_str().into(), durable(), self.type_arguments(false))
-                .await?;
-            channel
-                .queue_bind(
-                    dlq.as_str().into(),
-                    DEAD_LETTER_EXCHANGE.into(),
-                    dlq.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            self.declare_dead_letter_queue(channel, queue).await?;
             if self.mode == TopologyMode::Course {
                 // Exactly the course's `channel.queue_declare(queue=name)`.
                 channel
@@ -100,7 +152,72 @@ impl Topology {
                 .queue_declare(queue.as_str().into(), durable(), arguments)
                 .await?;
         }
+        for (queue, max_length) in &self.bounded {
+            self.declare_dead_letter_queue(channel, queue).await?;
+            channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    durable(),
+                    self.bounded_arguments(*max_length),
+                )
+                .await?;
+        }
+        for fanout in &self.fanouts {
+            channel
+                .exchange_declare(
+                    fanout.exchange.as_str().into(),
+                    ExchangeKind::Fanout,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            for queue in &fanout.bound {
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        fanout.exchange.as_str().into(),
+                        "".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+        }
         Ok(())
+    }
+
+    async fn declare_dead_letter_queue(&self, channel: &Channel, queue: &str) -> lapin::Result<()> {
+        let dlq = dead_letter_queue(queue);
+        channel
+            .queue_declare(dlq.as_str().into(), durable(), self.type_arguments(false))
+            .await?;
+        channel
+            .queue_bind(
+                dlq.as_str().into(),
+                DEAD_LETTER_EXCHANGE.into(),
+                dlq.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Arguments of a bounded queue: its type, `x-max-length` and `x-overflow=drop-head`.
+    fn bounded_arguments(&self, max_length: u32) -> FieldTable {
+        let mut arguments = self.type_arguments(false);
+        arguments.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(i64::from(max_length)),
+        );
+        arguments.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("drop-head".into()),
+        );
+        arguments
     }
 
     fn type_arguments(&self, with_delivery_limit: bool) -> FieldTable {
@@ -171,6 +288,51 @@ mod tests {
         Cli::try_parse_from(std::iter::once("test").chain(args.iter().copied()))
             .unwrap()
             .broker
+    }
+
+    #[test]
+    fn streams_get_one_fanout_exchange_with_their_queues_bound() {
+        let topology = Topology::new(&config(&[]), &["features", "y_true"])
+            .with_fanout("features")
+            .with_fanout("y_true")
+            .with_training_queue("features", 100)
+            .with_training_queue("y_true", 100);
+        let fanouts: Vec<(&str, Vec<&str>)> = topology
+            .fanouts
+            .iter()
+            .map(|f| {
+                (
+                    f.exchange.as_str(),
+                    f.bound.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            fanouts,
+            [
+                ("features.fanout", vec!["features", "features.train"]),
+                ("y_true.fanout", vec!["y_true", "y_true.train"]),
+            ]
+        );
+        assert_eq!(
+            topology.bounded,
+            [
+                ("features.train".to_owned(), 100),
+                ("y_true.train".to_owned(), 100)
+            ]
+        );
+        let arguments = topology.bounded_arguments(100);
+        let inner = arguments.inner();
+        assert_eq!(
+            inner.get("x-max-length"),
+            Some(&AMQPValue::LongLongInt(100))
+        );
+        assert_eq!(
+            inner.get("x-overflow"),
+            Some(&AMQPValue::LongString("drop-head".into()))
+        );
+        // Dropped copies must not be dead-lettered (that would fill the dead-letter queue).
+        assert!(inner.get("x-dead-letter-exchange").is_none());
     }
 
     #[test]

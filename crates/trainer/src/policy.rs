@@ -1,0 +1,355 @@
+//! The trainer's decisions as plain data, with unit and property tests: when to retrain (every
+//! `RETRAIN_EVERY` new labels, or on a rising quality alarm of the served version), how the window
+//! is split into training rows and the holdout, and whether a candidate is promoted.
+
+use std::collections::HashMap;
+
+/// What started a retrain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Trigger {
+    /// `RETRAIN_EVERY` new labelled samples since the last retrain.
+    Labels,
+    /// `POST /retrain`.
+    Manual,
+    /// The metric service's quality alarm rose for the served version.
+    Alarm,
+}
+
+impl Trigger {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Labels => "labels",
+            Self::Manual => "manual",
+            Self::Alarm => "alarm",
+        }
+    }
+}
+
+/// Counts new labelled samples and says when `RETRAIN_EVERY` of them have come in since the last
+/// retrain (of any trigger). `every = 0` never asks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetrainSchedule {
+    every: u64,
+    since: u64,
+}
+
+impl RetrainSchedule {
+    /// A schedule asking every `every` labels (0: never).
+    pub fn new(every: u64) -> Self {
+        Self { every, since: 0 }
+    }
+
+    /// `n` more labelled samples joined; `true` when a retrain is due now (the count starts
+    /// again).
+    pub fn labelled(&mut self, n: u64) -> bool {
+        if self.every == 0 {
+            return false;
+        }
+        self.since = self.since.saturating_add(n);
+        if self.since >= self.every {
+            self.since = 0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A retrain ran (whatever started it): count from 0 again, as its window held these labels.
+    pub fn retrained(&mut self) {
+        self.since = 0;
+    }
+
+    /// Labels since the last retrain.
+    pub fn since(&self) -> u64 {
+        self.since
+    }
+}
+
+/// Follows the metric service's `pipeline_model_quality_alert{model_version}` and says when the
+/// served version's alarm rises: off (or never seen) in the last reading, on in this one. A version
+/// whose alarm stays on asks once, not on every poll.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AlarmEdge {
+    last: HashMap<String, bool>,
+}
+
+impl AlarmEdge {
+    /// Records one reading (`version -> alarm on`) and returns whether the `served` version's
+    /// alarm has just risen.
+    pub fn observe(&mut self, reading: HashMap<String, bool>, served: &str) -> bool {
+        let was_on = self.last.get(served).copied().unwrap_or(false);
+        let is_on = reading.get(served).copied().unwrap_or(false);
+        self.last = reading;
+        is_on && !was_on
+    }
+}
+
+/// The quality alarms in a Prometheus text exposition: `version -> on` for every
+/// `pipeline_model_quality_alert{model_version="..."} value` line.
+pub fn parse_alarms(metrics: &str) -> HashMap<String, bool> {
+    const PREFIX: &str = "pipeline_model_quality_alert{";
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(PREFIX)?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let version = labels
+                .split(',')
+                .find_map(|label| label.trim().strip_prefix("model_version="))?
+                .trim_matches('"');
+            let value: f64 = value.trim().parse().ok()?;
+            Some((version.to_owned(), value >= 1.0))
+        })
+        .collect()
+}
+
+/// How a window of `len` samples (oldest first) is cut: the oldest `train` rows fit the
+/// candidate, the newest `holdout` rows score it and the served model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Split {
+    /// Rows the candidate is fitted on (the oldest).
+    pub train: usize,
+    /// Rows both models are scored on (the newest: after a drift they are the ones that matter).
+    pub holdout: usize,
+}
+
+/// Fewest holdout rows for a comparison worth making.
+pub const MIN_HOLDOUT: usize = 10;
+
+/// Cuts `len` samples: the newest `ceil(len × fraction)` are the holdout. `None` when there are
+/// too few for a fit of `n_features` coefficients (at least twice as many training rows as
+/// parameters) and a holdout of [`MIN_HOLDOUT`] rows, or when `fraction` is not in (0, 1).
+pub fn split(len: usize, fraction: f64, n_features: usize) -> Option<Split> {
+    if !(fraction > 0.0 && fraction < 1.0) {
+        return None;
+    }
+    let holdout = ((len as f64) * fraction).ceil() as usize;
+    let holdout = holdout.max(MIN_HOLDOUT);
+    let train = len.checked_sub(holdout)?;
+    (train >= 2 * (n_features + 1)).then_some(Split { train, holdout })
+}
+
+/// What happens to a candidate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Its holdout MAE is lower by at least the required gain: it becomes the served model.
+    Promote,
+    /// Not better enough (or not a number): the served model stays.
+    Refuse,
+}
+
+/// The promotion guard. `min_gain` is relative (`PROMOTE_MIN_GAIN`, e.g. 0.05 = 5 %): the
+/// candidate is promoted only if `candidate_mae <= serving_mae × (1 − min_gain)` and it is a finite
+/// number. Relative, so one setting fits any target's units; with `min_gain = 0` it must still be
+/// no worse.
+pub fn decide(serving_mae: f64, candidate_mae: f64, min_gain: f64) -> Verdict {
+    let finite = candidate_mae.is_finite() && candidate_mae >= 0.0;
+    // A served model that cannot even be scored (NaN) is beaten by any finite candidate.
+    let beats = !serving_mae.is_finite() || candidate_mae <= serving_mae * (1.0 - min_gain);
+    if finite && beats {
+        Verdict::Promote
+    } else {
+        Verdict::Refuse
+    }
+}
+
+/// The relative gain of `candidate_mae` over `serving_mae` (0.3 = 30 % lower), for the log.
+pub fn gain(serving_mae: f64, candidate_mae: f64) -> f64 {
+    if serving_mae > 0.0 {
+        1.0 - candidate_mae / serving_mae
+    } else {
+        0.0
+    }
+}
+
+/// The next version name `v<N>`: one more than the highest `N` among `existing` names of that
+/// form (other names are ignored), starting at `v1`.
+pub fn next_version<'a>(existing: impl IntoIterator<Item = &'a str>) -> String {
+    let highest = existing
+        .into_iter()
+        .filter_map(|name| name.strip_prefix('v')?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    format!("v{}", highest + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_schedule_asks_every_n_labels() {
+        let mut schedule = RetrainSchedule::new(500);
+        assert!(!schedule.labelled(499));
+        assert!(schedule.labelled(1));
+        assert_eq!(schedule.since(), 0);
+        assert!(!schedule.labelled(300));
+        schedule.retrained();
+        assert!(!schedule.labelled(300));
+        assert!(schedule.labelled(200));
+        let mut off = RetrainSchedule::new(0);
+        assert!(!off.labelled(u64::MAX));
+    }
+
+    #[test]
+    fn only_a_rising_alarm_of_the_served_version_asks() {
+        let mut edge = AlarmEdge::default();
+        let reading = |pairs: &[(&str, bool)]| {
+            pairs
+                .iter()
+                .map(|(v, on)| ((*v).to_owned(), *on))
+                .collect::<HashMap<_, _>>()
+        };
+        assert!(!edge.observe(reading(&[("v1", false)]), "v1"));
+        assert!(edge.observe(reading(&[("v1", true)]), "v1"));
+        // Still on: asked once.
+        assert!(!edge.observe(reading(&[("v1", true)]), "v1"));
+        // Another version's alarm does not ask; the old version's stays on after a promotion.
+        assert!(!edge.observe(reading(&[("v1", true), ("v2", false)]), "v2"));
+        assert!(edge.observe(reading(&[("v1", true), ("v2", true)]), "v2"));
+        // Off, then on again: asks again.
+        assert!(!edge.observe(reading(&[("v2", false)]), "v2"));
+        assert!(edge.observe(reading(&[("v2", true)]), "v2"));
+        // On at the first reading (the trainer started during an alarm): asks.
+        assert!(AlarmEdge::default().observe(reading(&[("v9", true)]), "v9"));
+    }
+
+    #[test]
+    fn alarms_are_read_from_the_metric_exposition() {
+        let text = "# HELP pipeline_model_quality_alert ...\n\
+                    # TYPE pipeline_model_quality_alert gauge\n\
+                    pipeline_model_quality_alert{model_version=\"ols-1a2b\"} 1\n\
+                    pipeline_model_quality_alert{model_version=\"v2\"} 0\n\
+                    pipeline_model_quality_alert_other{model_version=\"x\"} 1\n\
+                    pipeline_pairs_total 12\n";
+        let alarms = parse_alarms(text);
+        assert_eq!(alarms.len(), 2, "{alarms:?}");
+        assert!(alarms["ols-1a2b"]);
+        assert!(!alarms["v2"]);
+    }
+
+    #[test]
+    fn the_newest_fraction_is_the_holdout() {
+        assert_eq!(
+            split(1000, 0.2, 10),
+            Some(Split {
+                train: 800,
+                holdout: 200
+            })
+        );
+        assert_eq!(split(101, 0.2, 10).unwrap().holdout, 21);
+        // A small window still gets MIN_HOLDOUT rows to score on.
+        assert_eq!(split(40, 0.1, 1).unwrap().holdout, MIN_HOLDOUT);
+        assert_eq!(split(30, 0.2, 10), None);
+        assert_eq!(split(1000, 0.0, 10), None);
+        assert_eq!(split(1000, 1.0, 10), None);
+        assert_eq!(split(1000, f64::NAN, 10), None);
+    }
+
+    #[test]
+    fn the_guard_needs_the_relative_gain() {
+        assert_eq!(decide(60.0, 43.0, 0.05), Verdict::Promote);
+        assert_eq!(decide(60.0, 57.0, 0.05), Verdict::Promote);
+        assert_eq!(decide(60.0, 57.1, 0.05), Verdict::Refuse);
+        assert_eq!(decide(43.0, 80.0, 0.05), Verdict::Refuse);
+        assert_eq!(decide(43.0, 43.0, 0.0), Verdict::Promote);
+        assert_eq!(decide(43.0, f64::NAN, 0.0), Verdict::Refuse);
+        assert_eq!(decide(43.0, f64::INFINITY, 0.0), Verdict::Refuse);
+        assert_eq!(decide(f64::NAN, 43.0, 0.05), Verdict::Promote);
+        assert!((gain(60.0, 45.0) - 0.25).abs() < 1e-12);
+    }
+
+    #[test]
+    fn versions_count_up() {
+        assert_eq!(next_version([]), "v1");
+        assert_eq!(next_version(["v1", "v3", "ols-abc", "v2x", "model"]), "v4");
+    }
+
+    proptest! {
+        /// A promoted candidate is never worse than the served model, and at least `min_gain`
+        /// better (relative).
+        #[test]
+        fn promotion_implies_the_gain(
+            serving in 0.0f64..1e6,
+            candidate in 0.0f64..1e6,
+            min_gain in 0.0f64..0.9,
+        ) {
+            if decide(serving, candidate, min_gain) == Verdict::Promote {
+                prop_assert!(candidate <= serving);
+                prop_assert!(candidate <= serving * (1.0 - min_gain));
+            } else {
+                prop_assert!(candidate > serving * (1.0 - min_gain));
+            }
+        }
+
+        /// A stricter guard never promotes what a looser one refuses.
+        #[test]
+        fn a_stricter_guard_promotes_less(
+            serving in 0.0f64..1e6,
+            candidate in 0.0f64..1e6,
+            a in 0.0f64..0.9,
+            b in 0.0f64..0.9,
+        ) {
+            let (loose, strict) = if a <= b { (a, b) } else { (b, a) };
+            if decide(serving, candidate, strict) == Verdict::Promote {
+                prop_assert_eq!(decide(serving, candidate, loose), Verdict::Promote);
+            }
+        }
+
+        /// The units of the target do not matter: scaling both MAEs keeps the verdict.
+        #[test]
+        fn the_guard_is_scale_free(
+            serving in 1e-3f64..1e3,
+            candidate in 1e-3f64..1e3,
+            min_gain in 0.0f64..0.9,
+            scale in prop::sample::select(vec![0.001, 0.5, 2.0, 1024.0]),
+        ) {
+            prop_assert_eq!(
+                decide(serving, candidate, min_gain),
+                decide(serving * scale, candidate * scale, min_gain)
+            );
+        }
+
+        /// Retrains asked by the schedule: at most one per `every` labels, however they arrive.
+        #[test]
+        fn the_schedule_asks_once_per_every_labels(
+            every in 1u64..50,
+            batches in prop::collection::vec(1u64..10, 0..200),
+        ) {
+            let mut schedule = RetrainSchedule::new(every);
+            let mut asked = 0u64;
+            let mut total = 0u64;
+            for n in &batches {
+                total += n;
+                if schedule.labelled(*n) {
+                    asked += 1;
+                }
+                prop_assert!(schedule.since() < every);
+            }
+            // A batch crossing the mark asks once and drops the excess: never more than
+            // total / every; and with batches of one label, exactly that.
+            prop_assert!(asked <= total / every);
+            let mut single = RetrainSchedule::new(every);
+            let ones = (0..total).filter(|_| single.labelled(1)).count() as u64;
+            prop_assert_eq!(ones, total / every);
+        }
+
+        /// The split covers the window exactly, the holdout is the newest ceil(fraction) (at least
+        /// MIN_HOLDOUT), and the fit has twice as many rows as parameters.
+        #[test]
+        fn splits_cover_the_window(
+            len in 0usize..5000,
+            fraction in 0.01f64..0.99,
+            n_features in 1usize..20,
+        ) {
+            if let Some(split) = split(len, fraction, n_features) {
+                prop_assert_eq!(split.train + split.holdout, len);
+                prop_assert!(split.holdout >= MIN_HOLDOUT);
+                prop_assert!(split.holdout as f64 >= len as f64 * fraction);
+                prop_assert!(split.train >= 2 * (n_features + 1));
+            }
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! The closed loop end to end: three model replicas serve a model fitted on DATA_PATH (their
+//! MODEL_PATH does not exist yet), the producer drifts bmi and s5 after 1,000 samples, the trainer
+//! retrains from its copy of the streams and promotes a new version, every replica serves it, and
+//! on the samples after the drift the new version's MAE is lower than the old one's, with every
+//! sample in the metric's CSV exactly once. Then, after a restart (the window comes back from
+//! disk), a window that is mostly pure noise gives a worse candidate: `POST /retrain` refuses it
+//! and the served model stays; `model rollback` puts the first version back on every replica.
+//! Also: a course-style producer publishing straight to the `features` queue feeds the model and
+//! the trainer sees nothing of it.
+
+use crate::helpers::*;
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use model::artifact::Artifact;
+use pipeline::broker::topology::training_queue;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+const N: u64 = 4000;
+const DRIFT_AFTER: usize = 1000;
+/// Rows of the CSV around the drift left out of both sides (replicas may reorder a little).
+const MARGIN: usize = 100;
+const WINDOW: usize = 1000;
+
+/// `POST path` with an empty body: (status, body).
+fn http_post(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .ok()?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+fn metric(service: &Service, name: &str) -> f64 {
+    service.metrics().get(name).copied().unwrap_or(0.0)
+}
+
+fn served(service: &Service, version: &str) -> bool {
+    metric(
+        service,
+        &format!("pipeline_model_served{{version=\"{version}\"}}"),
+    ) == 1.0
+}
+
+fn mae(rows: &[&Row]) -> f64 {
+    rows.iter().map(|r| r.absolute_error).sum::<f64>() / rows.len() as f64
+}
+
+fn retrains(trainer: &Service) -> HashMap<String, f64> {
+    trainer
+        .metrics()
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("pipeline_trainer_retrains_total{"))
+        .collect()
+}
+
+/// Publishes `count` samples of random features and targets straight to the trainer's queues.
+async fn publish_noise(url: &str, features: &str, y_true: &str, count: usize) {
+    let connection = connect(url).await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    // xorshift64: reproducible noise in [0, 1).
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    for n in 0..count {
+        let id = format!("noise-{n}");
+        let x: Vec<f64> = (0..10).map(|_| uniform() * 0.2 - 0.1).collect();
+        let y = 25.0 + 321.0 * uniform();
+        for (queue, body) in [
+            (
+                training_queue(features),
+                serde_json::json!({"id": id, "features": x}),
+            ),
+            (
+                training_queue(y_true),
+                serde_json::json!({"id": id, "y_true": y}),
+            ),
+        ] {
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body.to_string().as_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+    let _ = connection.close(200, "bye".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_trainer_promotes_after_a_drift_and_refuses_a_worse_candidate() {
+    let url = shared_amqp_url();
+    let work = tempfile::tempdir().unwrap();
+    let model_path = work.path().join("models/model.json");
+    std::fs::create_dir_all(model_path.parent().unwrap()).unwrap();
+    let train_dir = work.path().join("train");
+    let options = Options::new(url.clone(), N)
+        .env("MODEL_PATH", &model_path.display().to_string())
+        .env("MODEL_POLL_MS", "200")
+        .env("DRIFT_AFTER", &DRIFT_AFTER.to_string())
+        .env("DRIFT_SHIFT", "bmi=0.05,s5=0.04")
+        .env("QUALITY_WINDOW", "400");
+    let run = Pipeline::start_consumers("trainer", options);
+    let replicas = [
+        run.extra_service("model", &[]),
+        run.extra_service("model", &[]),
+    ];
+    let trainer_env = [
+        ("TRAIN_DIR", train_dir.display().to_string()),
+        ("TRAIN_WINDOW", WINDOW.to_string()),
+        ("TRAIN_HOLDOUT", "0.2".to_owned()),
+        ("RETRAIN_EVERY", "500".to_owned()),
+        ("PROMOTE_MIN_GAIN", "0.05".to_owned()),
+        ("METRIC_URL", format!("http://{}", run.metric.http_addr)),
+        ("METRIC_POLL_MS", "500".to_owned()),
+    ];
+    let mut trainer = run.extra_service("trainer", &trainer_env);
+    for service in [
+        &run.metric,
+        &run.model,
+        &replicas[0],
+        &replicas[1],
+        &trainer,
+    ] {
+        wait_healthy(service, Duration::from_secs(30));
+    }
+    let models = [&run.model, &replicas[0], &replicas[1]];
+    let old = Artifact::train(&repo_root().join("data/diabetes.csv"), None, None)
+        .unwrap()
+        .version;
+    for model in models {
+        assert!(served(model, &old), "a replica does not serve {old}");
+    }
+
+    let producer = run.extra_service(
+        "features",
+        &[("COUNT", N.to_string()), ("RATE", "250".to_owned())],
+    );
+    run.wait_rows(N as usize, Duration::from_secs(120));
+    drop(producer);
+    let promoted = wait_until(Duration::from_secs(10), || {
+        retrains(&trainer)
+            .iter()
+            .any(|(name, value)| name.contains("result=\"promoted\"") && *value >= 1.0)
+    });
+    assert!(
+        promoted,
+        "no promotion: {:?}\n{}\n--- trainer\n{}",
+        retrains(&trainer),
+        run.logs(),
+        trainer.stderr()
+    );
+    let new = Artifact::load(&model_path).unwrap().version;
+    assert_ne!(new, old);
+    assert!(work.path().join(format!("models/{new}.json")).exists());
+    assert!(work.path().join(format!("models/{old}.json")).exists());
+    // Every replica serves it (the trainer's log says when it was promoted; the replicas poll
+    // MODEL_PATH every 200 ms).
+    assert!(
+        wait_until(Duration::from_secs(5), || models
+            .iter()
+            .all(|m| served(m, &new))),
+        "not every replica serves {new}"
+    );
+    let rows = run.rows();
+    assert_exactly_once(&rows, N as usize);
+    let before: Vec<&Row> = rows[..DRIFT_AFTER - MARGIN].iter().collect();
+    assert!(
+        before.iter().all(|r| r.model_version == old),
+        "a version other than {old} before the drift"
+    );
+    let after = &rows[DRIFT_AFTER + MARGIN..];
+    let old_after: Vec<&Row> = after.iter().filter(|r| r.model_version == old).collect();
+    let new_after: Vec<&Row> = after.iter().filter(|r| r.model_version == new).collect();
+    // The alarm's retrain usually lands 150 to 300 samples after the drift.
+    assert!(
+        old_after.len() >= 50 && new_after.len() >= 100,
+        "after the drift: {} rows of {old}, {} of {new}",
+        old_after.len(),
+        new_after.len()
+    );
+    let (mae_before, mae_old, mae_new) = (mae(&before), mae(&old_after), mae(&new_after));
+    eprintln!(
+        "closed loop: MAE before the drift {mae_before:.2} ({} rows, {old}); after the drift with \
+         the old model {mae_old:.2} ({} rows); after the promotion {mae_new:.2} ({} rows, {new}); \
+         retrains {:?}",
+        before.len(),
+        old_after.len(),
+        new_after.len(),
+        retrains(&trainer)
+    );
+    for line in trainer.stderr().lines().filter(|l| l.contains("candidate")) {
+        eprintln!("trainer: {line}");
+    }
+    assert!(
+        mae_new < mae_old,
+        "the new version {new} ({mae_new}) is not better than {old} ({mae_old}) after the drift"
+    );
+    let mut by_version: Vec<(String, usize, f64)> = Vec::new();
+    for version in after.iter().map(|r| r.model_version.clone()) {
+        if !by_version.iter().any(|(v, _, _)| *v == version) {
+            let rows: Vec<&Row> = after
+                .iter()
+                .filter(|r| r.model_version == version)
+                .collect();
+            by_version.push((version, rows.len(), mae(&rows)));
+        }
+    }
+    eprintln!("closed loop: after the drift, (version, rows, MAE): {by_version:?}");
+    // Nothing failed through the swaps: no dead letter anywhere.
+    let dead: Vec<String> = [&run.queues.features, &run.queues.y_true, &run.queues.y_pred]
+        .iter()
+        .map(|q| dead_letter_queue(q))
+        .collect();
+    let depths = queue_depths(&url, &dead).await;
+    assert!(depths.values().all(|d| *d == 0), "dead letters: {depths:?}");
+
+    // A restart keeps the window; retrains only on request from now on.
+    trainer.restart_with(
+        run.dir(),
+        &[
+            ("RETRAIN_EVERY", "0".to_owned()),
+            ("METRIC_URL", String::new()),
+        ],
+    );
+    wait_healthy(&trainer, Duration::from_secs(30));
+    assert_eq!(
+        metric(&trainer, "pipeline_trainer_window_samples"),
+        WINDOW as f64,
+        "the window did not come back from disk"
+    );
+    // A worse candidate: 700 samples of pure noise, then 300 real drifted samples. The candidate
+    // is fitted on the older part (mostly noise) and scored on the newest (real) part.
+    publish_noise(&url, &run.queues.features, &run.queues.y_true, 700).await;
+    assert!(
+        wait_until(Duration::from_secs(30), || metric(
+            &trainer,
+            "pipeline_trainer_samples_total"
+        ) >= 700.0),
+        "the trainer did not take the noise\n{}",
+        trainer.stderr()
+    );
+    let more = 300;
+    let producer = run.extra_service(
+        "features",
+        &[
+            ("COUNT", more.to_string()),
+            ("RATE", "0".to_owned()),
+            ("DRIFT_AFTER", "0".to_owned()),
+        ],
+    );
+    run.wait_rows(N as usize + more, Duration::from_secs(60));
+    assert!(
+        wait_until(Duration::from_secs(30), || metric(
+            &trainer,
+            "pipeline_trainer_samples_total"
+        ) >= (700 + more) as f64),
+        "the trainer did not take the real samples\n{}",
+        trainer.stderr()
+    );
+    drop(producer);
+    let served_bytes = std::fs::read(&model_path).unwrap();
+    let (status, body) = http_post(trainer.http_addr, "/retrain").expect("POST /retrain");
+    assert_eq!(status, 200, "{body}");
+    let outcome: serde_json::Value = serde_json::from_str(&body).unwrap();
+    eprintln!("closed loop: noise window: {outcome}");
+    assert_eq!(outcome["result"], "refused", "{outcome}");
+    assert_eq!(outcome["serving_version"], new.as_str());
+    assert!(outcome["candidate_mae"].as_f64() > outcome["serving_mae"].as_f64());
+    assert_eq!(
+        metric(
+            &trainer,
+            "pipeline_trainer_retrains_total{trigger=\"manual\",result=\"refused\"}"
+        ),
+        1.0
+    );
+    assert!(
+        trainer
+            .stderr()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("candidate refused")),
+        "{}",
+        trainer.stderr()
+    );
+    assert_eq!(std::fs::read(&model_path).unwrap(), served_bytes);
+    std::thread::sleep(Duration::from_millis(600));
+    for model in models {
+        assert!(served(model, &new), "a replica left {new}");
+    }
+    let rows = run.rows();
+    assert_exactly_once(&rows, N as usize + more);
+
+    // `model rollback --to` the first version: every replica goes back to it.
+    let status = std::process::Command::new(bin_path("model"))
+        .args(["rollback", "--to", &old])
+        .env("MODEL_PATH", &model_path)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "model rollback failed");
+    assert!(
+        wait_until(Duration::from_secs(5), || models
+            .iter()
+            .all(|m| served(m, &old))),
+        "not every replica went back to {old}"
+    );
+
+    let queues = run.queues.clone();
+    drop(trainer);
+    drop(replicas);
+    drop(run);
+    delete_queues(&url, &queues).await;
+}
+
+/// A course-style producer publishes straight to the `features` queue (default exchange): the
+/// model predicts it, and the trainer, whose copy comes from the fanout exchange only, receives
+/// nothing; our producer's samples do reach it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_course_style_producer_feeds_the_model_but_not_the_trainer() {
+    let url = shared_amqp_url();
+    let work = tempfile::tempdir().unwrap();
+    let mut run = Pipeline::start_consumers("trainerfanout", Options::new(url.clone(), 50));
+    let trainer = run.extra_service(
+        "trainer",
+        &[
+            ("TRAIN_DIR", work.path().join("train").display().to_string()),
+            (
+                "MODEL_PATH",
+                work.path().join("model.json").display().to_string(),
+            ),
+        ],
+    );
+    wait_healthy(&run.model, Duration::from_secs(30));
+    wait_healthy(&trainer, Duration::from_secs(30));
+    let connection = connect(&url).await;
+    for n in 0..20 {
+        let id = format!("course-{n}");
+        let features = serde_json::json!([
+            0.01, 0.05, 0.06, 0.02, -0.04, -0.03, -0.04, 0.0, 0.02, -0.02
+        ]);
+        publish_raw(&connection, &run.queues.y_true, b"151.0", Some(id.as_str())).await;
+        publish_raw(
+            &connection,
+            &run.queues.features,
+            features.to_string().as_bytes(),
+            Some(id.as_str()),
+        )
+        .await;
+    }
+    let _ = connection.close(200, "bye".into()).await;
+    run.wait_rows(20, Duration::from_secs(30));
+    let consumed = |service: &Service, queue: &str| {
+        metric(
+            service,
+            &format!("pipeline_messages_consumed_total{{queue=\"{queue}\"}}"),
+        )
+    };
+    assert_eq!(consumed(&run.model, &run.queues.features), 20.0);
+    std::thread::sleep(Duration::from_millis(500));
+    let received = |stream: &str| {
+        metric(
+            &trainer,
+            &format!("pipeline_trainer_received_total{{stream=\"{stream}\"}}"),
+        )
+    };
+    assert_eq!(received("features"), 0.0);
+    assert_eq!(received("y_true"), 0.0);
+    assert_eq!(
+        consumed(&trainer, &training_queue(&run.queues.features)),
+        0.0
+    );
+
+    // Our producer's samples reach both.
+    run.start_features();
+    run.wait_rows(70, Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(10), || metric(
+            &trainer,
+            "pipeline_trainer_samples_total"
+        ) == 50.0),
+        "{:?}\n{}",
+        trainer.metrics(),
+        trainer.stderr()
+    );
+    assert_eq!(received("features"), 50.0);
+    assert_eq!(received("y_true"), 50.0);
+    assert_exactly_once(&run.rows(), 70);
+    let queues = run.queues.clone();
+    drop(trainer);
+    drop(run);
+    delete_queues(&url, &queues).await;
+}
+
+#[test]
+fn the_trainer_settings_are_listed_by_help() {
+    let output = std::process::Command::new(bin_path("trainer"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(output.stdout).unwrap();
+    for name in [
+        "MODEL_PATH",
+        "TRAIN_DIR",
+        "TRAIN_WINDOW",
+        "TRAIN_HOLDOUT",
+        "RETRAIN_EVERY",
+        "PROMOTE_MIN_GAIN",
+        "METRIC_URL",
+        "METRIC_POLL_MS",
+        "TRAIN_QUEUE_MAX_LENGTH",
+        "HTTP_ADDR",
+    ] {
+        assert!(
+            help.contains(&format!("[env: {name}")),
+            "trainer --help does not list {name}"
+        );
+    }
+}
