@@ -91,9 +91,16 @@ pub struct Dashboard {
     /// Seconds since the epoch, and the windowed MAE of each version at that time.
     history: VecDeque<(f64, Vec<(String, f64)>)>,
     last: Option<(Instant, u64)>,
+    /// Per kept version: its pair count and when that count last grew.
+    activity: std::collections::HashMap<String, (u64, Instant)>,
+    version_idle: std::time::Duration,
     window_size: usize,
     alert_ratio: f64,
 }
+
+/// A version without a new pair for this long gets no more points in the MAE chart, so its line
+/// ends where a newer version took over instead of running on flat.
+const VERSION_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Dashboard {
     /// An empty dashboard; the page shows "no data yet" until the first snapshot.
@@ -103,6 +110,8 @@ impl Dashboard {
             recent: VecDeque::with_capacity(RECENT_PAIRS),
             history: VecDeque::with_capacity(HISTORY_POINTS),
             last: None,
+            activity: std::collections::HashMap::new(),
+            version_idle: VERSION_IDLE,
             window_size,
             alert_ratio,
         }
@@ -148,14 +157,31 @@ impl Dashboard {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let versions = quality.versions();
+        self.activity
+            .retain(|version, _| versions.iter().any(|v| &v.version == version));
+        for view in &versions {
+            let entry = self
+                .activity
+                .entry(view.version.clone())
+                .or_insert((view.pairs, now));
+            if entry.0 != view.pairs {
+                *entry = (view.pairs, now);
+            }
+        }
         if self.history.len() == HISTORY_POINTS {
             self.history.pop_front();
         }
+        let (activity, idle) = (&self.activity, self.version_idle);
         self.history.push_back((
             taken_at.as_secs_f64(),
             versions
                 .iter()
                 .filter(|v| v.window.n > 0)
+                .filter(|v| {
+                    activity
+                        .get(&v.version)
+                        .is_some_and(|(_, grew)| now.duration_since(*grew) < idle)
+                })
                 .map(|v| (v.version.clone(), v.window.mae))
                 .collect(),
         ));
@@ -404,5 +430,53 @@ mod tests {
             dashboard.maybe_update(&quality, 7, errors.iter());
         }
         assert_eq!(dashboard.history.len(), HISTORY_POINTS);
+    }
+
+    #[test]
+    fn a_version_that_stopped_serving_ends_its_line() {
+        let mut registry = Registry::default();
+        let mut quality = Quality::register(&mut registry, 10, 5, 1.25);
+        let mut dashboard = Dashboard::new(10, 1.25);
+        dashboard.version_idle = std::time::Duration::from_millis(200);
+        let mut n = 0;
+        let mut serve = |quality: &mut Quality, version: &str, error: f64| {
+            for _ in 0..20 {
+                n += 1;
+                quality.observe(&Pair {
+                    id: format!("p{n}"),
+                    y_true: 100.0,
+                    y_pred: 100.0 + error,
+                    model_version: Some(version.to_owned()),
+                    sent_at_us: None,
+                });
+            }
+            quality.update_window();
+        };
+        let point = |dashboard: &mut Dashboard, quality: &Quality| {
+            dashboard.last = None;
+            dashboard.maybe_update(quality, 0, [].iter());
+            let json: serde_json::Value =
+                serde_json::from_str(&dashboard.shared().lock().unwrap()).unwrap();
+            json["history"]["series"].clone()
+        };
+        serve(&mut quality, "v1", 9.0);
+        point(&mut dashboard, &quality);
+        // v2 takes over; v1 gets no new pair from now on.
+        serve(&mut quality, "v2", 3.0);
+        point(&mut dashboard, &quality);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        serve(&mut quality, "v2", 3.0);
+        let series = point(&mut dashboard, &quality);
+        let mae = |version: &str| {
+            series
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["version"] == version)
+                .unwrap()["mae"]
+                .clone()
+        };
+        assert_eq!(mae("v1"), serde_json::json!([9.0, 9.0, null]));
+        assert_eq!(mae("v2"), serde_json::json!([null, 3.0, 3.0]));
     }
 }
