@@ -101,21 +101,119 @@ pub struct WaitingEntry {
     pub age_ms: u64,
 }
 
-/// What is remembered of a joined id: its values, a hash of its model version, and when it was
-/// joined (a wrapping count), in 24 bytes: with its 16-byte key, 40 bytes a remembered id.
+/// What is remembered of a joined id: its values and a hash of its model version; with its key,
+/// 40 bytes a remembered id.
 #[derive(Debug, Clone, Copy)]
 struct Joined {
     y_true: f64,
     y_pred: f64,
     version: u32,
-    seq: u32,
 }
 
 /// The key of a remembered id: its 128-bit fingerprint as two halves (8-byte aligned, where a
 /// `u128` would pad every entry to 48 bytes).
-fn joined_key(id: &str) -> [u64; 2] {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct JoinedKey(u64, u64);
+
+impl std::hash::Hash for JoinedKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Already a keyed hash: one word of it is the table's hash.
+        state.write_u64(self.0);
+    }
+}
+
+/// The hasher of [`JoinedKey`]: passes its word through.
+#[derive(Debug, Default, Clone, Copy)]
+struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write_u64(&mut self, word: u64) {
+        self.0 = word;
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+        }
+    }
+}
+
+type Generation = HashMap<JoinedKey, Joined, std::hash::BuildHasherDefault<PassThrough>>;
+
+fn joined_key(id: &str) -> JoinedKey {
     let print = fingerprint(id);
-    [(print >> 64) as u64, print as u64]
+    JoinedKey((print >> 64) as u64, print as u64)
+}
+
+/// The ids joined most recently, in generations of an eighth of the capacity, each allocated
+/// once at its full size: the oldest generation is dropped whole when the others hold the
+/// capacity. So at most an eighth more than the capacity is held, and memory does not grow
+/// beyond that however long the service runs (removing single entries would leave tombstones
+/// that make the table double).
+#[derive(Debug)]
+struct JoinedIds {
+    generations: VecDeque<Generation>,
+    capacity: usize,
+}
+
+impl JoinedIds {
+    fn new(capacity: usize) -> Self {
+        Self {
+            generations: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    fn generation_size(&self) -> usize {
+        (self.capacity / 8).max(1)
+    }
+
+    fn len(&self) -> usize {
+        self.generations.iter().map(HashMap::len).sum()
+    }
+
+    fn get(&self, key: &JoinedKey) -> Option<&Joined> {
+        self.generations.iter().rev().find_map(|g| g.get(key))
+    }
+
+    /// Remembers `key` with `joined` (replacing what was remembered of it).
+    fn insert(&mut self, key: JoinedKey, joined: Joined) {
+        if let Some(known) = self.generations.iter_mut().find_map(|g| g.get_mut(&key)) {
+            *known = joined;
+            return;
+        }
+        let size = self.generation_size();
+        if self.generations.back().is_none_or(|g| g.len() >= size) {
+            self.generations
+                .push_back(Generation::with_capacity_and_hasher(
+                    size,
+                    Default::default(),
+                ));
+        }
+        if let Some(newest) = self.generations.back_mut() {
+            newest.insert(key, joined);
+        }
+        self.forget_beyond_capacity();
+    }
+
+    fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity;
+        self.forget_beyond_capacity();
+    }
+
+    /// Drops the oldest generations while the newer ones hold the capacity.
+    fn forget_beyond_capacity(&mut self) {
+        let mut held = self.len();
+        while let Some(oldest) = self.generations.front() {
+            if self.generations.len() == 1 || held - oldest.len() < self.capacity {
+                break;
+            }
+            held -= oldest.len();
+            self.generations.pop_front();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -194,12 +292,8 @@ pub struct Joiner {
     /// Waiting ids in arrival order, for eviction.
     order: BTreeMap<u64, String>,
     next_seq: u64,
-    /// Joined ids (fingerprints) with their values. The oldest are forgotten in batches (a
-    /// `retain` once an eighth more than the capacity is held), so no second structure keeps
-    /// their order.
-    joined: HashMap<[u64; 2], Joined>,
-    /// Sequence number of the next joined id (wrapping).
-    joined_seq: u32,
+    /// Joined ids (fingerprints) with their values.
+    joined: JoinedIds,
     /// Activity of `y_true` and `y_pred`, indexed by [`LabelKind`].
     clocks: [ActivityClock; 2],
     last_pair: LastPair,
@@ -273,8 +367,7 @@ impl Joiner {
             waiting: HashMap::new(),
             order: BTreeMap::new(),
             next_seq: 0,
-            joined: HashMap::new(),
-            joined_seq: 0,
+            joined: JoinedIds::new(limits.dedup_capacity),
             clocks: [ActivityClock::default(); 2],
             last_pair: LastPair::default(),
             waiting_for: [0; 2],
@@ -355,7 +448,7 @@ impl Joiner {
 
     /// Whether `id` was joined already (within the remembered window).
     pub fn is_joined(&self, id: &str) -> bool {
-        self.joined.contains_key(&joined_key(id))
+        self.joined.get(&joined_key(id)).is_some()
     }
 
     /// Remembers `id` as joined with its values (a row for it exists); it waits no longer.
@@ -367,40 +460,18 @@ impl Joiner {
     /// Changes how many joined ids are remembered; the oldest beyond it are forgotten.
     pub fn set_dedup_capacity(&mut self, capacity: usize) {
         self.limits.dedup_capacity = capacity;
-        self.forget_beyond(self.dedup_capacity());
+        self.joined.set_capacity(capacity);
     }
 
-    /// The capacity in the units of the wrapping sequence numbers.
-    fn dedup_capacity(&self) -> u32 {
-        u32::try_from(self.limits.dedup_capacity)
-            .unwrap_or(u32::MAX)
-            .min(u32::MAX / 2)
-    }
-
-    /// Forgets all but the newest `keep` joined ids.
-    fn forget_beyond(&mut self, keep: u32) {
-        if self.joined.len() <= keep as usize {
-            return;
-        }
-        let next = self.joined_seq;
-        self.joined
-            .retain(|_, joined| next.wrapping_sub(joined.seq) <= keep);
-    }
-
-    fn remember(&mut self, key: [u64; 2], y_true: f64, y_pred: f64, version: u32) {
-        let joined = Joined {
-            y_true,
-            y_pred,
-            version,
-            seq: self.joined_seq,
-        };
-        if self.joined.insert(key, joined).is_none() {
-            self.joined_seq = self.joined_seq.wrapping_add(1);
-            let capacity = self.dedup_capacity();
-            if self.joined.len() > capacity as usize + (capacity / 8) as usize {
-                self.forget_beyond(capacity);
-            }
-        }
+    fn remember(&mut self, key: JoinedKey, y_true: f64, y_pred: f64, version: u32) {
+        self.joined.insert(
+            key,
+            Joined {
+                y_true,
+                y_pred,
+                version,
+            },
+        );
     }
 
     /// Offers one value. A different value for a value already waiting is a conflict: the first
@@ -787,37 +858,49 @@ mod tests {
 
     #[test]
     fn joined_ids_are_forgotten_beyond_dedup_capacity() {
-        let mut j = joiner(10, Duration::from_secs(60));
-        // Up to an eighth more is held, then the oldest go in one batch.
-        for i in 0..11 {
+        let mut j = joiner(16, Duration::from_secs(60));
+        j.set_dedup_capacity(16);
+        // Generations of two: up to one more is held, then the oldest two go together.
+        for i in 0..17 {
             j.mark_joined(&format!("id{i}"), 1.0, 2.0, None);
         }
         assert!(j.is_joined("id0"));
-        j.mark_joined("id11", 1.0, 2.0, None);
+        j.mark_joined("id17", 1.0, 2.0, None);
         assert!(!j.is_joined("id0") && !j.is_joined("id1"));
-        assert!((2..12).all(|i| j.is_joined(&format!("id{i}"))));
+        assert!((2..18).all(|i| j.is_joined(&format!("id{i}"))));
+        // Remembering a known id again changes its values, not what is remembered.
+        j.mark_joined("id2", 5.0, 6.0, None);
+        assert_eq!(j.joined.len(), 16);
         j.set_dedup_capacity(3);
-        assert!((9..12).all(|i| j.is_joined(&format!("id{i}"))));
-        assert!(!j.is_joined("id8"));
+        assert!((15..18).all(|i| j.is_joined(&format!("id{i}"))));
+        assert!(!j.is_joined("id13"));
     }
 
     proptest::proptest! {
-        /// The newest DEDUP_CAPACITY joined ids are always remembered, never more than an eighth
-        /// beyond it are held, also across the wrap of the sequence numbers.
+        /// The newest DEDUP_CAPACITY joined ids are always remembered, and never more than one
+        /// generation (an eighth) beyond it are held, also after the capacity changes.
         #[test]
         fn the_newest_joined_ids_are_remembered(
+            first_capacity in 1usize..400,
             capacity in 1usize..200,
             joins in 0usize..2000,
-            start in proptest::prelude::any::<u32>(),
         ) {
             let mut j = joiner(1, Duration::from_secs(60));
-            j.set_dedup_capacity(capacity);
-            j.joined_seq = start;
-            for i in 0..joins {
+            j.set_dedup_capacity(first_capacity);
+            for i in 0..joins / 2 {
                 j.mark_joined(&format!("id{i}"), 1.0, 2.0, None);
-                proptest::prop_assert!(j.joined.len() <= capacity + capacity / 8);
             }
-            for i in joins.saturating_sub(capacity)..joins {
+            j.set_dedup_capacity(capacity);
+            for i in joins / 2..joins {
+                j.mark_joined(&format!("id{i}"), 1.0, 2.0, None);
+            }
+            proptest::prop_assert!(j.joined.len() <= capacity + (first_capacity.max(capacity) / 8).max(1));
+            for i in joins / 2..joins {
+                j.mark_joined(&format!("id{i}"), 1.0, 2.0, None);
+                proptest::prop_assert!(j.joined.len() <= capacity + (first_capacity.max(capacity) / 8).max(1));
+            }
+            // The newest `capacity` of those joined since the change are all remembered.
+            for i in (joins / 2).max(joins.saturating_sub(capacity))..joins {
                 proptest::prop_assert!(j.is_joined(&format!("id{i}")), "id{} forgotten", i);
             }
         }
