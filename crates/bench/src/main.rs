@@ -104,6 +104,11 @@ pub struct Cli {
     #[arg(long, value_parser = parse_env_pair)]
     pub service_env: Vec<(String, String)>,
 
+    /// Dashboard readers during the full-speed runs: each loads the metric service's page and its
+    /// assets once, then polls `/api/dashboard` every second, as the page in a browser does.
+    #[arg(long, default_value_t = 1)]
+    pub dashboard_readers: usize,
+
     /// Samples queued before model and metric start, in the backlog phase.
     #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub backlog_samples: u64,

@@ -116,6 +116,52 @@ const STAGES: [&str; 4] = [
 /// The stage measured the way the bare client measures its latency.
 const BOTH_HANDLED: usize = 2;
 
+/// Readers of the metric service's dashboard for the length of a run: what a browser showing the
+/// page asks for (the page and its assets once, then `/api/dashboard` every second), so the
+/// service's peak RSS is measured with the page open. They stop when dropped.
+struct DashboardReaders(Vec<tokio::task::JoinHandle<()>>);
+
+impl DashboardReaders {
+    fn start(metric: std::net::SocketAddr, readers: usize) -> Self {
+        Self(
+            (0..readers)
+                .map(|n| {
+                    tokio::spawn(read_dashboard(
+                        metric,
+                        Duration::from_millis(250 * n as u64),
+                    ))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// One reader: after `offset`, the page and its assets, then `/api/dashboard` every second.
+async fn read_dashboard(metric: std::net::SocketAddr, offset: Duration) {
+    tokio::time::sleep(offset).await;
+    for path in [
+        "/",
+        "/assets/dashboard.js",
+        "/assets/uPlot.iife.min.js",
+        "/assets/uPlot.min.css",
+    ] {
+        let _ = http_get(metric, path).await;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let _ = http_get(metric, "/api/dashboard").await;
+    }
+}
+
+impl Drop for DashboardReaders {
+    fn drop(&mut self) {
+        for reader in &self.0 {
+            reader.abort();
+        }
+    }
+}
+
 /// Metric and the model replicas running on a phase's queues, with their log folder.
 struct Consumers {
     // Fields drop in order: the processes are killed before the folder is removed.
@@ -272,6 +318,7 @@ pub async fn throughput(
     let broker_cpu_before = cpu_seconds(bench.broker_pid);
     let consumers_cpu_before: f64 = consumers.usage()?.iter().map(|u| u.usage.cpu_seconds).sum();
 
+    let readers = DashboardReaders::start(consumers.metric.http_addr, bench.cli.dashboard_readers);
     let started = Instant::now();
     let mut features = if backlog {
         None
@@ -280,6 +327,7 @@ pub async fn throughput(
     };
     let tail = watch_csv(&mut consumers, features.as_mut(), &csv, samples, false).await?;
     let seconds = tail.done_at.duration_since(started).as_secs_f64();
+    drop(readers);
 
     let bench_cpu_seconds = Usage::of_running(std::process::id())?.cpu_seconds - bench_cpu_before;
     let broker_cpu_seconds = cpu_seconds(bench.broker_pid)
