@@ -203,5 +203,6 @@ async fn bad_messages_are_dead_lettered_and_the_stream_goes_on() {
     );
     let _ = connection.close(200, "bye".into()).await;
     assert_queues_empty(&url, &run.queues).await;
+    run.stop_services();
     delete_queues(&url, &run.queues).await;
 }

@@ -162,5 +162,6 @@ async fn a_full_disk_pauses_the_metric_and_every_row_is_written_once_when_space_
         run.label_lines().len()
     );
     assert_queues_empty(&url, &run.queues).await;
+    run.stop_services();
     delete_queues(&url, &run.queues).await;
 }

@@ -71,6 +71,7 @@ async fn model_and_metric_killed_mid_stream_lose_nothing() {
     std::thread::sleep(Duration::from_millis(500));
     assert_exactly_once(&run.rows(), SAMPLES);
     assert_queues_empty(&url, &run.queues).await;
+    run.stop_services();
     delete_queues(&url, &run.queues).await;
 }
 
@@ -137,6 +138,7 @@ async fn sigterm_stops_each_service_cleanly_and_nothing_is_lost() {
     std::thread::sleep(Duration::from_millis(500));
     assert_exactly_once(&run.rows(), SAMPLES);
     assert_queues_empty(&url, &run.queues).await;
+    run.stop_services();
     delete_queues(&url, &run.queues).await;
 }
 
@@ -222,5 +224,6 @@ async fn metric_cuts_half_lines_left_by_a_crash() {
         run.metric.stderr()
     );
     assert_queues_empty(&url, &run.queues).await;
+    run.stop_services();
     delete_queues(&url, &run.queues).await;
 }

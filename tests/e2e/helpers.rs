@@ -154,6 +154,12 @@ impl Service {
         self.child.id()
     }
 
+    /// Kills the process and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .args([&format!("-{signal}"), &self.pid().to_string()])
@@ -318,6 +324,17 @@ impl Pipeline {
             self.dir.path(),
             0,
         ));
+    }
+
+    /// Kills the run's services (before its queues are deleted: a live service whose queue is
+    /// deleted reconnects and declares it again).
+    pub fn stop_services(&mut self) {
+        for service in [&mut self.metric, &mut self.model]
+            .into_iter()
+            .chain(self.features.as_mut())
+        {
+            service.kill();
+        }
     }
 
     /// Starts all three.

@@ -52,6 +52,7 @@ async fn thousand_samples_flow_through_all_three_services() {
         .expect("features exits after COUNT samples");
     assert!(status.success(), "features exit status {status}");
     assert_queues_empty(&url, &run.queues).await;
+    run.stop_services();
     delete_queues(&url, &run.queues).await;
 }
 

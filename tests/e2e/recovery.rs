@@ -64,6 +64,7 @@ async fn restarts_beyond_dedup_capacity_write_each_row_once() {
         );
     }
     assert_queues_empty(&url, &run.queues).await;
+    run.stop_services();
     delete_queues(&url, &run.queues).await;
 }
 
@@ -148,6 +149,7 @@ async fn dropped_orphans_do_not_come_back_after_a_restart() {
         );
     }
     let _ = connection.close(200, "bye".into()).await;
+    run.stop_services();
     delete_queues(&url, &run.queues).await;
 }
 
@@ -190,6 +192,7 @@ async fn a_long_history_is_not_joined_again() {
         Some(&((HISTORY + MORE) as f64))
     );
     assert_queues_empty(&url, &run.queues).await;
+    run.stop_services();
     delete_queues(&url, &run.queues).await;
 }
 
@@ -224,7 +227,7 @@ fn the_recovery_and_retention_settings_are_in_help_and_readme() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_prediction_from_another_model_version_is_a_duplicate_not_a_dead_letter() {
     let url = shared_amqp_url();
-    let run = Pipeline::start_consumers("repredict", Options::new(url.clone(), 0));
+    let mut run = Pipeline::start_consumers("repredict", Options::new(url.clone(), 0));
     wait_healthy(&run.metric, LONG);
     let connection = connect(&url).await;
     let q = &run.queues;
@@ -281,6 +284,7 @@ async fn a_prediction_from_another_model_version_is_a_duplicate_not_a_dead_lette
         (140.5, "ols-old")
     );
     let _ = connection.close(200, "bye".into()).await;
+    run.stop_services();
     delete_queues(&url, &run.queues).await;
 }
 
@@ -356,5 +360,6 @@ async fn a_model_down_longer_than_the_join_allows_loses_no_pair() {
         rows.len()
     );
     assert_queues_empty(&url, &run.queues).await;
+    run.stop_services();
     delete_queues(&url, &run.queues).await;
 }

@@ -139,6 +139,7 @@ async fn model_artifact_is_swapped_while_streaming_and_a_broken_one_is_refused()
         .unwrap()
         .wait_exit(Duration::from_secs(10));
     assert_queues_empty(&url, &run.queues).await;
+    run.stop_services();
     delete_queues(&url, &run.queues).await;
 }
 
@@ -146,7 +147,7 @@ async fn model_artifact_is_swapped_while_streaming_and_a_broken_one_is_refused()
 async fn three_models_share_the_work_fairly_and_losing_one_loses_nothing() {
     let url = shared_amqp_url();
     let total = 10_000;
-    let run = Pipeline::start(
+    let mut run = Pipeline::start(
         "scale",
         Options::new(url.clone(), total as u64)
             .rate(2000.0)
@@ -176,6 +177,7 @@ async fn three_models_share_the_work_fairly_and_losing_one_loses_nothing() {
     assert_exactly_once(&run.rows(), total);
     drop(third);
     assert_queues_empty(&url, &q).await;
+    run.stop_services();
     delete_queues(&url, &q).await;
 }
 
@@ -232,6 +234,7 @@ async fn a_second_metric_service_is_kept_out() {
     std::thread::sleep(Duration::from_millis(500));
     assert_exactly_once(&run.rows(), 300);
     drop(same_queues);
+    run.stop_services();
     delete_queues(&url, &run.queues).await;
 }
 
