@@ -457,6 +457,16 @@ impl Joiner {
         self.remember(joined_key(id), y_true, y_pred, version_hash(model_version));
     }
 
+    /// Remembers a row read back from `metric_log.csv` as joined.
+    pub fn mark_row_joined(&mut self, row: &Pair) {
+        self.mark_joined(
+            &row.id,
+            row.y_true,
+            row.y_pred,
+            row.model_version.as_deref(),
+        );
+    }
+
     /// Changes how many joined ids are remembered; the oldest beyond it are forgotten.
     pub fn set_dedup_capacity(&mut self, capacity: usize) {
         self.limits.dedup_capacity = capacity;
@@ -590,27 +600,21 @@ impl Joiner {
             if entry.y_true.is_none() && entry.y_pred.is_none() {
                 continue;
             }
-            let waits_for = if entry.y_true.is_some() {
-                LabelKind::YPred
-            } else {
-                LabelKind::YTrue
-            };
-            self.waiting_for[waits_for as usize] += 1;
-            let since = self.clocks[waits_for as usize].elapsed;
             let seq = self.next_seq;
             self.next_seq += 1;
+            let mut waiting = Waiting {
+                seq,
+                since: Duration::ZERO,
+                waited_before: Duration::from_millis(entry.age_ms),
+                y_true: entry.y_true,
+                y_pred: entry.y_pred.map(|value| (value, entry.model_version)),
+                sent_at_us: entry.sent_at_us,
+            };
+            let waits_for = waiting.waits_for() as usize;
+            waiting.since = self.clocks[waits_for].elapsed;
+            self.waiting_for[waits_for] += 1;
             self.order.insert(seq, entry.id.clone());
-            self.waiting.insert(
-                entry.id,
-                Waiting {
-                    seq,
-                    since,
-                    waited_before: Duration::from_millis(entry.age_ms),
-                    y_true: entry.y_true,
-                    y_pred: entry.y_pred.map(|value| (value, entry.model_version)),
-                    sent_at_us: entry.sent_at_us,
-                },
-            );
+            self.waiting.insert(entry.id, waiting);
         }
     }
 

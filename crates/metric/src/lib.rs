@@ -495,24 +495,14 @@ impl Recorder {
                         });
                 let tail = files::tail_segments(&csv_chain, recent, true)?;
                 stats.csv += files::read_csv_segments(&tail, |pair| {
-                    joiner.mark_joined(
-                        &pair.id,
-                        pair.y_true,
-                        pair.y_pred,
-                        pair.model_version.as_deref(),
-                    );
+                    joiner.mark_row_joined(&pair);
                     quality.add_to_window(&pair);
                     plotter.observe(pair.absolute_error());
                     dashboard.observe(pair.y_true, pair.y_pred);
                 })?;
                 // Rows after the checkpoint: into the totals.
                 files::read_csv_segments(&csv_segments, |pair| {
-                    joiner.mark_joined(
-                        &pair.id,
-                        pair.y_true,
-                        pair.y_pred,
-                        pair.model_version.as_deref(),
-                    );
+                    joiner.mark_row_joined(&pair);
                     quality.add_to_totals(&pair);
                     written.push(short(&pair.id));
                 })?;
@@ -523,12 +513,7 @@ impl Recorder {
                 let rows = files::count_lines(&whole(&csv_chain))?;
                 written.reserve_exact(usize::try_from(rows).unwrap_or(0));
                 stats.csv = files::read_csv_segments(&whole(&csv_chain), |pair| {
-                    joiner.mark_joined(
-                        &pair.id,
-                        pair.y_true,
-                        pair.y_pred,
-                        pair.model_version.as_deref(),
-                    );
+                    joiner.mark_row_joined(&pair);
                     quality.observe(&pair);
                     plotter.observe(pair.absolute_error());
                     dashboard.observe(pair.y_true, pair.y_pred);
