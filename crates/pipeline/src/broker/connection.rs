@@ -165,8 +165,8 @@ impl Broker {
     }
 
     /// Follows the connection's events: `blocked` / `unblocked` (a broker resource alarm holds
-    /// our publishes) go to the log, `/healthz` notes and `pipeline_broker_blocked`; a channel
-    /// closed with an error marks the service unhealthy at once, before the session notices.
+    /// our publishes) go to the log, `/healthz` notes and `pipeline_broker_blocked`; a connection
+    /// error marks the service unhealthy and disconnected at once, before the session notices.
     fn follow_events(&mut self, connection: &Connection) {
         let mut events = connection.events_listener();
         let health = self.health.clone();
@@ -192,7 +192,8 @@ impl Broker {
                         health.set_note("blocked", None);
                     }
                     Event::Error(err) => {
-                        // The broker closed a channel with an error: the session ends with it.
+                        // The connection failed: the session ends with it.
+                        metrics.connected.set(0);
                         health.set_unhealthy(format!("broker error: {err}"));
                     }
                     _ => {}

@@ -282,6 +282,11 @@ where
         };
         let started = std::time::Instant::now();
         let end = session(&connection, broker).await;
+        if matches!(end, SessionEnd::Failed { .. }) {
+            // Before the close, which may wait up to 2 s on a dead broker, so that the gauge
+            // says "disconnected" as soon as /healthz does.
+            broker.metrics.connected.set(0);
+        }
         close(&connection).await;
         broker.disconnected();
         drop_detached(connection);
