@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -205,6 +206,57 @@ class Stack:
                 if len(parts) >= 4 and parts[1] == queue and parts[2] != "-":
                     ids.add(parts[2])
         return ids
+
+
+def check_prometheus(stack, checks):
+    """The monitoring profile's Prometheus, started while three model replicas run: every scrape
+    target up (each replica found by DNS, the broker's own endpoints), the alert rules loaded,
+    pipeline and per-queue broker series queryable. Grafana has no stand-in image here, so only
+    Prometheus is started; it is removed again before the next steps count containers."""
+    port = stack.env["PROMETHEUS_PORT"]
+
+    def api(path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/{path}", timeout=10) as response:
+            return json.load(response)["data"]
+
+    def value(query):
+        result = api("query?query=" + urllib.parse.quote(query))["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    wanted = {"features": 1, "model": 3, "metric": 1, "trainer": 1, "rabbitmq": 1, "rabbitmq-queues": 1}
+
+    def targets_up():
+        try:
+            up = {}
+            for target in api("targets?state=active")["activeTargets"]:
+                if target["health"] == "up":
+                    job = target["labels"]["job"]
+                    up[job] = up.get(job, 0) + 1
+        except Exception as error:  # not answering yet
+            targets_up.seen = repr(error)
+            return False
+        targets_up.seen = up
+        return up == wanted
+
+    targets_up.seen = None
+    stack.compose("--profile", "monitoring", "up", "-d", "--no-deps", "prometheus")
+    try:
+        ok = wait_for(120, targets_up, step=2.0)
+        rules = [r["name"] for g in api("rules")["groups"] for r in g["rules"]]
+        pairs = value("sum(pipeline_pairs_total)")
+        consumers = value('rabbitmq_detailed_queue_consumers{queue="features"}')
+        firing = sorted({a["labels"]["alertname"] for a in api("alerts")["alerts"] if a["state"] == "firing"})
+    except Exception as error:  # reported as the check's detail
+        ok, rules, pairs, consumers, firing = False, [], None, None, [repr(error)]
+    finally:
+        stack.compose("--profile", "monitoring", "rm", "-sf", "prometheus", check=False)
+    checks.record(
+        "monitoring profile: Prometheus scrapes all, 3 model replicas by DNS, rules loaded",
+        ok and len(rules) >= 9 and (pairs or 0) > 0 and consumers == 3 and not firing,
+        f"targets up by job {targets_up.seen} (wanted {wanted}); {len(rules)} alert rules; "
+        f"sum(pipeline_pairs_total) {pairs}; consumers on features (rabbitmq-queues) {consumers}; "
+        f"firing {firing}",
+    )
 
 
 def wait_for(seconds, condition, step=1.0):
@@ -451,6 +503,8 @@ def run(checks, stack, work, timings, image_before):
         three and all(b > a for a, b in zip(first, second)),
         f"three healthy consumers: {three}; acked per replica {first} -> {second} in 8 s",
     )
+    if three:
+        check_prometheus(stack, checks)
     stack.compose("up", "-d", "--scale", "model=1")
 
     # 7, 8. The whole stack stopped and started, then the broker restarted, while samples flow.
@@ -507,7 +561,7 @@ def main():
     copy.mkdir()
     copy_repo(copy)
     as_root(["chown", "-R", f"{OWNER_UID}:{OWNER_UID}", str(copy / "logs"), str(copy / "models")])
-    rabbitmq_port, ui_port, features_port, metric_port, trainer_port = free_ports(5)
+    rabbitmq_port, ui_port, features_port, metric_port, trainer_port, prometheus_port = free_ports(6)
     project = f"pipelinetest{os.getpid()}{random.randrange(1000, 9999)}"
     env = dict(os.environ)
     # Only the compose file's own variables; nothing of the caller's shell leaks in.
@@ -520,6 +574,7 @@ def main():
         FEATURES_PORT=str(features_port),
         METRIC_PORT=str(metric_port),
         TRAINER_PORT=str(trainer_port),
+        PROMETHEUS_PORT=str(prometheus_port),
         RATE=RATE,
         # Retrains only on request: the served version must stay what step 5 trained.
         RETRAIN_EVERY="0",
@@ -545,7 +600,7 @@ def main():
             print("\n".join(lines[-40:]))
             subprocess.run(["docker", "compose", "ps", "-a"], cwd=copy, env=env)
             subprocess.run(["docker", "compose", "logs", "--tail", "15"], cwd=copy, env=env)
-        stack.compose("down", "-v", "--remove-orphans", check=False)
+        stack.compose("--profile", "monitoring", "down", "-v", "--remove-orphans", check=False)
         remove_replaced_images(image_before)
         as_root(["rm", "-rf", str(work)])
     for name, seconds in timings.items():

@@ -9,6 +9,9 @@
 #                          in the foreground, rabbitmq-diagnostics on PATH
 #   rust:1-bookworm        this machine's Rust toolchain, trusting this machine's certificates so
 #                          cargo inside `docker build` reaches crates.io through a proxy
+#   prom/prometheus:v2.53.1  Debian's prometheus (2.42), laid out as the real image: entrypoint
+#                          /bin/prometheus, user nobody, /prometheus as the data volume
+# grafana/grafana has no stand-in (no Debian package): the compose test starts Prometheus alone.
 # An image already present is kept, so a rerun does nothing.
 set -euo pipefail
 
@@ -86,4 +89,24 @@ RUN mkdir -p /usr/local/cargo/bin && cargo --version && rustc --version
 DOCKERFILE
   build -t rust:1-bookworm "$work/rust"
   say "built rust:1-bookworm"
+fi
+
+if ! present_or_pulled prom/prometheus:v2.53.1; then
+  mkdir -p "$work/prometheus"
+  cat >"$work/prometheus/Dockerfile" <<'DOCKERFILE'
+FROM debian:bookworm-slim
+RUN apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+    && rm -rf /var/lib/apt/lists/* \
+    && { [ -e /bin/prometheus ] || ln -s /usr/bin/prometheus /bin/prometheus; } \
+    && mkdir -p /prometheus && chown nobody:nogroup /prometheus
+USER nobody
+WORKDIR /prometheus
+VOLUME /prometheus
+EXPOSE 9090
+ENTRYPOINT ["/bin/prometheus"]
+CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]
+DOCKERFILE
+  build -t prom/prometheus:v2.53.1 "$work/prometheus"
+  say "built prom/prometheus:v2.53.1"
 fi
