@@ -215,23 +215,34 @@ pub fn metric_handle_times(
 /// `LOG_FORMAT=json`): the `published` event, logged right after both messages of a sample went
 /// out, carries the id; its timestamp is the send time to within microseconds.
 pub fn producer_send_times(path: &Path) -> anyhow::Result<HashMap<String, SystemTime>> {
+    event_times(path, "published")
+}
+
+/// When the model predicted each sample, from its DEBUG log (`RUST_LOG=model=debug`,
+/// `LOG_FORMAT=json`): the `predicted` event, logged just before the prediction is published.
+pub fn model_predict_times(path: &Path) -> anyhow::Result<HashMap<String, SystemTime>> {
+    event_times(path, "predicted")
+}
+
+/// The first time of each id's `message` event in the JSON log at `path`.
+fn event_times(path: &Path, message: &str) -> anyhow::Result<HashMap<String, SystemTime>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut sent = HashMap::new();
+    let mut times = HashMap::new();
     for line in text.lines() {
         let Ok(entry) = serde_json::from_str::<LogLine>(line) else {
             continue;
         };
-        if entry.message != "published" {
+        if entry.message != message {
             continue;
         }
         let (Some(id), Ok(at)) = (entry.id, humantime::parse_rfc3339(&entry.timestamp)) else {
             continue;
         };
-        // A sample published again after a reconnect keeps its first send time.
-        sent.entry(id).or_insert(at);
+        // A sample sent or predicted again after a reconnect keeps its first time.
+        times.entry(id).or_insert(at);
     }
-    Ok(sent)
+    Ok(times)
 }
 
 #[cfg(test)]

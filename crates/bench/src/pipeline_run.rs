@@ -13,6 +13,7 @@ use crate::{Bench, progress};
 use anyhow::{Context as _, bail, ensure};
 use pipeline::config::QueueNames;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
@@ -106,11 +107,13 @@ pub struct Stage {
 }
 
 /// The stages of [`LatencyResult::stages`], in order.
-const STAGES: [&str; 4] = [
+pub(crate) const STAGES: [&str; 6] = [
     "send → metric handled y_true (producer → broker → metric)",
     "send → metric handled y_pred (producer → broker → model → broker → metric)",
     "send → metric handled both (the bare client's measure)",
     "metric handled the later of the two → row seen in the CSV (flush, then the 1 ms poll)",
+    "send → model predicted (producer → broker → model, its DEBUG log)",
+    "model predicted → metric handled y_pred (model → broker → metric)",
 ];
 
 /// The stage measured the way the bare client measures its latency.
@@ -173,14 +176,15 @@ struct Consumers {
 }
 
 impl Consumers {
-    /// Starts metric and `models` model replicas on fresh queues and waits until all are healthy.
-    /// With `backlog`, a producer first queues that many samples (`RATE=0`) and exits before they
-    /// start.
+    /// Starts metric and `models` model replicas (`model_log` as their RUST_LOG) on fresh queues
+    /// and waits until all are healthy. With `backlog`, a producer first queues that many samples
+    /// (`RATE=0`) and exits before they start.
     async fn start(
         bench: &Bench,
         phase: &str,
         models: usize,
         backlog: Option<u64>,
+        model_log: &str,
     ) -> anyhow::Result<Self> {
         let queues = bench.queues(phase);
         let dir = tempfile::Builder::new()
@@ -211,7 +215,7 @@ impl Consumers {
             replicas.push(Service::spawn(
                 name,
                 &bench.binaries.model,
-                &bench.service_env(&queues, "warn"),
+                &bench.service_env(&queues, model_log),
                 dir.path(),
             )?);
         }
@@ -312,7 +316,8 @@ pub async fn throughput(
     models: usize,
     backlog: bool,
 ) -> anyhow::Result<ThroughputResult> {
-    let mut consumers = Consumers::start(bench, phase, models, backlog.then_some(samples)).await?;
+    let mut consumers =
+        Consumers::start(bench, phase, models, backlog.then_some(samples), "warn").await?;
     let csv = consumers.logs.join(METRIC_CSV);
     let bench_cpu_before = Usage::of_running(std::process::id())?.cpu_seconds;
     let broker_cpu_before = cpu_seconds(bench.broker_pid);
@@ -389,7 +394,8 @@ pub async fn latency(
     samples: u64,
     rate: f64,
 ) -> anyhow::Result<LatencyResult> {
-    let mut consumers = Consumers::start(bench, phase, 1, None).await?;
+    // The model's DEBUG `predicted` lines split the path through it into its two hops.
+    let mut consumers = Consumers::start(bench, phase, 1, None, "warn,model=debug").await?;
     let csv = consumers.logs.join(METRIC_CSV);
     let mut features = consumers.start_features(bench, samples, rate, "warn,features=trace")?;
     let tail = watch_csv(&mut consumers, Some(&mut features), &csv, samples, true).await?;
@@ -421,6 +427,10 @@ pub async fn latency(
     // Read before `finish`, which removes the folder of the logs.
     let sent = latency::producer_send_times(&features.stderr_path)?;
     let handled = latency::metric_handle_times(&consumers.logs.join(LABELS_LOG))?;
+    let mut predicted = HashMap::new();
+    for model in &consumers.models {
+        predicted.extend(latency::model_predict_times(&model.stderr_path)?);
+    }
     consumers.finish(bench).await?;
 
     // Milliseconds from `from` to `to`; an interval that comes out negative (the two clocks are
@@ -429,7 +439,7 @@ pub async fn latency(
         to.duration_since(*from).unwrap_or_default().as_secs_f64() * 1e3
     };
     let mut latencies_ms = Vec::with_capacity(tail.rows.len());
-    let mut stages: [Vec<f64>; 4] = Default::default();
+    let mut stages: [Vec<f64>; 6] = Default::default();
     let mut unmatched_rows = 0u64;
     for (id, seen) in &tail.rows {
         let Some(sent_at) = sent.get(id) else {
@@ -443,6 +453,10 @@ pub async fn latency(
             stages[1].push(ms(y_pred, sent_at));
             stages[2].push(ms(later, sent_at));
             stages[3].push(ms(seen, later));
+            if let Some(at_model) = predicted.get(id) {
+                stages[4].push(ms(at_model, sent_at));
+                stages[5].push(ms(y_pred, at_model));
+            }
         }
     }
     let stages: Vec<Stage> = STAGES

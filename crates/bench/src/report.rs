@@ -24,11 +24,13 @@ const TARGET_P99_MS: f64 = 20.0;
 const TARGET_GAP: f64 = 1.5;
 
 /// Column names of the per-hop stages, in the order of `LatencyResult::stages`.
-const STAGE_HEADERS: [&str; 4] = [
+const STAGE_HEADERS: [&str; 6] = [
     "send → metric has y_true (1 hop)",
     "send → metric has y_pred (2 hops, via model)",
     "send → metric has both",
     "metric has both → row seen (flush + 1 ms poll)",
+    "send → model predicted (hop 1 of y_pred)",
+    "model predicted → metric has y_pred (hop 2)",
 ];
 /// Peak RSS of each service, at most, in MiB.
 const TARGET_RSS_MIB: f64 = 20.0;
@@ -444,13 +446,21 @@ impl Report {
             "---:|".repeat(STAGE_HEADERS.len())
         )?;
         for p in &self.curve {
-            let stages: Vec<String> = p
-                .pipeline
-                .stages
+            // By name: a stage without figures (no model DEBUG log, say) is a dash, not a shift.
+            let stages: Vec<String> = crate::pipeline_run::STAGES
                 .iter()
-                .map(|stage| {
-                    let x = stage.summary;
-                    format!("{:.1} / {:.1} / {:.1}", x.p50_ms, x.p99_ms, x.p999_ms)
+                .map(|name| {
+                    p.pipeline
+                        .stages
+                        .iter()
+                        .find(|stage| stage.stage == *name)
+                        .map_or_else(
+                            || "–".to_owned(),
+                            |stage| {
+                                let x = stage.summary;
+                                format!("{:.1} / {:.1} / {:.1}", x.p50_ms, x.p99_ms, x.p999_ms)
+                            },
+                        )
                 })
                 .collect();
             let histogram = p.pipeline.histogram.map_or_else(
