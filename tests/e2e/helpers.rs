@@ -278,6 +278,33 @@ pub struct Pipeline {
     pub features: Option<Service>,
 }
 
+/// A test that fails leaves no queues behind on the shared broker (passing tests delete theirs
+/// themselves): the services are killed first, since a live one would declare its queues again,
+/// then the queues are deleted on a thread of their own, as this may run inside the test's runtime.
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        self.stop_services();
+        let url = self.options.amqp_url.clone();
+        let queues = self.queues.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(10), delete_queues(&url, &queues))
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
 impl Pipeline {
     fn common_env(options: &Options, queues: &Queues) -> Vec<(String, String)> {
         let mut env = queues.env();
