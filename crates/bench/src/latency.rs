@@ -126,6 +126,25 @@ pub fn histogram_summary(exposition: &str, name: &str) -> Option<Summary> {
     })
 }
 
+/// [`histogram_summary`] of the series of histogram `name` whose labels start with `label` (e.g.
+/// `queue="y_pred"`), for a histogram with more labels than `le`.
+pub fn labelled_histogram_summary(exposition: &str, name: &str, label: &str) -> Option<Summary> {
+    let (with_le, alone) = (format!("{{{label},"), format!("{{{label}}}"));
+    let series: String = exposition
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let rest = if rest.contains(&with_le) {
+                rest.replacen(&with_le, "{", 1)
+            } else {
+                rest.replacen(&alone, "", 1)
+            };
+            (!rest.contains('{') || rest.contains("{le=")).then(|| format!("{name}{rest}\n"))
+        })
+        .collect();
+    histogram_summary(&series, name)
+}
+
 /// The widest bucket of histogram `name` that overlaps `from..=to` seconds, as upper bound over
 /// lower bound: how far off a quantile read from it can be. `None` when it has no such bucket.
 pub fn widest_bucket_ratio(exposition: &str, name: &str, from: f64, to: f64) -> Option<f64> {
@@ -263,6 +282,31 @@ mod tests {
             (500.0, 990.0, 999.0, 1000.0)
         );
         assert!(summarize(&mut []).is_none());
+    }
+
+    #[test]
+    fn a_labelled_series_is_read_alone() {
+        let text = "\
+pipeline_publish_confirm_seconds_sum{queue=\"a\"} 0.5
+pipeline_publish_confirm_seconds_count{queue=\"a\"} 100
+pipeline_publish_confirm_seconds_bucket{queue=\"a\",le=\"0.001\"} 0
+pipeline_publish_confirm_seconds_bucket{queue=\"a\",le=\"0.01\"} 100
+pipeline_publish_confirm_seconds_bucket{queue=\"a\",le=\"+Inf\"} 100
+pipeline_publish_confirm_seconds_sum{queue=\"b\"} 50
+pipeline_publish_confirm_seconds_count{queue=\"b\"} 10
+pipeline_publish_confirm_seconds_bucket{queue=\"b\",le=\"0.001\"} 0
+pipeline_publish_confirm_seconds_bucket{queue=\"b\",le=\"0.01\"} 0
+pipeline_publish_confirm_seconds_bucket{queue=\"b\",le=\"+Inf\"} 10
+";
+        let a = labelled_histogram_summary(text, "pipeline_publish_confirm_seconds", "queue=\"a\"")
+            .unwrap();
+        assert_eq!(a.samples, 100);
+        assert!((a.mean_ms - 5.0).abs() < 1e-9);
+        assert!(a.p99_ms > 1.0 && a.p99_ms <= 10.0, "{}", a.p99_ms);
+        assert!(
+            labelled_histogram_summary(text, "pipeline_publish_confirm_seconds", "queue=\"c\"")
+                .is_none()
+        );
     }
 
     #[test]

@@ -93,6 +93,9 @@ pub struct LatencyResult {
     pub histogram: Option<Summary>,
     /// The histogram's widest bucket between 1 ms and 1 s (upper bound / lower bound).
     pub histogram_widest_bucket: Option<f64>,
+    /// The model's publish → broker confirm of `y_pred` (its `pipeline_publish_confirm_seconds`):
+    /// how long it waits before it may ack the `features` message.
+    pub model_confirm: Option<Summary>,
     /// Where the time goes, per sample, from the metric service's `labels_log.txt`.
     pub stages: Vec<Stage>,
 }
@@ -107,6 +110,9 @@ pub struct Stage {
 }
 
 /// The stages of [`LatencyResult::stages`], in order.
+/// The model's histogram of publish → confirm times.
+const CONFIRM_HISTOGRAM: &str = "pipeline_publish_confirm_seconds";
+
 pub(crate) const STAGES: [&str; 6] = [
     "send → metric handled y_true (producer → broker → metric)",
     "send → metric handled y_pred (producer → broker → model → broker → metric)",
@@ -424,6 +430,14 @@ pub async fn latency(
     let histogram_widest_bucket = exposition
         .as_deref()
         .and_then(|text| latency::widest_bucket_ratio(text, HISTOGRAM, 0.001, 1.0));
+    let model_confirm = match http_get(consumers.models[0].http_addr, "/metrics").await {
+        Ok((200, text)) => latency::labelled_histogram_summary(
+            &text,
+            CONFIRM_HISTOGRAM,
+            &format!("queue=\"{}\"", consumers.queues.y_pred_queue),
+        ),
+        _ => None,
+    };
     // Read before `finish`, which removes the folder of the logs.
     let sent = latency::producer_send_times(&features.stderr_path)?;
     let handled = latency::metric_handle_times(&consumers.logs.join(LABELS_LOG))?;
@@ -490,6 +504,7 @@ pub async fn latency(
         unmatched_rows,
         histogram,
         histogram_widest_bucket,
+        model_confirm,
         stages,
     })
 }

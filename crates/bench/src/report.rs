@@ -437,12 +437,12 @@ impl Report {
         )?;
         writeln!(
             md,
-            "| load | achieved /s | {} | histogram p50 / p99 (interpolated) |",
+            "| load | achieved /s | {} | histogram p50 / p99 (interpolated) | model: publish → confirm of y_pred, p50 / p99 (its histogram) |",
             STAGE_HEADERS.join(" | ")
         )?;
         writeln!(
             md,
-            "|---:|---:|{}---:|",
+            "|---:|---:|{}---:|---:|",
             "---:|".repeat(STAGE_HEADERS.len())
         )?;
         for p in &self.curve {
@@ -467,9 +467,13 @@ impl Report {
                 || "–".to_owned(),
                 |h| format!("{:.1} / {:.1}", h.p50_ms, h.p99_ms),
             );
+            let confirm = p.pipeline.model_confirm.map_or_else(
+                || "–".to_owned(),
+                |c| format!("{:.1} / {:.1}", c.p50_ms, c.p99_ms),
+            );
             writeln!(
                 md,
-                "| {:.0} % | {} | {} | {histogram} |",
+                "| {:.0} % | {} | {} | {histogram} | {confirm} |",
                 p.fraction * 100.0,
                 thousands(p.pipeline.achieved_rate),
                 stages.join(" | "),

@@ -43,6 +43,7 @@ pub struct BrokerMetrics {
     acked: Family<QueueLabel, Counter>,
     dead_lettered: Family<DeadLetterLabels, Counter>,
     processing_seconds: Family<QueueLabel, Histogram>,
+    confirm_seconds: Family<QueueLabel, Histogram>,
     /// Reconnections to the broker after a lost connection.
     pub reconnects: Counter,
     /// 1 while connected to the broker, else 0.
@@ -73,6 +74,7 @@ impl BrokerMetrics {
             acked: Family::default(),
             dead_lettered: Family::default(),
             processing_seconds: Family::new_with_constructor(|| Histogram::new(seconds_buckets())),
+            confirm_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             reconnects: Counter::default(),
             connected: Gauge::default(),
             blocked: Gauge::default(),
@@ -103,6 +105,12 @@ impl BrokerMetrics {
             "message_processing_seconds",
             "Time to process one message, from receipt to hand-off",
             metrics.processing_seconds.clone(),
+        );
+        registry.register(
+            "publish_confirm_seconds",
+            "Time from a publish (written to the socket) to the broker's confirm, by queue; a \
+             persistent message is confirmed once the broker has written it to disk",
+            metrics.confirm_seconds.clone(),
         );
         registry.register(
             "broker_reconnects",
@@ -142,6 +150,13 @@ impl BrokerMetrics {
     /// The counter of messages this service published to `queue` and had confirmed.
     pub fn published(&self, queue: &str) -> Counter {
         self.published.get_or_create_owned(&QueueLabel {
+            queue: queue.to_owned(),
+        })
+    }
+
+    /// The histogram of publish-to-confirm times of messages this service published to `queue`.
+    pub fn confirm_seconds(&self, queue: &str) -> Histogram {
+        self.confirm_seconds.get_or_create_owned(&QueueLabel {
             queue: queue.to_owned(),
         })
     }

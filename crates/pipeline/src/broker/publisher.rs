@@ -13,8 +13,10 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 /// AMQP `delivery_mode` of a persistent message.
 const PERSISTENT: u8 = 2;
@@ -27,10 +29,13 @@ pub struct Publisher {
     metrics: BrokerMetrics,
 }
 
-/// The broker's answer to one publish; counts the message as published when it is confirmed.
+/// The broker's answer to one publish; counts the message as published when it is confirmed and
+/// records how long the broker took to answer.
 pub struct Confirm {
     inner: PublisherConfirm,
     published: Counter,
+    sent: Instant,
+    confirm_seconds: Histogram,
 }
 
 impl Future for Confirm {
@@ -38,10 +43,12 @@ impl Future for Confirm {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let result = std::task::ready!(Pin::new(&mut self.inner).poll(cx));
-        if let Ok(confirmation) = &result
-            && is_confirmed(confirmation)
-        {
-            self.published.inc();
+        if let Ok(confirmation) = &result {
+            self.confirm_seconds
+                .observe(self.sent.elapsed().as_secs_f64());
+            if is_confirmed(confirmation) {
+                self.published.inc();
+            }
         }
         Poll::Ready(result)
     }
@@ -143,6 +150,8 @@ impl Publisher {
         Confirm {
             inner,
             published: self.metrics.published(queue),
+            sent: Instant::now(),
+            confirm_seconds: self.metrics.confirm_seconds(queue),
         }
     }
 
