@@ -2,9 +2,7 @@
 //! failover across the URLs of `AMQP_URL`, heartbeats, the connection-state metric, and the
 //! broker's `connection.blocked` / `unblocked` notices in the log, `/healthz` and a gauge.
 
-use super::supervisor::{
-    Failure, HEALTHY_SESSION, InvalidUrl, SessionBackoff, Step, Verdict, classify,
-};
+use super::retry::{Failure, HEALTHY_SESSION, InvalidUrl, SessionBackoff, Step, Verdict, classify};
 use crate::config::BrokerConfig;
 use crate::health::Health;
 use crate::metrics::BrokerMetrics;
@@ -68,7 +66,7 @@ pub struct Broker {
     next_url: usize,
     connected_once: bool,
     /// The pause before the next connection attempt, kept across sessions.
-    pub(crate) backoff: SessionBackoff,
+    backoff: SessionBackoff,
     /// The task that follows the current connection's events.
     events: Option<tokio::task::AbortHandle>,
 }
@@ -212,6 +210,11 @@ impl Broker {
         }
         self.metrics.blocked.set(0);
         self.health.set_note("blocked", None);
+    }
+
+    /// A session that lasted `lasted` failed: the pause before connecting again.
+    pub fn session_failed(&mut self, lasted: std::time::Duration) -> Duration {
+        self.backoff.session_failed(lasted)
     }
 
     /// Records that the connection is gone and the next attempt should try the next URL.
