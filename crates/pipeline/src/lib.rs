@@ -7,10 +7,12 @@
 //! - [`broker`]: connecting with backoff, topology, confirmed publishing, and the one consume loop.
 //! - [`telemetry`], [`metrics`], [`health`], [`http`]: logs, Prometheus metrics, `/healthz`.
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
+//! - [`fs`]: replacing a file atomically and durably.
 
 pub mod broker;
 pub mod config;
 pub mod dataset;
+pub mod fs;
 pub mod health;
 pub mod http;
 pub mod messages;
