@@ -6,6 +6,7 @@
 //! - [`config`]: settings shared by the services (environment variables and flags).
 //! - [`broker`]: connecting with backoff, topology, confirmed publishing, and the one consume loop.
 //! - [`telemetry`], [`metrics`], [`health`], [`http`]: logs, Prometheus metrics, `/healthz`.
+//! - [`service`]: the command line every service binary shares (`healthcheck`, settings).
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 //! - [`fs`]: replacing a file atomically and durably.
 
@@ -17,6 +18,7 @@ pub mod health;
 pub mod http;
 pub mod messages;
 pub mod metrics;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 
