@@ -59,8 +59,14 @@ impl AtomicFile {
     /// that picks its format by the extension).
     pub fn with_suffix(path: &Path, suffix: &str) -> Result<Self, AtomicWriteError> {
         let dir = parent(path);
+        let Some(name) = path.file_name() else {
+            let source = std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name");
+            return Err(fail("cannot write to a path that names no file:", path)(
+                source,
+            ));
+        };
         let mut prefix = std::ffi::OsString::from(".");
-        prefix.push(path.file_name().unwrap_or_default());
+        prefix.push(name);
         prefix.push(".");
         let tmp = tempfile::Builder::new()
             .prefix(&prefix)
@@ -154,6 +160,7 @@ mod tests {
         }
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
         assert_eq!(names(dir.path()), ["checkpoint"]);
+        assert!(write_atomic(Path::new("/"), b"x").is_err());
         let err = write_atomic(&dir.path().join("missing/x"), b"x").unwrap_err();
         assert!(
             err.to_string()
