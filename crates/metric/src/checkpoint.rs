@@ -12,8 +12,8 @@ use crate::files::FilePos;
 use crate::join::WaitingEntry;
 use crate::quality::Totals;
 use anyhow::Context as _;
-use std::io::Write as _;
 use pipeline::fs::AtomicFile;
+use std::io::Write as _;
 use std::path::Path;
 
 /// File name of the checkpoint in `LOG_DIR`.

@@ -14,11 +14,11 @@ pub mod join;
 pub mod plot;
 pub mod quality;
 
-use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use files::{LogFiles, Rotation};
 use join::{JoinLimits, Joiner, Offer, fingerprint};
 use lapin::message::Delivery;
+use pipeline::broker::HandlerError;
 use pipeline::broker::consumer::ConsumerSpec;
 use pipeline::broker::flow::{FlowChange, Hysteresis};
 use pipeline::broker::{Broker, Disposition, MessageHandler, Publisher, Topology, run_consumer};
@@ -28,6 +28,7 @@ use pipeline::config::{
 use pipeline::health::Health;
 use pipeline::messages::{LabelKind, LabelMessage, MessageError, now_us, parse_label, validate_id};
 use pipeline::metrics::{BrokerMetrics, QueueLabel};
+use pipeline::service::{Identity, ServiceCli, ServiceConfig};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -39,28 +40,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Command line of the `metric` binary.
-#[derive(Parser, Debug)]
-#[command(
-    name = "metric",
-    version,
-    about = "Logs y_true and y_pred, joins them by id, records the error"
-)]
-pub struct Cli {
-    /// Settings of the service.
-    #[command(flatten)]
-    pub config: Config,
-    /// What to do instead of serving.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
+/// Name, version and description of the `metric` binary (`--help`, `--version`).
+pub const IDENTITY: Identity = Identity {
+    name: "metric",
+    version: env!("CARGO_PKG_VERSION"),
+    about: "Logs y_true and y_pred, joins them by id, records the error",
+};
 
-/// Other things the binary does.
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Probe this service's /healthz at HTTP_ADDR; exit 0 when healthy (for container healthchecks).
-    Healthcheck,
-}
+/// Command line of the `metric` binary: its settings and `healthcheck`.
+pub type Cli = ServiceCli<Config>;
 
 /// Settings of the metric service.
 #[derive(Args, Debug, Clone)]
@@ -148,6 +136,20 @@ pub struct Config {
     /// Model versions with their own metric series (the most recently seen); older ones are removed.
     #[arg(long, env = "MODEL_VERSIONS_KEPT", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub model_versions_kept: u64,
+}
+
+impl ServiceConfig for Config {
+    fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    fn telemetry(&self) -> &TelemetryConfig {
+        &self.telemetry
+    }
+
+    fn broker(&self) -> &BrokerConfig {
+        &self.broker
+    }
 }
 
 /// `QUALITY_ALERT_RATIO`: a finite number above 1 (at or below 1 the alarm would ring for noise).
@@ -769,7 +771,7 @@ impl MessageHandler for Recorder {
         input: usize,
         delivery: &Delivery,
         _publisher: &Publisher,
-    ) -> anyhow::Result<Disposition> {
+    ) -> Result<Disposition, HandlerError> {
         let disposition = match self.record(KINDS[input], delivery) {
             Ok(()) => Disposition::Ack,
             Err(err) => Disposition::DeadLetter(err),
@@ -782,17 +784,17 @@ impl MessageHandler for Recorder {
         !(KINDS[input] == LabelKind::YTrue && self.y_true_flow.is_held())
     }
 
-    async fn flush(&mut self) -> anyhow::Result<()> {
+    async fn flush(&mut self) -> Result<(), HandlerError> {
         self.metrics.waiting.set(self.joiner.waiting() as i64);
-        // A write error is a LocalFault (in the chain): the loop pauses and calls again.
-        let rotated = self.files.flush().context("cannot write the log files")?;
+        // A write error is a LocalFault: the loop pauses and calls again.
+        let rotated = self.files.flush()?;
         if rotated || self.checkpoints.due() {
             self.save_checkpoint();
         }
         Ok(())
     }
 
-    async fn tick(&mut self) -> anyhow::Result<()> {
+    async fn tick(&mut self) -> Result<(), HandlerError> {
         for evicted in self.joiner.evict() {
             self.checkpoints.changed = true;
             tracing::warn!(
@@ -834,7 +836,7 @@ mod tests {
     fn config(dir: &Path, extra: &[&str]) -> Config {
         let mut args = vec!["metric", "--log-dir", dir.to_str().unwrap()];
         args.extend_from_slice(extra);
-        Cli::try_parse_from(args).unwrap().config
+        Cli::try_parse_for(&IDENTITY, args).unwrap().config
     }
 
     fn recover(config: &Config) -> Recorder {
@@ -887,7 +889,8 @@ mod tests {
     #[test]
     fn a_quality_alert_ratio_at_or_below_one_is_refused() {
         for bad in ["1", "0.5", "nan", "inf", "x"] {
-            let err = Cli::try_parse_from(["metric", "--quality-alert-ratio", bad]).unwrap_err();
+            let err = Cli::try_parse_for(&IDENTITY, ["metric", "--quality-alert-ratio", bad])
+                .unwrap_err();
             assert!(
                 err.to_string().contains("QUALITY_ALERT_RATIO") || err.to_string().contains(bad),
                 "{err}"

@@ -6,10 +6,10 @@
 //! fonts, no fontconfig or freetype) and the `image` crate encodes the PNG.
 
 use anyhow::{Context as _, ensure};
+use pipeline::fs::AtomicFile;
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
-use pipeline::fs::AtomicFile;
 use std::path::Path;
 use std::sync::OnceLock;
 

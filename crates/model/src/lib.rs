@@ -7,10 +7,11 @@ pub mod drift_monitor;
 pub mod regression;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Subcommand};
 use lapin::message::Delivery;
 use pipeline::broker::consumer::ConsumerSpec;
 use pipeline::broker::{Broker, Disposition, MessageHandler, Publisher, Topology, run_consumer};
+use pipeline::broker::{BrokerContext as _, HandlerError};
 use pipeline::config::{
     BrokerConfig, ConsumeConfig, QueueNames, TelemetryConfig, parse_socket_addr,
 };
@@ -18,6 +19,7 @@ use pipeline::dataset::Dataset;
 use pipeline::health::Health;
 use pipeline::messages::{BodyFormat, parse_features, write_y_pred};
 use pipeline::metrics::BrokerMetrics;
+use pipeline::service::{Identity, ServiceCli, ServiceConfig};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -29,27 +31,19 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Command line of the `model` binary.
-#[derive(Parser, Debug)]
-#[command(
-    name = "model",
-    version,
-    about = "Predicts y_pred for every features message"
-)]
-pub struct Cli {
-    /// Settings of the service.
-    #[command(flatten)]
-    pub config: Config,
-    /// What to do instead of serving.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
+/// Name, version and description of the `model` binary (`--help`, `--version`).
+pub const IDENTITY: Identity = Identity {
+    name: "model",
+    version: env!("CARGO_PKG_VERSION"),
+    about: "Predicts y_pred for every features message",
+};
 
-/// Other things the binary does.
+/// Command line of the `model` binary: its settings, `healthcheck` and its own subcommands.
+pub type Cli = ServiceCli<Config, Command>;
+
+/// What the binary does besides serving and `healthcheck`.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Probe this service's /healthz at HTTP_ADDR; exit 0 when healthy (for container healthchecks).
-    Healthcheck,
     /// Fit on a CSV and write a model artifact (JSON) for MODEL_PATH.
     Train {
         /// Training CSV (numeric columns, one header row).
@@ -159,6 +153,20 @@ pub struct Config {
     /// it comes back.
     #[arg(long, env = "DRIFT_PSI_ALERT", default_value_t = 0.25, value_parser = parse_psi_alert)]
     pub drift_psi_alert: f64,
+}
+
+impl ServiceConfig for Config {
+    fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    fn telemetry(&self) -> &TelemetryConfig {
+        &self.telemetry
+    }
+
+    fn broker(&self) -> &BrokerConfig {
+        &self.broker
+    }
 }
 
 /// A PSI threshold: a finite number above 0.
@@ -373,7 +381,7 @@ impl MessageHandler for Predictor {
         _input: usize,
         delivery: &Delivery,
         publisher: &Publisher,
-    ) -> anyhow::Result<Disposition> {
+    ) -> Result<Disposition, HandlerError> {
         let message_id = delivery
             .properties
             .message_id()
@@ -404,16 +412,17 @@ impl MessageHandler for Predictor {
             y_pred,
             &model.version,
             message.sent_at_us,
-        )?;
+        )
+        .map_err(anyhow::Error::from)?;
         tracing::debug!(id = message.id.as_deref().unwrap_or("-"), y_pred, version = %model.version, "predicted");
         let confirm = publisher
             .publish_json(&self.y_pred_queue, &self.body, message.id.as_deref())
             .await
-            .context("cannot publish y_pred")?;
+            .broker_context("cannot publish y_pred")?;
         Ok(Disposition::AckOnConfirm(confirm))
     }
 
-    async fn flush(&mut self) -> anyhow::Result<()> {
+    async fn flush(&mut self) -> Result<(), HandlerError> {
         Ok(())
     }
 }

@@ -14,10 +14,11 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use lapin::message::Delivery;
 use model::artifact::Artifact;
 use pipeline::CancellationToken;
+use pipeline::broker::HandlerError;
 use pipeline::broker::consumer::ConsumerSpec;
 use pipeline::broker::topology::training_queue;
 use pipeline::broker::{Broker, Disposition, MessageHandler, Publisher, Topology, run_consumer};
@@ -27,6 +28,7 @@ use pipeline::config::{
 use pipeline::health::Health;
 use pipeline::messages::{LabelKind, parse_features, parse_label};
 use pipeline::metrics::BrokerMetrics;
+use pipeline::service::{Identity, ServiceCli, ServiceConfig};
 use policy::{AlarmEdge, RetrainSchedule, Trigger};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -34,7 +36,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use retrain::{Baseline, Outcome, Promoter};
-use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -42,28 +44,15 @@ use std::time::Duration;
 use store::{Added, Store};
 use tokio::sync::{mpsc, oneshot};
 
-/// Command line of the `trainer` binary.
-#[derive(Parser, Debug)]
-#[command(
-    name = "trainer",
-    version,
-    about = "Keeps a window of labelled samples and retrains and promotes the model"
-)]
-pub struct Cli {
-    /// Settings of the service.
-    #[command(flatten)]
-    pub config: Config,
-    /// What to do instead of training.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
+/// Name, version and description of the `trainer` binary (`--help`, `--version`).
+pub const IDENTITY: Identity = Identity {
+    name: "trainer",
+    version: env!("CARGO_PKG_VERSION"),
+    about: "Keeps a window of labelled samples and retrains and promotes the model",
+};
 
-/// Other things the binary does.
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Probe this service's /healthz at HTTP_ADDR; exit 0 when healthy (for container healthchecks).
-    Healthcheck,
-}
+/// Command line of the `trainer` binary: its settings and `healthcheck`.
+pub type Cli = ServiceCli<Config>;
 
 /// Settings of the trainer.
 #[derive(Args, Debug, Clone)]
@@ -135,6 +124,20 @@ pub struct Config {
     /// Address of the /healthz, /metrics and POST /retrain endpoint.
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9104", value_parser = parse_socket_addr)]
     pub http_addr: SocketAddr,
+}
+
+impl ServiceConfig for Config {
+    fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    fn telemetry(&self) -> &TelemetryConfig {
+        &self.telemetry
+    }
+
+    fn broker(&self) -> &BrokerConfig {
+        &self.broker
+    }
 }
 
 /// A fraction strictly between 0 and 1.
@@ -358,7 +361,7 @@ impl MessageHandler for Handler {
         input: usize,
         delivery: &Delivery,
         _publisher: &Publisher,
-    ) -> anyhow::Result<Disposition> {
+    ) -> Result<Disposition, HandlerError> {
         let message_id = delivery
             .properties
             .message_id()
@@ -420,7 +423,7 @@ impl MessageHandler for Handler {
         Ok(Disposition::Ack)
     }
 
-    async fn flush(&mut self) -> anyhow::Result<()> {
+    async fn flush(&mut self) -> Result<(), HandlerError> {
         let mut store = lock(&self.shared.store);
         store.flush()?;
         if store.needs_compaction()
@@ -581,20 +584,17 @@ async fn watch_alarm(
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.cancelled() => return,
         }
-        let target = authority.clone();
-        let answer = tokio::task::spawn_blocking(move || {
-            let addr = target
-                .to_socket_addrs()
-                .with_context(|| format!("cannot resolve METRIC_URL {target}"))?
-                .next()
-                .with_context(|| format!("METRIC_URL {target} has no address"))?;
-            let response = pipeline::http::http_get(addr, "/metrics")?;
-            anyhow::ensure!(response.status == 200, "{}", response.status_line);
-            Ok(response.body)
-        })
+        // The same 3 s limit the hand-written client had.
+        let answer = pipeline::http::get(
+            &format!("http://{authority}/metrics"),
+            Duration::from_secs(3),
+        )
         .await
         .map_err(anyhow::Error::from)
-        .and_then(|answer| answer);
+        .and_then(|response| {
+            anyhow::ensure!(response.status == 200, "{}", response.status_line);
+            Ok(response.body)
+        });
         let body = match answer {
             Ok(body) => {
                 if !reachable {
@@ -653,7 +653,7 @@ mod tests {
         assert!(parse_fraction("0").is_err() && parse_fraction("1").is_err());
         assert!(parse_gain("0").is_ok() && parse_gain("0.05").is_ok());
         assert!(parse_gain("-0.1").is_err() && parse_gain("1").is_err());
-        let cli = Cli::try_parse_from(["trainer"]).unwrap();
+        let cli = Cli::try_parse_for(&IDENTITY, ["trainer"]).unwrap();
         assert_eq!(cli.config.http_addr.port(), 9104);
         assert_eq!(cli.config.model_path, PathBuf::from("models/model.json"));
         assert_eq!(cli.config.train_window, 2000);
