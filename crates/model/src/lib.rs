@@ -6,6 +6,7 @@ mod commands;
 pub mod config;
 pub mod drift;
 pub mod drift_monitor;
+pub mod error;
 mod handler;
 mod metrics;
 pub mod regression;
