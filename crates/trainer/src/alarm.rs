@@ -3,7 +3,7 @@
 
 use crate::policy::{self, AlarmEdge, Trigger};
 use crate::retrain::Promoter;
-use crate::retrainer::Request;
+use crate::state::Request;
 use anyhow::Context as _;
 use pipeline::CancellationToken;
 use std::net::ToSocketAddrs as _;

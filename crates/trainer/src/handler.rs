@@ -3,8 +3,8 @@
 
 use crate::metrics::StreamLabel;
 use crate::policy::Trigger;
-use crate::retrainer::Request;
-use crate::startup::{Shared, lock};
+use crate::state::Request;
+use crate::state::{Shared, lock};
 use crate::store::Added;
 use lapin::message::Delivery;
 use pipeline::broker::{Disposition, MessageHandler, Publisher};

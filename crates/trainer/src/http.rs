@@ -1,8 +1,8 @@
 //! The trainer's own HTTP route, `POST /retrain`.
 
 use crate::policy::Trigger;
-use crate::retrainer::Request;
-use crate::startup::Shared;
+use crate::state::Request;
+use crate::state::Shared;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;

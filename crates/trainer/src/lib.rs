@@ -14,6 +14,7 @@ pub mod policy;
 pub mod retrain;
 mod retrainer;
 mod startup;
+mod state;
 pub mod store;
 
 pub use config::{Cli, Command, Config, metric_authority};

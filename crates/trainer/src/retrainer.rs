@@ -2,17 +2,12 @@
 //! outcome in the log and the metrics.
 
 use crate::metrics::{Metrics, ModelLabel, RetrainLabels};
-use crate::policy::{self, Trigger};
+use crate::policy;
 use crate::retrain::{Outcome, Promoter};
-use crate::startup::{Shared, lock};
+use crate::state::Request;
+use crate::state::{Shared, lock};
 use crate::store;
-use tokio::sync::{mpsc, oneshot};
-
-/// A retrain request; `reply` gets the outcome (from `POST /retrain`).
-pub(crate) struct Request {
-    pub(crate) trigger: Trigger,
-    pub(crate) reply: Option<oneshot::Sender<Result<Outcome, String>>>,
-}
+use tokio::sync::mpsc;
 
 /// Runs retrains one at a time, in the order asked.
 pub(crate) async fn retrainer(

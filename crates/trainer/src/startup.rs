@@ -8,7 +8,8 @@ use crate::http::post_retrain;
 use crate::metrics::Metrics;
 use crate::policy::RetrainSchedule;
 use crate::retrain::{Baseline, Promoter};
-use crate::retrainer::{Request, retrainer};
+use crate::retrainer::retrainer;
+use crate::state::Shared;
 use crate::store::Store;
 use anyhow::Context as _;
 use axum::Router;
@@ -19,18 +20,9 @@ use pipeline::broker::{Broker, Topology, run_consumer};
 use pipeline::health::Health;
 use pipeline::metrics::BrokerMetrics;
 use prometheus_client::registry::Registry;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-
-/// State shared by the consumer, the retrainer and the HTTP route.
-#[derive(Clone)]
-pub(crate) struct Shared {
-    pub(crate) store: Arc<Mutex<Store>>,
-    pub(crate) schedule: Arc<Mutex<RetrainSchedule>>,
-    pub(crate) requests: mpsc::Sender<Request>,
-    pub(crate) metrics: Metrics,
-}
 
 /// Runs the trainer until `shutdown` completes.
 pub async fn run(
@@ -120,7 +112,4 @@ pub async fn run(
     }
     let _ = retrainer.await;
     result
-}
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
