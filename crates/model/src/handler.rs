@@ -6,13 +6,17 @@ use crate::regression::LinearModel;
 use anyhow::Context as _;
 use lapin::message::Delivery;
 use pipeline::broker::{Disposition, MessageHandler, Publisher};
-use pipeline::messages::{BodyFormat, parse_features, write_y_pred};
+use pipeline::messages::{BodyFormat, now_us, parse_features, write_y_pred};
+use pipeline::metrics::QueueCounters;
 use std::sync::Arc;
 use tokio::sync::watch;
 
 /// Predicts each features message and publishes the prediction.
 pub(crate) struct Predictor {
     pub(crate) model: watch::Receiver<Arc<LinearModel>>,
+    /// The features queue's counters: `pipeline_receive_delay_seconds` (send -> model) is
+    /// recorded here.
+    pub(crate) features_counters: QueueCounters,
     pub(crate) y_pred_queue: String,
     /// Bare under `TOPOLOGY=course`; native otherwise, except in answer to a bare message.
     pub(crate) format: BodyFormat,
@@ -37,6 +41,10 @@ impl MessageHandler for Predictor {
             Ok(message) => message,
             Err(err) => return Ok(Disposition::DeadLetter(err)),
         };
+        if let Some(sent_at_us) = message.sent_at_us {
+            self.features_counters
+                .observe_receive_delay(sent_at_us, now_us());
+        }
         let model = Arc::clone(&self.model.borrow());
         let y_pred = match model.predict(&message.features) {
             Ok(y_pred) => y_pred,

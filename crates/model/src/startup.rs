@@ -167,6 +167,8 @@ pub async fn run(
     };
     let mut predictor = Predictor {
         model: model_rx,
+        // Looked up once: the hot path does no label hashing.
+        features_counters: broker.metrics.queue(&queues.features_queue),
         y_pred_queue: queues.y_pred_queue.clone(),
         format: BodyFormat::of(config.broker.topology),
         body: Vec::with_capacity(256),
