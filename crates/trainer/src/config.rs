@@ -87,7 +87,7 @@ pub struct Config {
     #[arg(long, env = "METRIC_URL", default_value = "")]
     pub metric_url: String,
 
-    /// How often METRIC_URL's /metrics is read, in milliseconds.
+    /// How often METRIC_URL's /api/quality is read, in milliseconds.
     #[arg(long, env = "METRIC_POLL_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
     pub metric_poll_ms: u64,
 

@@ -1,7 +1,7 @@
 //! Start-up and shut-down of the trainer: opens the window, serves HTTP, starts the retrainer and
 //! the alarm watcher, and consumes the two training queues until shutdown.
 
-use crate::alarm::watch_alarm;
+use crate::alarm::{QualitySource, watch_alarm};
 use crate::config::{Config, metric_authority};
 use crate::handler::Handler;
 use crate::http::post_retrain;
@@ -74,9 +74,13 @@ pub async fn run(
     )
     .await?;
     let retrainer = tokio::spawn(retrainer(promoter.clone(), shared.clone(), requests_rx));
-    let alarm = metric_authority(&config.metric_url).map(|authority| {
+    let alarm = match metric_authority(&config.metric_url) {
+        Some(authority) => Some(QualitySource::new(&authority)?),
+        None => None,
+    }
+    .map(|source| {
         tokio::spawn(watch_alarm(
-            authority,
+            source,
             Duration::from_millis(config.metric_poll_ms),
             promoter,
             shared.requests.clone(),
