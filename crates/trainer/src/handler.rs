@@ -5,13 +5,15 @@ use crate::metrics::StreamLabel;
 use crate::policy::Trigger;
 use crate::state::Request;
 use crate::state::{Shared, lock};
-use crate::store::Added;
+use crate::store::{Added, Store};
 use lapin::message::Delivery;
 use pipeline::broker::{Disposition, MessageHandler, Publisher};
 use pipeline::messages::{LabelKind, parse_features, parse_label};
 
 /// Adds each delivery to the window; acks once its line is synced.
 pub(crate) struct Handler {
+    /// The window on disk: this handler's alone (see [`Shared::window`]).
+    pub(crate) store: Store,
     pub(crate) shared: Shared,
     /// The store's count of halves dropped unpaired, as far as the counter has it.
     pub(crate) unpaired_reported: u64,
@@ -50,16 +52,10 @@ impl MessageHandler for Handler {
             metrics.unpaired.inc();
             return Ok(Disposition::Ack);
         };
-        let (added, len, waiting, unpaired) = {
-            let mut store = lock(&self.shared.store);
-            let added = store.add(&id, features, target);
-            (
-                added,
-                store.len(),
-                store.waiting(),
-                store.dropped_unpaired(),
-            )
-        };
+        let store = &mut self.store;
+        let added = store.add(&id, features, target);
+        lock(&self.shared.window).follow(added, store);
+        let (len, waiting, unpaired) = (store.len(), store.waiting(), store.dropped_unpaired());
         metrics.window.set(len as i64);
         metrics.waiting.set(waiting as i64);
         metrics
@@ -86,7 +82,8 @@ impl MessageHandler for Handler {
     }
 
     async fn flush(&mut self) -> anyhow::Result<()> {
-        let mut store = lock(&self.shared.store);
+        // No lock held: the retrainer reads its own copy of the window meanwhile.
+        let store = &mut self.store;
         store.flush()?;
         if store.needs_compaction()
             && let Err(err) = store.compact()

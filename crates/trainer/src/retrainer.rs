@@ -17,14 +17,14 @@ pub(crate) async fn retrainer(
 ) {
     // The receiver ends once every sender is dropped; the state's own sender must not keep it.
     let Shared {
-        store,
+        window,
         schedule,
         metrics,
         requests: own_sender,
     } = shared;
     drop(own_sender);
     while let Some(request) = requests.recv().await {
-        let samples: Vec<store::Sample> = lock(&store).samples().cloned().collect();
+        let samples: Vec<store::Sample> = lock(&window).snapshot();
         lock(&schedule).retrained();
         let trigger = request.trigger;
         let promoter = promoter.clone();

@@ -9,7 +9,7 @@ use crate::metrics::Metrics;
 use crate::policy::RetrainSchedule;
 use crate::retrain::{Baseline, Promoter};
 use crate::retrainer::retrainer;
-use crate::state::Shared;
+use crate::state::{Shared, WindowCopy};
 use crate::store::Store;
 use anyhow::Context as _;
 use axum::Router;
@@ -56,7 +56,7 @@ pub async fn run(
     metrics.waiting.set(store.waiting() as i64);
     let (requests, requests_rx) = mpsc::channel(16);
     let shared = Shared {
-        store: Arc::new(Mutex::new(store)),
+        window: Arc::new(Mutex::new(WindowCopy::of(&store, capacity))),
         schedule: Arc::new(Mutex::new(RetrainSchedule::new(config.retrain_every))),
         requests,
         metrics: metrics.clone(),
@@ -102,6 +102,7 @@ pub async fn run(
     };
     let mut broker = Broker::new(config.broker.clone(), "trainer", broker_metrics, health);
     let mut handler = Handler {
+        store,
         shared: shared.clone(),
         unpaired_reported: 0,
     };
