@@ -4,7 +4,7 @@
 use crate::alarm::{QualitySource, watch_alarm};
 use crate::config::{Config, metric_authority};
 use crate::handler::Handler;
-use crate::http::post_retrain;
+use crate::http::{RETRAIN_REPLY_TIMEOUT, routes};
 use crate::metrics::Metrics;
 use crate::policy::RetrainSchedule;
 use crate::retrain::{Baseline, Promoter};
@@ -12,7 +12,6 @@ use crate::retrainer::retrainer;
 use crate::state::{Shared, WindowCopy};
 use crate::store::Store;
 use anyhow::Context as _;
-use axum::Router;
 use model::artifact::Artifact;
 use pipeline::broker::consumer::ConsumerSpec;
 use pipeline::broker::topology::training_queue;
@@ -62,9 +61,7 @@ pub async fn run(
         metrics: metrics.clone(),
     };
     let health = Health::new();
-    let routes = Router::new()
-        .route("/retrain", axum::routing::post(post_retrain))
-        .with_state(shared.clone());
+    let routes = routes(shared.requests.clone(), RETRAIN_REPLY_TIMEOUT);
     let http = pipeline::http::spawn_with(
         config.http_addr,
         Arc::new(registry),
