@@ -8,6 +8,7 @@ use crate::pacer::Pacer;
 use crate::sampler::Sampler;
 use anyhow::Context as _;
 use futures_util::FutureExt as _;
+use lapin::Confirmation;
 use pipeline::CancellationToken;
 use pipeline::broker::consumer::DRAIN_TIMEOUT;
 use pipeline::broker::publisher::{Confirm, is_confirmed};
@@ -53,7 +54,17 @@ pub(crate) struct Producer {
 }
 
 /// Publisher confirms not yet answered, oldest first, with the window sequence of their sample.
-type Confirms = VecDeque<(u64, Confirm)>;
+/// (Generic so the tests can stand in for the broker's confirms.)
+pub(crate) type Confirms<C = Confirm> = VecDeque<(u64, C)>;
+
+/// What waiting for room in a full confirm window ended with.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Room {
+    /// The oldest confirm came in (and every other already in is recorded).
+    Made,
+    /// A stop request came first.
+    Stopping,
+}
 
 impl Producer {
     pub(crate) fn finished(&self) -> bool {
@@ -181,10 +192,12 @@ impl Producer {
                 break;
             }
             if window.len() >= max_outstanding {
-                if let Err(err) = self.settle(window, confirms, true).await {
-                    return lost(err);
+                match self.wait_for_room(window, confirms, shutdown).await {
+                    Ok(Room::Made) => continue,
+                    // To the drain, bounded by DRAIN_TIMEOUT like any other stop.
+                    Ok(Room::Stopping) => break,
+                    Err(err) => return lost(err),
                 }
-                continue;
             }
             let sample = match self.retry.pop_front() {
                 Some(sample) => sample,
@@ -291,15 +304,37 @@ impl Producer {
         Ok([y_true, features])
     }
 
+    /// Waits for the oldest confirm (the window is full) unless `shutdown` comes first: a blocked
+    /// broker may not confirm for as long as its alarm lasts, and a stop request must not wait for
+    /// that. Nothing is lost by stopping: [`Self::settle`] changes nothing before its first confirm
+    /// is in, so the unanswered samples stay in the window and are owed as after any stop.
+    async fn wait_for_room<C>(
+        &mut self,
+        window: &mut ConfirmWindow<Sample>,
+        confirms: &mut Confirms<C>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Room>
+    where
+        C: Future<Output = lapin::Result<Confirmation>> + Unpin,
+    {
+        tokio::select! {
+            settled = self.settle(window, confirms, true) => settled.map(|()| Room::Made),
+            _ = shutdown.cancelled() => Ok(Room::Stopping),
+        }
+    }
+
     /// Records the confirms that are in (with `wait`, waits for at least the oldest one) and
     /// retires the samples the window says are answered: confirmed ones are counted, refused ones
     /// go to the retry queue.
-    async fn settle(
+    async fn settle<C>(
         &mut self,
         window: &mut ConfirmWindow<Sample>,
-        confirms: &mut Confirms,
+        confirms: &mut Confirms<C>,
         wait: bool,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<()>
+    where
+        C: Future<Output = lapin::Result<Confirmation>> + Unpin,
+    {
         let mut wait = wait;
         while let Some((seq, confirm)) = confirms.front_mut() {
             let result = if wait {
@@ -326,5 +361,101 @@ impl Producer {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Cli;
+    use clap::Parser as _;
+    use std::pin::Pin;
+
+    /// A stand-in for a broker's confirm.
+    type TestConfirm = Pin<Box<dyn Future<Output = lapin::Result<Confirmation>> + Send>>;
+
+    fn producer(confirm_window: u64) -> Producer {
+        let mut config = Cli::try_parse_from(["features"]).unwrap().config;
+        config.data_path = [
+            env!("CARGO_MANIFEST_DIR"),
+            "..",
+            "..",
+            "data",
+            "diabetes.csv",
+        ]
+        .iter()
+        .collect();
+        config.confirm_window = confirm_window;
+        let data = Dataset::from_csv(&config.data_path, None).unwrap();
+        Producer {
+            sampler: Sampler::new(config.order, Some(1), data.len()),
+            pacer: Pacer::new(0.0),
+            drift: config.drift(&data.feature_names).unwrap(),
+            data,
+            retry: VecDeque::new(),
+            generated: 0,
+            confirmed: 0,
+            drain_timed_out: false,
+            body: Vec::new(),
+            drifted_row: Vec::new(),
+            config,
+        }
+    }
+
+    /// One sample published, its two confirms as given.
+    fn published(confirms: [TestConfirm; 2]) -> (ConfirmWindow<Sample>, Confirms<TestConfirm>) {
+        let mut window = ConfirmWindow::new();
+        let seq = window.push(
+            Sample {
+                id: "s1".to_owned(),
+                row: 0,
+                number: 0,
+            },
+            2,
+        );
+        (window, confirms.into_iter().map(|c| (seq, c)).collect())
+    }
+
+    #[tokio::test]
+    async fn a_stop_request_ends_the_wait_for_a_confirm_that_never_comes() {
+        let mut producer = producer(1);
+        // A blocked broker: the confirms never come.
+        let (mut window, mut confirms) = published([
+            Box::pin(std::future::pending()),
+            Box::pin(std::future::pending()),
+        ]);
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stop.cancel();
+        });
+        let room = tokio::time::timeout(
+            Duration::from_secs(5),
+            producer.wait_for_room(&mut window, &mut confirms, &shutdown),
+        )
+        .await
+        .expect("the wait ignored the stop request");
+        assert_eq!(room.unwrap(), Room::Stopping);
+        // Nothing settled: the sample is still owed, as after any stop.
+        assert_eq!(producer.confirmed, 0);
+        assert_eq!(confirms.len(), 2);
+        let owed = window.take_unanswered();
+        assert_eq!(owed.len(), 1);
+        assert_eq!(owed[0].id, "s1");
+    }
+
+    #[tokio::test]
+    async fn confirms_make_room() {
+        let mut producer = producer(1);
+        let ack = || -> TestConfirm { Box::pin(async { Ok(Confirmation::Ack(None)) }) };
+        let (mut window, mut confirms) = published([ack(), ack()]);
+        let room = producer
+            .wait_for_room(&mut window, &mut confirms, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(room, Room::Made);
+        assert_eq!(producer.confirmed, 1);
+        assert!(window.is_empty() && confirms.is_empty());
     }
 }
