@@ -2,12 +2,14 @@
 //! the quality figures; the [`MessageHandler`] of the metric service.
 
 use crate::checkpoint;
+use crate::config::{Config, read_ahead_limit};
 use crate::dashboard;
 use crate::files::LogFiles;
 use crate::join::{Joiner, Offer};
 use crate::metrics::{JoinMetrics, ReasonLabel};
 use crate::plotter::Plotter;
 use crate::quality::Quality;
+use crate::recovery::{self, Recovered};
 use anyhow::Context as _;
 use lapin::message::Delivery;
 use pipeline::broker::flow::{FlowChange, Hysteresis};
@@ -18,7 +20,7 @@ use pipeline::metrics::QueueLabel;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Order of the inputs in [`ConsumerSpec::inputs`].
+/// Order of the inputs in [`ConsumerSpec::inputs`](pipeline::broker::consumer::ConsumerSpec::inputs).
 pub(crate) const KINDS: [LabelKind; 2] = [LabelKind::YTrue, LabelKind::YPred];
 
 /// Logs, joins and measures; the [`MessageHandler`] of the metric service.
@@ -56,6 +58,70 @@ impl CheckpointPolicy {
 }
 
 impl Recorder {
+    /// Rebuilds the state from `LOG_DIR` (see [`recovery`]), counts what recovery dropped, writes
+    /// a checkpoint and logs what it read.
+    pub(crate) fn start(
+        config: &Config,
+        mut quality: Quality,
+        metrics: JoinMetrics,
+        mut plotter: Plotter,
+        health: Health,
+    ) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        let Recovered {
+            files,
+            joiner,
+            mut dashboard,
+            stats,
+        } = recovery::recover(config, &mut quality, &mut plotter)?;
+        if stats.evicted > 0 {
+            metrics
+                .evicted
+                .get_or_create(&ReasonLabel { reason: "capacity" })
+                .inc_by(stats.evicted);
+        }
+        metrics.waiting.set(joiner.waiting() as i64);
+        dashboard.maybe_update(&quality, joiner.waiting(), plotter.errors.iter());
+        let mut recorder = Self {
+            files,
+            joiner,
+            quality,
+            metrics,
+            plotter,
+            dashboard,
+            queue_names: [
+                config.queues.y_true_queue.clone(),
+                config.queues.y_pred_queue.clone(),
+            ],
+            log_dir: config.log_dir.clone(),
+            checkpoints: CheckpointPolicy {
+                every_pairs: config.checkpoint_every,
+                interval: Duration::from_secs(config.checkpoint_interval_secs),
+                pairs_since: 0,
+                changed: true,
+                last: Instant::now(),
+                failing: false,
+            },
+            y_true_flow: Hysteresis::with_high_water(read_ahead_limit(config)),
+            health,
+        };
+        recorder.save_checkpoint();
+        tracing::info!(
+            log_dir = %config.log_dir.display(),
+            from = if stats.from_checkpoint { "checkpoint" } else { "whole files" },
+            csv_rows_read = stats.csv.rows,
+            csv_bad_rows = stats.csv.bad_rows,
+            label_lines_replayed = stats.label_lines,
+            rows_recovered = stats.rows_recovered,
+            evicted_while_replaying = stats.evicted,
+            waiting = recorder.joiner.waiting(),
+            pairs = recorder.quality.all().n,
+            millis = started.elapsed().as_millis() as u64,
+            "state rebuilt from the log files"
+        );
+        Ok(recorder)
+    }
+
     /// Writes the checkpoint when nothing is pending (so it matches the files); a failure is
     /// logged, not fatal: the previous checkpoint stays valid, start-up only reads more.
     pub(crate) fn save_checkpoint(&mut self) {

@@ -32,11 +32,16 @@ pub async fn run(
         config.model_versions_kept as usize,
         config.quality_alert_ratio,
     );
-    let mut recorder = Recorder::recover(&config, quality, join_metrics, Plotter::new(&config))?;
+    let health = Health::new();
+    let mut recorder = Recorder::start(
+        &config,
+        quality,
+        join_metrics,
+        Plotter::new(&config),
+        health.clone(),
+    )?;
     let connected = broker_metrics.connected.clone();
 
-    let health = Health::new();
-    recorder.health = health.clone();
     recorder.update_flow();
     pipeline::broker::topology::announce(
         &config.broker,

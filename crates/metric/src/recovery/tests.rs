@@ -3,8 +3,9 @@
 
 use super::*;
 use crate::config::Cli;
-use crate::handler::KINDS;
+use crate::handler::{KINDS, Recorder};
 use crate::join;
+use crate::metrics::JoinMetrics;
 use clap::Parser as _;
 use pipeline::messages::{LabelKind, LabelMessage};
 use prometheus_client::registry::Registry;
@@ -21,7 +22,14 @@ fn recover(config: &Config) -> Recorder {
     let mut registry = Registry::default();
     let join_metrics = JoinMetrics::register(&mut registry);
     let quality = Quality::register(&mut registry, config.quality_window, 20, 1.25);
-    Recorder::recover(config, quality, join_metrics, Plotter::new(config)).unwrap()
+    Recorder::start(
+        config,
+        quality,
+        join_metrics,
+        Plotter::new(config),
+        pipeline::health::Health::new(),
+    )
+    .unwrap()
 }
 
 /// Appends `ids` as a history: both log lines of each, and its row when `row` says so.
