@@ -289,7 +289,11 @@ impl MessageHandler for Recorder {
     ) -> anyhow::Result<Disposition> {
         let disposition = match self.record(KINDS[input], delivery) {
             Ok(()) => Disposition::Ack,
-            Err(err) => Disposition::DeadLetter(err),
+            Err(err) => {
+                self.dashboard
+                    .dead_lettered(&self.queue_names[input], err.reason());
+                Disposition::DeadLetter(err)
+            }
         };
         self.update_flow();
         Ok(disposition)

@@ -53,7 +53,7 @@ pub async fn run(
         snapshot: recorder.dashboard.shared(),
         connected,
         health: health.clone(),
-        registry: Arc::clone(&registry),
+        dead_letters: recorder.dashboard.dead_letters(),
     });
     let http = pipeline::http::spawn_with(
         config.http_addr,
