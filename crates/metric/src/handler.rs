@@ -16,7 +16,7 @@ use pipeline::broker::flow::{FlowChange, Hysteresis};
 use pipeline::broker::{Disposition, MessageHandler, Publisher};
 use pipeline::health::Health;
 use pipeline::messages::{LabelKind, LabelMessage, MessageError, now_us, parse_label, validate_id};
-use pipeline::metrics::QueueLabel;
+use pipeline::metrics::{QueueCounters, QueueLabel};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,8 @@ pub struct Recorder {
     /// Holds back `y_true` while the join is nearly full, so a lagging model loses no pair.
     pub(crate) y_true_flow: Hysteresis,
     pub(crate) health: Health,
+    /// Counters of the two inputs (in [`KINDS`] order), for the receive delay.
+    pub(crate) inputs: [QueueCounters; 2],
 }
 
 /// When the checkpoint is written again.
@@ -66,6 +68,7 @@ impl Recorder {
         metrics: JoinMetrics,
         mut plotter: Plotter,
         health: Health,
+        inputs: [QueueCounters; 2],
     ) -> anyhow::Result<Self> {
         let started = Instant::now();
         let Recovered {
@@ -104,6 +107,7 @@ impl Recorder {
             },
             y_true_flow: Hysteresis::with_high_water(read_ahead_limit(config)),
             health,
+            inputs,
         };
         recorder.save_checkpoint();
         tracing::info!(
@@ -201,6 +205,9 @@ impl Recorder {
             .as_ref()
             .map(|id| id.as_str());
         let message = parse_label(kind, &delivery.data, message_id)?;
+        if let Some(sent) = message.sent_at_us {
+            self.inputs[kind as usize].observe_receive_delay(sent, now_us());
+        }
         if let Some(version) = &message.model_version {
             validate_id(version).map_err(|_| {
                 MessageError::WrongShape(format!(
@@ -343,5 +350,80 @@ impl MessageHandler for Recorder {
             self.save_checkpoint();
         }
         Ok(())
+    }
+}
+
+/// What tests of the Recorder share: settings from flags and a Recorder started on them.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::config::Cli;
+    use clap::Parser as _;
+    use pipeline::metrics::BrokerMetrics;
+    use prometheus_client::registry::Registry;
+    use std::path::Path;
+
+    /// The settings of `metric --log-dir <dir> <extra>`.
+    pub(crate) fn config(dir: &Path, extra: &[&str]) -> Config {
+        let mut args = vec!["metric", "--log-dir", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Cli::try_parse_from(args).unwrap().config
+    }
+
+    /// A Recorder started (recovered) on `config`'s LOG_DIR, with metrics of its own.
+    pub(crate) fn recover(config: &Config) -> Recorder {
+        recover_with_metrics(config).0
+    }
+
+    /// The same, and the registry of its metrics.
+    pub(crate) fn recover_with_metrics(config: &Config) -> (Recorder, Registry) {
+        let mut registry = Registry::default();
+        let join_metrics = JoinMetrics::register(&mut registry);
+        let broker = BrokerMetrics::register(&mut registry);
+        let quality = Quality::register(&mut registry, config.quality_window, 20, 1.25);
+        let recorder = Recorder::start(
+            config,
+            quality,
+            join_metrics,
+            Plotter::new(config),
+            Health::new(),
+            [broker.queue("y_true"), broker.queue("y_pred")],
+        )
+        .unwrap();
+        (recorder, registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{config, recover_with_metrics};
+    use super::*;
+
+    fn delivery(body: &str) -> Delivery {
+        Delivery::mock(1, "".into(), "".into(), false, body.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn the_receive_delay_is_recorded_for_messages_that_carry_a_send_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut recorder, registry) = recover_with_metrics(&config(dir.path(), &[]));
+        let sent = now_us() - 250_000;
+        let with = format!(r#"{{"id":"a","y_true":1.0,"sent_at_us":{sent}}}"#);
+        recorder.record(LabelKind::YTrue, &delivery(&with)).unwrap();
+        recorder
+            .record(LabelKind::YPred, &delivery(r#"{"id":"a","y_pred":2.0}"#))
+            .unwrap();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let line = |name: &str, queue: &str| {
+            let prefix = format!("pipeline_receive_delay_seconds_{name}{{queue=\"{queue}\"}} ");
+            let line = text.lines().find(|l| l.starts_with(&prefix));
+            line.and_then(|l| l[prefix.len()..].parse::<f64>().ok())
+        };
+        assert_eq!(line("count", "y_true"), Some(1.0), "{text}");
+        let delay = line("sum", "y_true").unwrap();
+        assert!((0.25..5.0).contains(&delay), "{delay}");
+        // Without sent_at_us: nothing to measure.
+        assert_eq!(line("count", "y_pred"), Some(0.0), "{text}");
     }
 }

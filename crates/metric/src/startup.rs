@@ -39,6 +39,11 @@ pub async fn run(
         join_metrics,
         Plotter::new(&config),
         health.clone(),
+        // Looked up once: the hot path does no label hashing.
+        [
+            broker_metrics.queue(&config.queues.y_true_queue),
+            broker_metrics.queue(&config.queues.y_pred_queue),
+        ],
     )?;
     let connected = broker_metrics.connected.clone();
 

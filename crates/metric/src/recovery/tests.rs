@@ -2,35 +2,12 @@
 //! checkpoints, and a property test over any run of deliveries, crashes and restarts.
 
 use super::*;
-use crate::config::Cli;
-use crate::handler::{KINDS, Recorder};
+use crate::handler::KINDS;
+use crate::handler::testing::{config, recover};
 use crate::join;
-use crate::metrics::JoinMetrics;
-use clap::Parser as _;
 use pipeline::messages::{LabelKind, LabelMessage};
-use prometheus_client::registry::Registry;
 use std::io::Write as _;
 use std::path::Path;
-
-fn config(dir: &Path, extra: &[&str]) -> Config {
-    let mut args = vec!["metric", "--log-dir", dir.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Cli::try_parse_from(args).unwrap().config
-}
-
-fn recover(config: &Config) -> Recorder {
-    let mut registry = Registry::default();
-    let join_metrics = JoinMetrics::register(&mut registry);
-    let quality = Quality::register(&mut registry, config.quality_window, 20, 1.25);
-    Recorder::start(
-        config,
-        quality,
-        join_metrics,
-        Plotter::new(config),
-        pipeline::health::Health::new(),
-    )
-    .unwrap()
-}
 
 /// Appends `ids` as a history: both log lines of each, and its row when `row` says so.
 fn append_history(dir: &Path, ids: impl Iterator<Item = String>, row: impl Fn(usize) -> bool) {
