@@ -9,9 +9,10 @@
 //! grow with the history.
 //!
 //! The rooms: [`config`] (settings), [`startup`] (`run`), [`handler`] (the message handler),
-//! [`metrics`] (join metrics), [`recovery`]; its own logic in [`join`], [`files`], [`quality`],
+//! [`metrics`] (join metrics), [`recovery`], [`api`] (`GET /api/quality`); its own logic in [`join`], [`files`], [`quality`],
 //! [`checkpoint`], [`dashboard`], [`plot`] and [`plotter`].
 
+pub mod api;
 pub mod checkpoint;
 pub mod config;
 pub mod dashboard;

@@ -1,6 +1,7 @@
 //! Start-up of the metric service: [`run`] takes the lock on `LOG_DIR`, registers the metrics,
 //! rebuilds the state from the files, serves HTTP and consumes until shutdown.
 
+use crate::api;
 use crate::config::Config;
 use crate::dashboard;
 use crate::files;
@@ -54,17 +55,18 @@ pub async fn run(
         &health,
     );
     let registry = Arc::new(registry);
-    let dashboard = dashboard::routes(dashboard::Live {
+    let routes = dashboard::routes(dashboard::Live {
         snapshot: recorder.dashboard.shared(),
         connected,
         health: health.clone(),
         dead_letters: recorder.dashboard.dead_letters(),
-    });
+    })
+    .merge(api::routes(recorder.quality.shared_alarms()));
     let http = pipeline::http::spawn_with(
         config.http_addr,
         registry,
         health.clone(),
-        dashboard,
+        routes,
         shutdown.clone().cancelled_owned(),
     )
     .await?;
