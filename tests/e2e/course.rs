@@ -118,7 +118,7 @@ impl Proc {
 
     fn metric_value(&self, name: &str) -> f64 {
         let (_, body) = self.get("/metrics").unwrap_or_default();
-        parse_metrics(&body).get(name).copied().unwrap_or(0.0)
+        Metrics::parse(&body).get(name).copied().unwrap_or(0.0)
     }
 }
 

@@ -97,9 +97,9 @@ pub async fn run(
         rate,
         prefetch: bench.cli.consume.prefetch,
         window: usize::try_from(bench.cli.confirm_window).unwrap_or(usize::MAX),
-        features_queue: queues.features_queue.clone(),
-        y_true_queue: queues.y_true_queue.clone(),
-        y_pred_queue: queues.y_pred_queue.clone(),
+        features_queue: queues.features.clone(),
+        y_true_queue: queues.y_true.clone(),
+        y_pred_queue: queues.y_pred.clone(),
     };
     let topology = |names: &[&str]| Topology::new(&bench.cli.broker, names);
     // The real prediction's shape: same digits, same version string.
