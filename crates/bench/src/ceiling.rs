@@ -2,7 +2,7 @@
 //!
 //! Three connections play the three services, each as a task of its own:
 //! - producer: per sample, publishes `y_true` then `features` (the producer's bodies, built with
-//!   [`YTrueOut`] and [`FeaturesOut`] from random rows of the data set, uuid ids), persistent,
+//!   the producer's `write_y_true`/`write_features` from rows its `Sampler` picks, uuid ids), persistent,
 //!   mandatory, with publisher confirms awaited in a window of `CONFIRM_WINDOW` samples (the
 //!   shared `ConfirmWindow`, as the producer uses);
 //! - model: consumes `features` (prefetch `PREFETCH`), publishes a `y_pred` body of the model's
@@ -17,7 +17,7 @@
 //! publish to the ack that covers the last `y_true` and `y_pred`).
 //!
 //! Paced at a rate (the producer's own [`Pacer`]), it is the latency limit: each sample's time from
-//! its send (right after both messages went out, where the producer logs `published`) to the
+//! its send (right after both messages went out) to the
 //! metric role holding both its `y_true` and its `y_pred`, the point where the metric service
 //! would join them. One process, one clock.
 
@@ -26,7 +26,7 @@ use crate::broker::connect;
 use crate::latency::{Summary, summarize};
 use crate::process::{Usage, cpu_seconds};
 use anyhow::{Context as _, bail, ensure};
-use features::Pacer;
+use features::{Order, Pacer, Sampler};
 use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -37,7 +37,7 @@ use pipeline::broker::Topology;
 use pipeline::broker::publisher::{Confirm, is_confirmed};
 use pipeline::broker::window::{AckWindow, ConfirmWindow, Outcome, Pending, Published, Settlement};
 use pipeline::dataset::Dataset;
-use pipeline::messages::{FeaturesOut, YPredOut, YTrueOut, now_us};
+use pipeline::messages::{BodyFormat, YPredOut, now_us, write_features, write_y_true};
 use pipeline::metrics::BrokerMetrics;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -77,6 +77,7 @@ struct Plan {
     rate: f64,
     prefetch: u16,
     window: usize,
+    topology: pipeline::config::TopologyMode,
     features_queue: String,
     y_true_queue: String,
     y_pred_queue: String,
@@ -97,6 +98,7 @@ pub async fn run(
         rate,
         prefetch: bench.cli.consume.prefetch,
         window: usize::try_from(bench.cli.confirm_window).unwrap_or(usize::MAX),
+        topology: bench.cli.broker.topology,
         features_queue: queues.features.clone(),
         y_true_queue: queues.y_true.clone(),
         y_pred_queue: queues.y_pred.clone(),
@@ -299,7 +301,9 @@ async fn producer_role(
     channel: Publisher,
     data: Arc<Dataset>,
 ) -> anyhow::Result<RoleDone> {
-    let mut rng = fastrand::Rng::new();
+    // The producer's own row picker and body writers, so the bytes are the producer's.
+    let mut sampler = Sampler::new(Order::Random, None, data.len());
+    let format = BodyFormat::of(plan.topology);
     let mut window = ConfirmWindow::new();
     let mut confirms: VecDeque<(u64, Confirm)> = VecDeque::with_capacity(2 * plan.window);
     let mut body = Vec::with_capacity(512);
@@ -319,30 +323,14 @@ async fn producer_role(
         }
         pacer.sent();
         let id = uuid::Uuid::new_v4().to_string();
-        let row = rng.usize(0..data.len());
+        let row = sampler.next_row();
         let sent_at_us = now_us();
-        body.clear();
-        serde_json::to_writer(
-            &mut body,
-            &YTrueOut {
-                id: &id,
-                y_true: data.target(row),
-                sent_at_us,
-            },
-        )?;
+        write_y_true(&mut body, format, &id, data.target(row), sent_at_us)?;
         y_true_bytes += body.len() as u64;
         let y_true = channel
             .publish_json(&plan.y_true_queue, &body, Some(&id))
             .await?;
-        body.clear();
-        serde_json::to_writer(
-            &mut body,
-            &FeaturesOut {
-                id: &id,
-                features: data.row(row),
-                sent_at_us,
-            },
-        )?;
+        write_features(&mut body, format, &id, data.row(row), sent_at_us)?;
         features_bytes += body.len() as u64;
         let features = channel
             .publish_json(&plan.features_queue, &body, Some(&id))
