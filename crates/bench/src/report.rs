@@ -342,7 +342,7 @@ impl Report {
         if let Some(c) = &self.ceiling {
             writeln!(
                 md,
-                "| ceiling: bare lapin client | {} | {:.2} | {} | first publish → the ack covering the last y_true and y_pred. Same traffic as the pipeline (mean bodies: y_true {:.0} B, features {:.0} B, y_pred {:.0} B), durable queues from `Topology`, persistent, confirms in a window of {}, manual acks with `multiple`, prefetch {}; no model, no parsing, no files |",
+                "| ceiling: bare lapin client | {} | {:.2} | {} | first publish → the ack covering the last y_true and y_pred. Same traffic as the pipeline (mean bodies: y_true {:.0} B, features {:.0} B, y_pred {:.0} B), durable queues from `Topology`, persistent, confirms in a window of {}, manual acks with `multiple` (the model role is the services' own consume loop: ack on confirm), prefetch {}; no model, no parsing, no files |",
                 thousands(c.samples as f64),
                 c.seconds,
                 thousands(c.samples_per_second),
