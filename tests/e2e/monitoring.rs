@@ -475,24 +475,12 @@ impl Drop for EpmdOf {
 
 fn stop_epmd_of(node_dir: &Path) {
     let home = format!("HOME={}", node_dir.join("home").display());
-    let Ok(processes) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for process in processes.flatten() {
-        let Some(pid) = process
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let is_epmd = std::fs::read_to_string(process.path().join("comm"))
-            .is_ok_and(|name| name.trim() == "epmd");
-        let environ = std::fs::read(process.path().join("environ")).unwrap_or_default();
+    for (pid, dir) in testkit::process::processes_named("epmd") {
+        let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
         let ours = environ
             .split(|byte| *byte == 0)
             .any(|entry| entry == home.as_bytes());
-        if is_epmd && ours {
+        if ours {
             let _ = Command::new("kill").arg(pid.to_string()).status();
         }
     }

@@ -88,20 +88,9 @@ pub fn local_broker_pid(url: &str) -> Option<u32> {
         return None;
     }
     let mut oldest: Option<(u64, u32)> = None;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        if comm.trim() != "beam.smp" {
-            continue;
-        }
+    for (pid, dir) in testkit::process::processes_named("beam.smp") {
         // Field 22 of /proc/<pid>/stat is the start time; after ')' it is the 20th.
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
         let Some(start) = stat
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().nth(19))

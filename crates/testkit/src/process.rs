@@ -72,6 +72,22 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// The processes on this machine whose command name (`/proc/<pid>/comm`) is `comm`, with their
+/// `/proc/<pid>` folder, for reading more of them.
+pub fn processes_named(comm: &str) -> Vec<(u32, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let name = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            (name.trim() == comm).then(|| (pid, entry.path()))
+        })
+        .collect()
+}
+
 /// CPU time and peak resident memory of a process.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Usage {
