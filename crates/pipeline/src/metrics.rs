@@ -44,6 +44,7 @@ pub struct BrokerMetrics {
     dead_lettered: Family<DeadLetterLabels, Counter>,
     processing_seconds: Family<QueueLabel, Histogram>,
     confirm_seconds: Family<QueueLabel, Histogram>,
+    receive_delay_seconds: Family<QueueLabel, Histogram>,
     /// Reconnections to the broker after a lost connection.
     pub reconnects: Counter,
     /// 1 while connected to the broker, else 0.
@@ -63,6 +64,17 @@ pub struct QueueCounters {
     pub acked: Counter,
     /// Time from receiving a message to handing it on (before the ack).
     pub processing_seconds: Histogram,
+    /// Time from the producer's send to receipt here, for messages that carry `sent_at_us`.
+    pub receive_delay_seconds: Histogram,
+}
+
+impl QueueCounters {
+    /// Records the delay of a message sent at `sent_at_us` (producer's clock, µs since the epoch)
+    /// and received now. A send time in the future (clock skew) counts as no delay.
+    pub fn observe_receive_delay(&self, sent_at_us: u64, now_us: u64) {
+        self.receive_delay_seconds
+            .observe(now_us.saturating_sub(sent_at_us) as f64 / 1e6);
+    }
 }
 
 impl BrokerMetrics {
@@ -75,6 +87,9 @@ impl BrokerMetrics {
             dead_lettered: Family::default(),
             processing_seconds: Family::new_with_constructor(|| Histogram::new(seconds_buckets())),
             confirm_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            receive_delay_seconds: Family::new_with_constructor(|| {
+                Histogram::new(latency_buckets())
+            }),
             reconnects: Counter::default(),
             connected: Gauge::default(),
             blocked: Gauge::default(),
@@ -113,6 +128,12 @@ impl BrokerMetrics {
             metrics.confirm_seconds.clone(),
         );
         registry.register(
+            "receive_delay_seconds",
+            "Time from the producer's send (the message's sent_at_us) to this service receiving \
+             the message, by input queue: one hop for features and y_true, two for y_pred",
+            metrics.receive_delay_seconds.clone(),
+        );
+        registry.register(
             "broker_reconnects",
             "Reconnections to the broker after the connection was lost",
             metrics.reconnects.clone(),
@@ -144,6 +165,7 @@ impl BrokerMetrics {
             consumed: self.consumed.get_or_create_owned(&label),
             acked: self.acked.get_or_create_owned(&label),
             processing_seconds: self.processing_seconds.get_or_create_owned(&label),
+            receive_delay_seconds: self.receive_delay_seconds.get_or_create_owned(&label),
         }
     }
 
@@ -169,5 +191,30 @@ impl BrokerMetrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::encoding::text::encode;
+
+    #[test]
+    fn receive_delay_is_exported_per_queue_and_skew_counts_as_zero() {
+        let mut registry = Registry::default();
+        let metrics = BrokerMetrics::register(&mut registry);
+        let features = metrics.queue("features");
+        features.observe_receive_delay(1_000_000, 1_004_000);
+        features.observe_receive_delay(2_000_000, 1_000_000);
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("pipeline_receive_delay_seconds_count{queue=\"features\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pipeline_receive_delay_seconds_sum{queue=\"features\"} 0.004"),
+            "{text}"
+        );
     }
 }
