@@ -51,11 +51,12 @@ impl Service {
     }
 
     /// Starts the same service again with the same settings.
-    pub fn restart(&mut self, _dir: &Path) {
-        self.restart_with(_dir, &[]);
+    pub fn restart(&mut self, dir: &Path) {
+        self.restart_with(dir, &[]);
     }
 
-    /// Starts the service again with some settings changed.
+    /// Starts the service again with some settings changed (its stderr goes to a new file in the
+    /// folder it was first started in; `_dir` is kept for the tests' calls).
     pub fn restart_with(&mut self, _dir: &Path, overrides: &[(&str, String)]) {
         let name = self.name.clone();
         self.0
