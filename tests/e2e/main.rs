@@ -2,6 +2,7 @@
 //! [`helpers`] module that gives every test its own queues, log dir and ports, and a
 //! [`broker_node`] module for tests that need a broker of their own to stop and restart.
 
+mod alarms;
 mod bad_input;
 mod blocked;
 mod broker_node;
