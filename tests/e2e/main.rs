@@ -2,6 +2,7 @@
 //! [`helpers`] module that gives every test its own queues, log dir and ports, and a
 //! [`broker_node`] module (from `testkit`) for tests that need a broker of their own to stop and restart.
 
+mod alarms;
 mod bad_input;
 /// The private broker nodes, shared with the benchmark.
 use testkit::broker_node;
