@@ -438,3 +438,227 @@ fn the_trainer_settings_are_listed_by_help() {
         );
     }
 }
+
+/// How the trainer gets a valid `MODEL_PATH` back.
+#[derive(Clone, Copy, Debug)]
+enum Recovery {
+    /// Someone writes a valid artifact to MODEL_PATH.
+    ValidFile,
+    /// `POST /retrain`: a candidate is promoted on the absolute guards and replaces the file.
+    Promotion,
+    /// `model rollback --to` a kept version.
+    Rollback,
+}
+
+/// Publishes `count` rows of the diabetes data straight to the trainer's queues (both halves).
+async fn publish_rows(url: &str, queues: &Queues, count: usize) {
+    let data =
+        pipeline::dataset::Dataset::from_csv(&repo_root().join("data/diabetes.csv"), None).unwrap();
+    let connection = connect(url).await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let mut confirms = Vec::new();
+    for n in 0..count {
+        let row = n % data.len();
+        let id = format!("row-{n}");
+        for (queue, body) in [
+            (
+                training_queue(&queues.features),
+                serde_json::json!({"id": id, "features": data.row(row)}),
+            ),
+            (
+                training_queue(&queues.y_true),
+                serde_json::json!({"id": id, "y_true": data.target(row)}),
+            ),
+        ] {
+            confirms.push(
+                channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        body.to_string().as_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .unwrap(),
+            );
+        }
+    }
+    for confirm in confirms {
+        confirm.await.unwrap();
+    }
+    let _ = connection.close(200, "bye".into()).await;
+}
+
+/// A MODEL_PATH that is not a valid artifact, for each of the three causes (garbage bytes, a valid
+/// artifact cut in half, an artifact of an unsupported format version): the trainer starts,
+/// `/healthz` answers 200 with a note that it is not ready for promotion decisions, the gauge is
+/// 1, one WARN names the cause, it keeps consuming; and it recovers by a valid file written later,
+/// by a promotion on the absolute guards, or by `model rollback`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_model_file_is_reported_and_the_trainer_recovers() {
+    const SAMPLES: usize = 400;
+    const WARNING: &str = "MODEL_PATH is not a valid model artifact";
+    let url = shared_amqp_url();
+    let artifact = Artifact::train(
+        &repo_root().join("data/diabetes.csv"),
+        None,
+        Some("handmade".to_owned()),
+    )
+    .unwrap();
+    let valid = serde_json::to_string_pretty(&artifact).unwrap() + "\n";
+    let cases: [(&str, Vec<u8>, &str, Recovery); 3] = [
+        (
+            "garbage",
+            b"\x00\x01 this is not an artifact \xff".to_vec(),
+            "invalid utf-8",
+            Recovery::ValidFile,
+        ),
+        (
+            "truncated",
+            valid.as_bytes()[..valid.len() / 2].to_vec(),
+            "EOF while parsing",
+            Recovery::Promotion,
+        ),
+        (
+            "old-format",
+            valid
+                .replace(model::artifact::FORMAT, "ml-pipeline/linear-model/0")
+                .into_bytes(),
+            "format is \"ml-pipeline/linear-model/0\"",
+            Recovery::Rollback,
+        ),
+    ];
+    for (cause, bytes, expected, recovery) in cases {
+        let queues = Queues::unique("trainerbroken");
+        let work = tempfile::tempdir().unwrap();
+        let model_path = work.path().join("models/model.json");
+        std::fs::create_dir_all(model_path.parent().unwrap()).unwrap();
+        std::fs::write(&model_path, &bytes).unwrap();
+        let mut env = queues.env();
+        env.extend([
+            ("AMQP_URL".to_owned(), url.clone()),
+            ("RECONNECT_MAX_DELAY_MS".to_owned(), "1000".to_owned()),
+            ("MODEL_PATH".to_owned(), model_path.display().to_string()),
+            (
+                "TRAIN_DIR".to_owned(),
+                work.path().join("train").display().to_string(),
+            ),
+            ("TRAIN_WINDOW".to_owned(), SAMPLES.to_string()),
+            ("RETRAIN_EVERY".to_owned(), "0".to_owned()),
+        ]);
+        let mut trainer = spawn_service("trainer", env, work.path());
+        wait_healthy(&trainer, Duration::from_secs(30));
+        let (status, body) = trainer.get("/healthz").unwrap();
+        eprintln!("broken model file ({cause}): /healthz {status}: {body:?}");
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.starts_with("ok\n")
+                && body.contains("note: not ready for promotion decisions: MODEL_PATH")
+                && body.contains(expected),
+            "{cause}: {body}"
+        );
+        assert_eq!(
+            metric(&trainer, "pipeline_trainer_model_unreadable"),
+            1.0,
+            "{cause}"
+        );
+
+        // It keeps consuming and keeping its window.
+        publish_rows(&url, &queues, SAMPLES).await;
+        assert!(
+            wait_until(Duration::from_secs(30), || metric(
+                &trainer,
+                "pipeline_trainer_samples_total"
+            ) >= SAMPLES as f64),
+            "{cause}: the trainer did not take the samples\n{}",
+            trainer.stderr()
+        );
+        let depths = queue_depths(
+            &url,
+            &[
+                training_queue(&queues.features),
+                training_queue(&queues.y_true),
+            ],
+        )
+        .await;
+        assert!(depths.values().all(|d| *d == 0), "{cause}: {depths:?}");
+        // Polled every second: still one WARN.
+        std::thread::sleep(Duration::from_millis(2500));
+        let warnings: Vec<String> = trainer
+            .stderr()
+            .lines()
+            .filter(|l| l.contains(WARNING))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(warnings.len(), 1, "{cause}: {warnings:#?}");
+        assert!(
+            warnings[0].contains("WARN") && warnings[0].contains(expected),
+            "{}",
+            warnings[0]
+        );
+        eprintln!("broken model file ({cause}): log: {}", warnings[0]);
+
+        let expected_version = match recovery {
+            Recovery::ValidFile => {
+                std::fs::write(&model_path, &valid).unwrap();
+                "handmade".to_owned()
+            }
+            Recovery::Promotion => {
+                let (status, body) = http_post(trainer.http_addr, "/retrain").unwrap();
+                assert_eq!(status, 200, "{cause}: {body}");
+                let outcome: serde_json::Value = serde_json::from_str(&body).unwrap();
+                eprintln!("broken model file ({cause}): POST /retrain: {outcome}");
+                assert_eq!(outcome["result"], "promoted", "{outcome}");
+                assert_eq!(outcome["serving_version"], "unreadable", "{outcome}");
+                assert!(outcome.get("serving_mae").is_none(), "{outcome}");
+                let kept = model_path.with_file_name("model.json.unreadable");
+                assert_eq!(std::fs::read(kept).unwrap(), bytes);
+                "v1".to_owned()
+            }
+            Recovery::Rollback => {
+                std::fs::write(model_path.with_file_name("handmade.json"), &valid).unwrap();
+                let status = std::process::Command::new(bin_path("model"))
+                    .args(["rollback", "--to", "handmade"])
+                    .env("MODEL_PATH", &model_path)
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "model rollback failed");
+                "handmade".to_owned()
+            }
+        };
+        assert_eq!(
+            Artifact::load(&model_path).unwrap().version,
+            expected_version
+        );
+        assert!(
+            wait_until(Duration::from_secs(5), || metric(
+                &trainer,
+                "pipeline_trainer_model_unreadable"
+            ) == 0.0),
+            "{cause}: not recovered\n{}",
+            trainer.stderr()
+        );
+        let (status, body) = trainer.get("/healthz").unwrap();
+        assert_eq!((status, body.as_str()), (200, "ok\n"), "{cause}");
+        let recovered = trainer
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("ready for promotion decisions") && l.contains("INFO"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        assert_eq!(recovered.len(), 1, "{cause}: {recovered:#?}");
+        eprintln!("broken model file ({cause}): log: {}", recovered[0]);
+        // Back on the relative guard: the same rows give no 5 % better candidate.
+        let (status, body) = http_post(trainer.http_addr, "/retrain").unwrap();
+        assert_eq!(status, 200, "{cause}: {body}");
+        let outcome: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(outcome["serving_version"], expected_version.as_str());
+        assert!(outcome["serving_mae"].is_number(), "{outcome}");
+        assert!(trainer.is_running(), "{cause}: the trainer exited");
+        drop(trainer);
+        delete_queues(&url, &queues).await;
+    }
+}

@@ -3,13 +3,15 @@
 //! window on disk ([`store`]), and retrains when triggered ([`policy`]): every `RETRAIN_EVERY` new
 //! labels, on `POST /retrain`, and when the metric service's quality alarm rises for the served
 //! version (`METRIC_URL`). A candidate is promoted only when it beats the served model on the
-//! newest part of the window ([`retrain`]); the model services pick the new `MODEL_PATH` up.
+//! newest part of the window ([`retrain`]); the model services pick the new `MODEL_PATH` up. A
+//! `MODEL_PATH` that is not a valid artifact does not stop it ([`model_file`]).
 
 mod alarm;
 pub mod config;
 mod handler;
 mod http;
 mod metrics;
+pub mod model_file;
 pub mod policy;
 pub mod retrain;
 mod retrainer;

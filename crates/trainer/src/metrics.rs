@@ -37,6 +37,7 @@ pub(crate) struct Metrics {
     pub(crate) waiting: Gauge,
     pub(crate) retrains: Family<RetrainLabels, Counter>,
     pub(crate) holdout_mae: Family<ModelLabel, Gauge<f64, AtomicU64>>,
+    pub(crate) model_unreadable: Gauge,
 }
 
 impl Metrics {
@@ -81,6 +82,11 @@ impl Metrics {
             "pipeline_trainer_holdout_mae",
             "MAE on the holdout at the last retrain, of the served model and of the candidate",
             metrics.holdout_mae.clone(),
+        );
+        registry.register(
+            "pipeline_trainer_model_unreadable",
+            "1 while MODEL_PATH exists but is not a valid model artifact (candidates are then promoted on the absolute guards alone), else 0",
+            metrics.model_unreadable.clone(),
         );
         metrics
     }

@@ -168,6 +168,18 @@ pub fn decide(serving_mae: f64, candidate_mae: f64, min_gain: f64) -> Verdict {
     }
 }
 
+/// The guard when no served model can be read (`MODEL_PATH` exists but is not a valid artifact):
+/// there is nothing to beat, so only the absolute guards hold: the candidate's holdout MAE is a
+/// finite, non-negative number ([`split`] has already demanded enough rows to fit and score, and
+/// the candidate has the width of the `DATA_PATH` data the replicas were started on).
+pub fn decide_unserved(candidate_mae: f64) -> Verdict {
+    if candidate_mae.is_finite() && candidate_mae >= 0.0 {
+        Verdict::Promote
+    } else {
+        Verdict::Refuse
+    }
+}
+
 /// The relative gain of `candidate_mae` over `serving_mae` (0.3 = 30 % lower), for the log.
 pub fn gain(serving_mae: f64, candidate_mae: f64) -> f64 {
     if serving_mae > 0.0 {
@@ -298,6 +310,16 @@ mod tests {
     }
 
     #[test]
+    fn without_a_served_model_only_the_absolute_guards_hold() {
+        assert_eq!(decide_unserved(43.0), Verdict::Promote);
+        assert_eq!(decide_unserved(0.0), Verdict::Promote);
+        assert_eq!(decide_unserved(1e9), Verdict::Promote);
+        assert_eq!(decide_unserved(f64::NAN), Verdict::Refuse);
+        assert_eq!(decide_unserved(f64::INFINITY), Verdict::Refuse);
+        assert_eq!(decide_unserved(-1.0), Verdict::Refuse);
+    }
+
+    #[test]
     fn versions_count_up() {
         assert_eq!(next_version([]), "v1");
         assert_eq!(next_version(["v1", "v3", "ols-abc", "v2x", "model"]), "v4");
@@ -317,6 +339,20 @@ mod tests {
                 prop_assert!(candidate <= serving * (1.0 - min_gain));
             } else {
                 prop_assert!(candidate > serving * (1.0 - min_gain));
+            }
+        }
+
+        /// With no served model, the verdict is the one against a served model that cannot be
+        /// scored, whatever the gain asked: a served model never makes the guard looser.
+        #[test]
+        fn the_unserved_guard_is_the_loosest(
+            candidate in prop_oneof![Just(f64::NAN), Just(f64::INFINITY), -1e3f64..1e6],
+            serving in 0.0f64..1e6,
+            min_gain in 0.0f64..0.9,
+        ) {
+            prop_assert_eq!(decide_unserved(candidate), decide(f64::NAN, candidate, min_gain));
+            if decide(serving, candidate, min_gain) == Verdict::Promote {
+                prop_assert_eq!(decide_unserved(candidate), Verdict::Promote);
             }
         }
 

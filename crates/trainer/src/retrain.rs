@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug)]
 pub struct Baseline(pub Artifact);
 
+/// `serving_version` of a retrain while `MODEL_PATH` is not a valid artifact.
+pub const UNREADABLE: &str = "unreadable";
+
 /// Where the artifacts are and how the guard is set.
 #[derive(Clone, Debug)]
 pub struct Promoter {
@@ -67,11 +70,20 @@ impl Promoter {
         }
     }
 
-    /// Runs one retrain on `samples` (the window, oldest first).
+    /// Runs one retrain on `samples` (the window, oldest first). While `MODEL_PATH` is not a valid
+    /// artifact there is no served model to score: the candidate (of the `DATA_PATH` width) is
+    /// promoted on the absolute guards alone ([`policy::decide_unserved`]), which replaces the
+    /// broken file.
     pub fn retrain(&self, trigger: Trigger, samples: &[Sample]) -> anyhow::Result<Outcome> {
-        let serving = self
-            .serving()
-            .context("cannot read the served model (MODEL_PATH)")?;
+        let served = match self.serving() {
+            Ok(artifact) => Some(artifact),
+            Err(err) => {
+                tracing::debug!(error = %format!("{err:#}"), "no readable served model: absolute guards only");
+                None
+            }
+        };
+        // The feature names and target of the data the replicas were started on.
+        let serving = served.as_ref().unwrap_or(&self.baseline.0);
         let n_features = serving.feature_names.len();
         let usable: Vec<&Sample> = samples
             .iter()
@@ -80,7 +92,9 @@ impl Promoter {
         let mut outcome = Outcome {
             result: "skipped",
             trigger: trigger.as_str(),
-            serving_version: serving.version.clone(),
+            serving_version: served
+                .as_ref()
+                .map_or_else(|| UNREADABLE.to_owned(), |a| a.version.clone()),
             candidate_version: None,
             serving_mae: None,
             candidate_mae: None,
@@ -111,26 +125,46 @@ impl Promoter {
         };
         let (older, newest) = usable.split_at(train);
         let (train_data, holdout_data) = (dataset(older)?, dataset(newest)?);
-        let version = self.next_version(&serving.version)?;
+        let version = self.next_version(served.as_ref().map(|a| a.version.as_str()))?;
         let candidate = Artifact::fit(&train_data, digest(older), Some(version.clone()))
             .context("cannot fit the candidate")?;
-        let serving_mae = serving.model().evaluate(&holdout_data)?.mae;
         let candidate_mae = candidate.model().evaluate(&holdout_data)?.mae;
         outcome.candidate_version = Some(version.clone());
-        outcome.serving_mae = Some(serving_mae);
         outcome.candidate_mae = Some(candidate_mae);
-        match policy::decide(serving_mae, candidate_mae, self.min_gain) {
-            Verdict::Promote => {
-                let written = self.promote(&serving, &candidate)?;
+        let verdict = match &served {
+            Some(served) => {
+                let serving_mae = served.model().evaluate(&holdout_data)?.mae;
+                outcome.serving_mae = Some(serving_mae);
+                policy::decide(serving_mae, candidate_mae, self.min_gain)
+            }
+            None => policy::decide_unserved(candidate_mae),
+        };
+        match (verdict, served.is_some()) {
+            (Verdict::Promote, true) => {
+                let written = self.promote(serving, &candidate)?;
                 outcome.result = "promoted";
                 outcome.detail = format!("{} is served", written.display());
             }
-            Verdict::Refuse => {
+            (Verdict::Promote, false) => {
+                self.keep_unreadable();
+                let written = self.promote(serving, &candidate)?;
+                outcome.result = "promoted";
+                outcome.detail = format!(
+                    "{} is served; MODEL_PATH was not a valid artifact, so the candidate was \
+                     promoted on the absolute guards alone (finite holdout MAE)",
+                    written.display()
+                );
+            }
+            (Verdict::Refuse, true) => {
                 outcome.result = "refused";
                 outcome.detail = format!(
                     "the candidate's holdout MAE is not {:.1} % below the served model's",
                     self.min_gain * 100.0
                 );
+            }
+            (Verdict::Refuse, false) => {
+                outcome.result = "refused";
+                outcome.detail = "the candidate's holdout MAE is not a finite number".to_owned();
             }
         }
         Ok(outcome)
@@ -163,13 +197,24 @@ impl Promoter {
         Ok(path)
     }
 
-    /// `v<N>`, one more than every `v<N>.json` beside `MODEL_PATH` and than the served version.
-    fn next_version(&self, serving: &str) -> anyhow::Result<String> {
+    /// Copies the unreadable `MODEL_PATH` to `<MODEL_PATH>.unreadable` before a promotion replaces
+    /// it, so whoever wrote it can still look at it. Best effort: the promotion goes on anyway.
+    fn keep_unreadable(&self) {
+        let mut kept = self.model_path.clone().into_os_string();
+        kept.push(".unreadable");
+        if let Err(err) = std::fs::copy(&self.model_path, &kept) {
+            tracing::warn!(error = %err, "cannot keep a copy of the unreadable MODEL_PATH");
+        }
+    }
+
+    /// `v<N>`, one more than every `v<N>.json` beside `MODEL_PATH` and than the served version
+    /// (when there is a readable one).
+    fn next_version(&self, serving: Option<&str>) -> anyhow::Result<String> {
         let dir = match self.model_path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
             _ => Path::new("."),
         };
-        let mut names = vec![serving.to_owned()];
+        let mut names: Vec<String> = serving.map(str::to_owned).into_iter().collect();
         if let Ok(entries) = std::fs::read_dir(dir) {
             names.extend(entries.filter_map(|entry| {
                 let name = entry.ok()?.file_name().into_string().ok()?;
@@ -274,6 +319,61 @@ mod tests {
             .unwrap();
         assert_eq!(outcome.result, "promoted", "{outcome:?}");
         assert_eq!(outcome.candidate_version.as_deref(), Some("v2"));
+    }
+
+    #[test]
+    fn an_unreadable_model_path_is_replaced_on_the_absolute_guards() {
+        let dir = tempfile::tempdir().unwrap();
+        let promoter = promoter(dir.path());
+        let model_path = dir.path().join("model.json");
+        let valid = serde_json::to_string_pretty(&promoter.baseline.0).unwrap();
+        let causes: [(&str, Vec<u8>); 3] = [
+            ("garbage", b"\x00\xffnot json at all".to_vec()),
+            ("truncated", valid.as_bytes()[..valid.len() / 2].to_vec()),
+            (
+                "format",
+                valid
+                    .replace(model::artifact::FORMAT, "ml-pipeline/linear-model/0")
+                    .into_bytes(),
+            ),
+        ];
+        for (n, (cause, bytes)) in causes.into_iter().enumerate() {
+            std::fs::write(&model_path, &bytes).unwrap();
+            assert!(promoter.serving().is_err(), "{cause}");
+            // Too few samples: skipped, the broken file stays.
+            let outcome = promoter
+                .retrain(Trigger::Manual, &samples(25, 0.0, "s"))
+                .unwrap();
+            assert_eq!(outcome.result, "skipped", "{cause}: {outcome:?}");
+            assert_eq!(outcome.serving_version, UNREADABLE);
+            assert_eq!(std::fs::read(&model_path).unwrap(), bytes);
+            // Enough: promoted without a served MAE, the broken bytes kept aside.
+            let outcome = promoter
+                .retrain(Trigger::Labels, &samples(1000, 0.0, cause))
+                .unwrap();
+            assert_eq!(outcome.result, "promoted", "{cause}: {outcome:?}");
+            assert_eq!(outcome.serving_version, UNREADABLE);
+            assert_eq!(outcome.serving_mae, None);
+            let version = format!("v{}", n + 1);
+            assert_eq!(outcome.candidate_version.as_deref(), Some(version.as_str()));
+            let served = Artifact::load(&model_path).unwrap();
+            assert_eq!(served.version, version);
+            assert_eq!(served.feature_names, promoter.baseline.0.feature_names);
+            assert_eq!(
+                std::fs::read(dir.path().join("model.json.unreadable")).unwrap(),
+                bytes
+            );
+            // Rollback works from here: the versioned file is there.
+            assert!(dir.path().join(format!("{version}.json")).exists());
+        }
+        // Readable again: the relative guard is back (the same data is no 5 % better).
+        let outcome = promoter
+            .retrain(Trigger::Manual, &samples(1000, 0.0, "again"))
+            .unwrap();
+        assert_eq!(outcome.result, "refused", "{outcome:?}");
+        assert_eq!(outcome.serving_version, "v3");
+        model::artifact::rollback(&model_path, "v1").unwrap();
+        assert_eq!(Artifact::load(&model_path).unwrap().version, "v1");
     }
 
     #[test]

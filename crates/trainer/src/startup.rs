@@ -6,8 +6,9 @@ use crate::config::{Config, metric_authority};
 use crate::handler::Handler;
 use crate::http::{RETRAIN_REPLY_TIMEOUT, routes};
 use crate::metrics::Metrics;
+use crate::model_file::{self, ModelFile, ModelFileWatch, watch_model_file};
 use crate::policy::RetrainSchedule;
-use crate::retrain::{Baseline, Promoter};
+use crate::retrain::{Baseline, Promoter, UNREADABLE};
 use crate::retrainer::retrainer;
 use crate::state::{Shared, WindowCopy};
 use crate::store::Store;
@@ -29,6 +30,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let shutdown = pipeline::shutdown::token_from(shutdown);
+    let mut registry = Registry::default();
     let baseline = Artifact::train(&config.data_path, config.target_column.as_deref(), None)
         .context("cannot fit the baseline on DATA_PATH")?;
     let promoter = Promoter {
@@ -37,20 +39,30 @@ pub async fn run(
         min_gain: config.promote_min_gain,
         baseline: Baseline(baseline),
     };
-    let serving = promoter.serving().context("cannot read MODEL_PATH")?;
+    let broker_metrics = BrokerMetrics::register(&mut registry);
+    let metrics = Metrics::register(&mut registry);
+    let health = Health::new();
+    // A broken MODEL_PATH is reported, not fatal: the window and the queues keep going.
+    let mut model_file = ModelFileWatch::default();
+    let first = model_file::read(&promoter);
+    let serving = match &first {
+        ModelFile::Valid(version) => version.clone(),
+        ModelFile::Absent => promoter.baseline.0.version.clone(),
+        ModelFile::Unreadable(_) => UNREADABLE.to_owned(),
+    };
+    if let Some(change) = model_file.observe(first) {
+        model_file::report(&change, &promoter, &health, &metrics);
+    }
     let capacity = usize::try_from(config.train_window).unwrap_or(usize::MAX);
     let store = Store::open(&config.train_dir, capacity, capacity.max(1000))?;
     tracing::info!(
         samples = store.len(),
         waiting = store.waiting(),
-        serving = %serving.version,
+        serving = %serving,
         "training window {} opened",
         config.train_dir.display()
     );
 
-    let mut registry = Registry::default();
-    let broker_metrics = BrokerMetrics::register(&mut registry);
-    let metrics = Metrics::register(&mut registry);
     metrics.window.set(store.len() as i64);
     metrics.waiting.set(store.waiting() as i64);
     let (requests, requests_rx) = mpsc::channel(16);
@@ -60,7 +72,6 @@ pub async fn run(
         requests,
         metrics: metrics.clone(),
     };
-    let health = Health::new();
     let routes = routes(shared.requests.clone(), RETRAIN_REPLY_TIMEOUT);
     let http = pipeline::http::spawn_with(
         config.http_addr,
@@ -71,6 +82,13 @@ pub async fn run(
     )
     .await?;
     let retrainer = tokio::spawn(retrainer(promoter.clone(), shared.clone(), requests_rx));
+    let model_watcher = tokio::spawn(watch_model_file(
+        promoter.clone(),
+        model_file,
+        health.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let alarm = match metric_authority(&config.metric_url) {
         Some(authority) => Some(QualitySource::new(&authority)?),
         None => None,
@@ -113,5 +131,6 @@ pub async fn run(
         let _ = alarm.await;
     }
     let _ = retrainer.await;
+    let _ = model_watcher.await;
     result
 }
