@@ -193,18 +193,20 @@ async fn the_trainer_promotes_after_a_drift_and_refuses_a_worse_candidate() {
     );
     let after = &rows[DRIFT_AFTER + MARGIN..];
     let old_after: Vec<&Row> = after.iter().filter(|r| r.model_version == old).collect();
-    let new_after: Vec<&Row> = after.iter().filter(|r| r.model_version == new).collect();
+    // Every promoted version counts: how many promotions follow the drift (one to three) and so
+    // how many rows the last one gets depends on timing; that they beat the old model does not.
+    let new_after: Vec<&Row> = after.iter().filter(|r| r.model_version != old).collect();
     // The alarm's retrain usually lands 150 to 300 samples after the drift.
     assert!(
         old_after.len() >= 50 && new_after.len() >= 100,
-        "after the drift: {} rows of {old}, {} of {new}",
+        "after the drift: {} rows of {old}, {} of the promoted versions (last {new})",
         old_after.len(),
         new_after.len()
     );
     let (mae_before, mae_old, mae_new) = (mae(&before), mae(&old_after), mae(&new_after));
     eprintln!(
         "closed loop: MAE before the drift {mae_before:.2} ({} rows, {old}); after the drift with \
-         the old model {mae_old:.2} ({} rows); after the promotion {mae_new:.2} ({} rows, {new}); \
+         the old model {mae_old:.2} ({} rows); after the promotions {mae_new:.2} ({} rows, last {new}); \
          retrains {:?}",
         before.len(),
         old_after.len(),
@@ -216,7 +218,7 @@ async fn the_trainer_promotes_after_a_drift_and_refuses_a_worse_candidate() {
     }
     assert!(
         mae_new < mae_old,
-        "the new version {new} ({mae_new}) is not better than {old} ({mae_old}) after the drift"
+        "the promoted versions ({mae_new}) are not better than {old} ({mae_old}) after the drift"
     );
     let mut by_version: Vec<(String, usize, f64)> = Vec::new();
     for version in after.iter().map(|r| r.model_version.clone()) {

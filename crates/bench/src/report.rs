@@ -717,14 +717,10 @@ impl Report {
     }
 }
 
-/// Writes `text` to `<path>.tmp`, then renames it over `path`.
+/// Writes `text` (one final newline) through the services' atomic write: readers never see half a report.
 fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, format!("{}\n", text.trim_end()))
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    let text = format!("{}\n", text.trim_end());
+    Ok(pipeline::fs::write_atomic(path, text.as_bytes())?)
 }
 
 /// `12345.6` as `12,346`.
