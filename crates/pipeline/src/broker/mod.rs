@@ -15,6 +15,7 @@ pub mod consumer;
 pub mod flow;
 pub mod publisher;
 pub mod supervisor;
+pub mod tls;
 pub mod topology;
 pub mod window;
 
