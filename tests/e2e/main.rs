@@ -21,4 +21,5 @@ mod recovery;
 mod scaling;
 mod secrets;
 mod supervisor;
+mod tls;
 mod trainer;

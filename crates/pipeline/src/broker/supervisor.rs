@@ -112,6 +112,9 @@ pub enum Failure {
     PreconditionFailed(String),
     /// The broker answered 405 RESOURCE_LOCKED (an exclusive queue of another connection).
     ResourceLocked(String),
+    /// The TLS handshake failed for a reason no retry fixes (see [`super::tls::TlsFailure`]);
+    /// the text is the message for the operator.
+    Tls(String),
     /// Anything else: the network, a closed connection, another broker error.
     Other(String),
 }
@@ -177,7 +180,8 @@ pub fn queue_in_text(text: &str) -> Option<&str> {
 
 /// The rule for what is fatal and what is retried.
 ///
-/// Fatal: a malformed URL; a queue declare refused because the queue exists with other arguments.
+/// Fatal: a malformed URL; a TLS handshake refused for a certificate problem or a port that does
+/// not speak TLS; a queue declare refused because the queue exists with other arguments.
 /// Everything else is retried: the broker not up yet, a login refused (an operator may fix the
 /// user while the service waits), an exclusive consumer refused because the queue is in exclusive
 /// use (most likely our own previous connection, not yet reaped after a network cut), a lost
@@ -187,6 +191,9 @@ pub fn classify(step: Step, failure: &Failure) -> Verdict {
     match (step, failure) {
         (_, Failure::InvalidUrl(text)) => Verdict::Fatal {
             message: format!("AMQP_URL is not a valid AMQP URL: {text}"),
+        },
+        (_, Failure::Tls(message)) => Verdict::Fatal {
+            message: message.clone(),
         },
         (Step::Declare, Failure::PreconditionFailed(text)) => Verdict::Fatal {
             message: format!(
@@ -217,6 +224,7 @@ impl Failure {
             | Self::AccessRefused(text)
             | Self::PreconditionFailed(text)
             | Self::ResourceLocked(text)
+            | Self::Tls(text)
             | Self::Other(text) => text,
         }
     }
@@ -408,6 +416,7 @@ mod tests {
             text.prop_map(Failure::AccessRefused),
             text.prop_map(Failure::PreconditionFailed),
             text.prop_map(Failure::ResourceLocked),
+            text.prop_map(Failure::Tls),
             text.prop_map(Failure::Other),
         ]
     }
@@ -422,12 +431,12 @@ mod tests {
     }
 
     proptest! {
-        /// Only a malformed URL and a refused declare stop a service; everything else (the
-        /// network, logins, exclusive use, lost connections) is retried.
+        /// Only a malformed URL, a refused TLS handshake and a refused declare stop a service;
+        /// everything else (the network, logins, exclusive use, lost connections) is retried.
         #[test]
-        fn only_the_two_fatal_errors_are_fatal(step in step(), failure in failure()) {
+        fn only_the_three_fatal_errors_are_fatal(step in step(), failure in failure()) {
             let fatal = matches!(classify(step, &failure), Verdict::Fatal { .. });
-            let expected = matches!(failure, Failure::InvalidUrl(_))
+            let expected = matches!(failure, Failure::InvalidUrl(_) | Failure::Tls(_))
                 || (step == Step::Declare && matches!(failure, Failure::PreconditionFailed(_)));
             prop_assert_eq!(fatal, expected);
         }

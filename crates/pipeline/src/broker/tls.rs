@@ -240,6 +240,9 @@ pub enum TlsFailure {
     NotTls,
     /// The broker refused our client certificate, or wanted one and got none.
     ClientCertificateRefused,
+    /// The broker ended the handshake without saying why (TLS 1.2 `handshake_failure`): no
+    /// client certificate where one is required, or no TLS version or cipher in common.
+    HandshakeRefused,
 }
 
 /// OpenSSL's words for each failure (its verify results and reason strings), lower case.
@@ -290,10 +293,7 @@ const PATTERNS: &[(&str, TlsFailure)] = &[
         "alert certificate unknown",
         TlsFailure::ClientCertificateRefused,
     ),
-    (
-        "alert handshake failure",
-        TlsFailure::ClientCertificateRefused,
-    ),
+    ("alert handshake failure", TlsFailure::HandshakeRefused),
 ];
 
 impl TlsFailure {
@@ -312,8 +312,10 @@ impl TlsFailure {
 
     /// What to tell the operator: the cause, and the setting that fixes it. `host` is the broker
     /// host of the URL that failed (never the URL, which may carry a password); `detail` is the
-    /// TLS library's text.
+    /// TLS library's text, of which the message quotes OpenSSL's reason (the full text stays in
+    /// the error's cause).
     pub fn message(self, host: &str, port: u16, files: &TlsFiles, detail: &str) -> String {
+        let detail = reason(detail);
         let trusted = match &files.ca_file {
             Some(path) => format!(
                 "the system's CA store and the CAs in {CA_FILE} ({})",
@@ -358,8 +360,35 @@ impl TlsFailure {
                      {CLIENT_CERT_FILE} and {CLIENT_KEY_FILE} ({detail})"
                 ),
             },
+            Self::HandshakeRefused => format!(
+                "TLS: the broker at {host}:{port} refused the TLS handshake: it may require a \
+                 client certificate ({CLIENT_CERT_FILE}, {CLIENT_KEY_FILE}), or it has no TLS \
+                 version or cipher in common with this client ({detail})"
+            ),
         }
     }
+}
+
+/// OpenSSL's reason in an error text: the verify result in the closing parentheses
+/// (`... certificate verify failed:...: (certificate has expired)`), else the reason field of
+/// `error:<code>:SSL routines:<function>:<reason>:<file>:<line>:`, else the whole text.
+fn reason(text: &str) -> &str {
+    let text = text.trim();
+    if let Some(inner) = text.strip_suffix(')')
+        && let Some(open) = inner.rfind('(')
+    {
+        return &inner[open + 1..];
+    }
+    for (start, _) in text.match_indices("error:") {
+        let fields: Vec<&str> = text[start..].split(':').collect();
+        let is_code = fields
+            .get(1)
+            .is_some_and(|code| !code.is_empty() && code.chars().all(|c| c.is_ascii_hexdigit()));
+        if is_code && let Some(reason) = fields.get(4).filter(|r| !r.is_empty()) {
+            return reason;
+        }
+    }
+    text
 }
 
 #[cfg(test)]
@@ -540,6 +569,23 @@ mod tests {
         assert!(text.contains("AMQP_CLIENT_CERT_FILE"), "{text}");
     }
 
+    #[test]
+    fn the_reason_is_openssls_short_text() {
+        assert_eq!(
+            reason(
+                "IO error: error:0A000086:SSL routines:tls_post_process_server_certificate:certificate verify failed:../ssl/statem/statem_clnt.c:1889: (certificate has expired)"
+            ),
+            "certificate has expired"
+        );
+        assert_eq!(
+            reason(
+                "IO error: error:0A00010B:SSL routines:ssl3_get_record:wrong version number:../ssl/record/ssl3_record.c:350:"
+            ),
+            "wrong version number"
+        );
+        assert_eq!(reason("something else"), "something else");
+    }
+
     fn failure() -> impl Strategy<Value = TlsFailure> {
         prop_oneof![
             Just(TlsFailure::UntrustedCertificate),
@@ -548,6 +594,7 @@ mod tests {
             Just(TlsFailure::HostMismatch),
             Just(TlsFailure::NotTls),
             Just(TlsFailure::ClientCertificateRefused),
+            Just(TlsFailure::HandshakeRefused),
         ]
     }
 
