@@ -9,6 +9,7 @@ mod course;
 mod dashboard;
 mod deployment;
 mod disk_full;
+mod docs;
 mod drift;
 mod faults;
 mod helpers;

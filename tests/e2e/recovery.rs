@@ -204,7 +204,7 @@ fn the_recovery_and_retention_settings_are_in_help_and_readme() {
         .unwrap();
     assert!(output.status.success());
     let help = String::from_utf8(output.stdout).unwrap();
-    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(repo_root().join("docs/configuration.md")).unwrap();
     for name in [
         "LOG_MAX_BYTES",
         "LOG_KEEP_FILES",
@@ -219,7 +219,7 @@ fn the_recovery_and_retention_settings_are_in_help_and_readme() {
         );
         assert!(
             readme.contains(&format!("| `{name}` |")),
-            "README's settings table has no row for {name}"
+            "docs/configuration.md has no row for {name}"
         );
     }
 }

@@ -15,8 +15,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use pipeline::health::Health;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -96,6 +95,7 @@ pub struct Dashboard {
     version_idle: std::time::Duration,
     window_size: usize,
     alert_ratio: f64,
+    dead_letters: DeadLetterTally,
 }
 
 /// A version without a new pair for this long gets no more points in the MAE chart, so its line
@@ -114,12 +114,23 @@ impl Dashboard {
             version_idle: VERSION_IDLE,
             window_size,
             alert_ratio,
+            dead_letters: DeadLetterTally::default(),
         }
     }
 
     /// The handle the HTTP handlers read.
     pub fn shared(&self) -> SharedSnapshot {
         Arc::clone(&self.shared)
+    }
+
+    /// The dead-letter counts the HTTP handlers read.
+    pub fn dead_letters(&self) -> DeadLetterTally {
+        self.dead_letters.clone()
+    }
+
+    /// Counts one message of `queue` the handler dead-letters for `reason`.
+    pub fn dead_lettered(&self, queue: &str, reason: &'static str) {
+        self.dead_letters.count(queue, reason);
     }
 
     /// Remembers one joined pair (O(1), no allocation once full).
@@ -254,8 +265,8 @@ pub struct Live {
     pub connected: Gauge,
     /// The service's health.
     pub health: Health,
-    /// The service's metrics, for the dead-letter counts.
-    pub registry: Arc<Registry>,
+    /// The dead-letter counts.
+    pub dead_letters: DeadLetterTally,
 }
 
 /// The dashboard's routes: `/`, `/api/dashboard` and the page's assets.
@@ -310,12 +321,7 @@ struct Status {
 }
 
 async fn api(State(live): State<Live>) -> impl IntoResponse {
-    let mut text = String::new();
-    let dead_letters =
-        match prometheus_client::encoding::text::encode_registry(&mut text, &live.registry) {
-            Ok(()) => dead_letters(&text),
-            Err(_) => Vec::new(),
-        };
+    let dead_letters = live.dead_letters.counts();
     let status = Status {
         broker_connected: live.connected.get() == 1,
         health: match live.health.get() {
@@ -346,44 +352,75 @@ async fn api(State(live): State<Live>) -> impl IntoResponse {
     }
 }
 
-/// The `pipeline_messages_dead_lettered_total{queue,reason}` counters in a metrics page.
-pub fn dead_letters(metrics_text: &str) -> Vec<DeadLetters> {
-    metrics_text
-        .lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix("pipeline_messages_dead_lettered_total{")?;
-            let (labels, value) = rest.rsplit_once("} ")?;
-            Some(DeadLetters {
-                queue: label(labels, "queue")?,
-                reason: label(labels, "reason")?,
-                count: value.trim().parse().ok()?,
-            })
-        })
-        .collect()
-}
+/// Dead-lettered messages by queue and reason, counted where the handler refuses a message: the
+/// same events `pipeline_messages_dead_lettered_total` counts (the consume loop dead-letters
+/// nothing else), read without encoding the registry. Shared with the HTTP handlers.
+#[derive(Clone, Debug, Default)]
+pub struct DeadLetterTally(Arc<Mutex<BTreeMap<(String, &'static str), u64>>>);
 
-/// The value of `name="..."` in a label set (queue names and reasons hold no quotes).
-fn label(labels: &str, name: &str) -> Option<String> {
-    let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
-    let end = labels[start..].find('"')? + start;
-    Some(labels[start..end].to_owned())
+impl DeadLetterTally {
+    /// Counts one message (rare: a lock and, for a new queue and reason, one allocation).
+    pub fn count(&self, queue: &str, reason: &'static str) {
+        let mut counts = match self.0.lock() {
+            Ok(counts) => counts,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match counts
+            .iter_mut()
+            .find(|((q, r), _)| q == queue && *r == reason)
+        {
+            Some((_, count)) => *count += 1,
+            None => {
+                counts.insert((queue.to_owned(), reason), 1);
+            }
+        }
+    }
+
+    /// Every count so far, by queue and reason.
+    pub fn counts(&self) -> Vec<DeadLetters> {
+        let counts = match self.0.lock() {
+            Ok(counts) => counts,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        counts
+            .iter()
+            .map(|((queue, reason), count)| DeadLetters {
+                queue: queue.clone(),
+                reason: (*reason).to_owned(),
+                count: *count as f64,
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::join::Pair;
+    use prometheus_client::registry::Registry;
 
     #[test]
-    fn dead_letters_are_read_from_the_metrics_page() {
-        let text = "# HELP x\npipeline_messages_dead_lettered_total{queue=\"y_true\",reason=\"invalid_json\"} 3\npipeline_messages_consumed_total{queue=\"y_true\"} 9\n";
+    fn dead_letters_are_counted_by_queue_and_reason() {
+        let dashboard = Dashboard::new(10, 1.25);
+        let live = dashboard.dead_letters();
+        assert_eq!(live.counts(), []);
+        for _ in 0..3 {
+            dashboard.dead_lettered("y_true", "invalid_json");
+        }
+        dashboard.dead_lettered("y_pred", "invalid_json");
+        dashboard.dead_lettered("y_true", "wrong_shape");
+        let row = |queue: &str, reason: &str, count: f64| DeadLetters {
+            queue: queue.into(),
+            reason: reason.into(),
+            count,
+        };
         assert_eq!(
-            dead_letters(text),
-            [DeadLetters {
-                queue: "y_true".into(),
-                reason: "invalid_json".into(),
-                count: 3.0
-            }]
+            live.counts(),
+            [
+                row("y_pred", "invalid_json", 1.0),
+                row("y_true", "invalid_json", 3.0),
+                row("y_true", "wrong_shape", 1.0),
+            ]
         );
     }
 

@@ -18,6 +18,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 
@@ -178,6 +179,35 @@ impl From<&Sums> for Figures {
     }
 }
 
+/// One model version's quality alarm, as `GET /api/quality` shows it (the trainer reads it).
+/// Numbers the alarm is not judged on yet are `None` (`null`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct VersionAlarm {
+    /// Model version (`unknown` for none).
+    pub model_version: String,
+    /// Whether its quality alarm is on (`pipeline_model_quality_alert`).
+    pub alarm: bool,
+    /// Pairs since start.
+    pub pairs: u64,
+    /// MAE over its last `QUALITY_WINDOW` pairs, once it had that many.
+    pub windowed_mae: Option<f64>,
+    /// MAE over its first `QUALITY_WINDOW` pairs, once it had that many.
+    pub baseline_mae: Option<f64>,
+    /// `QUALITY_ALERT_RATIO` times the baseline: the alarm is on while the windowed MAE is above.
+    pub threshold: Option<f64>,
+}
+
+/// Every kept model version's alarm (the versions `pipeline_model_quality_alert` exports), most
+/// recently seen first.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct AlarmReport {
+    /// One entry per kept version.
+    pub versions: Vec<VersionAlarm>,
+}
+
+/// The last [`AlarmReport`], shared with the HTTP handler.
+pub type SharedAlarms = Arc<Mutex<AlarmReport>>;
+
 /// The totals the checkpoint carries over a restart: since start and per kept model version.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Totals {
@@ -217,6 +247,8 @@ pub struct Quality {
     window_mae_by_version: Family<VersionLabel, FloatGauge>,
     alert_by_version: Family<VersionLabel, Gauge>,
     latency: Histogram,
+    /// The alarms as of the last change, for `GET /api/quality`.
+    alarms: SharedAlarms,
 }
 
 impl Quality {
@@ -248,6 +280,7 @@ impl Quality {
             window_mae_by_version: Family::default(),
             alert_by_version: Family::default(),
             latency: Histogram::new(pipeline::metrics::latency_buckets()),
+            alarms: SharedAlarms::default(),
         };
         let registry = registry.sub_registry_with_prefix("pipeline");
         registry.register(
@@ -377,6 +410,8 @@ impl Quality {
                 alert: self.alert_by_version.get_or_create_owned(&label),
             };
             self.by_version.insert(version.to_owned(), stats);
+            // The gauges' set of versions changed: so does the report's.
+            self.publish_alarms();
         }
         let seen = self.seen;
         let stats = self.by_version.get_mut(version)?;
@@ -477,6 +512,50 @@ impl Quality {
                 None => {}
             }
             stats.alert.set(i64::from(stats.alarm_on));
+        }
+        self.publish_alarms();
+    }
+
+    /// The handle `GET /api/quality` reads.
+    pub fn shared_alarms(&self) -> SharedAlarms {
+        Arc::clone(&self.alarms)
+    }
+
+    /// Each kept version's alarm and the figures it is judged on, as of the last
+    /// [`Quality::update_window`], most recently seen first.
+    pub fn alarms(&self) -> AlarmReport {
+        let full = self.window_size as u64;
+        let mut versions: Vec<(u64, VersionAlarm)> = self
+            .by_version
+            .iter()
+            .map(|(name, stats)| {
+                let baseline_mae = (stats.baseline.n >= full).then(|| stats.baseline.mae());
+                (
+                    stats.last_seen,
+                    VersionAlarm {
+                        model_version: name.clone(),
+                        alarm: stats.alarm_on,
+                        pairs: stats.sums.n,
+                        windowed_mae: (stats.window.n >= full).then(|| stats.window.mae()),
+                        baseline_mae,
+                        threshold: baseline_mae.map(|mae| self.rule.ratio * mae),
+                    },
+                )
+            })
+            .collect();
+        versions.sort_by_key(|(last_seen, _)| std::cmp::Reverse(*last_seen));
+        AlarmReport {
+            versions: versions.into_iter().map(|(_, alarm)| alarm).collect(),
+        }
+    }
+
+    /// Hands the current alarms to the HTTP handler: where the alarms change (the tick) and
+    /// where a version's gauges come or go, so both show the same versions.
+    fn publish_alarms(&self) {
+        let report = self.alarms();
+        match self.alarms.lock() {
+            Ok(mut shared) => *shared = report,
+            Err(poisoned) => *poisoned.into_inner() = report,
         }
     }
 

@@ -7,7 +7,7 @@
 //! The per-message work is a binary search over 9 edges and two counter updates per feature; the
 //! PSI is computed from the counts on a tick, never per message.
 
-use crate::regression::ModelError;
+use crate::error::ModelError;
 use pipeline::dataset::Dataset;
 use serde::{Deserialize, Serialize};
 

@@ -9,16 +9,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use std::sync::Arc;
 
-/// Why a model cannot be fitted or used.
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    /// The solver failed (for example on a degenerate data set).
-    #[error("cannot fit a linear regression: {0}")]
-    Fit(String),
-    /// Coefficients or intercept that are not finite, or a shape that does not fit.
-    #[error("invalid model: {0}")]
-    Invalid(String),
-}
+// Re-exported here too: `regression::ModelError` is where callers have always found it.
+pub use crate::error::ModelError;
 
 /// Quality of a model on the data it was fitted on.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 //! `RETRAIN_EVERY` new labels, or on a rising quality alarm of the served version), how the window
 //! is split into training rows and the holdout, and whether a candidate is promoted.
 
+use serde::Deserialize;
 use std::collections::HashMap;
 
 /// What started a retrain.
@@ -66,7 +67,7 @@ impl RetrainSchedule {
     }
 }
 
-/// Follows the metric service's `pipeline_model_quality_alert{model_version}` and says when the
+/// Follows the metric service's quality alarm per model version (`GET /api/quality`) and says when the
 /// served version's alarm rises: off (or never seen) in the last reading, on in this one. A version
 /// whose alarm stays on asks once, not on every poll.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -85,23 +86,36 @@ impl AlarmEdge {
     }
 }
 
-/// The quality alarms in a Prometheus text exposition: `version -> on` for every
-/// `pipeline_model_quality_alert{model_version="..."} value` line.
-pub fn parse_alarms(metrics: &str) -> HashMap<String, bool> {
-    const PREFIX: &str = "pipeline_model_quality_alert{";
-    metrics
-        .lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix(PREFIX)?;
-            let (labels, value) = rest.rsplit_once("} ")?;
-            let version = labels
-                .split(',')
-                .find_map(|label| label.trim().strip_prefix("model_version="))?
-                .trim_matches('"');
-            let value: f64 = value.trim().parse().ok()?;
-            Some((version.to_owned(), value >= 1.0))
-        })
-        .collect()
+/// The body of the metric service's `GET /api/quality`; only what the trainer needs is read
+/// (each entry also carries `pairs`, `windowed_mae`, `baseline_mae` and `threshold`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct QualityReport {
+    /// One entry per model version the metric service has seen.
+    pub versions: Vec<VersionQuality>,
+}
+
+/// The quality alarm of one model version.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct VersionQuality {
+    /// The version, as carried on its predictions.
+    pub model_version: String,
+    /// Whether its windowed MAE is above the threshold now.
+    pub alarm: bool,
+}
+
+impl QualityReport {
+    /// `version -> alarm on`, the reading [`AlarmEdge::observe`] takes.
+    pub fn alarms(self) -> HashMap<String, bool> {
+        self.versions
+            .into_iter()
+            .map(|v| (v.model_version, v.alarm))
+            .collect()
+    }
+}
+
+/// The quality alarms in a `GET /api/quality` body: `version -> on`.
+pub fn parse_alarms(body: &[u8]) -> Result<HashMap<String, bool>, serde_json::Error> {
+    serde_json::from_slice::<QualityReport>(body).map(QualityReport::alarms)
 }
 
 /// How a window of `len` samples (oldest first) is cut: the oldest `train` rows fit the
@@ -217,17 +231,33 @@ mod tests {
     }
 
     #[test]
-    fn alarms_are_read_from_the_metric_exposition() {
-        let text = "# HELP pipeline_model_quality_alert ...\n\
-                    # TYPE pipeline_model_quality_alert gauge\n\
-                    pipeline_model_quality_alert{model_version=\"ols-1a2b\"} 1\n\
-                    pipeline_model_quality_alert{model_version=\"v2\"} 0\n\
-                    pipeline_model_quality_alert_other{model_version=\"x\"} 1\n\
-                    pipeline_pairs_total 12\n";
-        let alarms = parse_alarms(text);
+    fn alarms_are_read_from_the_quality_endpoint() {
+        let body = br#"{"versions":[{"model_version":"ols-1bbf9343466e","alarm":false,"pairs":1234,"windowed_mae":45.1,"baseline_mae":42.9,"threshold":53.6},{"model_version":"v2","alarm":true,"pairs":10,"windowed_mae":60.0,"baseline_mae":42.9,"threshold":53.6}]}"#;
+        let alarms = parse_alarms(body).unwrap();
         assert_eq!(alarms.len(), 2, "{alarms:?}");
-        assert!(alarms["ols-1a2b"]);
-        assert!(!alarms["v2"]);
+        assert!(!alarms["ols-1bbf9343466e"]);
+        assert!(alarms["v2"]);
+        // No version seen yet.
+        assert!(parse_alarms(br#"{"versions":[]}"#).unwrap().is_empty());
+        // Not the endpoint's body (an HTML error page, the Prometheus text, a missing field).
+        assert!(parse_alarms(b"<html>502</html>").is_err());
+        assert!(parse_alarms(b"pipeline_model_quality_alert{model_version=\"v\"} 1\n").is_err());
+        assert!(parse_alarms(br#"{"versions":[{"model_version":"v"}]}"#).is_err());
+    }
+
+    #[test]
+    fn a_reading_of_the_endpoint_drives_the_edge() {
+        let mut edge = AlarmEdge::default();
+        let body = |alarm: bool| {
+            format!(
+                r#"{{"versions":[{{"model_version":"ols-1","alarm":{alarm},"pairs":1,"windowed_mae":1.0,"baseline_mae":1.0,"threshold":1.25}}]}}"#
+            )
+        };
+        assert!(!edge.observe(parse_alarms(body(false).as_bytes()).unwrap(), "ols-1"));
+        assert!(edge.observe(parse_alarms(body(true).as_bytes()).unwrap(), "ols-1"));
+        assert!(!edge.observe(parse_alarms(body(true).as_bytes()).unwrap(), "ols-1"));
+        // The served version is not in the report (no pairs yet): no alarm.
+        assert!(!edge.observe(parse_alarms(body(true).as_bytes()).unwrap(), "ols-2"));
     }
 
     #[test]

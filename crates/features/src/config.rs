@@ -1,0 +1,99 @@
+//! The producer's command line and settings (`Cli`, `Command`, `Order`, `Config`).
+
+use crate::drift;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pipeline::config::{BrokerConfig, QueueNames, TelemetryConfig, parse_socket_addr};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Command line of the `features` binary.
+#[derive(Parser, Debug)]
+#[command(
+    name = "features",
+    version,
+    about = "Streams data set rows to the features and y_true queues"
+)]
+pub struct Cli {
+    /// Settings of the service.
+    #[command(flatten)]
+    pub config: Config,
+    /// What to do instead of producing.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Other things the binary does.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Probe this service's /healthz at HTTP_ADDR; exit 0 when healthy (for container healthchecks).
+    Healthcheck,
+}
+
+/// How rows are picked.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Uniformly at random from all rows, with replacement.
+    Random,
+    /// Row 0, 1, 2, ... and around again.
+    Sequential,
+}
+
+/// Settings of the producer.
+#[derive(Args, Debug, Clone)]
+pub struct Config {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub broker: BrokerConfig,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub queues: QueueNames,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub telemetry: TelemetryConfig,
+
+    /// CSV to stream.
+    #[arg(long, env = "DATA_PATH", default_value = "data/diabetes.csv")]
+    pub data_path: PathBuf,
+
+    /// Target column of the CSV; the last column when not set.
+    #[arg(long, env = "TARGET_COLUMN")]
+    pub target_column: Option<String>,
+
+    /// Samples per second; 0 sends as fast as the broker confirms.
+    #[arg(long, env = "RATE", default_value_t = 10.0)]
+    pub rate: f64,
+
+    /// Stop after this many samples are confirmed; 0 runs forever.
+    #[arg(long, env = "COUNT", default_value_t = 0)]
+    pub count: u64,
+
+    /// How rows are picked.
+    #[arg(long, env = "ORDER", value_enum, default_value_t = Order::Random)]
+    pub order: Order,
+
+    /// Seed for a reproducible sequence of rows (ids stay unique).
+    #[arg(long, env = "SEED")]
+    pub seed: Option<u64>,
+
+    /// Samples published but not yet confirmed, at most.
+    #[arg(long, env = "CONFIRM_WINDOW", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub confirm_window: u64,
+
+    /// Address of the /healthz and /metrics endpoint.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9101", value_parser = parse_socket_addr)]
+    pub http_addr: SocketAddr,
+
+    /// After COUNT samples, keep serving /metrics this many seconds before exiting, so a scraper
+    /// sees the final counts.
+    #[arg(long, env = "LINGER_SECS", default_value_t = 0)]
+    pub linger_secs: u64,
+
+    /// Simulated drift: samples from this number on (counted from 0) get DRIFT_SHIFT added.
+    #[arg(long, env = "DRIFT_AFTER", default_value_t = 0)]
+    pub drift_after: u64,
+
+    /// Simulated drift: FEATURE=AMOUNT pairs added to the features after DRIFT_AFTER samples,
+    /// e.g. `bmi=0.05,s5=0.04`; not set: no drift.
+    #[arg(long, env = "DRIFT_SHIFT", value_parser = drift::parse_shift_spec)]
+    pub drift_shift: Option<drift::ShiftSpec>,
+}

@@ -1,0 +1,155 @@
+//! `GET /api/quality`: the quality alarm of each kept model version as JSON, for the trainer
+//! (which no longer has to parse the `/metrics` text). The body is exactly
+//! `{"versions":[{"model_version":"...","alarm":false,"pairs":1234,"windowed_mae":45.1,
+//! "baseline_mae":42.9,"threshold":53.6}]}`, one entry per version
+//! `pipeline_model_quality_alert{model_version}` exports, with the same alarm; numbers not known
+//! yet are `null`.
+
+use crate::quality::SharedAlarms;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+/// The route `GET /api/quality`, reading what the quality tracker last published.
+pub fn routes(alarms: SharedAlarms) -> Router {
+    Router::new()
+        .route("/api/quality", get(quality))
+        .with_state(alarms)
+}
+
+async fn quality(State(alarms): State<SharedAlarms>) -> Response {
+    let body = {
+        let report = match alarms.lock() {
+            Ok(report) => report,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // serde_json writes a non-finite number as null, so this fails only on a bug.
+        serde_json::to_string(&*report)
+    };
+    match body {
+        Ok(body) => (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            body,
+        )
+            .into_response(),
+        Err(err) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the quality alarms: {err}\n"),
+        )
+            .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::join::Pair;
+    use crate::quality::Quality;
+    use prometheus_client::registry::Registry;
+    use std::collections::BTreeMap;
+
+    fn feed(quality: &mut Quality, n: usize, error: f64, version: &str) {
+        for i in 0..n {
+            quality.observe(&Pair {
+                id: format!("{version}-{i}"),
+                y_true: 100.0,
+                y_pred: 100.0 + error,
+                model_version: Some(version.to_owned()),
+                sent_at_us: None,
+            });
+        }
+        quality.update_window();
+    }
+
+    async fn get_body(quality: &Quality) -> (StatusCode, String) {
+        let response = super::quality(State(quality.shared_alarms())).await;
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    /// `(model_version, alarm)` of each `pipeline_model_quality_alert` line on the metrics page.
+    fn gauges(registry: &Registry) -> BTreeMap<String, bool> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        let prefix = "pipeline_model_quality_alert{model_version=\"";
+        text.lines()
+            .filter_map(|line| line.strip_prefix(prefix)?.split_once("\"} "))
+            .map(|(version, value)| (version.to_owned(), value == "1"))
+            .collect()
+    }
+
+    fn served(body: &str) -> BTreeMap<String, bool> {
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        json["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                let version = v["model_version"].as_str().unwrap().to_owned();
+                (version, v["alarm"].as_bool().unwrap())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_body_has_the_shape_the_trainer_reads() {
+        let mut registry = Registry::default();
+        let mut quality = Quality::register(&mut registry, 10, 5, 1.25);
+        assert_eq!(get_body(&quality).await.1, r#"{"versions":[]}"#);
+        // v1: baseline MAE 1, then a window of MAE 2 > 1.25: alarm. v2: too few pairs to judge.
+        feed(&mut quality, 10, 1.0, "v1");
+        feed(&mut quality, 10, 2.0, "v1");
+        feed(&mut quality, 4, 3.0, "v2");
+        let (status, body) = get_body(&quality).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body,
+            concat!(
+                r#"{"versions":["#,
+                r#"{"model_version":"v2","alarm":false,"pairs":4,"windowed_mae":null,"baseline_mae":null,"threshold":null},"#,
+                r#"{"model_version":"v1","alarm":true,"pairs":20,"windowed_mae":2.0,"baseline_mae":1.0,"threshold":1.25}"#,
+                r#"]}"#
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn the_versions_and_alarms_are_those_of_the_gauge() {
+        let mut registry = Registry::default();
+        // Two versions kept: older ones lose their gauges, and their entries.
+        let mut quality = Quality::register(&mut registry, 10, 2, 1.25);
+        let steps: [(usize, f64, &str); 6] = [
+            (10, 1.0, "v1"),
+            (10, 3.0, "v1"),
+            (20, 1.0, "v2"),
+            (3, 1.0, "v3"),
+            (10, 1.0, "v1"),
+            (10, 1.0, "v1"),
+        ];
+        for (n, error, version) in steps {
+            feed(&mut quality, n, error, version);
+            let (_, body) = get_body(&quality).await;
+            assert_eq!(served(&body), gauges(&registry), "{body}");
+        }
+        // A new version's gauges appear with its first pair, before any tick: so does its entry.
+        quality.observe(&Pair {
+            id: "w".into(),
+            y_true: 1.0,
+            y_pred: 1.0,
+            model_version: Some("v4".into()),
+            sent_at_us: None,
+        });
+        let (_, body) = get_body(&quality).await;
+        assert_eq!(served(&body), gauges(&registry), "{body}");
+        assert!(served(&body).contains_key("v4"), "{body}");
+    }
+}

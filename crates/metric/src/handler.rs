@@ -1,0 +1,429 @@
+//! The [`Recorder`]: logs every message, offers it to the join, writes the joined rows and keeps
+//! the quality figures; the [`MessageHandler`] of the metric service.
+
+use crate::checkpoint;
+use crate::config::{Config, read_ahead_limit};
+use crate::dashboard;
+use crate::files::LogFiles;
+use crate::join::{Joiner, Offer};
+use crate::metrics::{JoinMetrics, ReasonLabel};
+use crate::plotter::Plotter;
+use crate::quality::Quality;
+use crate::recovery::{self, Recovered};
+use anyhow::Context as _;
+use lapin::message::Delivery;
+use pipeline::broker::flow::{FlowChange, Hysteresis};
+use pipeline::broker::{Disposition, MessageHandler, Publisher};
+use pipeline::health::Health;
+use pipeline::messages::{LabelKind, LabelMessage, MessageError, now_us, parse_label, validate_id};
+use pipeline::metrics::{QueueCounters, QueueLabel};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Order of the inputs in [`ConsumerSpec::inputs`](pipeline::broker::consumer::ConsumerSpec::inputs).
+pub(crate) const KINDS: [LabelKind; 2] = [LabelKind::YTrue, LabelKind::YPred];
+
+/// Logs, joins and measures; the [`MessageHandler`] of the metric service.
+pub struct Recorder {
+    pub(crate) files: LogFiles,
+    pub(crate) joiner: Joiner,
+    pub(crate) quality: Quality,
+    pub(crate) metrics: JoinMetrics,
+    pub(crate) plotter: Plotter,
+    pub(crate) dashboard: dashboard::Dashboard,
+    pub(crate) queue_names: [String; 2],
+    pub(crate) log_dir: PathBuf,
+    pub(crate) checkpoints: CheckpointPolicy,
+    /// Holds back `y_true` while the join is nearly full, so a lagging model loses no pair.
+    pub(crate) y_true_flow: Hysteresis,
+    pub(crate) health: Health,
+    /// Counters of the two inputs (in [`KINDS`] order), for the receive delay.
+    pub(crate) inputs: [QueueCounters; 2],
+}
+
+/// When the checkpoint is written again.
+pub(crate) struct CheckpointPolicy {
+    pub(crate) every_pairs: u64,
+    pub(crate) interval: Duration,
+    pub(crate) pairs_since: u64,
+    pub(crate) changed: bool,
+    pub(crate) last: Instant,
+    /// The last save failed (logged once until one succeeds again).
+    pub(crate) failing: bool,
+}
+
+impl CheckpointPolicy {
+    pub(crate) fn due(&self) -> bool {
+        self.changed
+            && (self.pairs_since >= self.every_pairs || self.last.elapsed() >= self.interval)
+    }
+}
+
+impl Recorder {
+    /// Rebuilds the state from `LOG_DIR` (see [`recovery`]), counts what recovery dropped, writes
+    /// a checkpoint and logs what it read.
+    pub(crate) fn start(
+        config: &Config,
+        mut quality: Quality,
+        metrics: JoinMetrics,
+        mut plotter: Plotter,
+        health: Health,
+        inputs: [QueueCounters; 2],
+    ) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        let Recovered {
+            files,
+            joiner,
+            mut dashboard,
+            stats,
+        } = recovery::recover(config, &mut quality, &mut plotter)?;
+        if stats.evicted > 0 {
+            metrics
+                .evicted
+                .get_or_create(&ReasonLabel { reason: "capacity" })
+                .inc_by(stats.evicted);
+        }
+        metrics.waiting.set(joiner.waiting() as i64);
+        dashboard.maybe_update(&quality, joiner.waiting(), plotter.errors.iter());
+        let mut recorder = Self {
+            files,
+            joiner,
+            quality,
+            metrics,
+            plotter,
+            dashboard,
+            queue_names: [
+                config.queues.y_true_queue.clone(),
+                config.queues.y_pred_queue.clone(),
+            ],
+            log_dir: config.log_dir.clone(),
+            checkpoints: CheckpointPolicy {
+                every_pairs: config.checkpoint_every,
+                interval: Duration::from_secs(config.checkpoint_interval_secs),
+                pairs_since: 0,
+                changed: true,
+                last: Instant::now(),
+                failing: false,
+            },
+            y_true_flow: Hysteresis::with_high_water(read_ahead_limit(config)),
+            health,
+            inputs,
+        };
+        recorder.save_checkpoint();
+        tracing::info!(
+            log_dir = %config.log_dir.display(),
+            from = if stats.from_checkpoint { "checkpoint" } else { "whole files" },
+            csv_rows_read = stats.csv.rows,
+            csv_bad_rows = stats.csv.bad_rows,
+            label_lines_replayed = stats.label_lines,
+            rows_recovered = stats.rows_recovered,
+            evicted_while_replaying = stats.evicted,
+            waiting = recorder.joiner.waiting(),
+            pairs = recorder.quality.all().n,
+            millis = started.elapsed().as_millis() as u64,
+            "state rebuilt from the log files"
+        );
+        Ok(recorder)
+    }
+
+    /// Writes the checkpoint when nothing is pending (so it matches the files); a failure is
+    /// logged, not fatal: the previous checkpoint stays valid, start-up only reads more.
+    pub(crate) fn save_checkpoint(&mut self) {
+        if !self.files.is_flushed() {
+            return;
+        }
+        let result = self.files.positions().and_then(|(labels, csv)| {
+            let saved = checkpoint::Checkpoint::new(
+                labels,
+                csv,
+                self.quality.totals(),
+                self.joiner.waiting_entries(),
+            );
+            checkpoint::save(&self.log_dir, &saved)
+        });
+        match result {
+            Ok(()) => {
+                if self.checkpoints.failing {
+                    tracing::info!("checkpoint written again");
+                }
+                self.checkpoints.failing = false;
+                self.checkpoints.changed = false;
+                self.checkpoints.pairs_since = 0;
+                self.checkpoints.last = Instant::now();
+            }
+            Err(err) => {
+                if !self.checkpoints.failing {
+                    tracing::warn!(error = %format!("{err:#}"), "cannot write the checkpoint; the previous one stays, start-up reads more");
+                }
+                self.checkpoints.failing = true;
+                // Try again at the next interval, not at every flush.
+                self.checkpoints.last = Instant::now();
+            }
+        }
+    }
+
+    /// Holds back or takes again `y_true` as the join fills and empties: while the model lags,
+    /// the broker keeps the `y_true` backlog instead of the join dropping the oldest ids.
+    pub(crate) fn update_flow(&mut self) {
+        // Only true values waiting for a prediction: holding y_true cannot lower the others.
+        let waiting = self.joiner.waiting_for(LabelKind::YPred);
+        match self.y_true_flow.update(waiting) {
+            Some(FlowChange::Held) => {
+                let note = format!(
+                    "{waiting} true values wait for their prediction (JOIN_READ_AHEAD): {} is \
+                     not taken until the model catches up; the broker keeps it",
+                    self.queue_names[0]
+                );
+                tracing::warn!("{note}");
+                self.health.set_note("join", Some(note));
+                self.metrics.y_true_held.set(1);
+            }
+            Some(FlowChange::Resumed) => {
+                tracing::info!(waiting, "{} is taken again", self.queue_names[0]);
+                self.health.set_note("join", None);
+                self.metrics.y_true_held.set(0);
+            }
+            None => {}
+        }
+    }
+
+    /// At shutdown: writes what is pending and a last checkpoint.
+    pub(crate) fn finish(&mut self) {
+        if let Err(err) = self.files.flush() {
+            tracing::warn!(error = %format!("{err:#}"), "cannot write the log files at shutdown; the unacked messages come again");
+            return;
+        }
+        if self.checkpoints.changed {
+            self.save_checkpoint();
+        }
+    }
+
+    fn record(&mut self, kind: LabelKind, delivery: &Delivery) -> Result<(), MessageError> {
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str());
+        let message = parse_label(kind, &delivery.data, message_id)?;
+        if let Some(sent) = message.sent_at_us {
+            self.inputs[kind as usize].observe_receive_delay(sent, now_us());
+        }
+        if let Some(version) = &message.model_version {
+            validate_id(version).map_err(|_| {
+                MessageError::WrongShape(format!(
+                    "model_version {version:?} must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"
+                ))
+            })?;
+        }
+        self.accept(kind, message)
+    }
+
+    /// Logs one parsed message and offers it to the join.
+    pub(crate) fn accept(
+        &mut self,
+        kind: LabelKind,
+        message: LabelMessage,
+    ) -> Result<(), MessageError> {
+        let Some(id) = message.id.as_deref() else {
+            // Not joinable, but its kind is arriving: ids waiting for it age.
+            self.joiner.note_activity(kind, Instant::now());
+            self.files
+                .push_label(kind, None, message.value, message.model_version.as_deref());
+            self.metrics.unpaired.inc();
+            tracing::debug!(
+                queue = kind.as_str(),
+                value = message.value,
+                "message without id logged, not joined"
+            );
+            return Ok(());
+        };
+        let offer = self.joiner.offer(
+            kind,
+            id,
+            message.value,
+            message.model_version.as_deref(),
+            message.sent_at_us,
+            Instant::now(),
+        );
+        self.checkpoints.changed = true;
+        let offer = match offer {
+            Ok(offer) => offer,
+            Err(err) => {
+                self.metrics.conflicts.inc();
+                return Err(err);
+            }
+        };
+        self.files.push_label(
+            kind,
+            Some(id),
+            message.value,
+            message.model_version.as_deref(),
+        );
+        match offer {
+            Offer::Waiting => tracing::trace!(id, queue = kind.as_str(), "waiting for partner"),
+            Offer::Duplicate => {
+                tracing::debug!(id, queue = kind.as_str(), "duplicate ignored");
+                self.metrics
+                    .duplicates
+                    .get_or_create(&QueueLabel {
+                        queue: self.queue_names[kind as usize].clone(),
+                    })
+                    .inc();
+            }
+            Offer::Paired(pair) => {
+                self.checkpoints.pairs_since += 1;
+                self.files.push_row(&pair);
+                self.quality.observe(&pair);
+                self.plotter.observe(pair.absolute_error());
+                self.dashboard.observe(pair.y_true, pair.y_pred);
+                if let Some(sent) = pair.sent_at_us {
+                    self.quality
+                        .observe_latency(now_us().saturating_sub(sent) as f64 / 1e6);
+                }
+                tracing::debug!(id, y_true = pair.y_true, y_pred = pair.y_pred, "joined");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MessageHandler for Recorder {
+    async fn handle(
+        &mut self,
+        input: usize,
+        delivery: &Delivery,
+        _publisher: &Publisher,
+    ) -> anyhow::Result<Disposition> {
+        let disposition = match self.record(KINDS[input], delivery) {
+            Ok(()) => Disposition::Ack,
+            Err(err) => {
+                self.dashboard
+                    .dead_lettered(&self.queue_names[input], err.reason());
+                Disposition::DeadLetter(err)
+            }
+        };
+        self.update_flow();
+        Ok(disposition)
+    }
+
+    fn accepts(&self, input: usize) -> bool {
+        !(KINDS[input] == LabelKind::YTrue && self.y_true_flow.is_held())
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        self.metrics.waiting.set(self.joiner.waiting() as i64);
+        // A write error is a LocalFault (in the chain): the loop pauses and calls again.
+        let rotated = self.files.flush().context("cannot write the log files")?;
+        if rotated || self.checkpoints.due() {
+            self.save_checkpoint();
+        }
+        Ok(())
+    }
+
+    async fn tick(&mut self) -> anyhow::Result<()> {
+        for evicted in self.joiner.evict() {
+            self.checkpoints.changed = true;
+            tracing::warn!(
+                id = %evicted.id,
+                had = evicted.had.as_str(),
+                reason = evicted.reason.as_str(),
+                "dropped an id that waited too long for its partner"
+            );
+            self.metrics
+                .evicted
+                .get_or_create(&ReasonLabel {
+                    reason: evicted.reason.as_str(),
+                })
+                .inc();
+        }
+        self.metrics.waiting.set(self.joiner.waiting() as i64);
+        self.update_flow();
+        self.quality.update_window();
+        self.dashboard.maybe_update(
+            &self.quality,
+            self.joiner.waiting(),
+            self.plotter.errors.iter(),
+        );
+        self.plotter.maybe_redraw();
+        if self.checkpoints.due() {
+            // Only when nothing is pending; else the next flush writes it.
+            self.save_checkpoint();
+        }
+        Ok(())
+    }
+}
+
+/// What tests of the Recorder share: settings from flags and a Recorder started on them.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::config::Cli;
+    use clap::Parser as _;
+    use pipeline::metrics::BrokerMetrics;
+    use prometheus_client::registry::Registry;
+    use std::path::Path;
+
+    /// The settings of `metric --log-dir <dir> <extra>`.
+    pub(crate) fn config(dir: &Path, extra: &[&str]) -> Config {
+        let mut args = vec!["metric", "--log-dir", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Cli::try_parse_from(args).unwrap().config
+    }
+
+    /// A Recorder started (recovered) on `config`'s LOG_DIR, with metrics of its own.
+    pub(crate) fn recover(config: &Config) -> Recorder {
+        recover_with_metrics(config).0
+    }
+
+    /// The same, and the registry of its metrics.
+    pub(crate) fn recover_with_metrics(config: &Config) -> (Recorder, Registry) {
+        let mut registry = Registry::default();
+        let join_metrics = JoinMetrics::register(&mut registry);
+        let broker = BrokerMetrics::register(&mut registry);
+        let quality = Quality::register(&mut registry, config.quality_window, 20, 1.25);
+        let recorder = Recorder::start(
+            config,
+            quality,
+            join_metrics,
+            Plotter::new(config),
+            Health::new(),
+            [broker.queue("y_true"), broker.queue("y_pred")],
+        )
+        .unwrap();
+        (recorder, registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{config, recover_with_metrics};
+    use super::*;
+
+    fn delivery(body: &str) -> Delivery {
+        Delivery::mock(1, "".into(), "".into(), false, body.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn the_receive_delay_is_recorded_for_messages_that_carry_a_send_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut recorder, registry) = recover_with_metrics(&config(dir.path(), &[]));
+        let sent = now_us() - 250_000;
+        let with = format!(r#"{{"id":"a","y_true":1.0,"sent_at_us":{sent}}}"#);
+        recorder.record(LabelKind::YTrue, &delivery(&with)).unwrap();
+        recorder
+            .record(LabelKind::YPred, &delivery(r#"{"id":"a","y_pred":2.0}"#))
+            .unwrap();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let line = |name: &str, queue: &str| {
+            let prefix = format!("pipeline_receive_delay_seconds_{name}{{queue=\"{queue}\"}} ");
+            let line = text.lines().find(|l| l.starts_with(&prefix));
+            line.and_then(|l| l[prefix.len()..].parse::<f64>().ok())
+        };
+        assert_eq!(line("count", "y_true"), Some(1.0), "{text}");
+        let delay = line("sum", "y_true").unwrap();
+        assert!((0.25..5.0).contains(&delay), "{delay}");
+        // Without sent_at_us: nothing to measure.
+        assert_eq!(line("count", "y_pred"), Some(0.0), "{text}");
+    }
+}

@@ -1,0 +1,201 @@
+//! Start-up recovery: rebuilds the join and the figures from the checkpoint and the end of the log
+//! files (or from the whole files when there is no usable checkpoint). It reads and repairs files
+//! and returns what it rebuilt as a [`Recovered`]; the [`Recorder`](crate::handler::Recorder)
+//! takes it from there (metrics, checkpoint, log line).
+
+use crate::checkpoint;
+use crate::config::Config;
+use crate::dashboard::Dashboard;
+use crate::files::{self, LogFiles, Rotation};
+use crate::join::{JoinLimits, Joiner, Offer, fingerprint};
+use crate::plotter::Plotter;
+use crate::quality::Quality;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// What start-up read, for its log line.
+#[derive(Default)]
+pub(crate) struct RecoveryStats {
+    /// Rows read from the CSV (and bad ones skipped).
+    pub(crate) csv: files::CsvRead,
+    /// Lines of labels_log.txt replayed.
+    pub(crate) label_lines: u64,
+    /// Rows a crash had kept from the CSV, written now.
+    pub(crate) rows_recovered: u64,
+    /// Ids dropped from the join while replaying (beyond JOIN_CAPACITY).
+    pub(crate) evicted: u64,
+    /// Whether it started from the checkpoint (else from the whole files).
+    pub(crate) from_checkpoint: bool,
+}
+
+/// What recovery rebuilt: the open, repaired log files (flushed), the join with the ids that wait
+/// and the de-duplication window, and the dashboard with the recent pairs.
+pub(crate) struct Recovered {
+    pub(crate) files: LogFiles,
+    pub(crate) joiner: Joiner,
+    pub(crate) dashboard: Dashboard,
+    pub(crate) stats: RecoveryStats,
+}
+
+/// Opens the files in `LOG_DIR` and rebuilds the state from the checkpoint and the end of the
+/// files (or from the whole files when there is no usable checkpoint): cuts half lines,
+/// remembers the last `DEDUP_CAPACITY` ids of the CSV, and replays logged values written after
+/// the checkpoint. The rows it reads go into `quality` and `plotter` as well.
+pub(crate) fn recover(
+    config: &Config,
+    quality: &mut Quality,
+    plotter: &mut Plotter,
+) -> anyhow::Result<Recovered> {
+    let dir = &config.log_dir;
+    // A foreign CSV goes before anything reads it: its ids are not ours.
+    files::move_foreign_csv_aside(dir)?;
+    for name in [files::LABELS_LOG, files::METRIC_CSV] {
+        let cut = files::repair_tail(&dir.join(name))?;
+        if cut > 0 {
+            tracing::warn!(
+                file = name,
+                bytes = cut,
+                "cut a half line left by a crash; its messages were never acked and come again"
+            );
+        }
+    }
+    let mut joiner = Joiner::new(JoinLimits {
+        capacity: config.join_capacity,
+        max_age: Duration::from_secs(config.join_max_age_secs),
+        dedup_capacity: config.dedup_capacity,
+    });
+    let labels_chain = files::chain(&dir.join(files::LABELS_LOG));
+    let csv_chain = files::chain(&dir.join(files::METRIC_CSV));
+    let whole = |chain: &[PathBuf]| -> Vec<files::Segment> {
+        chain.iter().map(|path| (path.clone(), 0)).collect()
+    };
+    let saved = match checkpoint::load(dir) {
+        Ok(saved) => saved,
+        Err(err) => {
+            tracing::warn!(error = %format!("{err:#}"), "checkpoint unusable; reading the log files whole");
+            None
+        }
+    };
+    let resume = match saved {
+        Some(saved) => match (
+            files::segments_after(&labels_chain, &saved.labels)?,
+            files::segments_after(&csv_chain, &saved.csv)?,
+        ) {
+            (Some(labels), Some(csv)) => Some((saved, labels, csv)),
+            _ => {
+                tracing::warn!(
+                    "the checkpoint does not match the log files (moved or deleted?); reading them whole"
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let now = Instant::now();
+    let mut stats = RecoveryStats::default();
+    let mut dashboard = Dashboard::new(config.quality_window, config.quality_alert_ratio);
+    // Ids of the rows written after the checkpoint (all rows without one): their log lines
+    // are not joined again, however many there are. Sorted 64-bit hashes, 8 bytes each (a
+    // million rows: 8 MB, once): a collision could only make a line whose row is missing wait
+    // no more, about once in 10^13 starts on a million-row history.
+    let mut written: Vec<u64> = Vec::new();
+    let short = |id: &str| fingerprint(id) as u64;
+    let from_checkpoint = resume.is_some();
+    let label_segments = match resume {
+        Some((saved, label_segments, csv_segments)) => {
+            quality.restore(&saved.totals);
+            joiner.restore_waiting(saved.waiting);
+            // While replaying, remember the rows after the checkpoint too: a line logged
+            // then was checked against the last DEDUP_CAPACITY rows of its time, which are
+            // all among the last DEDUP_CAPACITY + (rows since) rows now.
+            let since = usize::try_from(files::count_lines(&csv_segments)?).unwrap_or(0);
+            let replay_dedup = config.dedup_capacity.saturating_add(since);
+            joiner.set_dedup_capacity(replay_dedup);
+            // The last rows: the de-duplication window, the quality window and the picture.
+            let recent =
+                replay_dedup
+                    .max(config.quality_window)
+                    .max(if plotter.interval.is_some() {
+                        config.plot_max_pairs
+                    } else {
+                        0
+                    });
+            let tail = files::tail_segments(&csv_chain, recent, true)?;
+            stats.csv += files::read_csv_segments(&tail, |pair| {
+                joiner.mark_row_joined(&pair);
+                quality.add_to_window(&pair);
+                plotter.observe(pair.absolute_error());
+                dashboard.observe(pair.y_true, pair.y_pred);
+            })?;
+            // Rows after the checkpoint: into the totals.
+            files::read_csv_segments(&csv_segments, |pair| {
+                joiner.mark_row_joined(&pair);
+                quality.add_to_totals(&pair);
+                written.push(short(&pair.id));
+            })?;
+            label_segments
+        }
+        None => {
+            // Once, for files without a checkpoint: room for every id, no doubling on the way.
+            let rows = files::count_lines(&whole(&csv_chain))?;
+            written.reserve_exact(usize::try_from(rows).unwrap_or(0));
+            stats.csv = files::read_csv_segments(&whole(&csv_chain), |pair| {
+                joiner.mark_row_joined(&pair);
+                quality.observe(&pair);
+                plotter.observe(pair.absolute_error());
+                dashboard.observe(pair.y_true, pair.y_pred);
+                written.push(short(&pair.id));
+            })?;
+            whole(&labels_chain)
+        }
+    };
+    written.sort_unstable();
+    written.dedup();
+    let mut files = LogFiles::open(
+        dir,
+        Rotation {
+            max_bytes: config.log_max_bytes,
+            keep: config.log_keep_files as usize,
+        },
+    )?;
+    stats.label_lines = files::read_label_segments(&label_segments, |line| {
+        let Some(id) = line.id.as_deref() else { return };
+        if written.binary_search(&short(id)).is_ok() {
+            return;
+        }
+        // A pair whose row a crash kept from the CSV is written now.
+        if let Ok(Offer::Paired(pair)) = joiner.offer(
+            line.kind,
+            id,
+            line.value,
+            line.model_version.as_deref(),
+            None,
+            now,
+        ) {
+            files.push_row(&pair);
+            quality.observe(&pair);
+            plotter.observe(pair.absolute_error());
+            dashboard.observe(pair.y_true, pair.y_pred);
+            stats.rows_recovered += 1;
+        }
+        // Keep the waiting ids within JOIN_CAPACITY while replaying.
+        if joiner.waiting() > config.join_capacity.saturating_mul(2).max(1024) {
+            stats.evicted += joiner.evict().len() as u64;
+        }
+    })?;
+    drop(written);
+    joiner.set_dedup_capacity(config.dedup_capacity);
+    stats.evicted += joiner.evict().len() as u64;
+    files.flush()?;
+    quality.update_window();
+    stats.from_checkpoint = from_checkpoint;
+    Ok(Recovered {
+        files,
+        joiner,
+        dashboard,
+        stats,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,110 @@
+//! The model service's command line and settings (`Cli`, `Command`, `Config`) and their parsers.
+
+use clap::{Args, Parser, Subcommand};
+use pipeline::config::{
+    BrokerConfig, ConsumeConfig, QueueNames, TelemetryConfig, parse_socket_addr,
+};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Command line of the `model` binary.
+#[derive(Parser, Debug)]
+#[command(
+    name = "model",
+    version,
+    about = "Predicts y_pred for every features message"
+)]
+pub struct Cli {
+    /// Settings of the service.
+    #[command(flatten)]
+    pub config: Config,
+    /// What to do instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Other things the binary does.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Probe this service's /healthz at HTTP_ADDR; exit 0 when healthy (for container healthchecks).
+    Healthcheck,
+    /// Fit on a CSV and write a model artifact (JSON) for MODEL_PATH.
+    Train {
+        /// Training CSV (numeric columns, one header row).
+        #[arg(long)]
+        data: PathBuf,
+        /// Artifact file to write (atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Version carried on predictions; derived from the coefficients when not given.
+        #[arg(long)]
+        version: Option<String>,
+        /// Target column; the last column when not given.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Put an earlier version back: copies <folder of MODEL_PATH>/<VERSION>.json over MODEL_PATH
+    /// (atomically); the running model services swap to it within MODEL_POLL_MS.
+    Rollback {
+        /// Version to serve again (the trainer writes each promoted version as <VERSION>.json).
+        #[arg(long = "to")]
+        to: String,
+    },
+}
+
+/// Settings of the model service.
+#[derive(Args, Debug, Clone)]
+pub struct Config {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub broker: BrokerConfig,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub queues: QueueNames,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub consume: ConsumeConfig,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub telemetry: TelemetryConfig,
+
+    /// CSV the model is fitted on at start-up (when MODEL_PATH is not set).
+    #[arg(long, env = "DATA_PATH", default_value = "data/diabetes.csv")]
+    pub data_path: PathBuf,
+
+    /// Model artifact to serve (written by `model train` or the trainer); watched and swapped in
+    /// when it changes. While the file does not exist yet, the model is fitted on DATA_PATH and the
+    /// file is loaded as soon as it appears.
+    #[arg(long, env = "MODEL_PATH")]
+    pub model_path: Option<PathBuf>,
+
+    /// How often the artifact at MODEL_PATH is checked for changes, in milliseconds.
+    #[arg(long, env = "MODEL_POLL_MS", default_value_t = 1000)]
+    pub model_poll_ms: u64,
+
+    /// Target column of the CSV; the last column when not set.
+    #[arg(long, env = "TARGET_COLUMN")]
+    pub target_column: Option<String>,
+
+    /// Address of the /healthz and /metrics endpoint.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9102", value_parser = parse_socket_addr)]
+    pub http_addr: SocketAddr,
+
+    /// Feature vectors in the sliding window compared with the training data for drift (PSI);
+    /// 0 turns drift figures off.
+    #[arg(long, env = "DRIFT_WINDOW", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub drift_window: u32,
+
+    /// A feature whose PSI goes above this is reported as drifting (a WARN line), and again when
+    /// it comes back.
+    #[arg(long, env = "DRIFT_PSI_ALERT", default_value_t = 0.25, value_parser = parse_psi_alert)]
+    pub drift_psi_alert: f64,
+}
+
+/// A PSI threshold: a finite number above 0.
+fn parse_psi_alert(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if value.is_finite() && value > 0.0 => Ok(value),
+        _ => Err(format!("{text:?} is not a number above 0")),
+    }
+}

@@ -1,0 +1,81 @@
+//! The model service's `MessageHandler`: predicts each features message, publishes y_pred, and
+//! acks the input once the broker confirms the prediction.
+
+use crate::drift_monitor;
+use crate::regression::LinearModel;
+use anyhow::Context as _;
+use lapin::message::Delivery;
+use pipeline::broker::{Disposition, MessageHandler, Publisher};
+use pipeline::messages::{BodyFormat, now_us, parse_features, write_y_pred};
+use pipeline::metrics::QueueCounters;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// Predicts each features message and publishes the prediction.
+pub(crate) struct Predictor {
+    pub(crate) model: watch::Receiver<Arc<LinearModel>>,
+    /// The features queue's counters: `pipeline_receive_delay_seconds` (send -> model) is
+    /// recorded here.
+    pub(crate) features_counters: QueueCounters,
+    pub(crate) y_pred_queue: String,
+    /// Bare under `TOPOLOGY=course`; native otherwise, except in answer to a bare message.
+    pub(crate) format: BodyFormat,
+    pub(crate) body: Vec<u8>,
+    /// Where served features go for the drift figures (`None` with `DRIFT_WINDOW=0`).
+    pub(crate) drift: Option<drift_monitor::DriftMonitor>,
+}
+
+impl MessageHandler for Predictor {
+    async fn handle(
+        &mut self,
+        _input: usize,
+        delivery: &Delivery,
+        publisher: &Publisher,
+    ) -> anyhow::Result<Disposition> {
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str());
+        let message = match parse_features(&delivery.data, message_id) {
+            Ok(message) => message,
+            Err(err) => return Ok(Disposition::DeadLetter(err)),
+        };
+        if let Some(sent_at_us) = message.sent_at_us {
+            self.features_counters
+                .observe_receive_delay(sent_at_us, now_us());
+        }
+        let model = Arc::clone(&self.model.borrow());
+        let y_pred = match model.predict(&message.features) {
+            Ok(y_pred) => y_pred,
+            Err(err) => return Ok(Disposition::DeadLetter(err)),
+        };
+        if let Some(drift) = &self.drift {
+            drift.observe(&model, &message.features);
+        }
+        // Answer a bare course-style message in the same style.
+        let format = if message.bare {
+            BodyFormat::Bare
+        } else {
+            self.format
+        };
+        write_y_pred(
+            &mut self.body,
+            format,
+            message.id.as_deref(),
+            y_pred,
+            &model.version,
+            message.sent_at_us,
+        )?;
+        tracing::debug!(id = message.id.as_deref().unwrap_or("-"), y_pred, version = %model.version, "predicted");
+        let confirm = publisher
+            .publish_json(&self.y_pred_queue, &self.body, message.id.as_deref())
+            .await
+            .context("cannot publish y_pred")?;
+        Ok(Disposition::AckOnConfirm(confirm))
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,188 @@
+//! Start-up and shut-down of the model service: picks the model to serve, starts the artifact
+//! watcher, the drift reporter and HTTP, and consumes `features` until shutdown.
+
+use crate::config::Config;
+use crate::handler::Predictor;
+use crate::metrics::{VersionLabel, export_version};
+use crate::regression::LinearModel;
+use crate::{artifact, drift_monitor};
+use anyhow::Context as _;
+use pipeline::broker::consumer::ConsumerSpec;
+use pipeline::broker::{Broker, Topology, run_consumer};
+use pipeline::dataset::Dataset;
+use pipeline::health::Health;
+use pipeline::messages::BodyFormat;
+use pipeline::metrics::BrokerMetrics;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The model served at start-up.
+pub struct StartModel {
+    /// The model.
+    pub model: LinearModel,
+    /// Hash of the artifact file it was read from (`None` when fitted on `DATA_PATH`): the
+    /// baseline of the artifact watcher.
+    pub artifact_hash: Option<artifact::ContentHash>,
+}
+
+/// The model to serve at start-up: the artifact at `MODEL_PATH`, or a fit on `DATA_PATH` (also
+/// when `MODEL_PATH` names a file that does not exist yet: the watcher loads it once it appears).
+pub fn load_model(config: &Config) -> anyhow::Result<StartModel> {
+    if let Some(path) = config.model_path.as_ref().filter(|path| {
+        let exists = path.try_exists().unwrap_or(true);
+        if !exists {
+            tracing::info!(
+                "no model artifact at MODEL_PATH {} yet: fitting on DATA_PATH, and serving the artifact once it appears",
+                path.display()
+            );
+        }
+        exists
+    }) {
+        let (artifact, hash) = artifact::Artifact::load_with_hash(path)?;
+        tracing::info!(
+            version = %artifact.version,
+            features = artifact.feature_names.len(),
+            r2 = artifact.metrics.r2,
+            mae = artifact.metrics.mae,
+            trained_at = %artifact.trained_at,
+            training_data_sha256 = %artifact.training_data_sha256,
+            drift_reference = artifact.reference.is_some(),
+            "serving model artifact {}",
+            path.display()
+        );
+        if artifact.reference.is_none() {
+            tracing::info!(
+                "the artifact has no reference statistics (written by an older `model train`): no drift figures"
+            );
+        }
+        return Ok(StartModel {
+            model: artifact.model(),
+            artifact_hash: Some(hash),
+        });
+    }
+    let data = Dataset::from_csv(&config.data_path, config.target_column.as_deref())
+        .context("cannot load the training data (DATA_PATH)")?;
+    let model = LinearModel::fit(&data)?;
+    let fit = model.evaluate(&data)?;
+    tracing::info!(
+        version = %model.version,
+        features = model.n_features(),
+        rows = fit.rows,
+        r2 = fit.r2,
+        mae = fit.mae,
+        intercept = model.intercept,
+        coefficients = ?model.coefficients,
+        "fitted linear regression on {}",
+        config.data_path.display()
+    );
+    Ok(StartModel {
+        model,
+        artifact_hash: None,
+    })
+}
+
+/// Runs the model service until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let shutdown = pipeline::shutdown::token_from(shutdown);
+    let start = load_model(&config)?;
+    let (model_tx, model_rx) = watch::channel(Arc::new(start.model));
+
+    let mut registry = Registry::default();
+    let metrics = BrokerMetrics::register(&mut registry);
+    let reloads = Family::<artifact::ReloadLabel, Counter>::default();
+    registry.register(
+        "pipeline_model_reloads",
+        "Model artifacts seen at MODEL_PATH, by result (loaded, refused)",
+        reloads.clone(),
+    );
+    let served = Family::<VersionLabel, Gauge>::default();
+    registry.register(
+        "pipeline_model_served",
+        "1 for the model version this replica serves now",
+        served.clone(),
+    );
+    let version_gauge = tokio::spawn(export_version(model_rx.clone(), served));
+    let watcher = config.model_path.clone().map(|path| {
+        tokio::spawn(artifact::watch_artifact(
+            path,
+            start.artifact_hash,
+            Duration::from_millis(config.model_poll_ms.max(10)),
+            model_tx,
+            reloads,
+            shutdown.clone(),
+        ))
+    });
+    let health = Health::new();
+    pipeline::broker::topology::announce(
+        &config.broker,
+        &[&config.queues.features_queue, &config.queues.y_pred_queue],
+        &health,
+    );
+    let drift_gauges = drift_monitor::DriftGauges::default();
+    registry.register(
+        "pipeline_feature_drift_psi",
+        "Population stability index of each feature over the last DRIFT_WINDOW vectors against the model's training data",
+        drift_gauges.clone(),
+    );
+    let drift = (config.drift_window > 0).then(|| {
+        let monitor = drift_monitor::DriftMonitor::new(config.drift_window as usize);
+        let reporter = tokio::spawn(drift_monitor::report_drift(
+            monitor.clone(),
+            config.drift_psi_alert,
+            drift_gauges,
+            health.clone(),
+            shutdown.clone(),
+        ));
+        (monitor, reporter)
+    });
+    let http = pipeline::http::spawn(
+        config.http_addr,
+        Arc::new(registry),
+        health.clone(),
+        shutdown.clone().cancelled_owned(),
+    )
+    .await?;
+
+    let mut broker = Broker::new(config.broker.clone(), "model", metrics, health);
+    let queues = &config.queues;
+    let spec = ConsumerSpec {
+        inputs: &[queues.features_queue.as_str()],
+        // The producer's fanout exchange of `features`, bound here too, so either may start first.
+        topology: Topology::new(
+            &config.broker,
+            &[queues.features_queue.as_str(), queues.y_pred_queue.as_str()],
+        )
+        .with_fanout(&queues.features_queue),
+        consume: config.consume.clone(),
+        exclusive: false,
+        service: "model",
+    };
+    let mut predictor = Predictor {
+        model: model_rx,
+        // Looked up once: the hot path does no label hashing.
+        features_counters: broker.metrics.queue(&queues.features_queue),
+        y_pred_queue: queues.y_pred_queue.clone(),
+        format: BodyFormat::of(config.broker.topology),
+        body: Vec::with_capacity(256),
+        drift: drift.as_ref().map(|(monitor, _)| monitor.clone()),
+    };
+    let result = run_consumer(&mut broker, &spec, &mut predictor, &shutdown).await;
+    shutdown.cancel();
+    let _ = http.await;
+    if let Some(watcher) = watcher {
+        let _ = watcher.await;
+    }
+    version_gauge.abort();
+    if let Some((_, reporter)) = drift {
+        let _ = reporter.await;
+    }
+    result
+}

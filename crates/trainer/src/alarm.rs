@@ -1,0 +1,185 @@
+//! The alarm watcher: polls the metric service's `GET /api/quality` and asks for a retrain when
+//! the served version's quality alarm rises.
+
+use crate::policy::{AlarmEdge, QualityReport, Trigger};
+use crate::retrain::Promoter;
+use crate::state::Request;
+use anyhow::Context as _;
+use pipeline::CancellationToken;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Longest wait for one answer of the metric service (connect and read).
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The metric service's quality endpoint, read over HTTP.
+#[derive(Clone, Debug)]
+pub(crate) struct QualitySource {
+    client: reqwest::Client,
+    url: String,
+}
+
+impl QualitySource {
+    /// The endpoint of the metric service at `authority` (`host:port`, from `METRIC_URL`).
+    pub(crate) fn new(authority: &str) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(READ_TIMEOUT)
+            .connect_timeout(READ_TIMEOUT)
+            // The metric service is a neighbour: an HTTP_PROXY meant for the outside must not
+            // reroute it.
+            .no_proxy()
+            .build()
+            .context("cannot build the HTTP client for METRIC_URL")?;
+        Ok(Self {
+            client,
+            url: format!("http://{authority}/api/quality"),
+        })
+    }
+
+    /// One reading: `version -> alarm on`.
+    pub(crate) async fn read(&self) -> anyhow::Result<HashMap<String, bool>> {
+        let response = self
+            .client
+            .get(&self.url)
+            .send()
+            .await
+            .with_context(|| format!("GET {}", self.url))?
+            .error_for_status()
+            .with_context(|| format!("GET {}", self.url))?;
+        let report: QualityReport = response
+            .json()
+            .await
+            .with_context(|| format!("GET {}: not a quality report", self.url))?;
+        Ok(report.alarms())
+    }
+
+    /// The URL read.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+/// Reads the metric service's quality report every `interval` and asks for a retrain when the
+/// served version's quality alarm rises. An unreachable metric service (or an answer that is not
+/// a report) is logged once per outage and tried again.
+pub(crate) async fn watch_alarm(
+    source: QualitySource,
+    interval: Duration,
+    promoter: Promoter,
+    requests: mpsc::Sender<Request>,
+    shutdown: CancellationToken,
+) {
+    let mut edge = AlarmEdge::default();
+    let mut reachable = true;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let answer = tokio::select! {
+            answer = source.read() => answer,
+            _ = shutdown.cancelled() => return,
+        };
+        let reading = match answer {
+            Ok(reading) => {
+                if !reachable {
+                    tracing::info!(
+                        metric_url = source.url(),
+                        "the metric service answers again"
+                    );
+                }
+                reachable = true;
+                reading
+            }
+            Err(err) => {
+                if reachable {
+                    tracing::warn!(metric_url = source.url(), error = %format!("{err:#}"), "cannot read the metric service's quality alarm; trying again");
+                }
+                reachable = false;
+                continue;
+            }
+        };
+        let served = match promoter.serving() {
+            Ok(artifact) => artifact.version,
+            Err(_) => continue,
+        };
+        if edge.observe(reading, &served) {
+            tracing::warn!(version = %served, "the metric service's quality alarm rose for the served version: retraining");
+            let _ = requests.try_send(Request {
+                trigger: Trigger::Alarm,
+                reply: None,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+
+    /// Serves `route` on a free local port; returns its `host:port`.
+    async fn serve(route: Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, route).await });
+        addr.to_string()
+    }
+
+    #[tokio::test]
+    async fn the_report_is_read_over_http() {
+        let body = r#"{"versions":[{"model_version":"ols-1bbf9343466e","alarm":true,"pairs":1234,"windowed_mae":45.1,"baseline_mae":42.9,"threshold":53.6}]}"#;
+        let authority = serve(Router::new().route(
+            "/api/quality",
+            get(move || async move { ([("content-type", "application/json")], body) }),
+        ))
+        .await;
+        let reading = QualitySource::new(&authority)
+            .unwrap()
+            .read()
+            .await
+            .unwrap();
+        assert_eq!(
+            reading,
+            HashMap::from([("ols-1bbf9343466e".to_owned(), true)])
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_status_or_another_body_is_an_error() {
+        let unavailable = serve(Router::new().route(
+            "/api/quality",
+            get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "starting") }),
+        ))
+        .await;
+        let err = QualitySource::new(&unavailable)
+            .unwrap()
+            .read()
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("503"), "{err:#}");
+        // An older metric service: no such route.
+        let older = serve(Router::new().route("/metrics", get(|| async { "" }))).await;
+        assert!(QualitySource::new(&older).unwrap().read().await.is_err());
+        let not_json =
+            serve(Router::new().route("/api/quality", get(|| async { "{\"versions\":" }))).await;
+        let err = QualitySource::new(&not_json)
+            .unwrap()
+            .read()
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not a quality report"),
+            "{err:#}"
+        );
+        // Nothing listens: an error, not a hang.
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().to_string()
+        };
+        assert!(QualitySource::new(&closed).unwrap().read().await.is_err());
+    }
+}

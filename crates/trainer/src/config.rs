@@ -1,0 +1,162 @@
+//! The trainer's command line and settings (`Cli`, `Command`, `Config`) and their parsers.
+
+use clap::{Args, Parser, Subcommand};
+use pipeline::config::{
+    BrokerConfig, ConsumeConfig, QueueNames, TelemetryConfig, parse_socket_addr,
+};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Command line of the `trainer` binary.
+#[derive(Parser, Debug)]
+#[command(
+    name = "trainer",
+    version,
+    about = "Keeps a window of labelled samples and retrains and promotes the model"
+)]
+pub struct Cli {
+    /// Settings of the service.
+    #[command(flatten)]
+    pub config: Config,
+    /// What to do instead of training.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Other things the binary does.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Probe this service's /healthz at HTTP_ADDR; exit 0 when healthy (for container healthchecks).
+    Healthcheck,
+}
+
+/// Settings of the trainer.
+#[derive(Args, Debug, Clone)]
+pub struct Config {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub broker: BrokerConfig,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub queues: QueueNames,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub consume: ConsumeConfig,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub telemetry: TelemetryConfig,
+
+    /// The served model artifact, watched by the model services: a promoted candidate replaces it,
+    /// and each promoted version is kept beside it as <VERSION>.json.
+    #[arg(long, env = "MODEL_PATH", default_value = "models/model.json")]
+    pub model_path: PathBuf,
+
+    /// CSV the model services fit on while MODEL_PATH does not exist: the served model the first
+    /// candidate is compared with, and the feature names.
+    #[arg(long, env = "DATA_PATH", default_value = "data/diabetes.csv")]
+    pub data_path: PathBuf,
+
+    /// Target column of DATA_PATH; the last column when not set.
+    #[arg(long, env = "TARGET_COLUMN")]
+    pub target_column: Option<String>,
+
+    /// Folder of the training window (window.jsonl), kept across restarts.
+    #[arg(long, env = "TRAIN_DIR", default_value = "models/train")]
+    pub train_dir: PathBuf,
+
+    /// Labelled samples kept: the newest TRAIN_WINDOW.
+    #[arg(long, env = "TRAIN_WINDOW", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(30..=1_000_000))]
+    pub train_window: u64,
+
+    /// Newest fraction of the window the candidate and the served model are scored on (the
+    /// candidate is fitted on the rest).
+    #[arg(long, env = "TRAIN_HOLDOUT", default_value_t = 0.2, value_parser = parse_fraction)]
+    pub train_holdout: f64,
+
+    /// Retrain after this many new labelled samples; 0: only on POST /retrain or the alarm.
+    #[arg(long, env = "RETRAIN_EVERY", default_value_t = 1000)]
+    pub retrain_every: u64,
+
+    /// Relative MAE gain a candidate needs over the served model on the holdout to be promoted
+    /// (0.05: its MAE at most 95 % of the served model's).
+    #[arg(long, env = "PROMOTE_MIN_GAIN", default_value_t = 0.05, value_parser = parse_gain)]
+    pub promote_min_gain: f64,
+
+    /// The metric service's HTTP address (e.g. http://metric:9103): when its quality alarm rises
+    /// for the served version, retrain. Empty: no alarm trigger.
+    #[arg(long, env = "METRIC_URL", default_value = "")]
+    pub metric_url: String,
+
+    /// How often METRIC_URL's /api/quality is read, in milliseconds.
+    #[arg(long, env = "METRIC_POLL_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub metric_poll_ms: u64,
+
+    /// Messages each of the trainer's queues (<queue>.train) holds at most; beyond, the broker
+    /// drops the oldest, so a stopped trainer never fills the broker. Changing it needs the two
+    /// queues deleted (the broker refuses other arguments for an existing queue).
+    #[arg(long, env = "TRAIN_QUEUE_MAX_LENGTH", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub train_queue_max_length: u32,
+
+    /// Address of the /healthz, /metrics and POST /retrain endpoint.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9104", value_parser = parse_socket_addr)]
+    pub http_addr: SocketAddr,
+}
+
+/// A fraction strictly between 0 and 1.
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if value > 0.0 && value < 1.0 => Ok(value),
+        _ => Err(format!("{text:?} is not a number between 0 and 1")),
+    }
+}
+
+/// A gain in [0, 1).
+fn parse_gain(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if (0.0..1.0).contains(&value) => Ok(value),
+        _ => Err(format!("{text:?} is not a number from 0 to below 1")),
+    }
+}
+
+/// `host:port` of a `METRIC_URL` (`http://host:port[/...]` or `host:port`); `None` when empty.
+pub fn metric_authority(url: &str) -> Option<String> {
+    let url = url.trim();
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or_default();
+    (!authority.is_empty()).then(|| authority.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_urls_name_host_and_port() {
+        assert_eq!(
+            metric_authority("http://metric:9103").as_deref(),
+            Some("metric:9103")
+        );
+        assert_eq!(
+            metric_authority("http://127.0.0.1:9103/metrics").as_deref(),
+            Some("127.0.0.1:9103")
+        );
+        assert_eq!(
+            metric_authority("localhost:9103").as_deref(),
+            Some("localhost:9103")
+        );
+        assert_eq!(metric_authority(""), None);
+        assert_eq!(metric_authority("  "), None);
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        assert!(parse_fraction("0.2").is_ok());
+        assert!(parse_fraction("0").is_err() && parse_fraction("1").is_err());
+        assert!(parse_gain("0").is_ok() && parse_gain("0.05").is_ok());
+        assert!(parse_gain("-0.1").is_err() && parse_gain("1").is_err());
+        let cli = Cli::try_parse_from(["trainer"]).unwrap();
+        assert_eq!(cli.config.http_addr.port(), 9104);
+        assert_eq!(cli.config.model_path, PathBuf::from("models/model.json"));
+        assert_eq!(cli.config.train_window, 2000);
+    }
+}

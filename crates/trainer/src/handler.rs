@@ -1,0 +1,96 @@
+//! The trainer's `MessageHandler`: joins each features or y_true delivery into the window and
+//! acks it once its line is synced (`flush`).
+
+use crate::metrics::StreamLabel;
+use crate::policy::Trigger;
+use crate::state::Request;
+use crate::state::{Shared, lock};
+use crate::store::{Added, Store};
+use lapin::message::Delivery;
+use pipeline::broker::{Disposition, MessageHandler, Publisher};
+use pipeline::messages::{LabelKind, parse_features, parse_label};
+
+/// Adds each delivery to the window; acks once its line is synced.
+pub(crate) struct Handler {
+    /// The window on disk: this handler's alone (see [`Shared::window`]).
+    pub(crate) store: Store,
+    pub(crate) shared: Shared,
+    /// The store's count of halves dropped unpaired, as far as the counter has it.
+    pub(crate) unpaired_reported: u64,
+}
+
+impl MessageHandler for Handler {
+    async fn handle(
+        &mut self,
+        input: usize,
+        delivery: &Delivery,
+        _publisher: &Publisher,
+    ) -> anyhow::Result<Disposition> {
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str());
+        let stream = if input == 0 { "features" } else { "y_true" };
+        let parsed = if input == 0 {
+            parse_features(&delivery.data, message_id).map(|m| (m.id, Some(m.features), None))
+        } else {
+            parse_label(LabelKind::YTrue, &delivery.data, message_id)
+                .map(|m| (m.id, None, Some(m.value)))
+        };
+        let (id, features, target) = match parsed {
+            Ok(parsed) => parsed,
+            Err(err) => return Ok(Disposition::DeadLetter(err)),
+        };
+        let metrics = &self.shared.metrics;
+        metrics
+            .received
+            .get_or_create(&StreamLabel { stream })
+            .inc();
+        // A bare message without message_id cannot be joined: nothing to keep.
+        let Some(id) = id else {
+            metrics.unpaired.inc();
+            return Ok(Disposition::Ack);
+        };
+        let store = &mut self.store;
+        let added = store.add(&id, features, target);
+        lock(&self.shared.window).follow(added, store);
+        let (len, waiting, unpaired) = (store.len(), store.waiting(), store.dropped_unpaired());
+        metrics.window.set(len as i64);
+        metrics.waiting.set(waiting as i64);
+        metrics
+            .unpaired
+            .inc_by(unpaired.saturating_sub(self.unpaired_reported));
+        self.unpaired_reported = unpaired;
+        match added {
+            Added::Joined => {
+                metrics.joined.inc();
+                if lock(&self.shared.schedule).labelled(1) {
+                    // A full queue already holds a retrain: it will see these samples too.
+                    let _ = self.shared.requests.try_send(Request {
+                        trigger: Trigger::Labels,
+                        reply: None,
+                    });
+                }
+            }
+            Added::Duplicate => {
+                metrics.duplicates.inc();
+            }
+            Added::Waiting => {}
+        }
+        Ok(Disposition::Ack)
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        // No lock held: the retrainer reads its own copy of the window meanwhile.
+        let store = &mut self.store;
+        store.flush()?;
+        if store.needs_compaction()
+            && let Err(err) = store.compact()
+        {
+            // Everything is already synced in the journal; compaction is tried again later.
+            tracing::warn!(error = %format!("{err:#}"), "cannot compact the training window");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,114 @@
+//! The retrainer task: runs retrain requests one at a time, in the order asked, and reports each
+//! outcome in the log and the metrics.
+
+use crate::metrics::{Metrics, ModelLabel, RetrainLabels};
+use crate::policy;
+use crate::retrain::{Outcome, Promoter};
+use crate::state::Request;
+use crate::state::{Shared, lock};
+use crate::store;
+use tokio::sync::mpsc;
+
+/// Runs retrains one at a time, in the order asked.
+pub(crate) async fn retrainer(
+    promoter: Promoter,
+    shared: Shared,
+    mut requests: mpsc::Receiver<Request>,
+) {
+    // The receiver ends once every sender is dropped; the state's own sender must not keep it.
+    let Shared {
+        window,
+        schedule,
+        metrics,
+        requests: own_sender,
+    } = shared;
+    drop(own_sender);
+    while let Some(request) = requests.recv().await {
+        let samples: Vec<store::Sample> = lock(&window).snapshot();
+        lock(&schedule).retrained();
+        let trigger = request.trigger;
+        let promoter = promoter.clone();
+        let result = tokio::task::spawn_blocking(move || promoter.retrain(trigger, &samples))
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|result| result);
+        let reply = match result {
+            Ok(outcome) => {
+                report(&outcome, &metrics);
+                Ok(outcome)
+            }
+            Err(err) => {
+                let text = format!("{err:#}");
+                tracing::error!(trigger = trigger.as_str(), error = %text, "retrain failed");
+                metrics
+                    .retrains
+                    .get_or_create(&RetrainLabels {
+                        trigger: trigger.as_str(),
+                        result: "failed",
+                    })
+                    .inc();
+                Err(text)
+            }
+        };
+        if let Some(tx) = request.reply {
+            let _ = tx.send(reply);
+        }
+    }
+}
+
+/// The log line and metrics of one retrain.
+pub(crate) fn report(outcome: &Outcome, metrics: &Metrics) {
+    metrics
+        .retrains
+        .get_or_create(&RetrainLabels {
+            trigger: outcome.trigger,
+            result: outcome.result,
+        })
+        .inc();
+    if let (Some(serving), Some(candidate)) = (outcome.serving_mae, outcome.candidate_mae) {
+        metrics
+            .holdout_mae
+            .get_or_create(&ModelLabel { model: "serving" })
+            .set(serving);
+        metrics
+            .holdout_mae
+            .get_or_create(&ModelLabel { model: "candidate" })
+            .set(candidate);
+    }
+    let candidate = outcome.candidate_version.as_deref().unwrap_or("-");
+    let gain = outcome
+        .serving_mae
+        .zip(outcome.candidate_mae)
+        .map(|(s, c)| policy::gain(s, c));
+    match outcome.result {
+        "promoted" => tracing::info!(
+            trigger = outcome.trigger,
+            from = %outcome.serving_version,
+            to = candidate,
+            serving_mae = outcome.serving_mae,
+            candidate_mae = outcome.candidate_mae,
+            gain,
+            train_rows = outcome.train_rows,
+            holdout_rows = outcome.holdout_rows,
+            "candidate promoted: {}",
+            outcome.detail
+        ),
+        "refused" => tracing::warn!(
+            trigger = outcome.trigger,
+            serving = %outcome.serving_version,
+            candidate,
+            serving_mae = outcome.serving_mae,
+            candidate_mae = outcome.candidate_mae,
+            gain,
+            train_rows = outcome.train_rows,
+            holdout_rows = outcome.holdout_rows,
+            "candidate refused: {}",
+            outcome.detail
+        ),
+        _ => tracing::info!(
+            trigger = outcome.trigger,
+            "retrain skipped: {}",
+            outcome.detail
+        ),
+    }
+}

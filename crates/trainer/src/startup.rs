@@ -1,0 +1,117 @@
+//! Start-up and shut-down of the trainer: opens the window, serves HTTP, starts the retrainer and
+//! the alarm watcher, and consumes the two training queues until shutdown.
+
+use crate::alarm::{QualitySource, watch_alarm};
+use crate::config::{Config, metric_authority};
+use crate::handler::Handler;
+use crate::http::{RETRAIN_REPLY_TIMEOUT, routes};
+use crate::metrics::Metrics;
+use crate::policy::RetrainSchedule;
+use crate::retrain::{Baseline, Promoter};
+use crate::retrainer::retrainer;
+use crate::state::{Shared, WindowCopy};
+use crate::store::Store;
+use anyhow::Context as _;
+use model::artifact::Artifact;
+use pipeline::broker::consumer::ConsumerSpec;
+use pipeline::broker::topology::training_queue;
+use pipeline::broker::{Broker, Topology, run_consumer};
+use pipeline::health::Health;
+use pipeline::metrics::BrokerMetrics;
+use prometheus_client::registry::Registry;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Runs the trainer until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let shutdown = pipeline::shutdown::token_from(shutdown);
+    let baseline = Artifact::train(&config.data_path, config.target_column.as_deref(), None)
+        .context("cannot fit the baseline on DATA_PATH")?;
+    let promoter = Promoter {
+        model_path: config.model_path.clone(),
+        holdout: config.train_holdout,
+        min_gain: config.promote_min_gain,
+        baseline: Baseline(baseline),
+    };
+    let serving = promoter.serving().context("cannot read MODEL_PATH")?;
+    let capacity = usize::try_from(config.train_window).unwrap_or(usize::MAX);
+    let store = Store::open(&config.train_dir, capacity, capacity.max(1000))?;
+    tracing::info!(
+        samples = store.len(),
+        waiting = store.waiting(),
+        serving = %serving.version,
+        "training window {} opened",
+        config.train_dir.display()
+    );
+
+    let mut registry = Registry::default();
+    let broker_metrics = BrokerMetrics::register(&mut registry);
+    let metrics = Metrics::register(&mut registry);
+    metrics.window.set(store.len() as i64);
+    metrics.waiting.set(store.waiting() as i64);
+    let (requests, requests_rx) = mpsc::channel(16);
+    let shared = Shared {
+        window: Arc::new(Mutex::new(WindowCopy::of(&store, capacity))),
+        schedule: Arc::new(Mutex::new(RetrainSchedule::new(config.retrain_every))),
+        requests,
+        metrics: metrics.clone(),
+    };
+    let health = Health::new();
+    let routes = routes(shared.requests.clone(), RETRAIN_REPLY_TIMEOUT);
+    let http = pipeline::http::spawn_with(
+        config.http_addr,
+        Arc::new(registry),
+        health.clone(),
+        routes,
+        shutdown.clone().cancelled_owned(),
+    )
+    .await?;
+    let retrainer = tokio::spawn(retrainer(promoter.clone(), shared.clone(), requests_rx));
+    let alarm = match metric_authority(&config.metric_url) {
+        Some(authority) => Some(QualitySource::new(&authority)?),
+        None => None,
+    }
+    .map(|source| {
+        tokio::spawn(watch_alarm(
+            source,
+            Duration::from_millis(config.metric_poll_ms),
+            promoter,
+            shared.requests.clone(),
+            shutdown.clone(),
+        ))
+    });
+
+    let features_copy = training_queue(&config.queues.features_queue);
+    let labels_copy = training_queue(&config.queues.y_true_queue);
+    let spec = ConsumerSpec {
+        inputs: &[features_copy.as_str(), labels_copy.as_str()],
+        topology: Topology::new(&config.broker, &[])
+            .with_training_queue(&config.queues.features_queue, config.train_queue_max_length)
+            .with_training_queue(&config.queues.y_true_queue, config.train_queue_max_length),
+        consume: config.consume.clone(),
+        // One trainer owns TRAIN_DIR.
+        exclusive: true,
+        service: "trainer",
+    };
+    let mut broker = Broker::new(config.broker.clone(), "trainer", broker_metrics, health);
+    let mut handler = Handler {
+        store,
+        shared: shared.clone(),
+        unpaired_reported: 0,
+    };
+    let result = run_consumer(&mut broker, &spec, &mut handler, &shutdown).await;
+    shutdown.cancel();
+    let _ = http.await;
+    // The retrainer ends when every sender is gone (the HTTP state and the alarm watcher).
+    drop(handler);
+    drop(shared);
+    if let Some(alarm) = alarm {
+        let _ = alarm.await;
+    }
+    let _ = retrainer.await;
+    result
+}
