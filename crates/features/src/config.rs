@@ -1,33 +1,21 @@
 //! The producer's command line and settings (`Cli`, `Command`, `Order`, `Config`).
 
 use crate::drift;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 use pipeline::config::{BrokerConfig, QueueNames, TelemetryConfig, parse_socket_addr};
+use pipeline::service::{Identity, ServiceCli, ServiceConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Command line of the `features` binary.
-#[derive(Parser, Debug)]
-#[command(
-    name = "features",
-    version,
-    about = "Streams data set rows to the features and y_true queues"
-)]
-pub struct Cli {
-    /// Settings of the service.
-    #[command(flatten)]
-    pub config: Config,
-    /// What to do instead of producing.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
+/// Name, version and description of the `features` binary (`--help`, `--version`).
+pub const IDENTITY: Identity = Identity {
+    name: "features",
+    version: env!("CARGO_PKG_VERSION"),
+    about: "Streams data set rows to the features and y_true queues",
+};
 
-/// Other things the binary does.
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Probe this service's /healthz at HTTP_ADDR; exit 0 when healthy (for container healthchecks).
-    Healthcheck,
-}
+/// Command line of the `features` binary: its settings, `healthcheck`.
+pub type Cli = ServiceCli<Config>;
 
 /// How rows are picked.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,4 +84,18 @@ pub struct Config {
     /// e.g. `bmi=0.05,s5=0.04`; not set: no drift.
     #[arg(long, env = "DRIFT_SHIFT", value_parser = drift::parse_shift_spec)]
     pub drift_shift: Option<drift::ShiftSpec>,
+}
+
+impl ServiceConfig for Config {
+    fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    fn telemetry(&self) -> &TelemetryConfig {
+        &self.telemetry
+    }
+
+    fn broker(&self) -> &BrokerConfig {
+        &self.broker
+    }
 }

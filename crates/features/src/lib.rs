@@ -17,7 +17,7 @@ mod producer;
 mod sampler;
 mod startup;
 
-pub use config::{Cli, Command, Config, Order};
+pub use config::{Cli, Config, IDENTITY, Order};
 pub use pacer::{MAX_CATCH_UP, Pacer};
 pub use sampler::Sampler;
 pub use startup::run;

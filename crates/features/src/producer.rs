@@ -367,15 +367,14 @@ impl Producer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Cli;
-    use clap::Parser as _;
+    use crate::config::{Cli, IDENTITY};
     use std::pin::Pin;
 
     /// A stand-in for a broker's confirm.
     type TestConfirm = Pin<Box<dyn Future<Output = lapin::Result<Confirmation>> + Send>>;
 
     fn producer(confirm_window: u64) -> Producer {
-        let mut config = Cli::try_parse_from(["features"]).unwrap().config;
+        let mut config = Cli::try_parse_for(&IDENTITY, ["features"]).unwrap().config;
         config.data_path = [
             env!("CARGO_MANIFEST_DIR"),
             "..",

@@ -5,13 +5,14 @@
 //! Start-up then reads the CSV rows and log lines after those positions only, plus the last
 //! `DEDUP_CAPACITY` rows for the de-duplication window: time and memory are bounded by the settings,
 //! not by the length of the history. An id dropped (evicted) before the checkpoint is not in it, so
-//! it does not come back. Written to a temporary file and renamed over the old one (`tempfile`'s
-//! `persist`), so a crash leaves the old checkpoint or the new one, never half of one.
+//! it does not come back. Written to a temporary file, synced and renamed over the old one
+//! ([`pipeline::fs`]), so a crash leaves the old checkpoint or the new one, never half of one.
 
 use crate::files::FilePos;
 use crate::join::WaitingEntry;
 use crate::quality::Totals;
 use anyhow::Context as _;
+use pipeline::fs::AtomicFile;
 use std::io::Write as _;
 use std::path::Path;
 
@@ -69,23 +70,19 @@ pub fn load(dir: &Path) -> anyhow::Result<Option<Checkpoint>> {
     Ok(Some(checkpoint))
 }
 
-/// Writes the checkpoint to `dir` atomically.
+/// Writes the checkpoint to `dir` atomically and durably ([`pipeline::fs::AtomicFile`]: synced,
+/// renamed, the folder synced).
 pub fn save(dir: &Path, checkpoint: &Checkpoint) -> anyhow::Result<()> {
     let path = dir.join(CHECKPOINT);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".metric.checkpoint.")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let mut tmp = AtomicFile::create(&path)?;
     {
-        let mut out = std::io::BufWriter::new(tmp.as_file_mut());
+        let mut out = std::io::BufWriter::new(tmp.file());
         serde_json::to_writer(&mut out, checkpoint).context("cannot encode the checkpoint")?;
         out.flush()
             .with_context(|| format!("cannot write the checkpoint in {}", dir.display()))?;
     }
     // On error the temporary file is deleted when `tmp` drops.
-    tmp.persist(&path)
-        .with_context(|| format!("cannot move the checkpoint to {}", path.display()))?;
+    tmp.commit()?;
     Ok(())
 }
 

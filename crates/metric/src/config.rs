@@ -1,35 +1,23 @@
 //! The metric service's settings: the command line (`Cli`, `Command`) and [`Config`], with the
 //! parsers of the values clap cannot check by itself.
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use pipeline::config::{
     BrokerConfig, ConsumeConfig, QueueNames, TelemetryConfig, parse_socket_addr,
 };
+use pipeline::service::{Identity, ServiceCli, ServiceConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Command line of the `metric` binary.
-#[derive(Parser, Debug)]
-#[command(
-    name = "metric",
-    version,
-    about = "Logs y_true and y_pred, joins them by id, records the error"
-)]
-pub struct Cli {
-    /// Settings of the service.
-    #[command(flatten)]
-    pub config: Config,
-    /// What to do instead of serving.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
+/// Name, version and description of the `metric` binary (`--help`, `--version`).
+pub const IDENTITY: Identity = Identity {
+    name: "metric",
+    version: env!("CARGO_PKG_VERSION"),
+    about: "Logs y_true and y_pred, joins them by id, records the error",
+};
 
-/// Other things the binary does.
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Probe this service's /healthz at HTTP_ADDR; exit 0 when healthy (for container healthchecks).
-    Healthcheck,
-}
+/// Command line of the `metric` binary: its settings, `healthcheck`.
+pub type Cli = ServiceCli<Config>;
 
 /// Settings of the metric service.
 #[derive(Args, Debug, Clone)]
@@ -119,6 +107,20 @@ pub struct Config {
     pub model_versions_kept: u64,
 }
 
+impl ServiceConfig for Config {
+    fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    fn telemetry(&self) -> &TelemetryConfig {
+        &self.telemetry
+    }
+
+    fn broker(&self) -> &BrokerConfig {
+        &self.broker
+    }
+}
+
 /// `QUALITY_ALERT_RATIO`: a finite number above 1 (at or below 1 the alarm would ring for noise).
 fn parse_alert_ratio(text: &str) -> Result<f64, String> {
     let ratio: f64 = text
@@ -146,13 +148,14 @@ mod tests {
     #[test]
     fn a_quality_alert_ratio_at_or_below_one_is_refused() {
         for bad in ["1", "0.5", "nan", "inf", "x"] {
-            let err = Cli::try_parse_from(["metric", "--quality-alert-ratio", bad]).unwrap_err();
+            let err = Cli::try_parse_for(&IDENTITY, ["metric", "--quality-alert-ratio", bad])
+                .unwrap_err();
             assert!(
                 err.to_string().contains("QUALITY_ALERT_RATIO") || err.to_string().contains(bad),
                 "{err}"
             );
         }
-        let config = Cli::try_parse_from(["metric"]).unwrap().config;
+        let config = Cli::try_parse_for(&IDENTITY, ["metric"]).unwrap().config;
         assert_eq!(config.quality_alert_ratio, 1.25);
     }
 }

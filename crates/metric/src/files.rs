@@ -699,8 +699,9 @@ impl LogFiles {
 
     /// Writes the queued lines, the message log first; rotates a file that reached its size.
     /// Returns whether one rotated. After `Ok`, the lines are in the files. After an error
-    /// (a [`LocalFault`] for a failed write), nothing partial is left and it can be called again.
-    pub fn flush(&mut self) -> anyhow::Result<bool> {
+    /// (a [`LocalFault`]: every failure here is one of the service's own files), nothing partial
+    /// is left and it can be called again.
+    pub fn flush(&mut self) -> Result<bool, LocalFault> {
         self.labels.flush()?;
         self.csv.flush()?;
         let mut rotated = false;

@@ -10,8 +10,8 @@ use crate::metrics::{JoinMetrics, ReasonLabel};
 use crate::plotter::Plotter;
 use crate::quality::Quality;
 use crate::recovery::{self, Recovered};
-use anyhow::Context as _;
 use lapin::message::Delivery;
+use pipeline::broker::HandlerError;
 use pipeline::broker::flow::{FlowChange, Hysteresis};
 use pipeline::broker::{Disposition, MessageHandler, Publisher};
 use pipeline::health::Health;
@@ -293,7 +293,7 @@ impl MessageHandler for Recorder {
         input: usize,
         delivery: &Delivery,
         _publisher: &Publisher,
-    ) -> anyhow::Result<Disposition> {
+    ) -> Result<Disposition, HandlerError> {
         let disposition = match self.record(KINDS[input], delivery) {
             Ok(()) => Disposition::Ack,
             Err(err) => {
@@ -310,17 +310,17 @@ impl MessageHandler for Recorder {
         !(KINDS[input] == LabelKind::YTrue && self.y_true_flow.is_held())
     }
 
-    async fn flush(&mut self) -> anyhow::Result<()> {
+    async fn flush(&mut self) -> Result<(), HandlerError> {
         self.metrics.waiting.set(self.joiner.waiting() as i64);
-        // A write error is a LocalFault (in the chain): the loop pauses and calls again.
-        let rotated = self.files.flush().context("cannot write the log files")?;
+        // A write error is a LocalFault: the loop pauses and calls again.
+        let rotated = self.files.flush()?;
         if rotated || self.checkpoints.due() {
             self.save_checkpoint();
         }
         Ok(())
     }
 
-    async fn tick(&mut self) -> anyhow::Result<()> {
+    async fn tick(&mut self) -> Result<(), HandlerError> {
         for evicted in self.joiner.evict() {
             self.checkpoints.changed = true;
             tracing::warn!(
@@ -357,8 +357,7 @@ impl MessageHandler for Recorder {
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
-    use crate::config::Cli;
-    use clap::Parser as _;
+    use crate::config::{Cli, IDENTITY};
     use pipeline::metrics::BrokerMetrics;
     use prometheus_client::registry::Registry;
     use std::path::Path;
@@ -367,7 +366,7 @@ pub(crate) mod testing {
     pub(crate) fn config(dir: &Path, extra: &[&str]) -> Config {
         let mut args = vec!["metric", "--log-dir", dir.to_str().unwrap()];
         args.extend_from_slice(extra);
-        Cli::try_parse_from(args).unwrap().config
+        Cli::try_parse_for(&IDENTITY, args).unwrap().config
     }
 
     /// A Recorder started (recovered) on `config`'s LOG_DIR, with metrics of its own.

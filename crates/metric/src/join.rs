@@ -243,7 +243,7 @@ impl Waiting {
 const ACTIVITY_GAP: Duration = Duration::from_secs(5);
 
 /// The time during which messages of one kind were arriving: the sum of the gaps between them,
-/// each counted up to [`ACTIVITY_GAP`]. While the model is down, the `y_pred` clock stands still.
+/// each counted up to `ACTIVITY_GAP`. While the model is down, the `y_pred` clock stands still.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ActivityClock {
     elapsed: Duration,

@@ -26,7 +26,7 @@ pub mod quality;
 pub mod recovery;
 pub mod startup;
 
-pub use config::{Cli, Command, Config};
+pub use config::{Cli, Config, IDENTITY};
 pub use handler::Recorder;
 pub use plotter::ERROR_PLOT;
 pub use startup::run;

@@ -5,7 +5,8 @@
 //! Pure Rust end to end: plotters draws into memory with an embedded DejaVu Sans (no system
 //! fonts, no fontconfig or freetype) and the `image` crate encodes the PNG.
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
+use pipeline::fs::AtomicFile;
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
@@ -34,7 +35,7 @@ const MEDIAN: RGBColor = RGBColor(0, 0, 0);
 /// `height` pixels, with the mean and the median marked and the number of values in the title.
 ///
 /// The picture is drawn in memory and written to a hidden temporary file beside `path`
-/// (`.<stem>.<random>.png`, `tempfile`), then persisted (renamed) over `path`, so a viewer sees either the old picture or the
+/// ([`pipeline::fs::AtomicFile`]), then synced and renamed over `path`, so a viewer sees either the old picture or the
 /// new one, never half of one. Fails on an empty slice, on a value that is not finite and on a
 /// side outside 200..=8192 pixels. CPU-bound (about 5 ms for 960x540 in a release build, half a
 /// second in a debug one): from async code, call it in `spawn_blocking`.
@@ -58,7 +59,9 @@ pub fn render_error_histogram(
         (MIN_SIDE..=MAX_SIDE).contains(&width) && (MIN_SIDE..=MAX_SIDE).contains(&height),
         "a {width}x{height} picture is out of bounds: each side must be {MIN_SIDE} to {MAX_SIDE} pixels"
     );
-    let tmp = temp_file(path)?;
+    // A hidden `.<name>.<random>.png` beside `path`: same folder, so the rename is atomic; ends
+    // in `.png`, so the encoder picks PNG; hidden, so a glob for `*.png` skips it.
+    let tmp = AtomicFile::with_suffix(path, ".png")?;
     install_font()?;
 
     let errors: Vec<f64> = errors.iter().map(|e| e.abs()).collect();
@@ -66,9 +69,8 @@ pub fn render_error_histogram(
     // plotters keeps the pixels in memory and encodes them to `tmp` only when presented: the
     // same as `with_buffer` plus an encoder, without a second PNG dependency. On any error `tmp`
     // is deleted when it drops.
-    draw(&summary, tmp.path(), width, height)?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot move the new picture to {}", path.display()))?;
+    draw(&summary, tmp.temp_path(), width, height)?;
+    tmp.commit()?;
     Ok(())
 }
 
@@ -244,31 +246,6 @@ fn install_font() -> anyhow::Result<()> {
     let ok = *REGISTERED.get_or_init(|| register_font(FAMILY, FontStyle::Normal, FONT).is_ok());
     ensure!(ok, "the embedded font DejaVuSans.ttf cannot be parsed");
     Ok(())
-}
-
-/// A temporary `.<stem>.<random>.png` beside `path` (`tempfile`, deleted unless persisted): same
-/// directory, so the rename is atomic; ends in `.png`, so the encoder picks PNG; hidden, so a glob
-/// for `*.png` skips it.
-fn temp_file(path: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
-    let Some(stem) = path.file_stem() else {
-        bail!("{} does not name a file", path.display());
-    };
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let mut prefix = std::ffi::OsString::from(".");
-    prefix.push(stem);
-    prefix.push(".");
-    // Readable by others, like the log files: tempfile's default 0600 would hide the picture from
-    // a web server or a colleague.
-    let readable = std::os::unix::fs::PermissionsExt::from_mode(0o644);
-    tempfile::Builder::new()
-        .prefix(&prefix)
-        .suffix(".png")
-        .permissions(readable)
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary picture in {}", dir.display()))
 }
 
 /// About four significant digits, without trailing zeros; scientific beyond 1e-3..1e6.

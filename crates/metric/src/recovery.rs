@@ -1,6 +1,6 @@
 //! Start-up recovery: rebuilds the join and the figures from the checkpoint and the end of the log
 //! files (or from the whole files when there is no usable checkpoint). It reads and repairs files
-//! and returns what it rebuilt as a [`Recovered`]; the [`Recorder`](crate::handler::Recorder)
+//! and returns what it rebuilt as a `Recovered`; the [`Recorder`](crate::handler::Recorder)
 //! takes it from there (metrics, checkpoint, log line).
 
 use crate::checkpoint;

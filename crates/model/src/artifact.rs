@@ -138,39 +138,13 @@ impl Artifact {
     /// new one. Two writers never share a temporary file.
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
         let json = serde_json::to_string_pretty(self)? + "\n";
-        write_atomically(path, json.as_bytes())
+        Ok(write_atomically(path, json.as_bytes())?)
     }
 }
 
-/// Replaces `path` with `bytes` atomically: a uniquely named temporary file beside it (mode 0644,
-/// so model services running as another user can read it; `tempfile` creates 0600), synced, then
-/// renamed over `path`.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|()| tmp.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", tmp.path().display()))?;
-    let readable = std::os::unix::fs::PermissionsExt::from_mode(0o644);
-    std::fs::set_permissions(tmp.path(), readable)
-        .with_context(|| format!("cannot make {} readable", tmp.path().display()))?;
-    // On error the temporary file is deleted when `tmp` drops.
-    tmp.persist(path)
-        .with_context(|| format!("cannot move the new file to {}", path.display()))?;
-    Ok(())
-}
+/// Replaces `path` with `bytes` atomically and durably, readable by others (model services may
+/// run as another user): the one atomic write of the pipeline, kept at this path for the trainer.
+pub use pipeline::fs::write_atomic as write_atomically;
 
 /// The file of version `version` beside the served artifact `model_path`:
 /// `<folder of model_path>/<version>.json`, where the trainer writes every promoted version.

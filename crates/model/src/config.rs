@@ -1,33 +1,26 @@
 //! The model service's command line and settings (`Cli`, `Command`, `Config`) and their parsers.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Subcommand};
 use pipeline::config::{
     BrokerConfig, ConsumeConfig, QueueNames, TelemetryConfig, parse_socket_addr,
 };
+use pipeline::service::{Identity, ServiceCli, ServiceConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Command line of the `model` binary.
-#[derive(Parser, Debug)]
-#[command(
-    name = "model",
-    version,
-    about = "Predicts y_pred for every features message"
-)]
-pub struct Cli {
-    /// Settings of the service.
-    #[command(flatten)]
-    pub config: Config,
-    /// What to do instead of serving.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
+/// Name, version and description of the `model` binary (`--help`, `--version`).
+pub const IDENTITY: Identity = Identity {
+    name: "model",
+    version: env!("CARGO_PKG_VERSION"),
+    about: "Predicts y_pred for every features message",
+};
 
-/// Other things the binary does.
+/// Command line of the `model` binary: its settings, `healthcheck` and its own subcommands.
+pub type Cli = ServiceCli<Config, Command>;
+
+/// What the binary does besides serving and `healthcheck`.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Probe this service's /healthz at HTTP_ADDR; exit 0 when healthy (for container healthchecks).
-    Healthcheck,
     /// Fit on a CSV and write a model artifact (JSON) for MODEL_PATH.
     Train {
         /// Training CSV (numeric columns, one header row).
@@ -99,6 +92,20 @@ pub struct Config {
     /// it comes back.
     #[arg(long, env = "DRIFT_PSI_ALERT", default_value_t = 0.25, value_parser = parse_psi_alert)]
     pub drift_psi_alert: f64,
+}
+
+impl ServiceConfig for Config {
+    fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    fn telemetry(&self) -> &TelemetryConfig {
+        &self.telemetry
+    }
+
+    fn broker(&self) -> &BrokerConfig {
+        &self.broker
+    }
 }
 
 /// A PSI threshold: a finite number above 0.

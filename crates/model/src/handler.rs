@@ -3,8 +3,8 @@
 
 use crate::drift_monitor;
 use crate::regression::LinearModel;
-use anyhow::Context as _;
 use lapin::message::Delivery;
+use pipeline::broker::{BrokerContext as _, HandlerError};
 use pipeline::broker::{Disposition, MessageHandler, Publisher};
 use pipeline::messages::{BodyFormat, now_us, parse_features, write_y_pred};
 use pipeline::metrics::QueueCounters;
@@ -31,7 +31,7 @@ impl MessageHandler for Predictor {
         _input: usize,
         delivery: &Delivery,
         publisher: &Publisher,
-    ) -> anyhow::Result<Disposition> {
+    ) -> Result<Disposition, HandlerError> {
         let message_id = delivery
             .properties
             .message_id()
@@ -66,16 +66,17 @@ impl MessageHandler for Predictor {
             y_pred,
             &model.version,
             message.sent_at_us,
-        )?;
+        )
+        .map_err(anyhow::Error::from)?;
         tracing::debug!(id = message.id.as_deref().unwrap_or("-"), y_pred, version = %model.version, "predicted");
         let confirm = publisher
             .publish_json(&self.y_pred_queue, &self.body, message.id.as_deref())
             .await
-            .context("cannot publish y_pred")?;
+            .broker_context("cannot publish y_pred")?;
         Ok(Disposition::AckOnConfirm(confirm))
     }
 
-    async fn flush(&mut self) -> anyhow::Result<()> {
+    async fn flush(&mut self) -> Result<(), HandlerError> {
         Ok(())
     }
 }

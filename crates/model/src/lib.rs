@@ -13,6 +13,6 @@ pub mod regression;
 mod startup;
 
 pub use commands::{rollback, train};
-pub use config::{Cli, Command, Config};
+pub use config::{Cli, Command, Config, IDENTITY};
 pub use metrics::VersionLabel;
 pub use startup::{StartModel, load_model, run};

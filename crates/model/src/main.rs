@@ -1,26 +1,22 @@
 //! The `model` binary: parses settings, starts logging, runs the service until SIGTERM/SIGINT.
 
-use clap::Parser as _;
-use model::{Cli, Command};
+use model::{Cli, Command, IDENTITY};
+use pipeline::service::{ServiceCommand, healthcheck, serve};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::parse_for(&IDENTITY);
     match cli.command {
-        Some(Command::Healthcheck) => return pipeline::http::probe(cli.config.http_addr),
-        Some(Command::Train {
+        Some(ServiceCommand::Healthcheck) => healthcheck(&cli.config).await,
+        Some(ServiceCommand::Own(Command::Train {
             data,
             out,
             version,
             target,
-        }) => {
-            return model::train(&data, &out, version, target.as_deref());
+        })) => model::train(&data, &out, version, target.as_deref()),
+        Some(ServiceCommand::Own(Command::Rollback { to })) => {
+            model::rollback(cli.config.model_path.as_deref(), &to)
         }
-        Some(Command::Rollback { to }) => {
-            return model::rollback(cli.config.model_path.as_deref(), &to);
-        }
-        None => {}
+        None => serve(cli.config, model::run).await,
     }
-    pipeline::telemetry::init(cli.config.telemetry.log_format);
-    model::run(cli.config, pipeline::shutdown::signal()).await
 }

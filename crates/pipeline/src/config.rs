@@ -9,8 +9,8 @@ use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Where the broker is and how to talk to it.
-#[derive(Args, Debug, Clone)]
+/// Where the broker is and how to talk to it. Its `Debug` hides the passwords of `AMQP_URL`.
+#[derive(Args, Clone)]
 pub struct BrokerConfig {
     /// AMQP URL of the broker. Several URLs separated by commas name the nodes of a cluster: on
     /// connection loss the service moves on to the next one.
@@ -60,6 +60,35 @@ pub struct BrokerConfig {
     /// (`-----BEGIN PRIVATE KEY-----`).
     #[arg(long, env = "AMQP_CLIENT_KEY_FILE")]
     pub amqp_client_key_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for BrokerConfig {
+    /// Every field, with `amqp_url` [`redact`]ed: a `?config` in a log line must not leak it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            amqp_url,
+            queue_type,
+            topology,
+            delivery_limit,
+            reconnect_max_delay_ms,
+            amqp_heartbeat_secs,
+            amqp_ca_file,
+            amqp_client_cert_file,
+            amqp_client_key_file,
+        } = self;
+        f.debug_struct("BrokerConfig")
+            .field("amqp_url", &redact(amqp_url))
+            .field("queue_type", queue_type)
+            .field("topology", topology)
+            .field("delivery_limit", delivery_limit)
+            .field("reconnect_max_delay_ms", reconnect_max_delay_ms)
+            .field("amqp_heartbeat_secs", amqp_heartbeat_secs)
+            // Paths only; the files' contents (a key) are never held here.
+            .field("amqp_ca_file", amqp_ca_file)
+            .field("amqp_client_cert_file", amqp_client_cert_file)
+            .field("amqp_client_key_file", amqp_client_key_file)
+            .finish()
+    }
 }
 
 impl BrokerConfig {
@@ -127,7 +156,7 @@ pub fn parse_amqp_urls(value: &str) -> Result<String, String> {
     {
         url.parse::<lapin::uri::AMQPUri>().map_err(|err| {
             // The parser's message can quote the URL itself.
-            let shown = redact_unparsed(url);
+            let shown = redact(url);
             let mut err = err.replace(url, &shown);
             if let Some(password) = password_of(url) {
                 err = err.replace(password, "***");
@@ -143,9 +172,17 @@ pub fn parse_amqp_urls(value: &str) -> Result<String, String> {
     }
 }
 
-/// A URL that did not parse, with whatever may be a password hidden: the user info's password when
-/// it has the `scheme://user:password@` shape, else everything before the last `@`.
-fn redact_unparsed(url: &str) -> String {
+/// The one password redactor, for logs, errors and `Debug`: each comma-separated URL of
+/// `AMQP_URL` with its password hidden, parsed or not. The user info's password when the URL has
+/// the `scheme://user:password@` shape, else everything before the last `@`.
+pub fn redact(urls: &str) -> String {
+    urls.split(',')
+        .map(redact_one)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_one(url: &str) -> String {
     let Some(at) = url.rfind('@') else {
         return url.to_owned();
     };
@@ -158,7 +195,11 @@ fn redact_unparsed(url: &str) -> String {
                 None => url.to_owned(),
             }
         }
-        None => format!("***{tail}"),
+        None => {
+            // Keep leading spaces of a list entry, so the list reads as it was written.
+            let kept = head.len() - head.trim_start().len();
+            format!("{}***{tail}", &head[..kept])
+        }
     }
 }
 
@@ -290,14 +331,39 @@ mod tests {
     }
 
     #[test]
-    fn unparsed_urls_are_redacted() {
+    fn passwords_are_hidden() {
+        assert_eq!(redact("amqp://u:pw@h:x/%2f"), "amqp://u:***@h:x/%2f");
         assert_eq!(
-            redact_unparsed("amqp://u:pw@h:x/%2f"),
-            "amqp://u:***@h:x/%2f"
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
         );
-        assert_eq!(redact_unparsed("amqp:pw@h"), "***@h");
-        assert_eq!(redact_unparsed("amqp://u@h"), "amqp://u@h");
-        assert_eq!(redact_unparsed("amqp://h:x"), "amqp://h:x");
+        assert_eq!(redact("amqp://u:p@ss@h:1/%2f"), "amqp://u:***@h:1/%2f");
+        assert_eq!(redact("amqp:pw@h"), "***@h");
+        assert_eq!(redact("amqp://u@h"), "amqp://u@h");
+        assert_eq!(redact("amqp://h:x"), "amqp://h:x");
+        assert_eq!(redact("amqp://host:5672"), "amqp://host:5672");
+        assert_eq!(
+            redact("amqp://a:P1@h1/%2f, amqp://b:P2@h2/%2f"),
+            "amqp://a:***@h1/%2f, amqp://b:***@h2/%2f"
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let cli = Cli::try_parse_from([
+            "test",
+            "--amqp-url",
+            "amqp://guest:S3CRET@node1:5672/%2f,amqp://other:0THER@node2:5672/%2f",
+        ])
+        .unwrap();
+        for text in [format!("{:?}", cli.broker), format!("{:#?}", cli)] {
+            assert!(
+                !text.contains("S3CRET") && !text.contains("0THER"),
+                "{text}"
+            );
+            assert!(text.contains("amqp://guest:***@node1:5672/%2f"), "{text}");
+            assert!(text.contains("reconnect_max_delay_ms: 5000"), "{text}");
+        }
     }
 
     #[test]

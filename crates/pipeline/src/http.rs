@@ -1,5 +1,8 @@
 //! The HTTP endpoint of every service: `GET /healthz` and `GET /metrics` (Prometheus text format),
-//! plus any routes a service mounts itself ([`spawn_with`]), and the probe behind each binary's `healthcheck` subcommand (the runtime image has no curl).
+//! plus any routes a service mounts itself ([`spawn_with`]); and the client side: [`get`] and
+//! [`get_json`] (hyper's client, with a time limit), used by the probe behind each binary's
+//! `healthcheck` subcommand (the runtime image has no curl) and by services that read another's
+//! JSON.
 
 use crate::health::Health;
 use anyhow::Context as _;
@@ -7,10 +10,9 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing;
 use prometheus_client::registry::Registry;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,8 +46,8 @@ pub async fn spawn_with(
         .await
         .with_context(|| format!("cannot listen on HTTP_ADDR {addr}"))?;
     let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+        .route("/healthz", routing::get(healthz))
+        .route("/metrics", routing::get(metrics))
         .with_state(AppState { registry, health })
         .merge(extra);
     tracing::info!(%addr, "serving /healthz and /metrics");
@@ -95,13 +97,13 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 
 /// Asks the service listening on `addr` for `/healthz`; `Ok(())` only for a 200 answer.
 /// A wildcard address (`0.0.0.0`) is probed on loopback.
-pub fn probe(addr: SocketAddr) -> anyhow::Result<()> {
+pub async fn probe(addr: SocketAddr) -> anyhow::Result<()> {
     let target = if addr.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], addr.port()))
     } else {
         addr
     };
-    let response = http_get(target, "/healthz")?;
+    let response = get(&format!("http://{target}/healthz"), PROBE_TIMEOUT).await?;
     if response.status == 200 {
         Ok(())
     } else {
@@ -113,46 +115,232 @@ pub fn probe(addr: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
-/// The answer to [`http_get`].
+/// How long the healthcheck waits for an answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The answer to [`get`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
-    /// The status code (0 when the status line has none).
+    /// The status code.
     pub status: u16,
-    /// The whole status line, for messages.
+    /// The status line (`HTTP/1.1 503 Service Unavailable`), for messages.
     pub status_line: String,
-    /// The body (not decoded: the services answer with `Content-Length` bodies).
+    /// The body, decoded from chunks if need be (UTF-8, invalid bytes replaced).
     pub body: String,
 }
 
-/// A small blocking HTTP/1.1 `GET path` to `addr` (3 s timeouts), for the healthcheck probe and
-/// for services that read another one's `/metrics`.
-pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<Response> {
-    let timeout = Duration::from_secs(3);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .with_context(|| format!("cannot read the answer of {addr}"))?;
-    let status_line = response.lines().next().unwrap_or_default().to_owned();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    Ok(Response {
-        status,
-        status_line,
-        body,
+/// Why a GET got no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The URL is not an `http://host:port/path` URL.
+    #[error("{url:?} is not an http:// URL: {reason}")]
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Connecting or sending failed, or the answer could not be read.
+    #[error("GET {url} failed")]
+    Request {
+        /// The URL asked.
+        url: String,
+        /// hyper's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// No whole answer within the time limit.
+    #[error("GET {url}: no answer within {} ms", timeout.as_millis())]
+    Timeout {
+        /// The URL asked.
+        url: String,
+        /// The time limit.
+        timeout: Duration,
+    },
+    /// An answer other than 200.
+    #[error("GET {url}: {status_line}: {}", body.trim())]
+    Status {
+        /// The URL asked.
+        url: String,
+        /// The status code.
+        status: u16,
+        /// The status line.
+        status_line: String,
+        /// The body, for the message.
+        body: String,
+    },
+    /// A 200 answer that is not the JSON expected.
+    #[error("GET {url}: the answer is not the JSON expected")]
+    Json {
+        /// The URL asked.
+        url: String,
+        /// serde's error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// `GET url` (HTTP/1.1, plain `http://`), the whole answer within `timeout`, whatever its status.
+///
+/// hyper's client rather than a hand-written one: it handles chunked bodies and keeps the
+/// protocol details out of this crate; axum already builds hyper, so it costs little to compile.
+pub async fn get(url: &str, timeout: Duration) -> Result<Response, HttpError> {
+    use http_body_util::BodyExt as _;
+    let uri: axum::http::Uri =
+        url.parse()
+            .map_err(|err: axum::http::uri::InvalidUri| HttpError::InvalidUrl {
+                url: url.to_owned(),
+                reason: err.to_string(),
+            })?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(HttpError::InvalidUrl {
+            url: url.to_owned(),
+            reason: "it needs the http:// scheme and a host".to_owned(),
+        });
+    }
+    let request_failed = |source: Box<dyn std::error::Error + Send + Sync>| HttpError::Request {
+        url: url.to_owned(),
+        source,
+    };
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        // One request per client: nothing to keep a connection for.
+        .pool_max_idle_per_host(0)
+        .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
+    let exchange = async {
+        let response = client
+            .get(uri)
+            .await
+            .map_err(|err| request_failed(err.into()))?;
+        let status = response.status();
+        let status_line = format!("{:?} {status}", response.version());
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|err| request_failed(err.into()))?
+            .to_bytes();
+        Ok(Response {
+            status: status.as_u16(),
+            status_line,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| HttpError::Timeout {
+            url: url.to_owned(),
+            timeout,
+        })?
+}
+
+/// `GET url` and decode its JSON answer, within `timeout`; an answer other than 200 is an error.
+pub async fn get_json<T: serde::de::DeserializeOwned>(
+    url: &str,
+    timeout: Duration,
+) -> Result<T, HttpError> {
+    let response = get(url, timeout).await?;
+    if response.status != 200 {
+        return Err(HttpError::Status {
+            url: url.to_owned(),
+            status: response.status,
+            status_line: response.status_line,
+            body: response.body,
+        });
+    }
+    serde_json::from_str(&response.body).map_err(|source| HttpError::Json {
+        url: url.to_owned(),
+        source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// Serves one connection with `answer`, whatever is asked.
+    async fn serve_once(answer: &'static str) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            stream.write_all(answer.as_bytes()).await.unwrap();
+            let _ = stream.shutdown().await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_chunked_json_answer_is_decoded() {
+        let addr = serve_once(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n\
+             7\r\n{\"alarm\r\n8\r\n\": true}\r\n0\r\n\r\n",
+        )
+        .await;
+        let value: serde_json::Value = get_json(
+            &format!("http://{addr}/api/quality"),
+            Duration::from_secs(3),
+        )
+        .await
+        .unwrap();
+        assert_eq!(value, serde_json::json!({"alarm": true}));
+    }
+
+    #[tokio::test]
+    async fn an_error_status_is_reported_with_its_body() {
+        let addr =
+            serve_once("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 9\r\n\r\nstarting\n")
+                .await;
+        let err =
+            get_json::<serde_json::Value>(&format!("http://{addr}/x"), Duration::from_secs(3))
+                .await
+                .unwrap_err();
+        assert!(
+            matches!(err, HttpError::Status { status: 503, .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .ends_with("HTTP/1.1 503 Service Unavailable: starting"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let err = get(&format!("http://{addr}/"), Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, HttpError::Timeout { .. }), "{err:?}");
+        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn probe_follows_healthz() {
+        let health = Health::new();
+        let registry = Arc::new(Registry::default());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let served = spawn(
+            addr,
+            registry,
+            health.clone(),
+            stop.clone().cancelled_owned(),
+        )
+        .await
+        .unwrap();
+        let err = probe(addr).await.unwrap_err().to_string();
+        assert!(err.contains("503") && err.contains("starting"), "{err}");
+        health.set_healthy();
+        probe(addr).await.unwrap();
+        assert!(get("ftp://x/", PROBE_TIMEOUT).await.is_err());
+        stop.cancel();
+        served.await.unwrap();
+    }
 }

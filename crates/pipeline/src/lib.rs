@@ -6,15 +6,19 @@
 //! - [`config`]: settings shared by the services (environment variables and flags).
 //! - [`broker`]: connecting with backoff, topology, confirmed publishing, and the one consume loop.
 //! - [`telemetry`], [`metrics`], [`health`], [`http`]: logs, Prometheus metrics, `/healthz`.
+//! - [`service`]: the command line every service binary shares (`healthcheck`, settings).
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
+//! - [`fs`]: replacing a file atomically and durably.
 
 pub mod broker;
 pub mod config;
 pub mod dataset;
+pub mod fs;
 pub mod health;
 pub mod http;
 pub mod messages;
 pub mod metrics;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 

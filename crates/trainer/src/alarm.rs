@@ -4,8 +4,8 @@
 use crate::policy::{AlarmEdge, QualityReport, Trigger};
 use crate::retrain::Promoter;
 use crate::state::Request;
-use anyhow::Context as _;
 use pipeline::CancellationToken;
+use pipeline::http::HttpError;
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -13,44 +13,34 @@ use tokio::sync::mpsc;
 /// Longest wait for one answer of the metric service (connect and read).
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The metric service's quality endpoint, read over HTTP.
+/// The metric service's quality endpoint, read over HTTP ([`pipeline::http::get_json`]; no
+/// proxy is consulted, so an HTTP_PROXY meant for the outside cannot reroute the neighbour).
 #[derive(Clone, Debug)]
 pub(crate) struct QualitySource {
-    client: reqwest::Client,
     url: String,
 }
 
 impl QualitySource {
     /// The endpoint of the metric service at `authority` (`host:port`, from `METRIC_URL`).
     pub(crate) fn new(authority: &str) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .timeout(READ_TIMEOUT)
-            .connect_timeout(READ_TIMEOUT)
-            // The metric service is a neighbour: an HTTP_PROXY meant for the outside must not
-            // reroute it.
-            .no_proxy()
-            .build()
-            .context("cannot build the HTTP client for METRIC_URL")?;
         Ok(Self {
-            client,
             url: format!("http://{authority}/api/quality"),
         })
     }
 
     /// One reading: `version -> alarm on`.
     pub(crate) async fn read(&self) -> anyhow::Result<HashMap<String, bool>> {
-        let response = self
-            .client
-            .get(&self.url)
-            .send()
+        let report: QualityReport = pipeline::http::get_json(&self.url, READ_TIMEOUT)
             .await
-            .with_context(|| format!("GET {}", self.url))?
-            .error_for_status()
-            .with_context(|| format!("GET {}", self.url))?;
-        let report: QualityReport = response
-            .json()
-            .await
-            .with_context(|| format!("GET {}: not a quality report", self.url))?;
+            .map_err(|err| {
+                let not_a_report = matches!(err, HttpError::Json { .. });
+                let err = anyhow::Error::new(err);
+                if not_a_report {
+                    err.context(format!("GET {}: not a quality report", self.url))
+                } else {
+                    err
+                }
+            })?;
         Ok(report.alarms())
     }
 

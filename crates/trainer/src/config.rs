@@ -1,34 +1,22 @@
 //! The trainer's command line and settings (`Cli`, `Command`, `Config`) and their parsers.
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use pipeline::config::{
     BrokerConfig, ConsumeConfig, QueueNames, TelemetryConfig, parse_socket_addr,
 };
+use pipeline::service::{Identity, ServiceCli, ServiceConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Command line of the `trainer` binary.
-#[derive(Parser, Debug)]
-#[command(
-    name = "trainer",
-    version,
-    about = "Keeps a window of labelled samples and retrains and promotes the model"
-)]
-pub struct Cli {
-    /// Settings of the service.
-    #[command(flatten)]
-    pub config: Config,
-    /// What to do instead of training.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
+/// Name, version and description of the `trainer` binary (`--help`, `--version`).
+pub const IDENTITY: Identity = Identity {
+    name: "trainer",
+    version: env!("CARGO_PKG_VERSION"),
+    about: "Keeps a window of labelled samples and retrains and promotes the model",
+};
 
-/// Other things the binary does.
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Probe this service's /healthz at HTTP_ADDR; exit 0 when healthy (for container healthchecks).
-    Healthcheck,
-}
+/// Command line of the `trainer` binary: its settings, `healthcheck`.
+pub type Cli = ServiceCli<Config>;
 
 /// Settings of the trainer.
 #[derive(Args, Debug, Clone)]
@@ -102,6 +90,20 @@ pub struct Config {
     pub http_addr: SocketAddr,
 }
 
+impl ServiceConfig for Config {
+    fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    fn telemetry(&self) -> &TelemetryConfig {
+        &self.telemetry
+    }
+
+    fn broker(&self) -> &BrokerConfig {
+        &self.broker
+    }
+}
+
 /// A fraction strictly between 0 and 1.
 fn parse_fraction(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
@@ -154,7 +156,7 @@ mod tests {
         assert!(parse_fraction("0").is_err() && parse_fraction("1").is_err());
         assert!(parse_gain("0").is_ok() && parse_gain("0.05").is_ok());
         assert!(parse_gain("-0.1").is_err() && parse_gain("1").is_err());
-        let cli = Cli::try_parse_from(["trainer"]).unwrap();
+        let cli = Cli::try_parse_for(&IDENTITY, ["trainer"]).unwrap();
         assert_eq!(cli.config.http_addr.port(), 9104);
         assert_eq!(cli.config.model_path, PathBuf::from("models/model.json"));
         assert_eq!(cli.config.train_window, 2000);

@@ -7,6 +7,7 @@ use crate::state::Request;
 use crate::state::{Shared, lock};
 use crate::store::{Added, Store};
 use lapin::message::Delivery;
+use pipeline::broker::HandlerError;
 use pipeline::broker::{Disposition, MessageHandler, Publisher};
 use pipeline::messages::{LabelKind, parse_features, parse_label};
 
@@ -25,7 +26,7 @@ impl MessageHandler for Handler {
         input: usize,
         delivery: &Delivery,
         _publisher: &Publisher,
-    ) -> anyhow::Result<Disposition> {
+    ) -> Result<Disposition, HandlerError> {
         let message_id = delivery
             .properties
             .message_id()
@@ -81,7 +82,7 @@ impl MessageHandler for Handler {
         Ok(Disposition::Ack)
     }
 
-    async fn flush(&mut self) -> anyhow::Result<()> {
+    async fn flush(&mut self) -> Result<(), HandlerError> {
         // No lock held: the retrainer reads its own copy of the window meanwhile.
         let store = &mut self.store;
         store.flush()?;

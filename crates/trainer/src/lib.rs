@@ -17,5 +17,5 @@ mod startup;
 mod state;
 pub mod store;
 
-pub use config::{Cli, Command, Config, metric_authority};
+pub use config::{Cli, Config, IDENTITY, metric_authority};
 pub use startup::run;

@@ -1,14 +1,14 @@
 //! The `trainer` binary: parses settings, starts logging, runs the service until SIGTERM/SIGINT.
 
-use clap::Parser as _;
-use trainer::{Cli, Command};
+use pipeline::service::{ServiceCommand, healthcheck, serve};
+use trainer::{Cli, IDENTITY};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    if let Some(Command::Healthcheck) = cli.command {
-        return pipeline::http::probe(cli.config.http_addr);
+    let cli = Cli::parse_for(&IDENTITY);
+    match cli.command {
+        Some(ServiceCommand::Healthcheck) => healthcheck(&cli.config).await,
+        Some(ServiceCommand::Own(never)) => match never {},
+        None => serve(cli.config, trainer::run).await,
     }
-    pipeline::telemetry::init(cli.config.telemetry.log_format);
-    trainer::run(cli.config, pipeline::shutdown::signal()).await
 }

@@ -237,6 +237,12 @@ mod tests {
         assert_eq!(alarms.len(), 2, "{alarms:?}");
         assert!(!alarms["ols-1bbf9343466e"]);
         assert!(alarms["v2"]);
+        // Numbers not known yet are null; only the version and the alarm are read.
+        let fresh = br#"{"versions":[{"model_version":"v3","alarm":false,"pairs":0,"windowed_mae":null,"baseline_mae":null,"threshold":null}]}"#;
+        assert_eq!(
+            parse_alarms(fresh).unwrap(),
+            HashMap::from([("v3".to_owned(), false)])
+        );
         // No version seen yet.
         assert!(parse_alarms(br#"{"versions":[]}"#).unwrap().is_empty());
         // Not the endpoint's body (an HTML error page, the Prometheus text, a missing field).

@@ -12,6 +12,7 @@
 
 use anyhow::Context as _;
 use pipeline::broker::LocalFault;
+use pipeline::fs::AtomicFile;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -194,7 +195,7 @@ impl Store {
     /// Writes and syncs every line added so far. Safe to call again after a failure: it goes on
     /// from the last byte written, so no line is written twice or cut. A failure is a
     /// [`LocalFault`]: the consume loop pauses and retries.
-    pub fn flush(&mut self) -> anyhow::Result<()> {
+    pub fn flush(&mut self) -> Result<(), LocalFault> {
         let fault = |source| LocalFault {
             what: format!(
                 "cannot write the training window {}",
@@ -205,11 +206,11 @@ impl Store {
         while self.written < self.unwritten.len() {
             match self.journal.write(&self.unwritten[self.written..]) {
                 Ok(0) => {
-                    return Err(fault(std::io::Error::from(std::io::ErrorKind::WriteZero)).into());
+                    return Err(fault(std::io::Error::from(std::io::ErrorKind::WriteZero)));
                 }
                 Ok(n) => self.written += n,
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(fault(err).into()),
+                Err(err) => return Err(fault(err)),
             }
         }
         self.journal.sync_data().map_err(fault)?;
@@ -227,14 +228,10 @@ impl Store {
     /// successful [`Store::flush`].
     pub fn compact(&mut self) -> anyhow::Result<()> {
         let path = self.dir.join(JOURNAL);
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".window.")
-            .suffix(".tmp")
-            .tempfile_in(&self.dir)
-            .with_context(|| format!("cannot create a temporary file in {}", self.dir.display()))?;
+        let mut tmp = AtomicFile::create(&path)?;
         let mut lines = 0;
         {
-            let mut out = BufWriter::new(tmp.as_file_mut());
+            let mut out = BufWriter::new(tmp.file());
             let mut write = |record: &Record| -> std::io::Result<()> {
                 serde_json::to_writer(&mut out, record)?;
                 out.write_all(b"\n")
@@ -263,11 +260,9 @@ impl Store {
             }
             out.flush().map_err(fail)?;
         }
-        tmp.as_file()
-            .sync_all()
-            .context("cannot sync the compacted training window")?;
-        tmp.persist(&path)
-            .with_context(|| format!("cannot replace {}", path.display()))?;
+        // Synced, renamed over the journal, the folder synced; dropped on error.
+        tmp.commit()
+            .context("cannot replace the training window with its compacted copy")?;
         // The new file holds the whole state, lines not yet flushed too.
         self.journal = open_append(&path)?;
         self.unwritten.clear();

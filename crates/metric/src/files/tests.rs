@@ -110,7 +110,10 @@ fn a_write_that_fails_midway_leaves_nothing_and_is_written_once_on_retry() {
     assert_eq!(fault.source.kind(), io::ErrorKind::StorageFull);
     assert!(fault.to_string().contains("fake.txt"), "{fault}");
     assert!(
-        LocalFault::is_in(&anyhow::Error::new(fault).context("flush")),
+        matches!(
+            pipeline::broker::HandlerError::from(fault),
+            pipeline::broker::HandlerError::LocalFault(_)
+        ),
         "a write error is a local fault"
     );
     // Nothing of the failed write is left, the lines are kept.

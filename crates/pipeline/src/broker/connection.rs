@@ -2,11 +2,11 @@
 //! failover across the URLs of `AMQP_URL`, heartbeats, the connection-state metric, and the
 //! broker's `connection.blocked` / `unblocked` notices in the log, `/healthz` and a gauge.
 
-use super::supervisor::{
-    Failure, HEALTHY_SESSION, InvalidUrl, SessionBackoff, Step, Verdict, classify,
-};
+use super::retry::{Failure, HEALTHY_SESSION, InvalidUrl, SessionBackoff, Step, Verdict, classify};
 use super::tls::TlsFailure;
 use crate::config::BrokerConfig;
+/// The one redactor, kept at this path too (the benchmark calls it here).
+pub use crate::config::redact;
 use crate::health::Health;
 use crate::metrics::BrokerMetrics;
 use futures_util::StreamExt as _;
@@ -39,25 +39,6 @@ fn with_defaults(url: &str, heartbeat_secs: u16) -> Result<AMQPUri, InvalidUrl> 
     Ok(uri)
 }
 
-/// Hides the password of an AMQP URL for logs.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &userinfo[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 /// The broker as one service sees it: where it is, and the health and metrics to keep current.
 #[derive(Clone)]
 pub struct Broker {
@@ -70,7 +51,7 @@ pub struct Broker {
     next_url: usize,
     connected_once: bool,
     /// The pause before the next connection attempt, kept across sessions.
-    pub(crate) backoff: SessionBackoff,
+    backoff: SessionBackoff,
     /// The task that follows the current connection's events.
     events: Option<tokio::task::AbortHandle>,
     /// The TLS settings, read from their files at the first connection attempt.
@@ -258,6 +239,11 @@ impl Broker {
         self.health.set_note("blocked", None);
     }
 
+    /// A session that lasted `lasted` failed: the pause before connecting again.
+    pub fn session_failed(&mut self, lasted: std::time::Duration) -> Duration {
+        self.backoff.session_failed(lasted)
+    }
+
     /// Records that the connection is gone and the next attempt should try the next URL.
     pub fn lost(&mut self, reason: &str) {
         self.metrics.connected.set(0);
@@ -281,14 +267,5 @@ mod tests {
     #[test]
     fn a_malformed_url_is_an_invalid_url_error() {
         assert!(with_defaults("amqp://guest:guest@127.0.0.1:notaport/%2f", 10).is_err());
-    }
-
-    #[test]
-    fn passwords_are_hidden() {
-        assert_eq!(
-            redact("amqp://guest:secret@host:5672/%2f"),
-            "amqp://guest:***@host:5672/%2f"
-        );
-        assert_eq!(redact("amqp://host:5672"), "amqp://host:5672");
     }
 }

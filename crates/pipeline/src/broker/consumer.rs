@@ -18,8 +18,10 @@
 //! [`DRAIN_TIMEOUT`]) for pending confirms, flushes, acks, and closes the connection.
 
 use super::connection::Broker;
+use super::error::HandlerError;
 use super::publisher::{Confirm, Publisher, is_confirmed};
-use super::supervisor::{Backoff, SessionEnd, Step, close, drop_detached, supervise};
+use super::retry::{Backoff, Step};
+use super::supervisor::{SessionEnd, close, drop_detached, supervise};
 use super::topology::Topology;
 use super::window::{AckWindow, Outcome, Pending, Settlement};
 use crate::config::ConsumeConfig;
@@ -54,46 +56,26 @@ pub enum Disposition {
     DeadLetter(MessageError),
 }
 
-/// A failure of the service's own resources (a full or unwritable disk), not of the broker.
-///
-/// A [`MessageHandler::flush`] error whose chain holds a `LocalFault` does not drop the
-/// connection: the consume loop stops taking deliveries, keeps what it holds unacked, reports the
-/// fault in `/healthz` and a gauge, and calls `flush` again with backoff until it succeeds. So
-/// `flush` must be safe to call again after a failure: it may not leave part of its output behind.
-#[derive(Debug, thiserror::Error)]
-#[error("{what}")]
-pub struct LocalFault {
-    /// What could not be done, for the operator (e.g. `cannot append to logs/labels_log.txt`).
-    pub what: String,
-    /// The I/O error behind it.
-    #[source]
-    pub source: std::io::Error,
-}
-
-impl LocalFault {
-    /// Whether `err` (or any error in its chain) is a local fault.
-    pub fn is_in(err: &anyhow::Error) -> bool {
-        err.chain().any(|cause| cause.is::<Self>())
-    }
-}
-
 /// The service-specific part of a consumer.
 pub trait MessageHandler: Send {
-    /// Processes one delivery from input queue number `input`. An `Err` means the service cannot
-    /// work right now (for example a publish failed): the connection is dropped, so the broker
-    /// redelivers everything unacked, and the loop reconnects.
+    /// Processes one delivery from input queue number `input`. [`HandlerError::BadInput`] sends
+    /// the message to its dead-letter queue, like [`Disposition::DeadLetter`]. Any other `Err`
+    /// means the service cannot work right now (for example a publish failed): the connection is
+    /// dropped, so the broker redelivers everything unacked, and the loop reconnects.
     fn handle(
         &mut self,
         input: usize,
         delivery: &Delivery,
         publisher: &Publisher,
-    ) -> impl Future<Output = anyhow::Result<Disposition>> + Send;
+    ) -> impl Future<Output = Result<Disposition, HandlerError>> + Send;
 
     /// Makes everything handled so far durable (written and flushed). Called before any ack.
-    fn flush(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// [`HandlerError::LocalFault`] pauses consuming and calls it again with backoff; any other
+    /// `Err` drops the connection.
+    fn flush(&mut self) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
-    /// Periodic housekeeping, about twice a second.
-    fn tick(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send {
+    /// Periodic housekeeping, about twice a second. An `Err` drops the connection.
+    fn tick(&mut self) -> impl Future<Output = Result<(), HandlerError>> + Send {
         async { Ok(()) }
     }
 
@@ -109,19 +91,31 @@ pub trait MessageHandler: Send {
 /// What the consume loop does when [`MessageHandler::flush`] fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlushVerdict {
-    /// The service's own disk failed ([`LocalFault`]): keep the connection, stop taking
-    /// deliveries, retry the flush with backoff.
+    /// The service's own disk failed ([`HandlerError::LocalFault`]): keep the connection, stop
+    /// taking deliveries, retry the flush with backoff.
     Pause,
     /// Anything else: drop the connection (the broker redelivers what is unacked) and reconnect.
     Reconnect,
 }
 
-/// The rule for a failed flush: a [`LocalFault`] anywhere in the chain pauses, never reconnects.
-pub fn on_flush_error(err: &anyhow::Error) -> FlushVerdict {
-    if LocalFault::is_in(err) {
-        FlushVerdict::Pause
-    } else {
-        FlushVerdict::Reconnect
+/// The rule for a failed flush: a local fault pauses, never reconnects.
+pub fn on_flush_error(err: &HandlerError) -> FlushVerdict {
+    match err {
+        HandlerError::LocalFault(_) => FlushVerdict::Pause,
+        HandlerError::Broker { .. } | HandlerError::BadInput(_) | HandlerError::Other(_) => {
+            FlushVerdict::Reconnect
+        }
+    }
+}
+
+/// The rule for a failed `handle`: bad input is dead-lettered (`Ok`), anything else ends the
+/// session (`Err`), a local fault included (only a flush can be retried in place).
+pub fn on_handle_error(err: HandlerError) -> Result<Disposition, HandlerError> {
+    match err {
+        HandlerError::BadInput(error) => Ok(Disposition::DeadLetter(error)),
+        err @ (HandlerError::LocalFault(_)
+        | HandlerError::Broker { .. }
+        | HandlerError::Other(_)) => Err(err),
     }
 }
 
@@ -226,7 +220,7 @@ pub async fn run_consumer<H: MessageHandler>(
     )
     .await?;
     // Stopped before or between sessions: whatever was handled is written out.
-    handler.flush().await
+    handler.flush().await.map_err(HandlerError::into_anyhow)
 }
 
 /// What a session leaves behind for [`drop_detached`].
@@ -320,8 +314,8 @@ impl Session<'_> {
                                     return end;
                                 }
                             }
-                            Some((_, Err(err))) => return lost(anyhow::Error::from(err)),
-                            None => return lost(anyhow::anyhow!("the broker cancelled the consumer")),
+                            Some((_, Err(err))) => return lost(HandlerError::from(err)),
+                            None => return lost(anyhow::anyhow!("the broker cancelled the consumer").into()),
                         }
                         taken += 1;
                         if taken < batch_limit {
@@ -396,10 +390,10 @@ impl Session<'_> {
                 limit,
             })
         } else {
-            handler
-                .handle(index, &delivery, publisher)
-                .await
-                .map_err(lost)?
+            match handler.handle(index, &delivery, publisher).await {
+                Ok(disposition) => disposition,
+                Err(err) => on_handle_error(err).map_err(lost)?,
+            }
         };
         let input = &mut self.inputs[index];
         let tag = delivery.delivery_tag;
@@ -434,7 +428,7 @@ impl Session<'_> {
                 let confirm = publisher
                     .dead_letter(&delivery, &input.queue, &error)
                     .await
-                    .map_err(|err| lost(err.into()))?;
+                    .map_err(|err| lost(HandlerError::from(err)))?;
                 input.window.push(
                     tag,
                     Pending::Confirm {
@@ -520,7 +514,7 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Flushes the handler. On a [`LocalFault`] it pauses: no deliveries are taken (the unacked
+    /// Flushes the handler. On a [`HandlerError::LocalFault`] it pauses: no deliveries are taken (the unacked
     /// ones stay with us, the broker holds the rest), the connection stays, `/healthz` and
     /// `pipeline_local_fault` show it, and the flush is retried with backoff until it works
     /// (`Ok(true)`) or shutdown comes (`Ok(false)`: nothing more is acked). Other errors drop the
@@ -543,7 +537,7 @@ impl Session<'_> {
             }
             let delay = backoff.next_delay();
             tracing::warn!(
-                error = %format!("{err:#}"),
+                error = %err.report(),
                 unacked = self.unsettled(),
                 retry_in_ms = delay.as_millis() as u64,
                 "cannot write this service's own files; not taking messages until it can (the broker keeps them)"
@@ -551,7 +545,8 @@ impl Session<'_> {
             health.set_problem(
                 "local_fault",
                 Some(format!(
-                    "{err:#}: consuming paused until the files can be written"
+                    "{}: consuming paused until the files can be written",
+                    err.report()
                 )),
             );
             gauge.set(1);
@@ -625,7 +620,7 @@ impl Session<'_> {
         match result {
             Ok(()) => tracing::info!("consumer drained"),
             Err(SessionEnd::Failed { error, .. }) => {
-                tracing::warn!(error = %format!("{error:#}"), "could not finish all in-flight work at shutdown");
+                tracing::warn!(error = %error.report(), "could not finish all in-flight work at shutdown");
             }
             Err(SessionEnd::Finished) => {}
         }
@@ -664,18 +659,61 @@ fn front_confirm(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::error::LocalFault;
+    use proptest::prelude::*;
+
+    fn fault() -> HandlerError {
+        LocalFault {
+            what: "cannot append to logs/labels_log.txt".into(),
+            source: std::io::Error::other("No space left on device"),
+        }
+        .into()
+    }
 
     #[test]
     fn a_local_fault_pauses_and_never_reconnects() {
-        let fault = anyhow::Error::from(LocalFault {
-            what: "cannot append to logs/labels_log.txt".into(),
-            source: std::io::Error::other("No space left on device"),
-        })
-        .context("flushing the log files");
-        assert_eq!(on_flush_error(&fault), FlushVerdict::Pause);
-        let broker = anyhow::Error::from(lapin::Error::from(std::io::Error::other("reset")));
+        assert_eq!(on_flush_error(&fault()), FlushVerdict::Pause);
+        let broker = HandlerError::from(lapin::Error::from(std::io::Error::other("reset")));
         assert_eq!(on_flush_error(&broker), FlushVerdict::Reconnect);
-        let plain_io = anyhow::Error::from(std::io::Error::other("disk"));
+        let plain_io = HandlerError::from(anyhow::Error::from(std::io::Error::other("disk")));
         assert_eq!(on_flush_error(&plain_io), FlushVerdict::Reconnect);
+    }
+
+    #[test]
+    fn bad_input_from_handle_is_dead_lettered() {
+        let bad = HandlerError::from(MessageError::TooLarge { size: 2, limit: 1 });
+        assert!(matches!(
+            on_handle_error(bad),
+            Ok(Disposition::DeadLetter(MessageError::TooLarge { .. }))
+        ));
+        assert!(matches!(
+            on_handle_error(fault()),
+            Err(HandlerError::LocalFault(_))
+        ));
+    }
+
+    fn error(kind: u8, text: String) -> HandlerError {
+        match kind {
+            0 => LocalFault {
+                what: text,
+                source: std::io::Error::other("disk"),
+            }
+            .into(),
+            1 => HandlerError::broker(text, lapin::Error::from(std::io::Error::other("reset"))),
+            2 => MessageError::TooLarge { size: 2, limit: 1 }.into(),
+            _ => anyhow::anyhow!(text).into(),
+        }
+    }
+
+    proptest! {
+        /// Only a local fault pauses a flush; only bad input turns a failed `handle` into a
+        /// dead letter; everything else ends the session.
+        #[test]
+        fn errors_are_sorted_by_kind_alone(kind in 0u8..4, text in "[a-z ]{0,20}") {
+            let paused = on_flush_error(&error(kind, text.clone())) == FlushVerdict::Pause;
+            prop_assert_eq!(paused, kind == 0);
+            let dead_lettered = on_handle_error(error(kind, text)).is_ok();
+            prop_assert_eq!(dead_lettered, kind == 2);
+        }
     }
 }

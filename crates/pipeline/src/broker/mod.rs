@@ -4,7 +4,8 @@
 //! its handler cannot keep up with ([`flow`]).
 //!
 //! Recovery is ours, not lapin's (`enable_auto_recover` has had bugs around broker restarts): one
-//! [`supervisor`] runs every service's sessions. On a connection error a service drops the
+//! [`supervisor`] runs every service's sessions, by the plain-data rules of [`retry`]; handlers and
+//! sessions fail with a typed [`HandlerError`] ([`error`]) those rules match on. On a connection error a service drops the
 //! connection, reconnects with capped exponential backoff and jitter (kept across sessions),
 //! declares its topology again and carries on; errors no retry fixes stop it. What may be acked
 //! or counted as sent is decided by plain-data windows ([`window`]). Whatever was not acked is
@@ -12,15 +13,19 @@
 
 pub mod connection;
 pub mod consumer;
+pub mod error;
 pub mod flow;
 pub mod publisher;
+pub mod retry;
 pub mod supervisor;
 pub mod tls;
 pub mod topology;
 pub mod window;
 
 pub use connection::Broker;
-pub use consumer::{Disposition, LocalFault, MessageHandler, run_consumer};
+pub use consumer::{Disposition, MessageHandler, run_consumer};
+pub use error::{BrokerContext, HandlerError, LocalFault};
 pub use publisher::Publisher;
-pub use supervisor::{Backoff, SessionEnd, Step, supervise};
+pub use retry::{Backoff, Failure, SessionBackoff, Step, Verdict, classify};
+pub use supervisor::{SessionEnd, supervise};
 pub use topology::Topology;
