@@ -118,7 +118,7 @@ impl Proc {
 
     fn metric_value(&self, name: &str) -> f64 {
         let (_, body) = self.get("/metrics").unwrap_or_default();
-        parse_metrics(&body).get(name).copied().unwrap_or(0.0)
+        Metrics::parse(&body).get(name).copied().unwrap_or(0.0)
     }
 }
 
@@ -158,20 +158,18 @@ impl Course {
     /// One of our services under `TOPOLOGY=course`.
     fn rust(&self, name: &str, extra: &[(&str, String)]) -> Proc {
         let http_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let env = Env::new(&self.url, &self.queues)
+            .set("RUST_LOG", "info")
+            .set("TOPOLOGY", "course")
+            .set("RECONNECT_MAX_DELAY_MS", 1000)
+            .set("LOG_DIR", self.log_dir().display())
+            .set("HTTP_ADDR", http_addr)
+            .with(extra.iter().cloned());
         let mut command = Command::new(bin_path(name));
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
-            .env("AMQP_URL", &self.url)
-            .env("TOPOLOGY", "course")
-            .env("RECONNECT_MAX_DELAY_MS", "1000")
-            .env("FEATURES_QUEUE", &self.queues.features)
-            .env("Y_TRUE_QUEUE", &self.queues.y_true)
-            .env("Y_PRED_QUEUE", &self.queues.y_pred)
-            .env("LOG_DIR", self.log_dir())
-            .env("HTTP_ADDR", http_addr.to_string())
-            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())));
+            .envs(env.pairs().iter().map(|(k, v)| (k, v)));
         Proc::spawn(name, command, self.dir.path(), Some(http_addr))
     }
 

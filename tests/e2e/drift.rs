@@ -22,7 +22,7 @@ const FEATURES: [&str; 10] = [
     "age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6",
 ];
 
-fn psi(metrics: &HashMap<String, f64>, feature: &str) -> Option<f64> {
+fn psi(metrics: &Metrics, feature: &str) -> Option<f64> {
     metrics
         .get(&format!(
             "pipeline_feature_drift_psi{{feature=\"{feature}\"}}"
@@ -40,12 +40,12 @@ struct Outcome {
     psi: HashMap<String, f64>,
     stderr: String,
     health: String,
-    metric: HashMap<String, f64>,
+    metric: Metrics,
     metric_stderr: String,
 }
 
 /// The values of `pipeline_model_quality_alert`, one per model version.
-fn quality_alerts(metrics: &HashMap<String, f64>) -> Vec<f64> {
+fn quality_alerts(metrics: &Metrics) -> Vec<f64> {
     metrics
         .iter()
         .filter(|(name, _)| name.starts_with("pipeline_model_quality_alert{"))

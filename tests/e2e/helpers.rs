@@ -6,15 +6,18 @@
 
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Connection};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitStatus;
+use std::time::Duration;
 
 pub use pipeline::broker::topology::dead_letter_queue;
+pub use testkit::process::bin_path;
+pub use testkit::{Env, Metrics, Queues, free_port, repo_root, wait_until};
 
 /// The broker the tests share (`TEST_AMQP_URL`, default the local one).
 pub fn shared_amqp_url() -> String {
@@ -22,115 +25,29 @@ pub fn shared_amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
-/// The repository root.
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+/// One running service process ([`testkit::Service`]), killed when dropped, with the tests'
+/// synchronous waits and panics on failure.
+pub struct Service(testkit::Service);
 
-/// A TCP port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
-}
-
-/// Path of a service binary built next to this test binary (`cargo test --workspace` builds them).
-pub fn bin_path(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` so the service binaries are built",
-        path.display()
-    );
-    path
-}
-
-/// Queue names of one test, unique so tests can share a broker.
-#[derive(Clone, Debug)]
-pub struct Queues {
-    pub features: String,
-    pub y_true: String,
-    pub y_pred: String,
-}
-
-impl Queues {
-    pub fn unique(test: &str) -> Self {
-        let tag = format!(
-            "t.{test}.{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        Self {
-            features: format!("{tag}.features"),
-            y_true: format!("{tag}.y_true"),
-            y_pred: format!("{tag}.y_pred"),
-        }
-    }
-
-    pub fn all(&self) -> Vec<String> {
-        let mut all = vec![
-            self.features.clone(),
-            self.y_true.clone(),
-            self.y_pred.clone(),
-        ];
-        all.extend([&self.features, &self.y_true, &self.y_pred].map(|q| dead_letter_queue(q)));
-        all
-    }
-
-    pub fn env(&self) -> Vec<(String, String)> {
-        vec![
-            ("FEATURES_QUEUE".into(), self.features.clone()),
-            ("Y_TRUE_QUEUE".into(), self.y_true.clone()),
-            ("Y_PRED_QUEUE".into(), self.y_pred.clone()),
-        ]
+impl Deref for Service {
+    type Target = testkit::Service;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
-/// One running service process; killed when dropped.
-pub struct Service {
-    pub name: &'static str,
-    pub child: Child,
-    pub http_addr: SocketAddr,
-    pub stderr_path: PathBuf,
-    env: Vec<(String, String)>,
-    starts: u32,
+impl DerefMut for Service {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Service {
-    fn spawn(
-        name: &'static str,
-        env: Vec<(String, String)>,
-        http_addr: SocketAddr,
-        dir: &Path,
-        starts: u32,
-    ) -> Self {
-        let stderr_path = dir.join(format!("{name}.{starts}.stderr"));
-        let stderr = File::create(&stderr_path).expect("stderr file");
-        let child = Command::new(bin_path(name))
-            .current_dir(repo_root())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("HTTP_ADDR", http_addr.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self {
-            name,
-            child,
-            http_addr,
-            stderr_path,
-            env,
-            starts,
-        }
+    fn spawn(name: &str, env: Env, dir: &Path) -> Self {
+        Self(
+            testkit::Service::spawn(name, &bin_path(name), env, dir)
+                .unwrap_or_else(|e| panic!("cannot start {name}: {e:#}")),
+        )
     }
 
     /// Starts the same service again with the same settings.
@@ -138,104 +55,38 @@ impl Service {
         self.restart_with(dir, &[]);
     }
 
-    /// Starts the service again with some settings changed.
-    pub fn restart_with(&mut self, dir: &Path, overrides: &[(&str, String)]) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let mut env = self.env.clone();
-        for (key, value) in overrides {
-            env.retain(|(k, _)| k != key);
-            env.push(((*key).to_owned(), value.clone()));
-        }
-        *self = Self::spawn(self.name, env, self.http_addr, dir, self.starts + 1);
+    /// Starts the service again with some settings changed (its stderr goes to a new file in the
+    /// folder it was first started in; `_dir` is kept for the tests' calls).
+    pub fn restart_with(&mut self, _dir: &Path, overrides: &[(&str, String)]) {
+        let name = self.name.clone();
+        self.0
+            .respawn(overrides)
+            .unwrap_or_else(|e| panic!("cannot restart {name}: {e:#}"));
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Kills the process and waits for it.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
+    /// Sends a signal by name (`TERM`, `KILL`, `STOP`, `CONT`, `INT`, `HUP`).
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -{signal} {} failed", self.pid());
+        let number = match signal {
+            "TERM" => libc::SIGTERM,
+            "KILL" => libc::SIGKILL,
+            "STOP" => libc::SIGSTOP,
+            "CONT" => libc::SIGCONT,
+            "INT" => libc::SIGINT,
+            "HUP" => libc::SIGHUP,
+            other => panic!("unknown signal {other}"),
+        };
+        self.0.signal(number);
     }
 
     /// Waits for the process to exit, at most `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// `GET path` on the service's endpoint: (status, body).
-    pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(self.http_addr, path)
-    }
-
-    /// The service's Prometheus metrics as `name{labels}` -> value.
-    pub fn metrics(&self) -> HashMap<String, f64> {
-        let (_, body) = self.get("/metrics").unwrap_or_default();
-        parse_metrics(&body)
+        self.0.wait_exit_blocking(timeout).map(|exit| exit.status)
     }
 }
 
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A minimal HTTP/1.1 GET.
+/// `GET path` on `addr`: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((status, body))
-}
-
-/// Parses Prometheus text format into `name{labels}` -> value.
-pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
+    testkit::http::get_blocking(addr, path)
 }
 
 /// Settings of one pipeline run.
@@ -297,8 +148,11 @@ impl Drop for Pipeline {
                 return;
             };
             runtime.block_on(async {
-                let _ = tokio::time::timeout(Duration::from_secs(10), delete_queues(&url, &queues))
-                    .await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    testkit::delete_queues(&url, &queues),
+                )
+                .await;
             });
         })
         .join();
@@ -306,12 +160,10 @@ impl Drop for Pipeline {
 }
 
 impl Pipeline {
-    fn common_env(options: &Options, queues: &Queues) -> Vec<(String, String)> {
-        let mut env = queues.env();
-        env.push(("AMQP_URL".into(), options.amqp_url.clone()));
-        env.push(("RECONNECT_MAX_DELAY_MS".into(), "1000".into()));
-        env.extend(options.extra.iter().cloned());
-        env
+    fn common_env(options: &Options, queues: &Queues) -> Env {
+        Env::new(&options.amqp_url, queues)
+            .set("RECONNECT_MAX_DELAY_MS", 1000)
+            .with(options.extra.iter().cloned())
     }
 
     /// Starts metric and model (consumers) but not the producer.
@@ -319,16 +171,9 @@ impl Pipeline {
         let queues = Queues::unique(test);
         let dir = tempfile::tempdir().expect("tempdir");
         let logs = dir.path().join("logs");
-        let mut metric_env = Self::common_env(&options, &queues);
-        metric_env.push(("LOG_DIR".into(), logs.display().to_string()));
-        let metric = Service::spawn("metric", metric_env, local_addr(), dir.path(), 0);
-        let model = Service::spawn(
-            "model",
-            Self::common_env(&options, &queues),
-            local_addr(),
-            dir.path(),
-            0,
-        );
+        let metric_env = Self::common_env(&options, &queues).set("LOG_DIR", logs.display());
+        let metric = Service::spawn("metric", metric_env, dir.path());
+        let model = Service::spawn("model", Self::common_env(&options, &queues), dir.path());
         Self {
             queues,
             dir,
@@ -341,16 +186,10 @@ impl Pipeline {
 
     /// Starts the producer with the run's COUNT and RATE.
     pub fn start_features(&mut self) {
-        let mut env = Self::common_env(&self.options, &self.queues);
-        env.push(("COUNT".into(), self.options.count.to_string()));
-        env.push(("RATE".into(), self.options.rate.to_string()));
-        self.features = Some(Service::spawn(
-            "features",
-            env,
-            local_addr(),
-            self.dir.path(),
-            0,
-        ));
+        let env = Self::common_env(&self.options, &self.queues)
+            .set("COUNT", self.options.count)
+            .set("RATE", self.options.rate);
+        self.features = Some(Service::spawn("features", env, self.dir.path()));
     }
 
     /// Kills the run's services (before its queues are deleted: a live service whose queue is
@@ -373,13 +212,11 @@ impl Pipeline {
 
     /// Starts one more service of this run (for example a second model), with extra settings.
     pub fn extra_service(&self, name: &'static str, extra: &[(&str, String)]) -> Service {
-        let mut env = Self::common_env(&self.options, &self.queues);
-        for (key, value) in extra {
-            env.retain(|(k, _)| k != key);
-            env.push(((*key).to_owned(), value.clone()));
-        }
-        let starts = 100 + free_port() as u32;
-        Service::spawn(name, env, local_addr(), self.dir.path(), starts)
+        let env = Self::common_env(&self.options, &self.queues).with(extra.iter().cloned());
+        // A folder of its own, so its stderr does not overwrite another instance's.
+        let dir = self.dir.path().join(format!("{name}.{}", free_port()));
+        std::fs::create_dir_all(&dir).expect("service dir");
+        Service::spawn(name, env, &dir)
     }
 
     pub fn log_dir(&self) -> PathBuf {
@@ -433,10 +270,6 @@ impl Pipeline {
     }
 }
 
-fn local_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
-
 /// One row of metric_log.csv.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
@@ -483,23 +316,9 @@ pub fn assert_exactly_once(rows: &[Row], n: usize) {
     }
 }
 
-/// Polls `condition` every 50 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A connection for the test itself (publishing bad input, reading queue depths).
 pub async fn connect(url: &str) -> Connection {
-    Connection::connect(url, ConnectionProperties::default())
+    testkit::connect(url, "e2e test")
         .await
         .expect("test connection to the broker")
 }
@@ -539,29 +358,7 @@ pub async fn assert_queues_empty(url: &str, queues: &Queues) {
 /// Deletes the test's queues (best effort), the trainer's copies and the producer's fanout
 /// exchanges included.
 pub async fn delete_queues(url: &str, queues: &Queues) {
-    use pipeline::broker::topology::{fanout_exchange, training_queue};
-    let connection = connect(url).await;
-    let mut all = queues.all();
-    for stream in [&queues.features, &queues.y_true] {
-        all.push(training_queue(stream));
-        all.push(dead_letter_queue(&training_queue(stream)));
-    }
-    if let Ok(channel) = connection.create_channel().await {
-        for queue in all {
-            let _ = channel
-                .queue_delete(queue.as_str().into(), Default::default())
-                .await;
-        }
-    }
-    for stream in [&queues.features, &queues.y_true] {
-        // A channel each: deleting an exchange that was never declared may close the channel.
-        if let Ok(channel) = connection.create_channel().await {
-            let _ = channel
-                .exchange_delete(fanout_exchange(stream).as_str().into(), Default::default())
-                .await;
-        }
-    }
-    let _ = connection.close(200, "bye".into()).await;
+    let _ = testkit::delete_queues(url, queues).await;
 }
 
 /// Publishes a raw body to a queue through the default exchange.
@@ -647,6 +444,5 @@ pub fn write_history(log_dir: &Path, pairs: usize) -> Vec<String> {
 
 /// Starts one service on its own, with exactly these settings (plus HTTP_ADDR), its stderr in `dir`.
 pub fn spawn_service(name: &'static str, env: Vec<(String, String)>, dir: &Path) -> Service {
-    let starts = 200 + free_port() as u32;
-    Service::spawn(name, env, local_addr(), dir, starts)
+    Service::spawn(name, Env::default().with(env), dir)
 }

@@ -1,10 +1,12 @@
 //! End-to-end tests: the real binaries against a real RabbitMQ. One test binary, with a
 //! [`helpers`] module that gives every test its own queues, log dir and ports, and a
-//! [`broker_node`] module for tests that need a broker of their own to stop and restart.
+//! [`broker_node`] module (from `testkit`) for tests that need a broker of their own to stop and restart.
 
+mod alarms;
 mod bad_input;
+/// The private broker nodes, shared with the benchmark.
+use testkit::broker_node;
 mod blocked;
-mod broker_node;
 mod course;
 mod dashboard;
 mod deployment;

@@ -10,10 +10,11 @@ use crate::broker_node::BrokerNode;
 use crate::helpers::*;
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use testkit::metrics::exported_names;
 use yaml_rust2::{Yaml, YamlEmitter, YamlLoader};
 
 /// Metrics the rules use that another part of issue 11 adds (the metric service's quality alarm);
@@ -112,42 +113,6 @@ fn every_alert_has_a_rule() {
             "no rule {alert}"
         );
     }
-}
-
-/// The sample names a `/metrics` text can have: its samples, and for every declared family the
-/// names its type gives (a counter with no series yet is still exported as `<name>_total`).
-fn exported_names(text: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for line in text.lines() {
-        if let Some(declaration) = line.strip_prefix("# TYPE ") {
-            let mut parts = declaration.split_whitespace();
-            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            match kind {
-                "counter" => {
-                    names.insert(format!("{name}_total"));
-                }
-                "histogram" => {
-                    for suffix in ["_bucket", "_sum", "_count"] {
-                        names.insert(format!("{name}{suffix}"));
-                    }
-                }
-                _ => {
-                    names.insert(name.to_owned());
-                }
-            }
-        } else if !line.starts_with('#') {
-            let name: String = line
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
-                .collect();
-            if !name.is_empty() {
-                names.insert(name);
-            }
-        }
-    }
-    names
 }
 
 fn pipeline_names_in(text: &str) -> BTreeSet<String> {
@@ -275,21 +240,6 @@ fn metric_names_are_found_in_rules_text() {
     ] {
         assert!(exported.contains(name), "{name}: {exported:?}");
     }
-}
-
-/// A GET over HTTP/1.0, so that neither Prometheus nor RabbitMQ answers in chunks: (status, body).
-fn http_get_plain(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
 }
 
 /// Percent-encodes a query parameter value.
@@ -486,7 +436,7 @@ async fn every_rabbitmq_metric_in_the_rules_and_the_dashboard_is_exported_by_rab
     let detailed_path = rabbitmq_detailed_path();
     let mut detailed = String::new();
     let seen = wait_until(Duration::from_secs(60), || {
-        detailed = http_get_plain(metrics_addr, &detailed_path)
+        detailed = http_get(metrics_addr, &detailed_path)
             .map(|(_, body)| body)
             .unwrap_or_default();
         detailed.contains("queue=\"depth\"") && detailed.contains("queue=\"consumed\"")
@@ -496,7 +446,7 @@ async fn every_rabbitmq_metric_in_the_rules_and_the_dashboard_is_exported_by_rab
         "no per-queue series on {detailed_path}:\n{detailed}\n{}",
         node.log_tail()
     );
-    let (status, totals) = http_get_plain(metrics_addr, "/metrics").expect("/metrics");
+    let (status, totals) = http_get(metrics_addr, "/metrics").expect("/metrics");
     assert_eq!(status, 200);
     let _ = connection.close(200, "bye".into()).await;
     drop(node);
@@ -525,24 +475,12 @@ impl Drop for EpmdOf {
 
 fn stop_epmd_of(node_dir: &Path) {
     let home = format!("HOME={}", node_dir.join("home").display());
-    let Ok(processes) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for process in processes.flatten() {
-        let Some(pid) = process
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let is_epmd = std::fs::read_to_string(process.path().join("comm"))
-            .is_ok_and(|name| name.trim() == "epmd");
-        let environ = std::fs::read(process.path().join("environ")).unwrap_or_default();
+    for (pid, dir) in testkit::process::processes_named("epmd") {
+        let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
         let ours = environ
             .split(|byte| *byte == 0)
             .any(|entry| entry == home.as_bytes());
-        if is_epmd && ours {
+        if ours {
             let _ = Command::new("kill").arg(pid.to_string()).status();
         }
     }
@@ -644,7 +582,7 @@ impl PrometheusServer {
             });
         let mut server = Self { child, addr, dir };
         let ready = wait_until(Duration::from_secs(30), || {
-            http_get_plain(server.addr, "/-/ready").is_some_and(|(status, _)| status == 200)
+            http_get(server.addr, "/-/ready").is_some_and(|(status, _)| status == 200)
         });
         let exited = matches!(server.child.try_wait(), Ok(Some(_)));
         assert!(
@@ -661,7 +599,7 @@ impl PrometheusServer {
 
     /// `GET /api/v1/<path>`: the `data` of a `success` answer.
     fn api(&self, path: &str) -> serde_json::Value {
-        let (status, body) = http_get_plain(self.addr, &format!("/api/v1/{path}"))
+        let (status, body) = http_get(self.addr, &format!("/api/v1/{path}"))
             .unwrap_or_else(|| panic!("prometheus did not answer /api/v1/{path}"));
         let answer: serde_json::Value = serde_json::from_str(&body)
             .unwrap_or_else(|err| panic!("/api/v1/{path}: {err}: {body}"));

@@ -3,12 +3,11 @@
 
 use crate::broker_node::BrokerNode;
 use crate::helpers::*;
-use std::collections::HashMap;
 use std::time::Duration;
 
 const N: usize = 500;
 
-fn counter(metrics: &HashMap<String, f64>, name: &str, queue: &str) -> f64 {
+fn counter(metrics: &Metrics, name: &str, queue: &str) -> f64 {
     metrics
         .get(&format!("{name}{{queue=\"{queue}\"}}"))
         .copied()

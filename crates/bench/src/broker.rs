@@ -1,141 +1,62 @@
-//! The benchmark's own dealings with the broker: queue names per phase, the ledger of queues to
-//! delete, connecting, and reading the broker's version.
+//! The benchmark's own dealings with the broker: the ledger of the phases' queues to delete (with
+//! `testkit`'s one deleter), and reading the broker's version.
 
 use anyhow::{Context as _, anyhow, bail, ensure};
-use lapin::options::QueueDeleteOptions;
 use lapin::protocol::{AMQPClass, connection::AMQPMethod};
 use lapin::types::AMQPValue;
 use lapin::uri::{AMQPScheme, AMQPUri};
-use lapin::{Connection, ConnectionProperties};
-use pipeline::broker::topology::dead_letter_queue;
-use pipeline::config::QueueNames;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+pub use testkit::connect;
+use testkit::{Queues, delete_queues};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-/// The three queue names of one phase: `bench.<run>.<phase>.{features,y_true,y_pred}`.
-pub fn phase_queues(run_id: &str, phase: &str) -> QueueNames {
-    let prefix = format!("bench.{run_id}.{phase}");
-    QueueNames {
-        features_queue: format!("{prefix}.features"),
-        y_true_queue: format!("{prefix}.y_true"),
-        y_pred_queue: format!("{prefix}.y_pred"),
-    }
-}
-
-/// The three queues and their dead-letter queues.
-fn all_queues(queues: &QueueNames) -> Vec<String> {
-    let main = [
-        &queues.features_queue,
-        &queues.y_true_queue,
-        &queues.y_pred_queue,
-    ];
-    main.iter()
-        .map(|q| (*q).clone())
-        .chain(main.iter().map(|q| dead_letter_queue(q)))
-        .collect()
-}
 
 /// Every queue the benchmark may have declared and not yet deleted.
 #[derive(Clone, Default)]
 pub struct QueueLedger {
-    names: Arc<Mutex<BTreeSet<String>>>,
+    phases: Arc<Mutex<BTreeSet<Queues>>>,
 }
 
 impl QueueLedger {
     /// Records the queues of a phase, before anything declares them.
-    pub fn register(&self, queues: &QueueNames) {
-        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
-        names.extend(all_queues(queues));
+    pub fn register(&self, queues: &Queues) {
+        let mut phases = self.phases.lock().unwrap_or_else(PoisonError::into_inner);
+        phases.insert(queues.clone());
     }
 
-    /// Deletes the queues of a phase and forgets them.
-    pub async fn delete(&self, url: &str, queues: &QueueNames) -> anyhow::Result<()> {
-        let names = all_queues(queues);
-        delete_queues(url, &names).await?;
-        let mut known = self.names.lock().unwrap_or_else(PoisonError::into_inner);
-        for name in &names {
-            known.remove(name);
-        }
+    /// Deletes the queues of a phase (and what goes with them) and forgets them.
+    pub async fn delete(&self, url: &str, queues: &Queues) -> anyhow::Result<()> {
+        delete_queues(url, queues).await?;
+        let mut phases = self.phases.lock().unwrap_or_else(PoisonError::into_inner);
+        phases.remove(queues);
         Ok(())
     }
 
-    /// Deletes every queue still recorded, trying each URL until one works. Returns how many.
+    /// Deletes the queues of every phase still recorded, trying each URL until one works. Returns
+    /// how many phases.
     pub async fn delete_all(&self, urls: &[String]) -> anyhow::Result<usize> {
-        let names: Vec<String> = {
-            let known = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        let phases: Vec<Queues> = {
+            let known = self.phases.lock().unwrap_or_else(PoisonError::into_inner);
             known.iter().cloned().collect()
         };
-        if names.is_empty() {
+        if phases.is_empty() {
             return Ok(0);
         }
         let mut last_error = anyhow!("AMQP_URL is empty");
         for url in urls {
-            match delete_queues(url, &names).await {
-                Ok(()) => {
-                    self.names
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .clear();
-                    return Ok(names.len());
+            let mut deleted = 0;
+            for queues in &phases {
+                match self.delete(url, queues).await {
+                    Ok(()) => deleted += 1,
+                    Err(err) => last_error = err,
                 }
-                Err(err) => last_error = err,
+            }
+            if deleted == phases.len() {
+                return Ok(deleted);
             }
         }
         Err(last_error)
-    }
-}
-
-/// Connects with a name that shows in the management UI.
-pub async fn connect(url: &str, name: &str) -> anyhow::Result<Connection> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        Connection::connect(url, properties),
-    )
-    .await
-    .context("timed out connecting to the broker")?
-    .with_context(|| {
-        format!(
-            "cannot connect to {}",
-            pipeline::broker::connection::redact(url)
-        )
-    })
-}
-
-/// Deletes `names` (a missing queue is fine), then closes the connection.
-async fn delete_queues(url: &str, names: &[String]) -> anyhow::Result<()> {
-    let connection = connect(url, "bench (cleanup)").await?;
-    let mut channel = connection.create_channel().await?;
-    let mut failed = Vec::new();
-    for name in names {
-        if let Err(err) = channel
-            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-            .await
-        {
-            failed.push(format!("{name}: {err}"));
-            // A refused delete closes the channel; carry on with a new one.
-            channel = connection.create_channel().await?;
-        }
-    }
-    // The producer's fanout exchanges of the phase's streams (`<queue>.fanout`); best effort, as
-    // only the features and y_true queues have one.
-    for name in names {
-        let exchange = pipeline::broker::topology::fanout_exchange(name);
-        if channel
-            .exchange_delete(exchange.as_str().into(), Default::default())
-            .await
-            .is_err()
-        {
-            channel = connection.create_channel().await?;
-        }
-    }
-    let _ = connection.close(200, "bye".into()).await;
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        bail!("cannot delete {}", failed.join("; "))
     }
 }
 

@@ -2,13 +2,13 @@
 //!
 //! Three connections play the three services, each as a task of its own:
 //! - producer: per sample, publishes `y_true` then `features` (the producer's bodies, built with
-//!   [`YTrueOut`] and [`FeaturesOut`] from random rows of the data set, uuid ids), persistent,
-//!   mandatory, with publisher confirms awaited in a window of `CONFIRM_WINDOW` samples (the
+//!   the producer's `write_y_true`/`write_features` from rows its `Sampler` picks, uuid ids),
+//!   persistent, mandatory, with publisher confirms awaited in a window of `CONFIRM_WINDOW` samples (the
 //!   shared `ConfirmWindow`, as the producer uses);
-//! - model: consumes `features` (prefetch `PREFETCH`), publishes a `y_pred` body of the model's
-//!   shape and size ([`YPredOut`] with a real prediction and the real model version) with confirms,
-//!   and acks the inputs (with `multiple`) once their outputs are confirmed (the shared
-//!   `AckWindow`, as the consume loop uses);
+//! - model: the services' own consume loop (`run_consumer`, prefetch `PREFETCH`) with a handler
+//!   that publishes a `y_pred` body of the model's shape and size (the model's `write_y_pred`, a
+//!   real prediction and the real model version) and answers `AckOnConfirm`: the loop acks the
+//!   input once the broker confirms the output, exactly as in the model;
 //! - metric: consumes `y_true` and `y_pred` on one channel (exclusive consumers, prefetch
 //!   `PREFETCH` each) and acks each batch with `multiple`.
 //!
@@ -17,27 +17,33 @@
 //! publish to the ack that covers the last `y_true` and `y_pred`).
 //!
 //! Paced at a rate (the producer's own [`Pacer`]), it is the latency limit: each sample's time from
-//! its send (right after both messages went out, where the producer logs `published`) to the
-//! metric role holding both its `y_true` and its `y_pred`, the point where the metric service
-//! would join them. One process, one clock.
+//! its send (right after both messages went out) to the metric role holding both its `y_true` and
+//! its `y_pred`, the point where the metric service would join them. One process, one clock.
 
 use crate::Bench;
 use crate::broker::connect;
 use crate::latency::{Summary, summarize};
 use crate::process::{Usage, cpu_seconds};
 use anyhow::{Context as _, bail, ensure};
-use features::Pacer;
+use features::{Order, Pacer, Sampler};
 use futures_util::{FutureExt as _, StreamExt as _};
+use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Confirmation, Connection, Consumer};
+use lapin::{Channel, Connection, Consumer};
 use model::regression::LinearModel;
-use pipeline::broker::Publisher;
+use pipeline::CancellationToken;
 use pipeline::broker::Topology;
+use pipeline::broker::consumer::ConsumerSpec;
 use pipeline::broker::publisher::{Confirm, is_confirmed};
-use pipeline::broker::window::{AckWindow, ConfirmWindow, Outcome, Pending, Published, Settlement};
+use pipeline::broker::window::{ConfirmWindow, Published};
+use pipeline::broker::{
+    Broker, BrokerContext as _, Disposition, HandlerError, MessageHandler, Publisher, run_consumer,
+};
+use pipeline::config::{BrokerConfig, ConsumeConfig};
 use pipeline::dataset::Dataset;
-use pipeline::messages::{FeaturesOut, YPredOut, YTrueOut, now_us};
+use pipeline::health::Health;
+use pipeline::messages::{BodyFormat, now_us, write_features, write_y_pred, write_y_true};
 use pipeline::metrics::BrokerMetrics;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -77,6 +83,7 @@ struct Plan {
     rate: f64,
     prefetch: u16,
     window: usize,
+    topology: pipeline::config::TopologyMode,
     features_queue: String,
     y_true_queue: String,
     y_pred_queue: String,
@@ -97,9 +104,10 @@ pub async fn run(
         rate,
         prefetch: bench.cli.consume.prefetch,
         window: usize::try_from(bench.cli.confirm_window).unwrap_or(usize::MAX),
-        features_queue: queues.features_queue.clone(),
-        y_true_queue: queues.y_true_queue.clone(),
-        y_pred_queue: queues.y_pred_queue.clone(),
+        topology: bench.cli.broker.topology,
+        features_queue: queues.features.clone(),
+        y_true_queue: queues.y_true.clone(),
+        y_pred_queue: queues.y_pred.clone(),
     };
     let topology = |names: &[&str]| Topology::new(&bench.cli.broker, names);
     // The real prediction's shape: same digits, same version string.
@@ -123,17 +131,6 @@ pub async fn run(
         metric_consumers.push(consume(&metric_channel, queue, "metric", true).await?);
     }
 
-    let model_connection = connect(&url, "bench ceiling (model)").await?;
-    let model_publish = Publisher::open(&model_connection, "model", unregistered_metrics()).await?;
-    topology(&[&plan.features_queue, &plan.y_pred_queue])
-        .declare(model_publish.channel())
-        .await?;
-    let model_consume = model_connection.create_channel().await?;
-    model_consume
-        .basic_qos(plan.prefetch, BasicQosOptions::default())
-        .await?;
-    let model_consumer = consume(&model_consume, &plan.features_queue, "model", false).await?;
-
     let producer_connection = connect(&url, "bench ceiling (features)").await?;
     let producer_channel =
         Publisher::open(&producer_connection, "features", unregistered_metrics()).await?;
@@ -151,14 +148,22 @@ pub async fn run(
         metric_consumers,
         Arc::clone(&acked),
     ));
-    roles.spawn(model_role(
+    // The consume loop's future is not `Send` (as in the model, which runs it on its main task):
+    // it runs on a thread of its own, driving this runtime's I/O.
+    let runtime = tokio::runtime::Handle::current();
+    let (model_plan, broker, consume) = (
         plan.clone(),
-        model_publish,
-        model_consume,
-        model_consumer,
-        prediction,
-        model.version.clone(),
-    ));
+        bench.cli.broker.clone(),
+        bench.cli.consume.clone(),
+    );
+    let version = model.version.clone();
+    roles.spawn(async move {
+        tokio::task::spawn_blocking(move || {
+            runtime.block_on(model_role(model_plan, broker, consume, prediction, version))
+        })
+        .await
+        .context("the model role crashed")?
+    });
     roles.spawn(producer_role(
         plan.clone(),
         producer_channel,
@@ -208,7 +213,7 @@ pub async fn run(
     let broker_cpu_seconds = cpu_seconds(bench.broker_pid)
         .zip(broker_cpu_before)
         .map(|(after, before)| after - before);
-    for connection in [producer_connection, model_connection, metric_connection] {
+    for connection in [producer_connection, metric_connection] {
         close(&connection).await;
     }
     bench.ledger.delete(&url, &queues).await?;
@@ -283,23 +288,15 @@ async fn consume(
         .with_context(|| format!("cannot consume {queue}"))
 }
 
-/// Fails unless the broker took the message.
-fn check(confirmation: lapin::Result<Confirmation>) -> anyhow::Result<()> {
-    let confirmation = confirmation.context("waiting for a publisher confirm")?;
-    ensure!(
-        is_confirmed(&confirmation),
-        "the broker refused a message: {confirmation:?}"
-    );
-    Ok(())
-}
-
 /// The producer's part: the samples, with both confirms of each awaited in a window.
 async fn producer_role(
     plan: Plan,
     channel: Publisher,
     data: Arc<Dataset>,
 ) -> anyhow::Result<RoleDone> {
-    let mut rng = fastrand::Rng::new();
+    // The producer's own row picker and body writers, so the bytes are the producer's.
+    let mut sampler = Sampler::new(Order::Random, None, data.len());
+    let format = BodyFormat::of(plan.topology);
     let mut window = ConfirmWindow::new();
     let mut confirms: VecDeque<(u64, Confirm)> = VecDeque::with_capacity(2 * plan.window);
     let mut body = Vec::with_capacity(512);
@@ -319,30 +316,14 @@ async fn producer_role(
         }
         pacer.sent();
         let id = uuid::Uuid::new_v4().to_string();
-        let row = rng.usize(0..data.len());
+        let row = sampler.next_row();
         let sent_at_us = now_us();
-        body.clear();
-        serde_json::to_writer(
-            &mut body,
-            &YTrueOut {
-                id: &id,
-                y_true: data.target(row),
-                sent_at_us,
-            },
-        )?;
+        write_y_true(&mut body, format, &id, data.target(row), sent_at_us)?;
         y_true_bytes += body.len() as u64;
         let y_true = channel
             .publish_json(&plan.y_true_queue, &body, Some(&id))
             .await?;
-        body.clear();
-        serde_json::to_writer(
-            &mut body,
-            &FeaturesOut {
-                id: &id,
-                features: data.row(row),
-                sent_at_us,
-            },
-        )?;
+        write_features(&mut body, format, &id, data.row(row), sent_at_us)?;
         features_bytes += body.len() as u64;
         let features = channel
             .publish_json(&plan.features_queue, &body, Some(&id))
@@ -395,106 +376,100 @@ async fn retire_confirmed(
     Ok(())
 }
 
-/// The model's part: a `y_pred` for every `features` delivery, acked when it is confirmed.
+/// The model's part, through the services' own consume loop ([`run_consumer`], as the model runs
+/// it): a `y_pred` for every `features` delivery, acked once the broker confirms it. It stops
+/// (draining its confirms and acks) once it has handled every sample.
 async fn model_role(
     plan: Plan,
-    publish_channel: Publisher,
-    consume_channel: Channel,
-    mut consumer: Consumer,
+    broker: BrokerConfig,
+    consume: ConsumeConfig,
     prediction: f64,
     model_version: String,
 ) -> anyhow::Result<RoleDone> {
-    let mut window = AckWindow::new();
-    let mut inflight: VecDeque<(u64, Confirm)> = VecDeque::new();
-    let mut received = 0u64;
-    let mut y_pred_bytes = 0u64;
-    let mut body = Vec::with_capacity(256);
-    let batch_limit = usize::from(plan.prefetch);
-    while received < plan.samples || !inflight.is_empty() {
-        tokio::select! {
-            biased;
-            confirmation = front_confirm(&mut inflight) => {
-                check(confirmation)?;
-                if let Some((tag, _)) = inflight.pop_front() {
-                    window.confirmed(tag, true);
-                }
-                ack_confirmed(&consume_channel, &mut window, &mut inflight).await?;
-            }
-            next = consumer.next(), if received < plan.samples => {
-                // Take what is already here (up to the prefetch), then ack what is confirmed.
-                let mut next = Some(next);
-                let mut taken = 0;
-                while let Some(item) = next.take() {
-                    let delivery = item.context("the broker cancelled the consumer")??;
-                    let id = delivery
-                        .properties
-                        .message_id()
-                        .as_ref()
-                        .context("a features message without message_id")?;
-                    body.clear();
-                    serde_json::to_writer(
-                        &mut body,
-                        &YPredOut {
-                            id: id.as_str(),
-                            y_pred: prediction,
-                            model_version: &model_version,
-                            sent_at_us: Some(now_us()),
-                        },
-                    )?;
-                    y_pred_bytes += body.len() as u64;
-                    let confirm =
-                        publish_channel.publish_json(&plan.y_pred_queue, &body, Some(id.as_str()))
-                            .await?;
-                    window.push(delivery.delivery_tag, Pending::Confirm { on_failure: Outcome::Requeue });
-                    inflight.push_back((delivery.delivery_tag, confirm));
-                    received += 1;
-                    taken += 1;
-                    if taken < batch_limit && received < plan.samples {
-                        next = consumer.next().now_or_never();
-                    }
-                }
-                ack_confirmed(&consume_channel, &mut window, &mut inflight).await?;
-            }
-        }
-    }
-    let _ = consume_channel.close(200, "done".into()).await;
-    publish_channel.close().await;
-    Ok(RoleDone::Model { y_pred_bytes })
+    let done = CancellationToken::new();
+    let mut handler = CeilingModel {
+        y_pred_queue: plan.y_pred_queue.clone(),
+        format: BodyFormat::of(plan.topology),
+        prediction,
+        model_version,
+        body: Vec::with_capacity(256),
+        handled: 0,
+        samples: plan.samples,
+        y_pred_bytes: 0,
+        done: done.clone(),
+    };
+    let spec = ConsumerSpec {
+        inputs: &[plan.features_queue.as_str()],
+        topology: Topology::new(
+            &broker,
+            &[plan.features_queue.as_str(), plan.y_pred_queue.as_str()],
+        ),
+        consume,
+        exclusive: false,
+        service: "bench ceiling (model)",
+    };
+    let mut broker = Broker::new(
+        broker,
+        "bench ceiling (model)",
+        unregistered_metrics(),
+        Health::new(),
+    );
+    run_consumer(&mut broker, &spec, &mut handler, &done).await?;
+    Ok(RoleDone::Model {
+        y_pred_bytes: handler.y_pred_bytes,
+    })
 }
 
-/// The confirm of the oldest delivery in flight, or never when there is none.
-async fn front_confirm(inflight: &mut VecDeque<(u64, Confirm)>) -> lapin::Result<Confirmation> {
-    match inflight.front_mut() {
-        Some((_, confirm)) => confirm.await,
-        None => std::future::pending().await,
-    }
+/// The model role's handler: no JSON parsed, no model run; the real prediction's body shape.
+struct CeilingModel {
+    y_pred_queue: String,
+    format: BodyFormat,
+    prediction: f64,
+    model_version: String,
+    body: Vec<u8>,
+    handled: u64,
+    samples: u64,
+    y_pred_bytes: u64,
+    done: CancellationToken,
 }
 
-/// Records the confirms that are in and sends the acks (with `multiple`) the window allows.
-async fn ack_confirmed(
-    channel: &Channel,
-    window: &mut AckWindow,
-    inflight: &mut VecDeque<(u64, Confirm)>,
-) -> anyhow::Result<()> {
-    while let Some((tag, confirm)) = inflight.front_mut() {
-        let Some(confirmation) = confirm.now_or_never() else {
-            break;
-        };
-        check(confirmation)?;
-        window.confirmed(*tag, true);
-        inflight.pop_front();
-    }
-    for settlement in window.take_settled() {
-        match settlement {
-            Settlement::AckUpTo { upto, .. } => {
-                channel
-                    .basic_ack(upto, BasicAckOptions { multiple: true })
-                    .await?;
-            }
-            Settlement::Nack { tag, .. } => anyhow::bail!("delivery {tag} was not confirmed"),
+impl MessageHandler for CeilingModel {
+    async fn handle(
+        &mut self,
+        _input: usize,
+        delivery: &Delivery,
+        publisher: &Publisher,
+    ) -> Result<Disposition, HandlerError> {
+        let id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .context("a features message without message_id")?
+            .as_str();
+        write_y_pred(
+            &mut self.body,
+            self.format,
+            Some(id),
+            self.prediction,
+            &self.model_version,
+            Some(now_us()),
+        )
+        .context("cannot encode y_pred")?;
+        self.y_pred_bytes += self.body.len() as u64;
+        let confirm = publisher
+            .publish_json(&self.y_pred_queue, &self.body, Some(id))
+            .await
+            .broker_context("cannot publish y_pred")?;
+        self.handled += 1;
+        if self.handled >= self.samples {
+            self.done.cancel();
         }
+        Ok(Disposition::AckOnConfirm(confirm))
     }
-    Ok(())
+
+    async fn flush(&mut self) -> Result<(), HandlerError> {
+        Ok(())
+    }
 }
 
 /// The metric's part: takes every `y_true` and `y_pred`, acks each batch with `multiple`.

@@ -1,5 +1,5 @@
 //! Quorum queues on a three-node cluster of private RabbitMQ nodes, started with the end-to-end
-//! tests' own node handling (`tests/e2e/broker_node.rs`, compiled in as it is): the pipeline's
+//! tests' own node handling (`testkit::broker_node`): the pipeline's
 //! throughput and its latency at half that rate, with `QUEUE_TYPE=quorum` and `AMQP_URL` listing
 //! the three nodes. The nodes are killed when the phase ends, also on error.
 
@@ -10,36 +10,7 @@ use anyhow::anyhow;
 use pipeline::config::QueueType;
 use serde::Serialize;
 
-/// The test harness's private nodes.
-#[path = "../../../tests/e2e/broker_node.rs"]
-mod broker_node;
-
-/// What `broker_node.rs` takes from the test helpers (as `crate::helpers`).
-pub mod helpers {
-    use std::time::{Duration, Instant};
-
-    /// A loopback port nobody listens on right now (0 when none can be had: the node then fails
-    /// to start, with its log in the error).
-    pub fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .map_or(0, |addr| addr.port())
-    }
-
-    /// Polls `condition` every 50 ms until it holds (true) or `timeout` passes (false).
-    pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if condition() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
+use testkit::broker_node;
 
 /// Nodes in the cluster.
 pub const NODES: usize = 3;

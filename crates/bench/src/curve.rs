@@ -46,11 +46,17 @@ pub async fn measure(
             pipeline_run::latency(bench, &format!("latency{percent}"), samples, rate).await?;
         let p99 = |s: Option<crate::latency::Summary>| s.map_or(f64::NAN, |s| s.p99_ms);
         progress!(
-            "curve {percent}%: p99 pipeline {:.1} ms (both handled {:.1} ms), bare {:.1} ms",
+            "curve {percent}%: p99 pipeline {:.1} ms (send → joined, its histogram), bare {:.1} ms",
             p99(pipeline.per_sample),
-            p99(pipeline.both_handled),
             p99(bare.latency)
         );
+        for stage in &pipeline.stages {
+            progress!(
+                "curve {percent}%:   p99 {:.1} ms  {}",
+                stage.summary.p99_ms,
+                stage.stage
+            );
+        }
         points.push(CurvePoint {
             fraction,
             rate,

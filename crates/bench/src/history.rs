@@ -97,13 +97,14 @@ pub async fn measure(bench: &Bench, pairs: u64, starts: u32) -> anyhow::Result<V
     let dir_for_writer = log_dir.clone();
     tokio::task::spawn_blocking(move || write_history(&dir_for_writer, pairs)).await??;
     let queues = bench.queues("history");
-    let mut env = bench.service_env(&queues, "info");
-    env.push(("LOG_DIR".into(), log_dir.display().to_string()));
-    env.push(("PLOT_INTERVAL_SECS".into(), "0".into()));
+    let env = bench
+        .service_env(&queues, "info")
+        .set("LOG_DIR", log_dir.display())
+        .set("PLOT_INTERVAL_SECS", 0);
     let mut results = Vec::new();
     for start in 0..starts {
         let from_checkpoint = log_dir.join(".metric.checkpoint.json").exists();
-        let mut metric = Service::spawn("metric", &bench.binaries.metric, &env, dir.path())?;
+        let mut metric = Service::spawn("metric", &bench.binaries.metric, env.clone(), dir.path())?;
         let healthy_at = metric
             .wait_healthy(Duration::from_secs(300), Duration::from_millis(1))
             .await?;

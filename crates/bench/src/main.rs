@@ -36,15 +36,14 @@ mod startup;
 use anyhow::Context as _;
 use broker::QueueLedger;
 use clap::{Parser, ValueEnum as _};
-/// For `tests/e2e/broker_node.rs`, compiled into `cluster`.
-use cluster::helpers;
-use pipeline::config::{BrokerConfig, ConsumeConfig, QueueNames};
+use pipeline::config::{BrokerConfig, ConsumeConfig};
 use pipeline::dataset::Dataset;
 use process::Binaries;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use testkit::{Env, Queues};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Command line of the benchmark.
@@ -230,44 +229,31 @@ impl Bench {
             .context("AMQP_URL is empty")
     }
 
-    /// Fresh queue names for one phase, recorded for deletion.
-    pub fn queues(&self, phase: &str) -> QueueNames {
-        let queues = broker::phase_queues(&self.run_id, phase);
+    /// Fresh queue names for one phase (`bench.<run>.<phase>.*`), recorded for deletion.
+    pub fn queues(&self, phase: &str) -> Queues {
+        let queues = Queues::with_prefix(&format!("bench.{}.{phase}", self.run_id));
         self.ledger.register(&queues);
         queues
     }
 
     /// The environment of a service process on `queues`: the broker and consumer settings of the
     /// benchmark, the data set, and `rust_log` as RUST_LOG; logs as JSON lines.
-    pub fn service_env(&self, queues: &QueueNames, rust_log: &str) -> Vec<(String, String)> {
+    pub fn service_env(&self, queues: &Queues, rust_log: &str) -> Env {
         let queue_type = self
             .cli
             .broker
             .queue_type
             .to_possible_value()
             .map_or_else(|| "classic".to_owned(), |v| v.get_name().to_owned());
-        vec![
-            ("AMQP_URL".into(), self.cli.broker.amqp_url.clone()),
-            ("QUEUE_TYPE".into(), queue_type),
-            (
-                "DELIVERY_LIMIT".into(),
-                self.cli.broker.delivery_limit.to_string(),
-            ),
-            ("PREFETCH".into(), self.cli.consume.prefetch.to_string()),
-            (
-                "MAX_MESSAGE_BYTES".into(),
-                self.cli.consume.max_message_bytes.to_string(),
-            ),
-            ("FEATURES_QUEUE".into(), queues.features_queue.clone()),
-            ("Y_TRUE_QUEUE".into(), queues.y_true_queue.clone()),
-            ("Y_PRED_QUEUE".into(), queues.y_pred_queue.clone()),
-            ("DATA_PATH".into(), self.data_path.display().to_string()),
-            ("RUST_LOG".into(), rust_log.to_owned()),
-            ("LOG_FORMAT".into(), "json".into()),
-        ]
-        .into_iter()
-        .chain(self.cli.service_env.iter().cloned())
-        .collect()
+        Env::new(&self.cli.broker.amqp_url, queues)
+            .set("QUEUE_TYPE", queue_type)
+            .set("DELIVERY_LIMIT", self.cli.broker.delivery_limit)
+            .set("PREFETCH", self.cli.consume.prefetch)
+            .set("MAX_MESSAGE_BYTES", self.cli.consume.max_message_bytes)
+            .set("DATA_PATH", self.data_path.display())
+            .set("RUST_LOG", rust_log)
+            .set("LOG_FORMAT", "json")
+            .with(self.cli.service_env.iter().cloned())
     }
 }
 

@@ -3,23 +3,25 @@
 //!
 //! - [`throughput`]: `features` with `COUNT=N RATE=0`; from just before `features` is spawned to
 //!   the moment the CSV is seen with N rows, plus CPU time and peak RSS of each service.
-//! - [`latency`]: the same paced at a given rate; every new CSV row is stamped when it is seen
-//!   (the file is polled every millisecond) and matched by id with its send time in the
-//!   producer's TRACE log. The metric service's own histogram is read too, as a cross-check.
+//! - [`latency`]: the same paced at a given rate. Per hop, the services' own histograms, scraped
+//!   at the end: `pipeline_receive_delay_seconds{queue}` (the producer's `sent_at_us` to receipt,
+//!   at the model for `features` and at the metric service for `y_true` and `y_pred`) and the
+//!   metric service's `pipeline_end_to_end_latency_seconds` (`sent_at_us` to the join); and,
+//!   exactly per sample, the metric service's `labels_log.txt` stamps against the moment each CSV
+//!   row is seen (the file is polled every millisecond). No log message text is read.
 
-use crate::latency::{self, HISTOGRAM, Summary};
+use crate::latency::{self, CONFIRM_HISTOGRAM, HISTOGRAM, RECEIVE_DELAY, Summary};
 use crate::process::{Service, Usage, cpu_seconds, http_get};
 use crate::{Bench, progress};
 use anyhow::{Context as _, bail, ensure};
-use pipeline::config::QueueNames;
 use serde::Serialize;
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
+use testkit::{Metrics, Queues};
 
 /// How often the CSV is polled.
 const POLL_INTERVAL: Duration = Duration::from_millis(1);
@@ -81,22 +83,19 @@ pub struct LatencyResult {
     pub target_rate: f64,
     /// The rate achieved, from the first to the last row seen.
     pub achieved_rate: f64,
-    /// Per sample: row seen in the CSV minus the producer's `published` log time; `None` when the
-    /// producer's log has no send times.
+    /// Send (the producer's `sent_at_us`) to the metric service joining the sample, from its
+    /// `pipeline_end_to_end_latency_seconds` histogram (interpolated); the CSV flush after the join
+    /// is the stage "metric has both → row seen".
     pub per_sample: Option<Summary>,
-    /// Rows whose id had no send time in the producer's log.
-    pub unmatched_rows: u64,
-    /// Per sample: send to the metric service having handled both messages (its `labels_log.txt`
-    /// stamps), the measure the bare client takes of itself.
+    /// Send to the metric service holding both messages, the measure the bare client takes of
+    /// itself: the same histogram (it is observed when the second message of a sample arrives).
     pub both_handled: Option<Summary>,
-    /// From the metric service's `pipeline_end_to_end_latency_seconds` histogram.
-    pub histogram: Option<Summary>,
     /// The histogram's widest bucket between 1 ms and 1 s (upper bound / lower bound).
     pub histogram_widest_bucket: Option<f64>,
     /// The model's publish → broker confirm of `y_pred` (its `pipeline_publish_confirm_seconds`):
     /// how long it waits before it may ack the `features` message.
     pub model_confirm: Option<Summary>,
-    /// Where the time goes, per sample, from the metric service's `labels_log.txt`.
+    /// Where the time goes, per hop (see [`STAGES`]).
     pub stages: Vec<Stage>,
 }
 
@@ -110,20 +109,13 @@ pub struct Stage {
 }
 
 /// The stages of [`LatencyResult::stages`], in order.
-/// The model's histogram of publish → confirm times.
-const CONFIRM_HISTOGRAM: &str = "pipeline_publish_confirm_seconds";
-
-pub(crate) const STAGES: [&str; 6] = [
-    "send → metric handled y_true (producer → broker → metric)",
-    "send → metric handled y_pred (producer → broker → model → broker → metric)",
-    "send → metric handled both (the bare client's measure)",
-    "metric handled the later of the two → row seen in the CSV (flush, then the 1 ms poll)",
-    "send → model predicted (producer → broker → model, its DEBUG log)",
-    "model predicted → metric handled y_pred (model → broker → metric)",
+pub(crate) const STAGES: [&str; 5] = [
+    "send → metric received y_true (producer → broker → metric; its receive-delay histogram)",
+    "send → metric received y_pred (producer → broker → model → broker → metric; its receive-delay histogram)",
+    "send → metric joined both (its end-to-end histogram; the bare client's measure)",
+    "metric handled the later of the two → row seen in the CSV (labels_log.txt stamps; flush, then the 1 ms poll)",
+    "send → model received features (hop 1 of y_pred; the model's receive-delay histogram)",
 ];
-
-/// The stage measured the way the bare client measures its latency.
-const BOTH_HANDLED: usize = 2;
 
 /// Readers of the metric service's dashboard for the length of a run: what a browser showing the
 /// page asks for (the page and its assets once, then `/api/dashboard` every second), so the
@@ -176,7 +168,7 @@ struct Consumers {
     // Fields drop in order: the processes are killed before the folder is removed.
     metric: Service,
     models: Vec<Service>,
-    queues: QueueNames,
+    queues: Queues,
     logs: PathBuf,
     dir: tempfile::TempDir,
 }
@@ -208,9 +200,10 @@ impl Consumers {
             );
         }
         let logs = dir.path().join("logs");
-        let mut metric_env = bench.service_env(&queues, "warn");
-        metric_env.push(("LOG_DIR".into(), logs.display().to_string()));
-        let mut metric = Service::spawn("metric", &bench.binaries.metric, &metric_env, dir.path())?;
+        let metric_env = bench
+            .service_env(&queues, "warn")
+            .set("LOG_DIR", logs.display());
+        let mut metric = Service::spawn("metric", &bench.binaries.metric, metric_env, dir.path())?;
         let mut replicas = Vec::with_capacity(models);
         for n in 1..=models {
             let name = if n == 1 {
@@ -221,7 +214,7 @@ impl Consumers {
             replicas.push(Service::spawn(
                 name,
                 &bench.binaries.model,
-                &bench.service_env(&queues, model_log),
+                bench.service_env(&queues, model_log),
                 dir.path(),
             )?);
         }
@@ -295,21 +288,19 @@ const RUNNING_SOURCE: &str = "/proc/<pid>/stat utime+stime, /proc/<pid>/status V
 /// Starts a producer on `queues` with `COUNT`, `RATE` and `rust_log` as RUST_LOG.
 fn spawn_features(
     bench: &Bench,
-    queues: &QueueNames,
+    queues: &Queues,
     dir: &Path,
     count: u64,
     rate: f64,
     rust_log: &str,
 ) -> anyhow::Result<Service> {
-    let mut env = bench.service_env(queues, rust_log);
-    env.push(("COUNT".into(), count.to_string()));
-    env.push(("RATE".into(), rate.to_string()));
-    env.push((
-        "CONFIRM_WINDOW".into(),
-        bench.cli.confirm_window.to_string(),
-    ));
-    env.push(("ORDER".into(), "random".into()));
-    Service::spawn("features", &bench.binaries.features, &env, dir)
+    let env = bench
+        .service_env(queues, rust_log)
+        .set("COUNT", count)
+        .set("RATE", rate)
+        .set("CONFIRM_WINDOW", bench.cli.confirm_window)
+        .set("ORDER", "random");
+    Service::spawn("features", &bench.binaries.features, env, dir)
 }
 
 /// A full-speed run on the queues of `phase`: `COUNT=samples RATE=0` through `models` replicas
@@ -393,17 +384,17 @@ pub async fn throughput(
     })
 }
 
-/// A paced run on the queues of `phase`: `COUNT=samples RATE=rate`, every row's latency.
+/// A paced run on the queues of `phase`: `COUNT=samples RATE=rate`, the services' histograms and
+/// every row's flush time.
 pub async fn latency(
     bench: &Bench,
     phase: &str,
     samples: u64,
     rate: f64,
 ) -> anyhow::Result<LatencyResult> {
-    // The model's DEBUG `predicted` lines split the path through it into its two hops.
-    let mut consumers = Consumers::start(bench, phase, 1, None, "warn,model=debug").await?;
+    let mut consumers = Consumers::start(bench, phase, 1, None, "warn").await?;
     let csv = consumers.logs.join(METRIC_CSV);
-    let mut features = consumers.start_features(bench, samples, rate, "warn,features=trace")?;
+    let mut features = consumers.start_features(bench, samples, rate, "warn")?;
     let tail = watch_csv(&mut consumers, Some(&mut features), &csv, samples, true).await?;
     let exit = features.wait_exit(Duration::from_secs(30)).await?;
     ensure!(
@@ -413,78 +404,62 @@ pub async fn latency(
         features.stderr_tail(20)
     );
 
-    let exposition = match http_get(consumers.metric.http_addr, "/metrics").await {
-        Ok((200, body)) => Some(body),
-        Ok((status, _)) => {
-            progress!("metric's /metrics answered {status}; no histogram figures");
-            None
-        }
+    let scrape = async |service: &Service| match service.scrape().await {
+        Ok(metrics) => metrics,
         Err(err) => {
-            progress!("cannot read metric's /metrics ({err:#}); no histogram figures");
-            None
+            progress!("{err:#}; no histogram figures from it");
+            Metrics::default()
         }
     };
-    let histogram = exposition
-        .as_deref()
-        .and_then(|text| latency::histogram_summary(text, HISTOGRAM));
-    let histogram_widest_bucket = exposition
-        .as_deref()
-        .and_then(|text| latency::widest_bucket_ratio(text, HISTOGRAM, 0.001, 1.0));
-    let model_confirm = match http_get(consumers.models[0].http_addr, "/metrics").await {
-        Ok((200, text)) => latency::labelled_histogram_summary(
-            &text,
-            CONFIRM_HISTOGRAM,
-            &format!("queue=\"{}\"", consumers.queues.y_pred_queue),
-        ),
-        _ => None,
+    let metric = scrape(&consumers.metric).await;
+    let model = scrape(&consumers.models[0]).await;
+    let queues = &consumers.queues;
+    let summary = |metrics: &Metrics, name: &str, labels: &[(&str, &str)]| {
+        metrics
+            .histogram(name, labels)
+            .and_then(latency::histogram_summary)
     };
+    let end_to_end = summary(&metric, HISTOGRAM, &[]);
+    let histogram_widest_bucket = metric
+        .histogram(HISTOGRAM, &[])
+        .and_then(|histogram| histogram.widest_bucket_ratio(0.001, 1.0));
+    let model_confirm = summary(&model, CONFIRM_HISTOGRAM, &[("queue", &queues.y_pred)]);
     // Read before `finish`, which removes the folder of the logs.
-    let sent = latency::producer_send_times(&features.stderr_path)?;
     let handled = latency::metric_handle_times(&consumers.logs.join(LABELS_LOG))?;
-    let mut predicted = HashMap::new();
-    for model in &consumers.models {
-        predicted.extend(latency::model_predict_times(&model.stderr_path)?);
-    }
-    consumers.finish(bench).await?;
-
-    // Milliseconds from `from` to `to`; an interval that comes out negative (the two clocks are
-    // read by different processes, microseconds apart) counts as zero.
-    let ms = |to: &SystemTime, from: &SystemTime| {
-        to.duration_since(*from).unwrap_or_default().as_secs_f64() * 1e3
-    };
-    let mut latencies_ms = Vec::with_capacity(tail.rows.len());
-    let mut stages: [Vec<f64>; 6] = Default::default();
-    let mut unmatched_rows = 0u64;
+    let mut flushed_ms = Vec::with_capacity(tail.rows.len());
     for (id, seen) in &tail.rows {
-        let Some(sent_at) = sent.get(id) else {
-            unmatched_rows += 1;
-            continue;
-        };
-        latencies_ms.push(ms(seen, sent_at));
         if let Some([Some(y_true), Some(y_pred)]) = handled.get(id) {
+            // Two clocks read microseconds apart by different processes: never below zero.
             let later = y_true.max(y_pred);
-            stages[0].push(ms(y_true, sent_at));
-            stages[1].push(ms(y_pred, sent_at));
-            stages[2].push(ms(later, sent_at));
-            stages[3].push(ms(seen, later));
-            if let Some(at_model) = predicted.get(id) {
-                stages[4].push(ms(at_model, sent_at));
-                stages[5].push(ms(y_pred, at_model));
-            }
+            flushed_ms.push(
+                seen.duration_since(*later)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+                    * 1e3,
+            );
         }
+    }
+    let figures = [
+        summary(&metric, RECEIVE_DELAY, &[("queue", &queues.y_true)]),
+        summary(&metric, RECEIVE_DELAY, &[("queue", &queues.y_pred)]),
+        end_to_end,
+        latency::summarize(&mut flushed_ms),
+        summary(&model, RECEIVE_DELAY, &[("queue", &queues.features)]),
+    ];
+    consumers.finish(bench).await?;
+    if figures[0].is_none() {
+        progress!("no {RECEIVE_DELAY} observations in the metric service; those hops show as –");
     }
     let stages: Vec<Stage> = STAGES
         .iter()
-        .zip(stages.iter_mut())
-        .filter_map(|(stage, values)| {
-            latency::summarize(values).map(|summary| Stage { stage, summary })
+        .zip(figures)
+        .filter_map(|(stage, summary)| {
+            Some(Stage {
+                stage,
+                summary: summary?,
+            })
         })
         .collect();
-    if sent.is_empty() {
-        progress!(
-            "no `published` events in the producer's TRACE log; per-sample latency unavailable"
-        );
-    }
     let achieved_rate = match (tail.rows.first(), tail.rows.last()) {
         (Some((_, first)), Some((_, last))) => last
             .duration_since(*first)
@@ -496,13 +471,8 @@ pub async fn latency(
         samples,
         target_rate: rate,
         achieved_rate,
-        both_handled: stages
-            .iter()
-            .find(|stage| stage.stage == STAGES[BOTH_HANDLED])
-            .map(|stage| stage.summary),
-        per_sample: latency::summarize(&mut latencies_ms),
-        unmatched_rows,
-        histogram,
+        per_sample: end_to_end,
+        both_handled: end_to_end,
         histogram_widest_bucket,
         model_confirm,
         stages,

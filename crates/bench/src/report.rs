@@ -23,14 +23,13 @@ const TARGET_P99_MS: f64 = 20.0;
 /// Pipeline p99 over bare-client p99 at each load up to 75 %, at most.
 const TARGET_GAP: f64 = 1.5;
 
-/// Column names of the per-hop stages, in the order of `LatencyResult::stages`.
-const STAGE_HEADERS: [&str; 6] = [
+/// Column names of the per-hop stages, in the order of `pipeline_run::STAGES`.
+const STAGE_HEADERS: [&str; 5] = [
     "send → metric has y_true (1 hop)",
     "send → metric has y_pred (2 hops, via model)",
     "send → metric has both",
     "metric has both → row seen (flush + 1 ms poll)",
-    "send → model predicted (hop 1 of y_pred)",
-    "model predicted → metric has y_pred (hop 2)",
+    "send → model has features (hop 1 of y_pred)",
 ];
 /// Peak RSS of each service, at most, in MiB.
 const TARGET_RSS_MIB: f64 = 20.0;
@@ -197,7 +196,9 @@ impl Report {
             let p99 = half.pipeline.per_sample.map(|s| s.p99_ms);
             targets.push(Target {
                 name: "latency at 50 %",
-                goal: format!("pipeline p99 ≤ {TARGET_P99_MS} ms (send → row seen in the CSV)"),
+                goal: format!(
+                    "pipeline p99 ≤ {TARGET_P99_MS} ms (send → joined by the metric service)"
+                ),
                 measured: p99.map_or_else(|| "not measured".to_owned(), |v| format!("{v:.1} ms")),
                 met: p99.is_some_and(|v| v <= TARGET_P99_MS),
             });
@@ -341,7 +342,7 @@ impl Report {
         if let Some(c) = &self.ceiling {
             writeln!(
                 md,
-                "| ceiling: bare lapin client | {} | {:.2} | {} | first publish → the ack covering the last y_true and y_pred. Same traffic as the pipeline (mean bodies: y_true {:.0} B, features {:.0} B, y_pred {:.0} B), durable queues from `Topology`, persistent, confirms in a window of {}, manual acks with `multiple`, prefetch {}; no model, no parsing, no files |",
+                "| ceiling: bare lapin client | {} | {:.2} | {} | first publish → the ack covering the last y_true and y_pred. Same traffic as the pipeline (mean bodies: y_true {:.0} B, features {:.0} B, y_pred {:.0} B), durable queues from `Topology`, persistent, confirms in a window of {}, manual acks with `multiple` (the model role is the services' own consume loop: ack on confirm), prefetch {}; no model, no parsing, no files |",
                 thousands(c.samples as f64),
                 c.seconds,
                 thousands(c.samples_per_second),
@@ -393,15 +394,15 @@ impl Report {
         )?;
         writeln!(
             md,
-            "Each point: the same number of samples at the same RATE (the producer's pacer in both), all guarantees on. **pipeline**: send (the producer's `published` TRACE log line, after both messages went out) → the row seen in metric_log.csv (polled every 1 ms). **pipeline, both in**: send → the metric service handled the second of the two messages (its labels_log.txt stamps), the bare client's measure. **bare**: the bare client's send (same place) → its metric role received the second of the two. Milliseconds; chart: `latency_curve.png`.\n"
+            "Each point: the same number of samples at the same RATE (the producer's pacer in both), all guarantees on. **pipeline**: send (the producer's `sent_at_us` in the messages) → the metric service joined the sample (its second message arrived), read off its `pipeline_end_to_end_latency_seconds` histogram (quantiles interpolated inside buckets at most ×1.5 wide; max = the bucket's upper bound); the bare client's measure. The CSV flush after the join is in the per-hop table. **bare**: the bare client's send (after both messages went out) → its metric role received the second of the two, exact. Milliseconds; chart: `latency_curve.png`.\n"
         )?;
         writeln!(
             md,
-            "| load | rate /s | samples | pipeline p50 | p99 | p99.9 | max | pipeline, both in: p50 | p99 | p99.9 | max | bare p50 | p99 | p99.9 | max | p99 pipeline (both in) / bare |"
+            "| load | rate /s | samples | pipeline p50 | p99 | p99.9 | max | bare p50 | p99 | p99.9 | max | p99 pipeline / bare |"
         )?;
         writeln!(
             md,
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         )?;
         let cells = |summary: Option<Summary>| {
             summary.map_or_else(
@@ -421,12 +422,11 @@ impl Report {
             );
             writeln!(
                 md,
-                "| {:.0} % | {} | {} | {} | {} | {} | {ratio} |",
+                "| {:.0} % | {} | {} | {} | {} | {ratio} |",
                 p.fraction * 100.0,
                 thousands(p.rate),
                 thousands(p.pipeline.samples as f64),
                 cells(p.pipeline.per_sample),
-                cells(p.pipeline.both_handled),
                 cells(p.bare.latency),
             )?;
         }
@@ -437,12 +437,12 @@ impl Report {
         )?;
         writeln!(
             md,
-            "| load | achieved /s | {} | histogram p50 / p99 (interpolated) | model: publish → confirm of y_pred, p50 / p99 (its histogram) |",
+            "| load | achieved /s | {} | model: publish → confirm of y_pred, p50 / p99 (its histogram) |",
             STAGE_HEADERS.join(" | ")
         )?;
         writeln!(
             md,
-            "|---:|---:|{}---:|---:|",
+            "|---:|---:|{}---:|",
             "---:|".repeat(STAGE_HEADERS.len())
         )?;
         for p in &self.curve {
@@ -463,17 +463,13 @@ impl Report {
                         )
                 })
                 .collect();
-            let histogram = p.pipeline.histogram.map_or_else(
-                || "–".to_owned(),
-                |h| format!("{:.1} / {:.1}", h.p50_ms, h.p99_ms),
-            );
             let confirm = p.pipeline.model_confirm.map_or_else(
                 || "–".to_owned(),
                 |c| format!("{:.1} / {:.1}", c.p50_ms, c.p99_ms),
             );
             writeln!(
                 md,
-                "| {:.0} % | {} | {} | {histogram} | {confirm} |",
+                "| {:.0} % | {} | {} | {confirm} |",
                 p.fraction * 100.0,
                 thousands(p.pipeline.achieved_rate),
                 stages.join(" | "),
@@ -559,7 +555,7 @@ impl Report {
             };
             writeln!(
                 md,
-                "Latency at half of each one's maximum (send → row seen, ms):\n"
+                "Latency at half of each one's maximum (send → joined, ms):\n"
             )?;
             writeln!(md, "| queues | rate /s | p50 | p99 |")?;
             writeln!(md, "|---|---:|---:|---:|")?;

@@ -116,13 +116,16 @@ function render(answer) {
   body.innerHTML = "";
   for (const v of state.versions) {
     const row = body.insertRow();
-    if (v.alarm) row.className = "alarm";
+    // A retired version (replaced for QUALITY_RETIRE_SECS) has no alarm: greyed, never red.
+    if (v.retired) row.className = "retired";
+    else if (v.alarm) row.className = "alarm";
+    const verdict = v.retired ? "retired" : v.alarm ? "ALARM" : "ok";
     for (const text of [v.version, v.pairs.toLocaleString("en-US"), fixed(v.all.mae, 3), fixed(v.all.rmse, 3),
-      fixed(v.all.r2, 4), fixed(v.window.mae, 3), fixed(v.baseline_mae, 3), v.alarm ? "ALARM" : "ok"]) {
+      fixed(v.all.r2, 4), fixed(v.window.mae, 3), fixed(v.baseline_mae, 3), verdict]) {
       row.insertCell().textContent = text;
     }
   }
-  const alarms = state.versions.filter((v) => v.alarm).map((v) => v.version);
+  const alarms = state.versions.filter((v) => v.alarm && !v.retired).map((v) => v.version);
   if (alarms.length) setPill("alarm", "ALARM: " + alarms.join(", "), "bad");
   else setPill("alarm", "ok", "ok");
 

@@ -1,9 +1,10 @@
 //! `GET /api/quality`: the quality alarm of each kept model version as JSON, for the trainer
 //! (which no longer has to parse the `/metrics` text). The body is exactly
 //! `{"versions":[{"model_version":"...","alarm":false,"pairs":1234,"windowed_mae":45.1,
-//! "baseline_mae":42.9,"threshold":53.6}]}`, one entry per version
-//! `pipeline_model_quality_alert{model_version}` exports, with the same alarm; numbers not known
-//! yet are `null`.
+//! "baseline_mae":42.9,"threshold":53.6,"retired":false}]}`, one entry per kept version: those not
+//! retired are the versions `pipeline_model_quality_alert{model_version}` exports, with the same
+//! alarm; a retired one (replaced for `QUALITY_RETIRE_SECS`) has `"alarm":false` and no series.
+//! Numbers not known yet are `null`.
 
 use crate::quality::SharedAlarms;
 use axum::Router;
@@ -93,6 +94,7 @@ mod tests {
             .as_array()
             .unwrap()
             .iter()
+            .filter(|v| v["retired"] == false)
             .map(|v| {
                 let version = v["model_version"].as_str().unwrap().to_owned();
                 (version, v["alarm"].as_bool().unwrap())
@@ -115,8 +117,8 @@ mod tests {
             body,
             concat!(
                 r#"{"versions":["#,
-                r#"{"model_version":"v2","alarm":false,"pairs":4,"windowed_mae":null,"baseline_mae":null,"threshold":null},"#,
-                r#"{"model_version":"v1","alarm":true,"pairs":20,"windowed_mae":2.0,"baseline_mae":1.0,"threshold":1.25}"#,
+                r#"{"model_version":"v2","alarm":false,"pairs":4,"windowed_mae":null,"baseline_mae":null,"threshold":null,"retired":false},"#,
+                r#"{"model_version":"v1","alarm":true,"pairs":20,"windowed_mae":2.0,"baseline_mae":1.0,"threshold":1.25,"retired":false}"#,
                 r#"]}"#
             )
         );
@@ -151,5 +153,31 @@ mod tests {
         let (_, body) = get_body(&quality).await;
         assert_eq!(served(&body), gauges(&registry), "{body}");
         assert!(served(&body).contains_key("v4"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_retired_version_is_listed_as_retired_without_alarm_or_gauge() {
+        let mut registry = Registry::default();
+        let mut quality = Quality::register(&mut registry, 10, 5, 1.25)
+            .with_retire_after(std::time::Duration::from_secs(60));
+        let t0 = std::time::Instant::now();
+        feed(&mut quality, 10, 1.0, "v1");
+        feed(&mut quality, 10, 3.0, "v1");
+        quality.update_window_at(t0);
+        feed(&mut quality, 10, 1.0, "v2");
+        quality.update_window_at(t0 + std::time::Duration::from_secs(1));
+        assert_eq!(gauges(&registry).get("v1"), Some(&true));
+        // `feed` ticks at the real time, a little after t0.
+        quality.update_window_at(t0 + std::time::Duration::from_secs(61));
+        let (_, body) = get_body(&quality).await;
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let v1 = &json["versions"][1];
+        assert_eq!(
+            (&v1["model_version"], &v1["alarm"], &v1["retired"]),
+            (&"v1".into(), &false.into(), &true.into()),
+            "{body}"
+        );
+        assert_eq!(served(&body), gauges(&registry), "{body}");
+        assert!(!gauges(&registry).contains_key("v1"));
     }
 }

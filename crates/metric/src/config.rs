@@ -66,6 +66,11 @@ pub struct Config {
     #[arg(long, env = "QUALITY_ALERT_RATIO", default_value_t = 1.25, value_parser = parse_alert_ratio)]
     pub quality_alert_ratio: f64,
 
+    /// Seconds without a pair after which a model version that a newer one replaced (one that had
+    /// pairs more recently) is retired: its quality alarm clears and its series are removed.
+    #[arg(long, env = "QUALITY_RETIRE_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub quality_retire_secs: u64,
+
     /// Address of /healthz, /metrics and the live dashboard (/).
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9103", value_parser = parse_socket_addr)]
     pub http_addr: SocketAddr,
@@ -157,5 +162,7 @@ mod tests {
         }
         let config = Cli::try_parse_for(&IDENTITY, ["metric"]).unwrap().config;
         assert_eq!(config.quality_alert_ratio, 1.25);
+        assert_eq!(config.quality_retire_secs, 60);
+        assert!(Cli::try_parse_for(&IDENTITY, ["metric", "--quality-retire-secs", "0"]).is_err());
     }
 }

@@ -8,6 +8,12 @@
 //! Per-version series are kept for the `MODEL_VERSIONS_KEPT` most recently seen versions only: an
 //! older version's series are removed, so a long run with many model swaps does not grow the
 //! metrics page (or the checkpoint) without bound.
+//!
+//! Retirement ([`RetireRule`]): a version that has had no pair for `QUALITY_RETIRE_SECS` while
+//! another version had one more recently (it was replaced) is retired: its alarm is cleared (an
+//! INFO line), its series are removed, and the dashboard and `GET /api/quality` show it as
+//! retired. A retired version that receives pairs again (a rollback) is current again: its series
+//! come back and its alarm is judged once it has a full window of new pairs.
 
 use crate::join::Pair;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -19,6 +25,7 @@ use prometheus_client::registry::Registry;
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 
@@ -92,6 +99,13 @@ struct VersionStats {
     /// When it was last seen, in pairs observed: the smallest is dropped first.
     last_seen: u64,
     alarm_on: bool,
+    /// Replaced by a newer version ([`RetireRule`]): no series, no alarm.
+    retired: bool,
+    /// The tick at which its pair count last grew (`None` until the first tick after it was
+    /// created or restored: a restart counts as activity, the wall time of before is unknown).
+    last_active: Option<Instant>,
+    /// Its pair count at the last tick.
+    pairs_at_tick: u64,
     mae: FloatGauge,
     pairs: Counter,
     window_mae: FloatGauge,
@@ -138,6 +152,26 @@ impl AlarmRule {
     }
 }
 
+/// When a version is retired, plain data: once it has had no pair for `after` while another
+/// version had one more recently. "More recently", not "now": after a rollback the older version
+/// is the one receiving pairs, and the one rolled back from retires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetireRule {
+    /// `QUALITY_RETIRE_SECS`.
+    pub after: Duration,
+}
+
+impl RetireRule {
+    /// Whether a version whose last pair came at `last` is retired at `now`, when the most recent
+    /// pair of any version came at `newest`.
+    pub fn is_retired(&self, last: Instant, newest: Instant, now: Instant) -> bool {
+        newest > last && now.saturating_duration_since(last) >= self.after
+    }
+}
+
+/// The default of `QUALITY_RETIRE_SECS`.
+pub const DEFAULT_RETIRE_AFTER: Duration = Duration::from_secs(60);
+
 /// One model version's figures, for the dashboard.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct VersionView {
@@ -153,6 +187,8 @@ pub struct VersionView {
     pub baseline_mae: Option<f64>,
     /// Whether its quality alarm is on.
     pub alarm: bool,
+    /// Replaced by a newer version: no alarm, no series (see [`RetireRule`]).
+    pub retired: bool,
 }
 
 /// MAE, RMSE and R² of a set of pairs.
@@ -195,10 +231,12 @@ pub struct VersionAlarm {
     pub baseline_mae: Option<f64>,
     /// `QUALITY_ALERT_RATIO` times the baseline: the alarm is on while the windowed MAE is above.
     pub threshold: Option<f64>,
+    /// Replaced by a newer version ([`RetireRule`]): its alarm is off and it has no series.
+    pub retired: bool,
 }
 
-/// Every kept model version's alarm (the versions `pipeline_model_quality_alert` exports), most
-/// recently seen first.
+/// Every kept model version's alarm, most recently seen first: those not retired are the versions
+/// `pipeline_model_quality_alert` exports.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct AlarmReport {
     /// One entry per kept version.
@@ -219,6 +257,9 @@ pub struct Totals {
     /// in older checkpoints: those versions take their baseline from the pairs that follow.
     #[serde(default)]
     pub baselines: Vec<(String, Sums)>,
+    /// The retired versions (absent in older checkpoints: none).
+    #[serde(default)]
+    pub retired: Vec<String>,
 }
 
 /// The quality tracker and its metrics.
@@ -233,6 +274,7 @@ pub struct Quality {
     /// versions on every update.
     version_windows: std::collections::HashMap<String, VecDeque<(f64, f64)>>,
     rule: AlarmRule,
+    retire: RetireRule,
     /// Per model version: its sums and its two metric handles, so the hot path allocates nothing
     /// once a version has been seen.
     by_version: std::collections::HashMap<String, VersionStats>,
@@ -268,6 +310,9 @@ impl Quality {
             window_sums: Sums::default(),
             version_windows: Default::default(),
             rule: AlarmRule { ratio: alert_ratio },
+            retire: RetireRule {
+                after: DEFAULT_RETIRE_AFTER,
+            },
             by_version: Default::default(),
             versions_kept: versions_kept.max(1),
             seen: 0,
@@ -329,6 +374,13 @@ impl Quality {
             quality.latency.clone(),
         );
         quality
+    }
+
+    /// Retires a version after `after` without pairs while a newer one has them (`QUALITY_RETIRE_SECS`;
+    /// 60 s unless set).
+    pub fn with_retire_after(mut self, after: Duration) -> Self {
+        self.retire = RetireRule { after };
+        self
     }
 
     /// Adds one new pair: to the totals and to the window.
@@ -404,6 +456,9 @@ impl Quality {
                 window: Sums::default(),
                 last_seen: 0,
                 alarm_on: false,
+                retired: false,
+                last_active: None,
+                pairs_at_tick: 0,
                 mae: self.mae_by_version.get_or_create_owned(&label),
                 pairs: self.pairs_by_version.get_or_create_owned(&label),
                 window_mae: self.window_mae_by_version.get_or_create_owned(&label),
@@ -412,11 +467,60 @@ impl Quality {
             self.by_version.insert(version.to_owned(), stats);
             // The gauges' set of versions changed: so does the report's.
             self.publish_alarms();
+        } else if self
+            .by_version
+            .get(version)
+            .is_some_and(|stats| stats.retired)
+        {
+            self.revive(version);
         }
         let seen = self.seen;
         let stats = self.by_version.get_mut(version)?;
         stats.last_seen = seen;
         Some(stats)
+    }
+
+    /// A retired `version` receives pairs again (a rollback): current again, with its series back
+    /// (the pair counter from its count so far); its alarm waits for a full window of new pairs.
+    fn revive(&mut self, version: &str) {
+        let label = VersionLabel {
+            model_version: version.to_owned(),
+        };
+        let Some(stats) = self.by_version.get_mut(version) else {
+            return;
+        };
+        stats.retired = false;
+        stats.mae = self.mae_by_version.get_or_create_owned(&label);
+        stats.mae.set(stats.sums.mae());
+        stats.pairs = self.pairs_by_version.get_or_create_owned(&label);
+        stats.pairs.inc_by(stats.sums.n);
+        stats.window_mae = self.window_mae_by_version.get_or_create_owned(&label);
+        stats.alert = self.alert_by_version.get_or_create_owned(&label);
+        tracing::info!(
+            model_version = %version,
+            pairs = stats.sums.n,
+            "retired model version receives pairs again (a rollback?): current again, its quality alarm is judged once its window is full"
+        );
+        self.publish_alarms();
+    }
+
+    /// Marks `version` retired: alarm off, window emptied, series removed (the handles it keeps
+    /// are no longer exported).
+    fn retire_version(&mut self, version: &str) {
+        let Some(stats) = self.by_version.get_mut(version) else {
+            return;
+        };
+        stats.retired = true;
+        stats.alarm_on = false;
+        stats.window = Sums::default();
+        self.version_windows.remove(version);
+        let label = VersionLabel {
+            model_version: version.to_owned(),
+        };
+        self.mae_by_version.remove(&label);
+        self.pairs_by_version.remove(&label);
+        self.window_mae_by_version.remove(&label);
+        self.alert_by_version.remove(&label);
     }
 
     /// The totals to save in a checkpoint.
@@ -431,9 +535,17 @@ impl Quality {
             .iter()
             .filter_map(|(_, name, _)| Some((name.clone(), self.by_version.get(name)?.baseline)))
             .collect();
+        let mut retired: Vec<String> = self
+            .by_version
+            .iter()
+            .filter(|(_, stats)| stats.retired)
+            .map(|(name, _)| name.clone())
+            .collect();
+        retired.sort();
         Totals {
             all: self.all,
             baselines,
+            retired,
             by_version: by_version
                 .into_iter()
                 .map(|(_, name, sums)| (name, sums))
@@ -457,6 +569,10 @@ impl Quality {
                 stats.baseline = *baseline;
             }
         }
+        for name in &totals.retired {
+            self.retire_version(name);
+        }
+        self.publish_alarms();
         self.set(SpanLabel { span: "all" }, &self.all);
     }
 
@@ -466,8 +582,16 @@ impl Quality {
     }
 
     /// Recomputes the window gauges and the quality alarms (on the consume loop's tick, not per
-    /// pair); a WARN line when a version's alarm goes up, an INFO line when it comes down.
+    /// pair); a WARN line when a version's alarm goes up, an INFO line when it comes down or its
+    /// version is retired.
     pub fn update_window(&mut self) {
+        self.update_window_at(Instant::now());
+    }
+
+    /// [`Quality::update_window`] at the tick `now`: a version whose pair count grew since the
+    /// last tick was active now; then [`RetireRule`] decides which versions retire.
+    pub fn update_window_at(&mut self, now: Instant) {
+        self.retire_replaced(now);
         let mut sums = Sums::default();
         for (y_true, y_pred) in &self.window {
             sums.add(*y_true, *y_pred);
@@ -476,9 +600,12 @@ impl Quality {
         self.window_sums = sums;
         let by_version = &self.by_version;
         self.version_windows
-            .retain(|version, _| by_version.contains_key(version));
+            .retain(|version, _| by_version.get(version).is_some_and(|stats| !stats.retired));
         let full = self.window_size as u64;
         for (version, stats) in &mut self.by_version {
+            if stats.retired {
+                continue;
+            }
             let mut window = Sums::default();
             for (y_true, y_pred) in self.version_windows.get(version).into_iter().flatten() {
                 window.add(*y_true, *y_pred);
@@ -516,6 +643,51 @@ impl Quality {
         self.publish_alarms();
     }
 
+    /// Notes which versions had pairs since the last tick and retires those replaced for
+    /// `QUALITY_RETIRE_SECS` (an INFO line each, naming the version that replaced it).
+    fn retire_replaced(&mut self, now: Instant) {
+        for stats in self.by_version.values_mut() {
+            if stats.last_active.is_none() || stats.sums.n != stats.pairs_at_tick {
+                stats.last_active = Some(now);
+                stats.pairs_at_tick = stats.sums.n;
+            }
+        }
+        let Some((newest, newer)) = self
+            .by_version
+            .iter()
+            .filter_map(|(name, stats)| Some((stats.last_active?, name)))
+            .max()
+            .map(|(at, name)| (at, name.clone()))
+        else {
+            return;
+        };
+        let retiring: Vec<(String, bool, Duration)> = self
+            .by_version
+            .iter()
+            .filter(|(_, stats)| !stats.retired)
+            .filter_map(|(name, stats)| {
+                let last = stats.last_active?;
+                self.retire.is_retired(last, newest, now).then(|| {
+                    (
+                        name.clone(),
+                        stats.alarm_on,
+                        now.saturating_duration_since(last),
+                    )
+                })
+            })
+            .collect();
+        for (version, alarm_was_on, idle) in retiring {
+            self.retire_version(&version);
+            tracing::info!(
+                model_version = %version,
+                replaced_by = %newer,
+                idle_secs = idle.as_secs(),
+                alarm_was_on,
+                "model version {version} retired: no pair for QUALITY_RETIRE_SECS while {newer} has them; its quality alarm is cleared and its series removed"
+            );
+        }
+    }
+
     /// The handle `GET /api/quality` reads.
     pub fn shared_alarms(&self) -> SharedAlarms {
         Arc::clone(&self.alarms)
@@ -539,6 +711,7 @@ impl Quality {
                         windowed_mae: (stats.window.n >= full).then(|| stats.window.mae()),
                         baseline_mae,
                         threshold: baseline_mae.map(|mae| self.rule.ratio * mae),
+                        retired: stats.retired,
                     },
                 )
             })
@@ -581,6 +754,7 @@ impl Quality {
                         window: Figures::from(&stats.window),
                         baseline_mae: (stats.baseline.n >= full).then(|| stats.baseline.mae()),
                         alarm: stats.alarm_on,
+                        retired: stats.retired,
                     },
                 )
             })

@@ -15,6 +15,7 @@ use pipeline::health::Health;
 use pipeline::metrics::BrokerMetrics;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Runs the metric service until `shutdown` completes.
 pub async fn run(
@@ -32,7 +33,8 @@ pub async fn run(
         config.quality_window,
         config.model_versions_kept as usize,
         config.quality_alert_ratio,
-    );
+    )
+    .with_retire_after(Duration::from_secs(config.quality_retire_secs));
     let health = Health::new();
     let mut recorder = Recorder::start(
         &config,

@@ -136,6 +136,7 @@ pub async fn run(
         let monitor = drift_monitor::DriftMonitor::new(config.drift_window as usize);
         let reporter = tokio::spawn(drift_monitor::report_drift(
             monitor.clone(),
+            model_rx.clone(),
             config.drift_psi_alert,
             drift_gauges,
             health.clone(),

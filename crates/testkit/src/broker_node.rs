@@ -3,9 +3,7 @@
 //! Erlang cookie. The node runs as user `rabbitmq` (its files belong to that user) through
 //! `setpriv`, so the spawned process is the node's own start script and the test owns it.
 
-#![allow(dead_code)]
-
-use crate::helpers::{free_port, wait_until};
+use crate::{free_port, wait_until};
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
