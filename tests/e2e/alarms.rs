@@ -52,19 +52,19 @@ fn quality(metric: &Service) -> HashMap<String, (bool, bool)> {
         .collect()
 }
 
-fn alert(metrics: &HashMap<String, f64>, version: &str) -> Option<f64> {
-    metrics
-        .get(&format!(
-            "pipeline_model_quality_alert{{model_version=\"{version}\"}}"
-        ))
-        .copied()
+fn alert(metrics: &Metrics, version: &str) -> Option<f64> {
+    metrics.value(
+        "pipeline_model_quality_alert",
+        &[("model_version", version)],
+    )
 }
 
 /// Whether the metric's `/metrics` has any series of `version`.
 fn has_series(metric: &Service, version: &str) -> bool {
     metric
         .metrics()
-        .keys()
+        .iter()
+        .map(|(name, _)| name)
         .any(|name| name.contains(&format!("model_version=\"{version}\"")))
 }
 
