@@ -21,6 +21,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/features target/release/model target/release/metric target/release/trainer /out/
 
 FROM debian:bookworm-slim
+# amqps:// goes through native-tls, i.e. the system's OpenSSL (libssl3), which verifies brokers
+# against the system CA store (ca-certificates) unless AMQP_CA_FILE adds a CA.
+RUN apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libssl3 ca-certificates >/dev/null \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /usr/local/bin/
 COPY scripts/docker-entrypoint.sh /usr/local/bin/docker-entrypoint
 WORKDIR /app

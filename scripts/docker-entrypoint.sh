@@ -14,7 +14,7 @@ if [ "$#" -eq 0 ]; then
 fi
 # Compose cannot leave a variable out, only set it empty (`MODEL_PATH: ${MODEL_PATH:-}`); an empty
 # optional setting means "not set", which the binaries spell by its absence.
-for name in MODEL_PATH TARGET_COLUMN SEED; do
+for name in MODEL_PATH TARGET_COLUMN SEED AMQP_CA_FILE AMQP_CLIENT_CERT_FILE AMQP_CLIENT_KEY_FILE; do
   eval "value=\${$name-}"
   if [ -z "$value" ]; then unset "$name"; fi
 done

@@ -7,7 +7,7 @@
 #   rabbitmq:3-management  Debian's rabbitmq-server, management and prometheus plugins on (as in the
 #                          real image), loopback_users = none,
 #                          in the foreground, rabbitmq-diagnostics on PATH
-#   rust:1-bookworm        this machine's Rust toolchain, trusting this machine's certificates so
+#   rust:1-bookworm        this machine's Rust toolchain and OpenSSL's headers, trusting this machine's certificates so
 #                          cargo inside `docker build` reaches crates.io through a proxy
 #   prom/prometheus:v2.53.1  Debian's prometheus (2.42), laid out as the real image: entrypoint
 #                          /bin/prometheus, user nobody, /prometheus as the data volume
@@ -67,6 +67,14 @@ DOCKERFILE
   say "built rabbitmq:3-management"
 fi
 
+# The real image has OpenSSL's headers (native-tls builds against them); a stand-in made before
+# the services used TLS does not: build it again.
+if have_image rust:1-bookworm \
+   && ! docker run --rm --entrypoint test rust:1-bookworm -e /usr/include/openssl/ssl.h; then
+  say "rust:1-bookworm has no OpenSSL headers: building the stand-in again"
+  docker image rm rust:1-bookworm >/dev/null
+fi
+
 if ! present_or_pulled rust:1-bookworm; then
   toolchain="$(rustc --print sysroot)"
   mkdir -p "$work/rust/toolchain" "$work/rust/certs"
@@ -78,7 +86,7 @@ if ! present_or_pulled rust:1-bookworm; then
 FROM debian:bookworm-slim
 RUN apt-get update -qq \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-       ca-certificates gcc libc6-dev pkg-config make git >/dev/null \
+       ca-certificates gcc libc6-dev pkg-config make git libssl-dev >/dev/null \
     && rm -rf /var/lib/apt/lists/*
 COPY certs/ /usr/local/share/ca-certificates/
 RUN update-ca-certificates >/dev/null

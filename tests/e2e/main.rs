@@ -24,4 +24,5 @@ mod recovery;
 mod scaling;
 mod secrets;
 mod supervisor;
+mod tls;
 mod trainer;

@@ -1,10 +1,12 @@
 //! Settings shared by the services. Every setting is an environment variable and a flag of the same
 //! name (clap's `env`), so compose, the README and `--help` agree.
 
+use crate::broker::tls::TlsFiles;
 use clap::builder::TypedValueParser;
 use clap::error::ErrorKind;
 use clap::{Args, ValueEnum};
 use std::ffi::OsStr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Where the broker is and how to talk to it. Its `Debug` hides the passwords of `AMQP_URL`.
@@ -43,6 +45,21 @@ pub struct BrokerConfig {
     /// after twice this. 0 turns heartbeats off.
     #[arg(long, env = "AMQP_HEARTBEAT_SECS", default_value_t = 10)]
     pub amqp_heartbeat_secs: u16,
+
+    /// For `amqps://` URLs: a PEM file of CA certificates to trust besides the system's CA store
+    /// (the CA of a private or self-managed broker). Checked at start-up.
+    #[arg(long, env = "AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<PathBuf>,
+
+    /// For `amqps://` URLs to a broker that authenticates clients by certificate: the client
+    /// certificate (PEM, optionally followed by its chain). Needs `AMQP_CLIENT_KEY_FILE`.
+    #[arg(long, env = "AMQP_CLIENT_CERT_FILE")]
+    pub amqp_client_cert_file: Option<PathBuf>,
+
+    /// The client certificate's private key: an unencrypted PKCS#8 PEM file
+    /// (`-----BEGIN PRIVATE KEY-----`).
+    #[arg(long, env = "AMQP_CLIENT_KEY_FILE")]
+    pub amqp_client_key_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for BrokerConfig {
@@ -55,6 +72,9 @@ impl std::fmt::Debug for BrokerConfig {
             delivery_limit,
             reconnect_max_delay_ms,
             amqp_heartbeat_secs,
+            amqp_ca_file,
+            amqp_client_cert_file,
+            amqp_client_key_file,
         } = self;
         f.debug_struct("BrokerConfig")
             .field("amqp_url", &redact(amqp_url))
@@ -63,6 +83,10 @@ impl std::fmt::Debug for BrokerConfig {
             .field("delivery_limit", delivery_limit)
             .field("reconnect_max_delay_ms", reconnect_max_delay_ms)
             .field("amqp_heartbeat_secs", amqp_heartbeat_secs)
+            // Paths only; the files' contents (a key) are never held here.
+            .field("amqp_ca_file", amqp_ca_file)
+            .field("amqp_client_cert_file", amqp_client_cert_file)
+            .field("amqp_client_key_file", amqp_client_key_file)
             .finish()
     }
 }
@@ -81,6 +105,15 @@ impl BrokerConfig {
     /// Longest pause between reconnect attempts.
     pub fn reconnect_max_delay(&self) -> Duration {
         Duration::from_millis(self.reconnect_max_delay_ms.max(1))
+    }
+
+    /// The TLS files for `amqps://` URLs.
+    pub fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.amqp_ca_file.clone(),
+            client_cert_file: self.amqp_client_cert_file.clone(),
+            client_key_file: self.amqp_client_key_file.clone(),
+        }
     }
 }
 

@@ -47,6 +47,24 @@ impl BrokerNode {
         node
     }
 
+    /// Prepares and starts a single node with `extra` lines added to its `rabbitmq.conf` (a TLS
+    /// listener, ...). Files it names must be readable by the `rabbitmq` user.
+    pub fn start_with_config(label: &str, extra: &str) -> Self {
+        let mut node = Self::prepare(
+            label,
+            node_port(),
+            &format!("cookie-{}", uuid::Uuid::new_v4().simple()),
+            None,
+        );
+        let conf = node.dir.join("rabbitmq.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("rabbitmq.conf");
+        text.push_str(extra);
+        std::fs::write(&conf, text).expect("rabbitmq.conf");
+        node.spawn();
+        node.wait_ready();
+        node
+    }
+
     /// Prepares a node without starting it. Nodes of one cluster share `epmd_port` and `cookie`.
     pub fn prepare(label: &str, epmd_port: u16, cookie: &str, base: Option<&Path>) -> Self {
         assert!(

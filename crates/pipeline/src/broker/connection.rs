@@ -3,13 +3,15 @@
 //! broker's `connection.blocked` / `unblocked` notices in the log, `/healthz` and a gauge.
 
 use super::retry::{Failure, HEALTHY_SESSION, InvalidUrl, SessionBackoff, Step, Verdict, classify};
+use super::tls::TlsFailure;
 use crate::config::BrokerConfig;
 /// The one redactor, kept at this path too (the benchmark calls it here).
 pub use crate::config::redact;
 use crate::health::Health;
 use crate::metrics::BrokerMetrics;
 use futures_util::StreamExt as _;
-use lapin::uri::AMQPUri;
+use lapin::tcp::OwnedTLSConfig;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties, Event};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -52,6 +54,8 @@ pub struct Broker {
     backoff: SessionBackoff,
     /// The task that follows the current connection's events.
     events: Option<tokio::task::AbortHandle>,
+    /// The TLS settings, read from their files at the first connection attempt.
+    tls: Option<OwnedTLSConfig>,
 }
 
 impl Broker {
@@ -76,6 +80,7 @@ impl Broker {
             connected_once: false,
             backoff,
             events: None,
+            tls: None,
         }
     }
 
@@ -87,12 +92,14 @@ impl Broker {
     /// Connects, retrying until it works or `shutdown` is cancelled (then `None`). Each failed
     /// attempt is logged with the URL (password hidden), the error and the pause before the next;
     /// the pauses grow across sessions ([`SessionBackoff`]). `Err` only for what no retry fixes
-    /// (a malformed URL).
+    /// (a malformed URL, an unusable TLS file, a TLS handshake refused for a certificate problem
+    /// or a port that does not speak TLS).
     pub async fn connect(
         &mut self,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<Connection>> {
         let urls = self.config.urls();
+        let tls = self.tls_config(&urls)?;
         let mut attempt: u64 = 0;
         loop {
             if shutdown.is_cancelled() {
@@ -103,8 +110,11 @@ impl Broker {
             let uri = with_defaults(url, self.config.amqp_heartbeat_secs)?;
             let properties = ConnectionProperties::default()
                 .with_connection_name(format!("{} ({})", self.service, std::process::id()).into());
+            let tls_peer = (uri.scheme == AMQPScheme::AMQPS)
+                .then(|| (uri.authority.host.clone(), uri.authority.port));
+            let runtime = lapin::runtime::default_runtime()?;
             let result = tokio::select! {
-                result = Connection::connect_uri(uri, properties) => result,
+                result = Connection::connect_uri_with_config(uri, properties, tls.clone(), runtime) => result,
                 _ = shutdown.cancelled() => return Ok(None),
             };
             let err = match result {
@@ -120,7 +130,19 @@ impl Broker {
                 }
                 Err(err) => err,
             };
-            let reason = match classify(Step::Connect, &Failure::of_lapin(&err)) {
+            let failure = tls_peer
+                .and_then(|(host, port)| {
+                    let detail = err.to_string();
+                    let tls = TlsFailure::recognise(&detail)?;
+                    Some(Failure::Tls(tls.message(
+                        &host,
+                        port,
+                        &self.config.tls_files(),
+                        &detail,
+                    )))
+                })
+                .unwrap_or_else(|| Failure::of_lapin(&err));
+            let reason = match classify(Step::Connect, &failure) {
                 Verdict::Fatal { message } => {
                     self.health.set_unhealthy(message.clone());
                     return Err(anyhow::Error::from(err).context(message));
@@ -143,6 +165,28 @@ impl Broker {
                 _ = shutdown.cancelled() => return Ok(None),
             }
         }
+    }
+
+    /// The TLS settings, read and checked once; an unusable file is fatal (the error names the
+    /// setting and the file).
+    fn tls_config(&mut self, urls: &[String]) -> anyhow::Result<OwnedTLSConfig> {
+        if let Some(tls) = &self.tls {
+            return Ok(tls.clone());
+        }
+        let files = self.config.tls_files();
+        let tls = files.load().map_err(|err| {
+            let message = err.to_string();
+            self.health.set_unhealthy(message.clone());
+            anyhow::Error::from(err)
+        })?;
+        if files.any() && !urls.iter().any(|url| url.starts_with("amqps://")) {
+            tracing::warn!(
+                "AMQP_CA_FILE / AMQP_CLIENT_CERT_FILE are set but no URL of AMQP_URL is amqps://: \
+                 the connection is not encrypted and the files are not used"
+            );
+        }
+        self.tls = Some(tls.clone());
+        Ok(tls)
     }
 
     /// Follows the connection's events: `blocked` / `unblocked` (a broker resource alarm holds

@@ -18,6 +18,7 @@ pub mod flow;
 pub mod publisher;
 pub mod retry;
 pub mod supervisor;
+pub mod tls;
 pub mod topology;
 pub mod window;
 

@@ -104,6 +104,9 @@ pub enum Failure {
     PreconditionFailed(String),
     /// The broker answered 405 RESOURCE_LOCKED (an exclusive queue of another connection).
     ResourceLocked(String),
+    /// The TLS handshake failed for a reason no retry fixes (a certificate problem, a port that
+    /// does not speak TLS; see `broker::tls::TlsFailure`); the text is the operator's message.
+    Tls(String),
     /// Anything else: the network, a closed connection, another broker error.
     Other(String),
 }
@@ -159,7 +162,8 @@ pub fn queue_in_text(text: &str) -> Option<&str> {
 
 /// The rule for what is fatal and what is retried.
 ///
-/// Fatal: a malformed URL; a queue declare refused because the queue exists with other arguments.
+/// Fatal: a malformed URL; a TLS handshake refused for a certificate problem or a port that does
+/// not speak TLS; a queue declare refused because the queue exists with other arguments.
 /// Everything else is retried: the broker not up yet, a login refused (an operator may fix the
 /// user while the service waits), an exclusive consumer refused because the queue is in exclusive
 /// use (most likely our own previous connection, not yet reaped after a network cut), a lost
@@ -169,6 +173,9 @@ pub fn classify(step: Step, failure: &Failure) -> Verdict {
     match (step, failure) {
         (_, Failure::InvalidUrl(text)) => Verdict::Fatal {
             message: format!("AMQP_URL is not a valid AMQP URL: {text}"),
+        },
+        (_, Failure::Tls(message)) => Verdict::Fatal {
+            message: message.clone(),
         },
         (Step::Declare, Failure::PreconditionFailed(text)) => Verdict::Fatal {
             message: format!(
@@ -199,6 +206,7 @@ impl Failure {
             | Self::AccessRefused(text)
             | Self::PreconditionFailed(text)
             | Self::ResourceLocked(text)
+            | Self::Tls(text)
             | Self::Other(text) => text,
         }
     }
@@ -255,6 +263,15 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_tls_handshake_is_fatal_with_its_message() {
+        let message = "TLS: 127.0.0.1:5672 does not speak TLS".to_owned();
+        assert_eq!(
+            classify(Step::Connect, &Failure::Tls(message.clone())),
+            Verdict::Fatal { message }
+        );
+    }
+
+    #[test]
     fn an_exclusive_consumer_in_the_way_is_retried() {
         let text = "ACCESS_REFUSED - queue 'y_true' in vhost '/' in exclusive use";
         let Verdict::Retry { reason } =
@@ -286,6 +303,7 @@ mod tests {
             text.prop_map(Failure::AccessRefused),
             text.prop_map(Failure::PreconditionFailed),
             text.prop_map(Failure::ResourceLocked),
+            text.prop_map(Failure::Tls),
             text.prop_map(Failure::Other),
         ]
     }
@@ -300,12 +318,12 @@ mod tests {
     }
 
     proptest! {
-        /// Only a malformed URL and a refused declare stop a service; everything else (the
-        /// network, logins, exclusive use, lost connections) is retried.
+        /// Only a malformed URL, a refused TLS handshake and a refused declare stop a service;
+        /// everything else (the network, logins, exclusive use, lost connections) is retried.
         #[test]
-        fn only_the_two_fatal_errors_are_fatal(step in step(), failure in failure()) {
+        fn only_the_three_fatal_errors_are_fatal(step in step(), failure in failure()) {
             let fatal = matches!(classify(step, &failure), Verdict::Fatal { .. });
-            let expected = matches!(failure, Failure::InvalidUrl(_))
+            let expected = matches!(failure, Failure::InvalidUrl(_) | Failure::Tls(_))
                 || (step == Step::Declare && matches!(failure, Failure::PreconditionFailed(_)));
             prop_assert_eq!(fatal, expected);
         }
