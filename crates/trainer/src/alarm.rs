@@ -1,12 +1,13 @@
-//! The alarm watcher: polls the metric service's `GET /api/quality` and asks for a retrain when
-//! the served version's quality alarm rises.
+//! The alarm watcher: polls the metric service's `GET /api/quality`, asks for a retrain when the
+//! served version's quality alarm rises, and keeps [`Promoter::replicas_serve`] up to date (the
+//! version the replicas' predictions carry).
 
-use crate::policy::{AlarmEdge, QualityReport, Trigger};
+use crate::policy::{AlarmEdge, QualityReport, ServedVersion, Trigger};
 use crate::retrain::Promoter;
 use crate::state::Request;
 use pipeline::CancellationToken;
 use pipeline::http::HttpError;
-use std::collections::HashMap;
+use std::sync::PoisonError;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -28,8 +29,8 @@ impl QualitySource {
         })
     }
 
-    /// One reading: `version -> alarm on`.
-    pub(crate) async fn read(&self) -> anyhow::Result<HashMap<String, bool>> {
+    /// One reading of the report.
+    pub(crate) async fn read(&self) -> anyhow::Result<QualityReport> {
         let report: QualityReport = pipeline::http::get_json(&self.url, READ_TIMEOUT)
             .await
             .map_err(|err| {
@@ -41,7 +42,7 @@ impl QualitySource {
                     err
                 }
             })?;
-        Ok(report.alarms())
+        Ok(report)
     }
 
     /// The URL read.
@@ -61,6 +62,7 @@ pub(crate) async fn watch_alarm(
     shutdown: CancellationToken,
 ) {
     let mut edge = AlarmEdge::default();
+    let mut replicas = ServedVersion::default();
     let mut reachable = true;
     loop {
         tokio::select! {
@@ -90,11 +92,20 @@ pub(crate) async fn watch_alarm(
                 continue;
             }
         };
+        let replicas_serve = replicas.observe(&reading).map(str::to_owned);
+        *promoter
+            .replicas_serve
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = replicas_serve.clone();
+        // While MODEL_PATH is unreadable, the alarm that matters is the replicas' version's.
         let served = match promoter.serving() {
             Ok(artifact) => artifact.version,
-            Err(_) => continue,
+            Err(_) => match replicas_serve {
+                Some(version) => version,
+                None => continue,
+            },
         };
-        if edge.observe(reading, &served) {
+        if edge.observe(reading.alarms(), &served) {
             tracing::warn!(version = %served, "the metric service's quality alarm rose for the served version: retraining");
             let _ = requests.try_send(Request {
                 trigger: Trigger::Alarm,
@@ -110,6 +121,7 @@ mod tests {
     use axum::Router;
     use axum::http::StatusCode;
     use axum::routing::get;
+    use std::collections::HashMap;
 
     /// Serves `route` on a free local port; returns its `host:port`.
     async fn serve(route: Router) -> String {
@@ -133,9 +145,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            reading,
+            reading.alarms(),
             HashMap::from([("ols-1bbf9343466e".to_owned(), true)])
         );
+        assert_eq!(reading.versions[0].pairs, 1234);
     }
 
     #[tokio::test]

@@ -101,21 +101,76 @@ pub struct VersionQuality {
     pub model_version: String,
     /// Whether its windowed MAE is above the threshold now.
     pub alarm: bool,
+    /// Pairs joined for it so far (absent from older metric services).
+    #[serde(default)]
+    pub pairs: u64,
+    /// Replaced for `QUALITY_RETIRE_SECS` (absent from older metric services).
+    #[serde(default)]
+    pub retired: bool,
 }
 
 impl QualityReport {
     /// `version -> alarm on`, the reading [`AlarmEdge::observe`] takes.
-    pub fn alarms(self) -> HashMap<String, bool> {
+    pub fn alarms(&self) -> HashMap<String, bool> {
         self.versions
-            .into_iter()
-            .map(|v| (v.model_version, v.alarm))
+            .iter()
+            .map(|v| (v.model_version.clone(), v.alarm))
             .collect()
+    }
+}
+
+/// Which version the model replicas serve now, as their predictions show it: the version whose
+/// pair count grew most between two quality reports. While `MODEL_PATH` is not a valid artifact
+/// this is the model a candidate is measured against (the replicas kept serving what they had).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServedVersion {
+    pairs: HashMap<String, u64>,
+    current: Option<String>,
+}
+
+impl ServedVersion {
+    /// Takes one report and returns the served version. A version not seen before counts all its
+    /// pairs as growth; the largest growth wins (during a rollout both grow: the one with more
+    /// traffic; on a tie, the name last in byte order). With no growth the last answer stands,
+    /// unless that version is retired or gone.
+    pub fn observe(&mut self, report: &QualityReport) -> Option<&str> {
+        let live = report.versions.iter().filter(|v| !v.retired);
+        let grown = live
+            .map(|v| {
+                let before = self.pairs.get(&v.model_version).copied().unwrap_or(0);
+                (v.pairs.saturating_sub(before), &v.model_version)
+            })
+            .filter(|(growth, _)| *growth > 0)
+            .max();
+        match grown {
+            Some((_, version)) => self.current = Some(version.clone()),
+            None => {
+                let still_live = report
+                    .versions
+                    .iter()
+                    .any(|v| !v.retired && Some(&v.model_version) == self.current.as_ref());
+                if !still_live {
+                    self.current = None;
+                }
+            }
+        }
+        self.pairs = report
+            .versions
+            .iter()
+            .map(|v| (v.model_version.clone(), v.pairs))
+            .collect();
+        self.current.as_deref()
+    }
+
+    /// The last answer of [`ServedVersion::observe`].
+    pub fn current(&self) -> Option<&str> {
+        self.current.as_deref()
     }
 }
 
 /// The quality alarms in a `GET /api/quality` body: `version -> on`.
 pub fn parse_alarms(body: &[u8]) -> Result<HashMap<String, bool>, serde_json::Error> {
-    serde_json::from_slice::<QualityReport>(body).map(QualityReport::alarms)
+    serde_json::from_slice::<QualityReport>(body).map(|report| report.alarms())
 }
 
 /// How a window of `len` samples (oldest first) is cut: the oldest `train` rows fit the
@@ -325,7 +380,80 @@ mod tests {
         assert_eq!(next_version(["v1", "v3", "ols-abc", "v2x", "model"]), "v4");
     }
 
+    fn report(entries: &[(&str, u64, bool)]) -> QualityReport {
+        QualityReport {
+            versions: entries
+                .iter()
+                .map(|&(version, pairs, retired)| VersionQuality {
+                    model_version: version.to_owned(),
+                    alarm: false,
+                    pairs,
+                    retired,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_served_version_is_the_one_whose_pairs_grow() {
+        let mut served = ServedVersion::default();
+        assert_eq!(served.observe(&report(&[])), None);
+        assert_eq!(
+            served.observe(&report(&[("ols-1", 500, false)])),
+            Some("ols-1")
+        );
+        // A promotion: v1 appears and grows, ols-1 has more pairs in all but no longer grows.
+        assert_eq!(
+            served.observe(&report(&[("ols-1", 510, false), ("v1", 40, false)])),
+            Some("v1")
+        );
+        // Nothing moves (the pipeline is idle): the answer stands.
+        assert_eq!(
+            served.observe(&report(&[("ols-1", 510, false), ("v1", 40, false)])),
+            Some("v1")
+        );
+        // A rollback: ols-1 grows again.
+        assert_eq!(
+            served.observe(&report(&[("ols-1", 530, false), ("v1", 41, false)])),
+            Some("ols-1")
+        );
+        // Retired without growth: no answer rather than a stale one.
+        assert_eq!(
+            served.observe(&report(&[("ols-1", 530, true), ("v1", 41, true)])),
+            None
+        );
+        // Older metric services send neither pairs nor retired: never an answer.
+        let older: QualityReport =
+            serde_json::from_str(r#"{"versions":[{"model_version":"v1","alarm":false}]}"#).unwrap();
+        assert_eq!(ServedVersion::default().observe(&older), None);
+    }
+
     proptest! {
+        /// The served version is always one the last report lists as not retired.
+        #[test]
+        fn the_served_version_is_a_live_one_of_the_last_report(
+            reports in prop::collection::vec(
+                prop::collection::vec((0..4u8, 0..1000u64, any::<bool>()), 0..5),
+                1..12,
+            )
+        ) {
+            let mut served = ServedVersion::default();
+            for entries in reports {
+                let mut seen = std::collections::HashSet::new();
+                let entries: Vec<(String, u64, bool)> = entries
+                    .into_iter()
+                    .filter(|(v, _, _)| seen.insert(*v))
+                    .map(|(v, pairs, retired)| (format!("v{v}"), pairs, retired))
+                    .collect();
+                let borrowed: Vec<(&str, u64, bool)> =
+                    entries.iter().map(|(v, p, r)| (v.as_str(), *p, *r)).collect();
+                let answer = served.observe(&report(&borrowed)).map(str::to_owned);
+                if let Some(answer) = answer {
+                    prop_assert!(entries.iter().any(|(v, _, r)| *v == answer && !*r));
+                }
+            }
+        }
+
         /// A promoted candidate is never worse than the served model, and at least `min_gain`
         /// better (relative).
         #[test]

@@ -12,6 +12,7 @@ use pipeline::dataset::Dataset;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// What the served model is when `MODEL_PATH` does not exist yet: the fit on `DATA_PATH` the
 /// model services make in that case (same data, same version).
@@ -32,6 +33,20 @@ pub struct Promoter {
     pub min_gain: f64,
     /// The served model while `MODEL_PATH` does not exist.
     pub baseline: Baseline,
+    /// The version the replicas' predictions carry, as the alarm watcher last learned it from the
+    /// metric service ([`policy::ServedVersion`]); `None` without `METRIC_URL` or an answer.
+    pub replicas_serve: Arc<Mutex<Option<String>>>,
+}
+
+/// The model a candidate is measured against.
+enum Against {
+    /// `MODEL_PATH` (or the baseline while it does not exist).
+    ModelPath(Artifact),
+    /// `MODEL_PATH` is not a valid artifact: the version the replicas serve, read from
+    /// `<version>.json` beside it (or the baseline of that version).
+    Replicas(Artifact),
+    /// Neither: only the absolute guards hold.
+    Nothing,
 }
 
 /// What a retrain did, as `POST /retrain` answers it.
@@ -70,17 +85,52 @@ impl Promoter {
         }
     }
 
-    /// Runs one retrain on `samples` (the window, oldest first). While `MODEL_PATH` is not a valid
-    /// artifact there is no served model to score: the candidate (of the `DATA_PATH` width) is
-    /// promoted on the absolute guards alone ([`policy::decide_unserved`]), which replaces the
-    /// broken file.
-    pub fn retrain(&self, trigger: Trigger, samples: &[Sample]) -> anyhow::Result<Outcome> {
-        let served = match self.serving() {
-            Ok(artifact) => Some(artifact),
+    /// The artifact of the version the replicas serve, when it is known and readable: the
+    /// baseline when it is the baseline's version, else `<version>.json` beside `MODEL_PATH`.
+    pub fn replicas_artifact(&self) -> Option<Artifact> {
+        let version = self
+            .replicas_serve
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        if version == self.baseline.0.version {
+            return Some(self.baseline.0.clone());
+        }
+        let path = versioned_path(&self.model_path, &version)?;
+        match Artifact::load(&path) {
+            Ok(artifact) if artifact.version == version => Some(artifact),
+            Ok(_) => None,
             Err(err) => {
-                tracing::debug!(error = %format!("{err:#}"), "no readable served model: absolute guards only");
+                tracing::debug!(error = %format!("{err:#}"), "the replicas' version has no readable file");
                 None
             }
+        }
+    }
+
+    /// What a candidate is measured against now.
+    fn against(&self) -> Against {
+        match self.serving() {
+            Ok(artifact) => Against::ModelPath(artifact),
+            Err(err) => match self.replicas_artifact() {
+                Some(artifact) => Against::Replicas(artifact),
+                None => {
+                    tracing::debug!(error = %format!("{err:#}"), "no readable served model: absolute guards only");
+                    Against::Nothing
+                }
+            },
+        }
+    }
+
+    /// Runs one retrain on `samples` (the window, oldest first). While `MODEL_PATH` is not a valid
+    /// artifact, the candidate is measured against the version the replicas serve (their `y_pred`
+    /// carry it; [`Promoter::replicas_artifact`]); when that is unknown too, it is promoted on the
+    /// absolute guards alone ([`policy::decide_unserved`]). A promotion replaces the broken file.
+    pub fn retrain(&self, trigger: Trigger, samples: &[Sample]) -> anyhow::Result<Outcome> {
+        let against = self.against();
+        let model_path_readable = matches!(against, Against::ModelPath(_));
+        let served = match against {
+            Against::ModelPath(artifact) | Against::Replicas(artifact) => Some(artifact),
+            Against::Nothing => None,
         };
         // The feature names and target of the data the replicas were started on.
         let serving = served.as_ref().unwrap_or(&self.baseline.0);
@@ -141,9 +191,21 @@ impl Promoter {
         };
         match (verdict, served.is_some()) {
             (Verdict::Promote, true) => {
+                if !model_path_readable {
+                    self.keep_unreadable();
+                }
                 let written = self.promote(serving, &candidate)?;
                 outcome.result = "promoted";
-                outcome.detail = format!("{} is served", written.display());
+                outcome.detail = if model_path_readable {
+                    format!("{} is served", written.display())
+                } else {
+                    format!(
+                        "{} is served; MODEL_PATH was not a valid artifact, so the candidate was \
+                         measured against {}, the version the replicas serve",
+                        written.display(),
+                        outcome.serving_version
+                    )
+                };
             }
             (Verdict::Promote, false) => {
                 self.keep_unreadable();
@@ -253,6 +315,7 @@ mod tests {
             holdout: 0.2,
             min_gain: 0.05,
             baseline: Baseline(baseline),
+            replicas_serve: Arc::default(),
         }
     }
 
@@ -374,6 +437,68 @@ mod tests {
         assert_eq!(outcome.serving_version, "v3");
         model::artifact::rollback(&model_path, "v1").unwrap();
         assert_eq!(Artifact::load(&model_path).unwrap().version, "v1");
+    }
+
+    #[test]
+    fn an_unreadable_model_path_is_measured_against_what_the_replicas_serve() {
+        let dir = tempfile::tempdir().unwrap();
+        let promoter = promoter(dir.path());
+        let model_path = dir.path().join("model.json");
+        // The replicas serve v4, fitted on drifted rows; then MODEL_PATH broke.
+        let drifted = samples(1000, 0.05, "d");
+        let outcome = promoter.retrain(Trigger::Manual, &drifted).unwrap();
+        assert_eq!(outcome.result, "promoted", "{outcome:?}");
+        std::fs::rename(dir.path().join("v1.json"), dir.path().join("v4.json")).unwrap();
+        let mut v4 = Artifact::load(&dir.path().join("v4.json")).unwrap();
+        v4.version = "v4".to_owned();
+        v4.write(&dir.path().join("v4.json")).unwrap();
+        std::fs::write(&model_path, b"{\"format\": trunc").unwrap();
+        *promoter.replicas_serve.lock().unwrap() = Some("v4".to_owned());
+
+        // The same drifted rows again: no 5 % better than v4, so refused (the absolute guards
+        // alone would have promoted it), and the broken file stays for the watcher to report.
+        let outcome = promoter
+            .retrain(Trigger::Labels, &samples(1000, 0.05, "again"))
+            .unwrap();
+        assert_eq!(outcome.result, "refused", "{outcome:?}");
+        assert_eq!(outcome.serving_version, "v4");
+        assert!(outcome.serving_mae.is_some());
+        assert_eq!(std::fs::read(&model_path).unwrap(), b"{\"format\": trunc");
+
+        // A further drift: better than v4 by far, promoted as v5 over the broken file.
+        let outcome = promoter
+            .retrain(Trigger::Labels, &samples(1000, 0.12, "further"))
+            .unwrap();
+        assert_eq!(outcome.result, "promoted", "{outcome:?}");
+        assert_eq!(outcome.serving_version, "v4");
+        assert_eq!(outcome.candidate_version.as_deref(), Some("v5"));
+        assert!(outcome.candidate_mae.unwrap() < 0.95 * outcome.serving_mae.unwrap());
+        assert!(
+            outcome.detail.contains("the version the replicas serve"),
+            "{}",
+            outcome.detail
+        );
+        assert_eq!(Artifact::load(&model_path).unwrap().version, "v5");
+        assert_eq!(
+            std::fs::read(dir.path().join("model.json.unreadable")).unwrap(),
+            b"{\"format\": trunc"
+        );
+
+        // The replicas serve the baseline (no file of it is needed), or a version without a
+        // readable file: the baseline, or the absolute guards.
+        std::fs::write(&model_path, b"garbage").unwrap();
+        *promoter.replicas_serve.lock().unwrap() = Some(promoter.baseline.0.version.clone());
+        assert_eq!(
+            promoter.replicas_artifact(),
+            Some(promoter.baseline.0.clone())
+        );
+        *promoter.replicas_serve.lock().unwrap() = Some("v9".to_owned());
+        assert_eq!(promoter.replicas_artifact(), None);
+        let outcome = promoter
+            .retrain(Trigger::Labels, &samples(1000, 0.12, "more"))
+            .unwrap();
+        assert_eq!(outcome.serving_version, UNREADABLE);
+        assert_eq!(outcome.result, "promoted", "{outcome:?}");
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub async fn run(
         holdout: config.train_holdout,
         min_gain: config.promote_min_gain,
         baseline: Baseline(baseline),
+        replicas_serve: Arc::default(),
     };
     let broker_metrics = BrokerMetrics::register(&mut registry);
     let metrics = Metrics::register(&mut registry);
@@ -107,9 +108,18 @@ pub async fn run(
     let labels_copy = training_queue(&config.queues.y_true_queue);
     let spec = ConsumerSpec {
         inputs: &[features_copy.as_str(), labels_copy.as_str()],
+        // One copy per stream, bound to every partition's fanout exchange.
         topology: Topology::new(&config.broker, &[])
-            .with_training_queue(&config.queues.features_queue, config.train_queue_max_length)
-            .with_training_queue(&config.queues.y_true_queue, config.train_queue_max_length),
+            .with_partitioned_training_queue(
+                &config.queues.features_queue,
+                config.queues.partitions,
+                config.train_queue_max_length,
+            )
+            .with_partitioned_training_queue(
+                &config.queues.y_true_queue,
+                config.queues.partitions,
+                config.train_queue_max_length,
+            ),
         consume: config.consume.clone(),
         // One trainer owns TRAIN_DIR.
         exclusive: true,
