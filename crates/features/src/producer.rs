@@ -16,8 +16,10 @@ use pipeline::broker::supervise;
 use pipeline::broker::supervisor::drop_detached;
 use pipeline::broker::window::{ConfirmWindow, Published};
 use pipeline::broker::{Broker, Publisher, SessionEnd, Step, Topology};
+use pipeline::config::QueueNames;
 use pipeline::dataset::Dataset;
 use pipeline::messages::{BodyFormat, now_us, write_features, write_y_true};
+use pipeline::partition::Router;
 use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -51,6 +53,24 @@ pub(crate) struct Producer {
     pub(crate) drift: drift::Drift,
     /// A shifted copy of the row being written.
     pub(crate) drifted_row: Vec<f64>,
+    /// The partition queues of `features` and `y_true` (one each with `PARTITIONS=1`).
+    pub(crate) routes: Routes,
+}
+
+/// Where a sample's two messages go: the partition of its id, in both streams.
+#[derive(Clone, Debug)]
+pub(crate) struct Routes {
+    pub(crate) features: Router,
+    pub(crate) y_true: Router,
+}
+
+impl Routes {
+    pub(crate) fn new(queues: &QueueNames) -> Self {
+        Self {
+            features: Router::new(&queues.features_queue, queues.partitions),
+            y_true: Router::new(&queues.y_true_queue, queues.partitions),
+        }
+    }
 }
 
 /// Publisher confirms not yet answered, oldest first, with the window sequence of their sample.
@@ -123,12 +143,18 @@ impl Producer {
         let queues = &self.config.queues;
         // The bindings exist before the first publish: a fanout exchange without them would
         // return every message as unroutable.
-        let topology = Topology::new(
-            &self.config.broker,
-            &[queues.features_queue.as_str(), queues.y_true_queue.as_str()],
-        )
-        .with_fanout(&queues.features_queue)
-        .with_fanout(&queues.y_true_queue);
+        let topology = self
+            .routes
+            .features
+            .queues()
+            .iter()
+            .chain(self.routes.y_true.queues())
+            .fold(
+                Topology::new(&self.config.broker, &[])
+                    .with_partitions(&queues.features_queue, queues.partitions, false)
+                    .with_partitions(&queues.y_true_queue, queues.partitions, true),
+                |topology, queue| topology.with_fanout(queue),
+            );
         // A blocked connection (broker resource alarm) holds every frame, declares too: a stop
         // request must not wait for the alarm to end.
         let setup = async {
@@ -279,7 +305,6 @@ impl Producer {
         publisher: &Publisher,
         sample: &Sample,
     ) -> anyhow::Result<[Confirm; 2]> {
-        let queues = &self.config.queues;
         let sent_at_us = now_us();
         let format = BodyFormat::of(self.config.broker.topology);
         let (id, row) = (sample.id.as_str(), sample.row);
@@ -291,14 +316,22 @@ impl Producer {
             sent_at_us,
         )?;
         let y_true = publisher
-            .publish_fanout(&queues.y_true_queue, &self.body, Some(&sample.id))
+            .publish_fanout(
+                self.routes.y_true.queue_for(Some(id)),
+                &self.body,
+                Some(&sample.id),
+            )
             .await?;
         let features = self
             .drift
             .apply(sample.number, self.data.row(row), &mut self.drifted_row);
         write_features(&mut self.body, format, id, features, sent_at_us)?;
         let features = publisher
-            .publish_fanout(&queues.features_queue, &self.body, Some(&sample.id))
+            .publish_fanout(
+                self.routes.features.queue_for(Some(id)),
+                &self.body,
+                Some(&sample.id),
+            )
             .await?;
         tracing::trace!(id = %sample.id, row = sample.row, "published");
         Ok([y_true, features])
@@ -397,6 +430,7 @@ mod tests {
             drain_timed_out: false,
             body: Vec::new(),
             drifted_row: Vec::new(),
+            routes: Routes::new(&config.queues),
             config,
         }
     }

@@ -3,7 +3,7 @@
 
 use crate::config::Config;
 use crate::pacer::Pacer;
-use crate::producer::Producer;
+use crate::producer::{Producer, Routes};
 use crate::sampler::Sampler;
 use anyhow::Context as _;
 use pipeline::broker::Broker;
@@ -67,6 +67,7 @@ pub async fn run(
         body: Vec::with_capacity(512),
         drift,
         drifted_row: Vec::new(),
+        routes: Routes::new(&config.queues),
         config,
     };
     let mut broker = Broker::new(producer.config.broker.clone(), "features", metrics, health);

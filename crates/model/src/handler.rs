@@ -6,18 +6,22 @@ use crate::regression::LinearModel;
 use lapin::message::Delivery;
 use pipeline::broker::{BrokerContext as _, HandlerError};
 use pipeline::broker::{Disposition, MessageHandler, Publisher};
-use pipeline::messages::{BodyFormat, now_us, parse_features, write_y_pred};
+use pipeline::messages::{BodyFormat, check_partition, now_us, parse_features, write_y_pred};
 use pipeline::metrics::QueueCounters;
+use pipeline::partition::Router;
 use std::sync::Arc;
 use tokio::sync::watch;
 
 /// Predicts each features message and publishes the prediction.
 pub(crate) struct Predictor {
     pub(crate) model: watch::Receiver<Arc<LinearModel>>,
-    /// The features queue's counters: `pipeline_receive_delay_seconds` (send -> model) is
-    /// recorded here.
-    pub(crate) features_counters: QueueCounters,
-    pub(crate) y_pred_queue: String,
+    /// Each features partition queue's counters, by input number: `pipeline_receive_delay_seconds`
+    /// (send -> model) is recorded here.
+    pub(crate) features_counters: Vec<QueueCounters>,
+    /// The features partition queues, by input number (input `k` is partition `k`).
+    pub(crate) features: Router,
+    /// The partition queues of `y_pred`: a prediction goes to its id's partition.
+    pub(crate) y_pred: Router,
     /// Bare under `TOPOLOGY=course`; native otherwise, except in answer to a bare message.
     pub(crate) format: BodyFormat,
     pub(crate) body: Vec<u8>,
@@ -28,7 +32,7 @@ pub(crate) struct Predictor {
 impl MessageHandler for Predictor {
     async fn handle(
         &mut self,
-        _input: usize,
+        input: usize,
         delivery: &Delivery,
         publisher: &Publisher,
     ) -> Result<Disposition, HandlerError> {
@@ -41,9 +45,15 @@ impl MessageHandler for Predictor {
             Ok(message) => message,
             Err(err) => return Ok(Disposition::DeadLetter(err)),
         };
-        if let Some(sent_at_us) = message.sent_at_us {
-            self.features_counters
-                .observe_receive_delay(sent_at_us, now_us());
+        if let Some(id) = message.id.as_deref()
+            && let Err(misplaced) = check_partition(&self.features, input, id)
+        {
+            return Ok(Disposition::DeadLetter(misplaced));
+        }
+        if let (Some(sent_at_us), Some(counters)) =
+            (message.sent_at_us, self.features_counters.get(input))
+        {
+            counters.observe_receive_delay(sent_at_us, now_us());
         }
         let model = Arc::clone(&self.model.borrow());
         let y_pred = match model.predict(&message.features) {
@@ -70,7 +80,11 @@ impl MessageHandler for Predictor {
         .map_err(anyhow::Error::from)?;
         tracing::debug!(id = message.id.as_deref().unwrap_or("-"), y_pred, version = %model.version, "predicted");
         let confirm = publisher
-            .publish_json(&self.y_pred_queue, &self.body, message.id.as_deref())
+            .publish_json(
+                self.y_pred.queue_for(message.id.as_deref()),
+                &self.body,
+                message.id.as_deref(),
+            )
             .await
             .broker_context("cannot publish y_pred")?;
         Ok(Disposition::AckOnConfirm(confirm))

@@ -13,6 +13,7 @@ use pipeline::dataset::Dataset;
 use pipeline::health::Health;
 use pipeline::messages::BodyFormat;
 use pipeline::metrics::BrokerMetrics;
+use pipeline::partition::Router;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -154,14 +155,19 @@ pub async fn run(
 
     let mut broker = Broker::new(config.broker.clone(), "model", metrics, health);
     let queues = &config.queues;
+    let features = Router::new(&queues.features_queue, queues.partitions);
+    let inputs: Vec<&str> = features.queues().iter().map(String::as_str).collect();
+    // The producer's fanout exchanges of `features`, bound here too, so either may start first.
+    let topology = features.queues().iter().fold(
+        Topology::new(&config.broker, &[])
+            .with_partitions(&queues.features_queue, queues.partitions, false)
+            .with_partitions(&queues.y_pred_queue, queues.partitions, true),
+        |topology, queue| topology.with_fanout(queue),
+    );
     let spec = ConsumerSpec {
-        inputs: &[queues.features_queue.as_str()],
-        // The producer's fanout exchange of `features`, bound here too, so either may start first.
-        topology: Topology::new(
-            &config.broker,
-            &[queues.features_queue.as_str(), queues.y_pred_queue.as_str()],
-        )
-        .with_fanout(&queues.features_queue),
+        // Every partition: replicas compete on each, so `--scale model=N` works at any count.
+        inputs: &inputs,
+        topology,
         consume: config.consume.clone(),
         exclusive: false,
         service: "model",
@@ -169,8 +175,9 @@ pub async fn run(
     let mut predictor = Predictor {
         model: model_rx,
         // Looked up once: the hot path does no label hashing.
-        features_counters: broker.metrics.queue(&queues.features_queue),
-        y_pred_queue: queues.y_pred_queue.clone(),
+        features_counters: inputs.iter().map(|q| broker.metrics.queue(q)).collect(),
+        y_pred: Router::new(&queues.y_pred_queue, queues.partitions),
+        features: features.clone(),
         format: BodyFormat::of(config.broker.topology),
         body: Vec::with_capacity(256),
         drift: drift.as_ref().map(|(monitor, _)| monitor.clone()),

@@ -2,6 +2,7 @@
 //! name (clap's `env`), so compose, the README and `--help` agree.
 
 use crate::broker::tls::TlsFiles;
+use crate::partition::Partitions;
 use clap::builder::TypedValueParser;
 use clap::error::ErrorKind;
 use clap::{Args, ValueEnum};
@@ -244,6 +245,20 @@ pub struct QueueNames {
     /// Queue of predictions (model -> metric).
     #[arg(long, env = "Y_PRED_QUEUE", default_value = "y_pred")]
     pub y_pred_queue: String,
+
+    /// Partitions of each stream: 1 keeps one queue per stream; with P > 1 the queues are
+    /// `<queue>.p<k>` and a sample goes to `k = FNV-1a-64(id) mod P`. Must be the same for every
+    /// service (checked on the broker).
+    #[arg(long, env = "PARTITIONS", default_value = "1", value_parser = parse_partitions)]
+    pub partitions: Partitions,
+}
+
+/// `PARTITIONS`: a count from 1 to [`crate::partition::MAX_PARTITIONS`].
+fn parse_partitions(text: &str) -> Result<Partitions, String> {
+    let count: u32 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number"))?;
+    Partitions::new(count).map_err(|err| err.to_string())
 }
 
 /// How a consuming service takes messages.

@@ -7,6 +7,7 @@
 //! - [`broker`]: connecting with backoff, topology, confirmed publishing, and the one consume loop.
 //! - [`telemetry`], [`metrics`], [`health`], [`http`]: logs, Prometheus metrics, `/healthz`.
 //! - [`service`]: the command line every service binary shares (`healthcheck`, settings).
+//! - [`partition`]: partitioned streams (`PARTITIONS`): routing by id, queue names, ownership.
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 //! - [`fs`]: replacing a file atomically and durably.
 
@@ -18,6 +19,7 @@ pub mod health;
 pub mod http;
 pub mod messages;
 pub mod metrics;
+pub mod partition;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

@@ -13,6 +13,7 @@
 //! our services write the bare format too ([`BodyFormat::Bare`]), the id in `message_id` only.
 
 use crate::config::TopologyMode;
+use crate::partition::Router;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -73,6 +74,32 @@ pub enum MessageError {
         /// The value refused.
         second: f64,
     },
+    /// With `PARTITIONS > 1`: the id hashes to another partition than the queue it was found in
+    /// (a producer that routes differently, or a message moved by hand). Never joined.
+    #[error("id {id} belongs in partition {belongs}, but was found in {queue}")]
+    WrongPartition {
+        /// The id.
+        id: String,
+        /// The partition its hash names.
+        belongs: u32,
+        /// The queue it was found in.
+        queue: String,
+    },
+}
+
+/// With `PARTITIONS > 1`: an `id` found in partition `k` of `stream` (the queue of input `k`)
+/// must hash to `k`; else it is [`MessageError::WrongPartition`], dead-lettered and never joined.
+/// Always `Ok` with one partition.
+pub fn check_partition(stream: &Router, k: usize, id: &str) -> Result<(), MessageError> {
+    let belongs = stream.partitions().of(id);
+    if usize::try_from(belongs).ok() == Some(k) || !stream.partitions().is_partitioned() {
+        return Ok(());
+    }
+    Err(MessageError::WrongPartition {
+        id: id.to_owned(),
+        belongs,
+        queue: stream.queues().get(k).cloned().unwrap_or_default(),
+    })
 }
 
 impl MessageError {
@@ -80,6 +107,7 @@ impl MessageError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::EmptyBody => "empty_body",
+            Self::WrongPartition { .. } => crate::partition::WRONG_PARTITION,
             Self::TooLarge { .. } => "too_large",
             Self::NotUtf8 => "not_utf8",
             Self::InvalidJson(_) => "invalid_json",
@@ -521,6 +549,23 @@ mod tests {
         assert_eq!(parsed.features, values);
         assert_eq!(parsed.sent_at_us, Some(42));
         assert!(!parsed.bare);
+    }
+
+    #[test]
+    fn a_message_in_another_partition_is_refused_as_wrong_partition() {
+        use crate::partition::{Partitions, Router};
+        let eight = Router::new("features", Partitions::new(8).unwrap());
+        // "0" hashes to partition 7 of 8, "1" to 4.
+        assert_eq!(check_partition(&eight, 7, "0"), Ok(()));
+        let err = check_partition(&eight, 4, "0").unwrap_err();
+        assert_eq!(err.reason(), "wrong_partition");
+        assert_eq!(
+            err.to_string(),
+            "id 0 belongs in partition 7, but was found in features.p4"
+        );
+        // One partition: everything belongs.
+        let one = Router::new("features", Partitions::ONE);
+        assert_eq!(check_partition(&one, 0, "0"), Ok(()));
     }
 
     #[test]

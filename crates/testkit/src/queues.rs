@@ -78,6 +78,7 @@ impl Queues {
             features_queue: self.features.clone(),
             y_true_queue: self.y_true.clone(),
             y_pred_queue: self.y_pred.clone(),
+            partitions: pipeline::partition::Partitions::ONE,
         }
     }
 }

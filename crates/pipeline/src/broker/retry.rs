@@ -160,10 +160,37 @@ pub fn queue_in_text(text: &str) -> Option<&str> {
     Some(&text[start..start + len])
 }
 
+/// The operator's message when a stream's marker queue (`<queue>.partitions`, see
+/// [`crate::partition::marker_queue`]) exists with another `x-max-length`: the streams were
+/// declared with another `PARTITIONS`.
+fn partitions_mismatch(text: &str) -> String {
+    let marker = queue_in_text(text).unwrap_or("?");
+    let stream = marker.strip_suffix(".partitions").unwrap_or(marker);
+    // RabbitMQ 3.10: "inequivalent arg 'x-max-length' for queue 'features.partitions' in vhost
+    // '/': received '3' but current is '4'"
+    let value_after = |label: &str| {
+        let start = text.find(label)? + label.len();
+        let len = text[start..].find('\'')?;
+        Some(&text[start..start + len])
+    };
+    match (value_after("received '"), value_after("current is '")) {
+        (Some(ours), Some(theirs)) => format!(
+            "PARTITIONS={ours}, but the queues of stream `{stream}` were declared with \
+             PARTITIONS={theirs}: start every service with the same PARTITIONS (changing it \
+             means draining and deleting the old partition queues and `{marker}`; broker said: {text})"
+        ),
+        _ => format!(
+            "PARTITIONS differs from the count the queues of stream `{stream}` were declared \
+             with: start every service with the same PARTITIONS (broker said: {text})"
+        ),
+    }
+}
+
 /// The rule for what is fatal and what is retried.
 ///
 /// Fatal: a malformed URL; a TLS handshake refused for a certificate problem or a port that does
-/// not speak TLS; a queue declare refused because the queue exists with other arguments.
+/// not speak TLS; a queue declare refused because the queue exists with other arguments (among
+/// them a stream's partition marker: another `PARTITIONS`).
 /// Everything else is retried: the broker not up yet, a login refused (an operator may fix the
 /// user while the service waits), an exclusive consumer refused because the queue is in exclusive
 /// use (most likely our own previous connection, not yet reaped after a network cut), a lost
@@ -177,6 +204,13 @@ pub fn classify(step: Step, failure: &Failure) -> Verdict {
         (_, Failure::Tls(message)) => Verdict::Fatal {
             message: message.clone(),
         },
+        (Step::Declare, Failure::PreconditionFailed(text))
+            if queue_in_text(text).is_some_and(|q| q.ends_with(".partitions")) =>
+        {
+            Verdict::Fatal {
+                message: partitions_mismatch(text),
+            }
+        }
         (Step::Declare, Failure::PreconditionFailed(text)) => Verdict::Fatal {
             message: format!(
                 "queue `{}` already exists with other arguments (declared by the course code?): \
@@ -252,6 +286,33 @@ mod tests {
         };
         assert!(message.contains("queue `features` already exists with other arguments"));
         assert!(message.contains("TOPOLOGY=course"));
+    }
+
+    #[test]
+    fn another_partition_count_is_fatal_and_names_partitions() {
+        // The broker's words (RabbitMQ 3.10.8).
+        let text = "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'features.partitions' in vhost '/': received '3' but current is '4'";
+        let verdict = classify(Step::Declare, &Failure::PreconditionFailed(text.into()));
+        let Verdict::Fatal { message } = verdict else {
+            panic!("{verdict:?}")
+        };
+        assert!(
+            message.starts_with(
+                "PARTITIONS=3, but the queues of stream `features` were declared with PARTITIONS=4"
+            ),
+            "{message}"
+        );
+        // Another wording still names the setting.
+        let text = "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'y_true.partitions' in vhost '/'";
+        let Verdict::Fatal { message } =
+            classify(Step::Declare, &Failure::PreconditionFailed(text.into()))
+        else {
+            panic!()
+        };
+        assert!(
+            message.contains("PARTITIONS differs") && message.contains("`y_true`"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -12,9 +12,18 @@
 //! queue (`<queue>.train`, [`training_queue`]). Every service that touches a stream declares the
 //! exchange and its own bindings (idempotent), so start order does not matter; a message published
 //! straight to the queue (a course-style producer) reaches only that queue.
+//!
+//! With `PARTITIONS=P > 1` each stream is `P` queues `<queue>.p<k>` ([`Topology::with_partitions`]),
+//! each with its own fanout exchange; the trainer's one copy per stream is bound to all of them.
+//! The count is recorded on the broker by a marker queue `<queue>.partitions` declared with
+//! `x-max-length = P`: a service started with another `P` gets PRECONDITION_FAILED at start-up, a
+//! fatal error that names `PARTITIONS`. Partition queues of the joined streams are
+//! single-active-consumer, so a standby metric instance can wait on them; on quorum queues their
+//! leaders are spread over the cluster's nodes (`x-queue-leader-locator=balanced`).
 
 use crate::config::{BrokerConfig, QueueType, TopologyMode};
 use crate::health::Health;
+use crate::partition::{Partitions, marker_queue};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
@@ -57,6 +66,10 @@ struct Fanout {
 #[derive(Debug, Clone)]
 pub struct Topology {
     queues: Vec<String>,
+    /// Partition queues (`PARTITIONS > 1`) and whether each is single-active-consumer.
+    partition_queues: Vec<(String, bool)>,
+    /// Marker queues recording a stream's partition count ([`marker_queue`]).
+    markers: Vec<(String, u32)>,
     /// Queues capped at a length, dropping their oldest messages when full (the trainer's copies).
     bounded: Vec<(String, u32)>,
     fanouts: Vec<Fanout>,
@@ -70,12 +83,57 @@ impl Topology {
     pub fn new(config: &BrokerConfig, queues: &[&str]) -> Self {
         Self {
             queues: queues.iter().map(|q| (*q).to_owned()).collect(),
+            partition_queues: Vec::new(),
+            markers: Vec::new(),
             bounded: Vec::new(),
             fanouts: Vec::new(),
             queue_type: config.queue_type,
             delivery_limit: config.delivery_limit,
             mode: config.topology,
         }
+    }
+
+    /// Also declares the queues of the stream `queue` under `partitions`: `queue` itself with one
+    /// partition (exactly as [`Topology::new`] would), else `<queue>.p<k>` for every `k` and the
+    /// stream's marker queue. `single_active` makes the partition queues single-active-consumer
+    /// (the joined streams `y_true` and `y_pred`, where a standby metric instance waits); every
+    /// service that declares a stream must pass the same.
+    pub fn with_partitions(
+        mut self,
+        queue: &str,
+        partitions: Partitions,
+        single_active: bool,
+    ) -> Self {
+        if !partitions.is_partitioned() {
+            self.queues.push(queue.to_owned());
+            return self;
+        }
+        for name in partitions.queues(queue) {
+            self.queues.push(name.clone());
+            self.partition_queues.push((name, single_active));
+        }
+        self.markers.push((marker_queue(queue), partitions.count()));
+        self
+    }
+
+    /// Also declares the trainer's copy of the stream `queue` under `partitions`: one bounded
+    /// [`training_queue`] bound to the fanout exchange of every partition queue (see
+    /// [`Topology::with_training_queue`]).
+    pub fn with_partitioned_training_queue(
+        mut self,
+        queue: &str,
+        partitions: Partitions,
+        max_length: u32,
+    ) -> Self {
+        let copy = training_queue(queue);
+        for name in partitions.queues(queue) {
+            self.fanout_mut(&name).bound.push(copy.clone());
+        }
+        self.bounded.push((copy, max_length));
+        if partitions.is_partitioned() {
+            self.markers.push((marker_queue(queue), partitions.count()));
+        }
+        self
     }
 
     /// Also declares the fanout exchange of the stream `queue` and binds `queue` to it (`queue`
@@ -89,11 +147,8 @@ impl Topology {
     /// [`training_queue`] bound to it, durable, holding at most `max_length` messages: when full
     /// the broker drops the oldest (`x-overflow=drop-head`), so a stopped trainer never fills the
     /// broker. No dead-letter exchange on it: the dropped copies are not dead-lettered.
-    pub fn with_training_queue(mut self, queue: &str, max_length: u32) -> Self {
-        let copy = training_queue(queue);
-        self.fanout_mut(queue).bound.push(copy.clone());
-        self.bounded.push((copy, max_length));
-        self
+    pub fn with_training_queue(self, queue: &str, max_length: u32) -> Self {
+        self.with_partitioned_training_queue(queue, Partitions::ONE, max_length)
     }
 
     fn fanout_mut(&mut self, queue: &str) -> &mut Fanout {
@@ -114,6 +169,18 @@ impl Topology {
     /// Declares the dead-letter exchange, each queue and its dead-letter queue, then the fanout
     /// exchanges and their bindings. Idempotent.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        // The partition count first: a mismatch must stop the service before it declares (or
+        // consumes) anything of another layout.
+        for (marker, count) in &self.markers {
+            let mut arguments = self.type_arguments(false);
+            arguments.insert(
+                "x-max-length".into(),
+                AMQPValue::LongLongInt(i64::from(*count)),
+            );
+            channel
+                .queue_declare(marker.as_str().into(), durable(), arguments)
+                .await?;
+        }
         channel
             .exchange_declare(
                 DEAD_LETTER_EXCHANGE.into(),
@@ -140,6 +207,10 @@ impl Topology {
                 continue;
             }
             let mut arguments = self.type_arguments(true);
+            if let Some((_, single_active)) = self.partition_queues.iter().find(|(q, _)| q == queue)
+            {
+                self.partition_arguments(&mut arguments, *single_active);
+            }
             arguments.insert(
                 "x-dead-letter-exchange".into(),
                 AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()),
@@ -218,6 +289,20 @@ impl Topology {
             AMQPValue::LongString("drop-head".into()),
         );
         arguments
+    }
+
+    /// What a partition queue adds: single-active-consumer where asked, and on quorum queues a
+    /// leader on the node with the fewest (so a stream's partitions use every node).
+    fn partition_arguments(&self, arguments: &mut FieldTable, single_active: bool) {
+        if single_active {
+            arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
+        if self.queue_type == QueueType::Quorum {
+            arguments.insert(
+                "x-queue-leader-locator".into(),
+                AMQPValue::LongString("balanced".into()),
+            );
+        }
     }
 
     fn type_arguments(&self, with_delivery_limit: bool) -> FieldTable {
