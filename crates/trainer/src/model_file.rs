@@ -84,15 +84,17 @@ pub(crate) fn report(change: &Change, promoter: &Promoter, health: &Health, metr
                 error = %cause,
                 "MODEL_PATH is not a valid model artifact: the trainer keeps its window and queues \
                  going but cannot compare candidates with the served model; it recovers when a \
-                 valid artifact appears there, or by promoting a candidate that passes the \
-                 absolute guards"
+                 valid artifact appears there, or by promoting a candidate that beats the version \
+                 the replicas serve (as METRIC_URL reports it), or passes the absolute guards \
+                 when that is unknown"
             );
             health.set_note(
                 NOTE,
                 Some(format!(
                     "not ready for promotion decisions: MODEL_PATH {path} is not a valid model \
-                     artifact ({cause}); a candidate is promoted on the absolute guards alone \
-                     (finite holdout MAE)"
+                     artifact ({cause}); a candidate must beat the version the replicas serve \
+                     (as the metric service reports it), or, when that is unknown, pass the \
+                     absolute guards alone (finite holdout MAE)"
                 )),
             );
             metrics.model_unreadable.set(1);
