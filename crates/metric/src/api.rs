@@ -6,18 +6,67 @@
 //! alarm; a retired one (replaced for `QUALITY_RETIRE_SECS`) has `"alarm":false` and no series.
 //! Numbers not known yet are `null`.
 
-use crate::quality::SharedAlarms;
+use crate::quality::{AlarmReport, SharedAlarms, VersionAlarm};
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use std::sync::Arc;
 
 /// The route `GET /api/quality`, reading what the quality tracker last published.
 pub fn routes(alarms: SharedAlarms) -> Router {
     Router::new()
         .route("/api/quality", get(quality))
         .with_state(alarms)
+}
+
+/// The route `GET /api/quality` of an instance serving several partitions: one entry per
+/// version over all of them ([`merge`]).
+pub fn merged_routes(alarms: Vec<SharedAlarms>) -> Router {
+    Router::new()
+        .route("/api/quality", get(merged_quality))
+        .with_state(Arc::new(alarms))
+}
+
+/// One report of several partitions' reports: per version, the pairs summed, the alarm on when
+/// it is on in any partition, retired when retired in all, and the MAE figures of the partition
+/// with the most pairs of it. Versions in the order first seen.
+pub fn merge(reports: &[AlarmReport]) -> AlarmReport {
+    let mut merged: Vec<(VersionAlarm, u64)> = Vec::new();
+    for version in reports.iter().flat_map(|report| &report.versions) {
+        match merged
+            .iter_mut()
+            .find(|(m, _)| m.model_version == version.model_version)
+        {
+            Some((m, most)) => {
+                m.pairs += version.pairs;
+                m.alarm |= version.alarm;
+                m.retired &= version.retired;
+                if version.pairs > *most {
+                    *most = version.pairs;
+                    m.windowed_mae = version.windowed_mae;
+                    m.baseline_mae = version.baseline_mae;
+                    m.threshold = version.threshold;
+                }
+            }
+            None => merged.push((version.clone(), version.pairs)),
+        }
+    }
+    AlarmReport {
+        versions: merged.into_iter().map(|(m, _)| m).collect(),
+    }
+}
+
+async fn merged_quality(State(alarms): State<Arc<Vec<SharedAlarms>>>) -> Response {
+    let reports: Vec<AlarmReport> = alarms
+        .iter()
+        .map(|shared| match shared.lock() {
+            Ok(report) => report.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        })
+        .collect();
+    reply(serde_json::to_string(&merge(&reports)))
 }
 
 async fn quality(State(alarms): State<SharedAlarms>) -> Response {
@@ -29,6 +78,10 @@ async fn quality(State(alarms): State<SharedAlarms>) -> Response {
         // serde_json writes a non-finite number as null, so this fails only on a bug.
         serde_json::to_string(&*report)
     };
+    reply(body)
+}
+
+fn reply(body: serde_json::Result<String>) -> Response {
     match body {
         Ok(body) => (
             StatusCode::OK,
@@ -50,6 +103,40 @@ async fn quality(State(alarms): State<SharedAlarms>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_merge_into_one_entry_per_version() {
+        let entry = |version: &str, alarm, pairs, mae, retired| VersionAlarm {
+            model_version: version.to_owned(),
+            alarm,
+            pairs,
+            windowed_mae: Some(mae),
+            baseline_mae: Some(1.0),
+            threshold: Some(1.25),
+            retired,
+        };
+        let p0 = AlarmReport {
+            versions: vec![
+                entry("v2", false, 10, 1.0, false),
+                entry("v1", false, 500, 1.1, true),
+            ],
+        };
+        let p1 = AlarmReport {
+            versions: vec![
+                entry("v2", true, 30, 2.0, false),
+                entry("v1", false, 400, 1.2, false),
+            ],
+        };
+        let merged = merge(&[p0, p1]);
+        assert_eq!(
+            merged.versions,
+            [
+                entry("v2", true, 40, 2.0, false),
+                entry("v1", false, 900, 1.1, false)
+            ]
+        );
+        assert_eq!(merge(&[]).versions, []);
+    }
     use crate::join::Pair;
     use crate::quality::Quality;
     use prometheus_client::registry::Registry;

@@ -5,6 +5,7 @@ use clap::Args;
 use pipeline::config::{
     BrokerConfig, ConsumeConfig, QueueNames, TelemetryConfig, parse_socket_addr,
 };
+use pipeline::partition::{Ownership, instance_from_hostname};
 use pipeline::service::{Identity, ServiceCli, ServiceConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -107,6 +108,16 @@ pub struct Config {
     #[arg(long, env = "CHECKPOINT_INTERVAL_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_interval_secs: u64,
 
+    /// Metric instances sharing the partitions (PARTITIONS > 1): instance i owns the partitions k
+    /// with k mod METRIC_INSTANCES == i, each in LOG_DIR/p<k>/.
+    #[arg(long, env = "METRIC_INSTANCES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub metric_instances: u32,
+
+    /// This instance's number, 0-based. Unset: the trailing -<n> of the host name (a Kubernetes
+    /// StatefulSet's pod metric-2 is 2), else 0.
+    #[arg(long, env = "METRIC_INSTANCE")]
+    pub metric_instance: Option<u32>,
+
     /// Model versions with their own metric series (the most recently seen); older ones are removed.
     #[arg(long, env = "MODEL_VERSIONS_KEPT", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub model_versions_kept: u64,
@@ -124,6 +135,42 @@ impl ServiceConfig for Config {
     fn broker(&self) -> &BrokerConfig {
         &self.broker
     }
+}
+
+impl Config {
+    /// The partitions this instance owns: from METRIC_INSTANCES and METRIC_INSTANCE (or the host
+    /// name), checked against PARTITIONS.
+    pub fn ownership(&self) -> anyhow::Result<Ownership> {
+        let instance = match self.metric_instance {
+            Some(instance) => instance,
+            None if self.metric_instances > 1 => host_name()
+                .as_deref()
+                .and_then(instance_from_hostname)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "METRIC_INSTANCES is {}: set METRIC_INSTANCE, or run with a host name that \
+                         ends in -<n> (host name: {})",
+                        self.metric_instances,
+                        host_name().unwrap_or_else(|| "unknown".to_owned())
+                    )
+                })?,
+            None => 0,
+        };
+        Ok(Ownership::new(
+            self.metric_instances,
+            instance,
+            self.queues.partitions,
+        )?)
+    }
+}
+
+/// The host name: `HOSTNAME` (set by Docker and Kubernetes), else the kernel's.
+fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|name| !name.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|name| name.trim().to_owned())
 }
 
 /// `QUALITY_ALERT_RATIO`: a finite number above 1 (at or below 1 the alarm would ring for noise).
@@ -164,5 +211,42 @@ mod tests {
         assert_eq!(config.quality_alert_ratio, 1.25);
         assert_eq!(config.quality_retire_secs, 60);
         assert!(Cli::try_parse_for(&IDENTITY, ["metric", "--quality-retire-secs", "0"]).is_err());
+    }
+
+    #[test]
+    fn the_instance_owns_its_share_of_the_partitions() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_for(
+                &IDENTITY,
+                std::iter::once("metric").chain(args.iter().copied()),
+            )
+            .unwrap()
+            .config
+        };
+        let sole = parse(&[]).ownership().unwrap();
+        assert_eq!(sole.owned(pipeline::partition::Partitions::ONE), [0]);
+        let config = parse(&[
+            "--partitions",
+            "4",
+            "--metric-instances",
+            "2",
+            "--metric-instance",
+            "1",
+        ]);
+        assert_eq!(
+            config.ownership().unwrap().owned(config.queues.partitions),
+            [1, 3]
+        );
+        let err = parse(&[
+            "--partitions",
+            "4",
+            "--metric-instances",
+            "2",
+            "--metric-instance",
+            "2",
+        ])
+        .ownership()
+        .unwrap_err();
+        assert!(err.to_string().contains("METRIC_INSTANCE is 2"), "{err}");
     }
 }

@@ -57,6 +57,18 @@ pub struct DirLock {
 
 /// Takes the lock on `dir`, failing loudly when another metric service holds it.
 pub fn lock_dir(dir: &Path) -> anyhow::Result<DirLock> {
+    match try_lock_dir(dir)? {
+        Some(lock) => Ok(lock),
+        None => anyhow::bail!(
+            "another metric service is writing to {} (lock {} is held); run a single metric service",
+            dir.display(),
+            dir.join(LOCK_FILE).display()
+        ),
+    }
+}
+
+/// Takes the lock on `dir`; `None` while another process holds it.
+pub fn try_lock_dir(dir: &Path) -> anyhow::Result<Option<DirLock>> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create LOG_DIR {}", dir.display()))?;
     let path = dir.join(LOCK_FILE);
@@ -67,14 +79,38 @@ pub fn lock_dir(dir: &Path) -> anyhow::Result<DirLock> {
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
     match file.try_lock() {
-        Ok(()) => Ok(DirLock { _file: file }),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "another metric service is writing to {} (lock {} is held); run a single metric service",
-            dir.display(),
-            path.display()
-        ),
+        Ok(()) => Ok(Some(DirLock { _file: file })),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
         Err(std::fs::TryLockError::Error(err)) => {
             Err(err).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
+/// Takes the lock on a partition's folder, waiting as a standby while another instance holds it
+/// (the lock goes with its process, however it ends); `None` when `shutdown` comes first.
+pub async fn lock_dir_waiting(
+    dir: &Path,
+    shutdown: &pipeline::CancellationToken,
+) -> anyhow::Result<Option<DirLock>> {
+    let mut waiting = false;
+    loop {
+        if let Some(lock) = try_lock_dir(dir)? {
+            if waiting {
+                tracing::info!(dir = %dir.display(), "the folder's lock is free: taking over");
+            }
+            return Ok(Some(lock));
+        }
+        if !waiting {
+            tracing::info!(
+                dir = %dir.display(),
+                "standby: another metric instance holds this folder's lock; taking over when it ends"
+            );
+            waiting = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+            _ = shutdown.cancelled() => return Ok(None),
         }
     }
 }

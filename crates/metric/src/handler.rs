@@ -15,8 +15,11 @@ use pipeline::broker::HandlerError;
 use pipeline::broker::flow::{FlowChange, Hysteresis};
 use pipeline::broker::{Disposition, MessageHandler, Publisher};
 use pipeline::health::Health;
-use pipeline::messages::{LabelKind, LabelMessage, MessageError, now_us, parse_label, validate_id};
+use pipeline::messages::{
+    LabelKind, LabelMessage, MessageError, check_partition, now_us, parse_label, validate_id,
+};
 use pipeline::metrics::{QueueCounters, QueueLabel};
+use pipeline::partition::Partitions;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -39,6 +42,9 @@ pub struct Recorder {
     pub(crate) health: Health,
     /// Counters of the two inputs (in [`KINDS`] order), for the receive delay.
     pub(crate) inputs: [QueueCounters; 2],
+    /// With `PARTITIONS > 1`, the partition these queues are: a message whose id hashes
+    /// elsewhere is dead-lettered (`wrong_partition`), never joined.
+    pub(crate) partition: Option<(Partitions, usize)>,
 }
 
 /// When the checkpoint is written again.
@@ -108,6 +114,7 @@ impl Recorder {
             y_true_flow: Hysteresis::with_high_water(read_ahead_limit(config)),
             health,
             inputs,
+            partition: None,
         };
         recorder.save_checkpoint();
         tracing::info!(
@@ -205,6 +212,9 @@ impl Recorder {
             .as_ref()
             .map(|id| id.as_str());
         let message = parse_label(kind, &delivery.data, message_id)?;
+        if let (Some((partitions, k)), Some(id)) = (self.partition, message.id.as_deref()) {
+            check_partition(partitions, k, &self.queue_names[kind as usize], id)?;
+        }
         if let Some(sent) = message.sent_at_us {
             self.inputs[kind as usize].observe_receive_delay(sent, now_us());
         }

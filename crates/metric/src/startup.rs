@@ -1,5 +1,10 @@
 //! Start-up of the metric service: [`run`] takes the lock on `LOG_DIR`, registers the metrics,
 //! rebuilds the state from the files, serves HTTP and consumes until shutdown.
+//!
+//! With `PARTITIONS > 1` it does the same for each partition the instance owns
+//! ([`Config::ownership`]), in `LOG_DIR/p<k>/` with its own lock, connection, join and quality
+//! figures (their series labelled `partition="p<k>"`), behind one HTTP endpoint. A second process
+//! of the same instance waits for the locks as a standby and takes over when the first ends.
 
 use crate::api;
 use crate::config::Config;
@@ -9,11 +14,16 @@ use crate::handler::Recorder;
 use crate::metrics::JoinMetrics;
 use crate::plotter::Plotter;
 use crate::quality::Quality;
+use pipeline::CancellationToken;
 use pipeline::broker::consumer::ConsumerSpec;
 use pipeline::broker::{Broker, Topology, run_consumer};
 use pipeline::health::Health;
 use pipeline::metrics::BrokerMetrics;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,31 +33,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let shutdown = pipeline::shutdown::token_from(shutdown);
+    if config.queues.partitions.is_partitioned() {
+        return run_partitions(config, shutdown).await;
+    }
     let _lock = files::lock_dir(&config.log_dir)?;
 
     let mut registry = Registry::default();
-    let broker_metrics = BrokerMetrics::register(&mut registry);
-    let join_metrics = JoinMetrics::register(&mut registry);
-    let quality = Quality::register(
-        &mut registry,
-        config.quality_window,
-        config.model_versions_kept as usize,
-        config.quality_alert_ratio,
-    )
-    .with_retire_after(Duration::from_secs(config.quality_retire_secs));
     let health = Health::new();
-    let mut recorder = Recorder::start(
-        &config,
-        quality,
-        join_metrics,
-        Plotter::new(&config),
-        health.clone(),
-        // Looked up once: the hot path does no label hashing.
-        [
-            broker_metrics.queue(&config.queues.y_true_queue),
-            broker_metrics.queue(&config.queues.y_pred_queue),
-        ],
-    )?;
+    let (mut recorder, broker_metrics) = start_recorder(&config, &mut registry, health.clone())?;
     let connected = broker_metrics.connected.clone();
 
     recorder.update_flow();
@@ -88,4 +81,194 @@ pub async fn run(
     shutdown.cancel();
     let _ = http.await;
     result
+}
+
+/// Registers one recorder's metrics in `registry` and rebuilds its state from its folder.
+fn start_recorder(
+    config: &Config,
+    registry: &mut Registry,
+    health: Health,
+) -> anyhow::Result<(Recorder, BrokerMetrics)> {
+    let broker_metrics = BrokerMetrics::register(registry);
+    let join_metrics = JoinMetrics::register(registry);
+    let quality = Quality::register(
+        registry,
+        config.quality_window,
+        config.model_versions_kept as usize,
+        config.quality_alert_ratio,
+    )
+    .with_retire_after(Duration::from_secs(config.quality_retire_secs));
+    let recorder = Recorder::start(
+        config,
+        quality,
+        join_metrics,
+        Plotter::new(config),
+        health,
+        // Looked up once: the hot path does no label hashing.
+        [
+            broker_metrics.queue(&config.queues.y_true_queue),
+            broker_metrics.queue(&config.queues.y_pred_queue),
+        ],
+    )?;
+    Ok((recorder, broker_metrics))
+}
+
+/// One owned partition: its settings (folder and queues), recorder and broker state.
+struct Partition {
+    k: u32,
+    config: Config,
+    recorder: Recorder,
+    broker_metrics: BrokerMetrics,
+    health: Health,
+}
+
+/// `run` with `PARTITIONS > 1`: every owned partition consumed on its own connection.
+async fn run_partitions(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let partitions = config.queues.partitions;
+    let ownership = config.ownership()?;
+    let owned = ownership.owned(partitions);
+    let served = format!(
+        "instance {} of {} serves partitions {} of {}",
+        ownership.instance(),
+        ownership.instances(),
+        owned
+            .iter()
+            .map(|k| format!("p{k}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        partitions
+    );
+    tracing::info!(log_dir = %config.log_dir.display(), "{served}");
+    // A standby waits here until the active instance's process ends.
+    let mut locks = Vec::new();
+    for k in &owned {
+        match files::lock_dir_waiting(&partitions.folder(&config.log_dir, *k), &shutdown).await? {
+            Some(lock) => locks.push(lock),
+            None => return Ok(()),
+        }
+    }
+
+    let mut registry = Registry::default();
+    let owned_gauge = Family::<PartitionLabel, Gauge>::default();
+    registry.register(
+        "pipeline_metric_partition_owned",
+        "1 for each partition this metric instance serves",
+        owned_gauge.clone(),
+    );
+    let health = Health::new();
+    health.set_note("served", Some(served));
+    let mut units = Vec::new();
+    for k in owned {
+        let mut unit_config = config.clone();
+        unit_config.log_dir = partitions.folder(&config.log_dir, k);
+        let queues = &mut unit_config.queues;
+        queues.y_true_queue = partitions.queue(&config.queues.y_true_queue, k);
+        queues.y_pred_queue = partitions.queue(&config.queues.y_pred_queue, k);
+        let label = format!("p{k}");
+        owned_gauge
+            .get_or_create(&PartitionLabel {
+                partition: label.clone(),
+            })
+            .set(1);
+        let part_health = Health::new();
+        let sub = registry.sub_registry_with_label((Cow::Borrowed("partition"), Cow::Owned(label)));
+        let (mut recorder, broker_metrics) =
+            start_recorder(&unit_config, sub, part_health.clone())?;
+        recorder.partition = Some((partitions, k as usize));
+        recorder.update_flow();
+        units.push(Partition {
+            k,
+            config: unit_config,
+            recorder,
+            broker_metrics,
+            health: part_health,
+        });
+    }
+    let Some(first) = units.first() else {
+        anyhow::bail!("this metric instance owns no partition");
+    };
+    let routes = dashboard::routes(dashboard::Live {
+        snapshot: first.recorder.dashboard.shared(),
+        connected: first.broker_metrics.connected.clone(),
+        health: health.clone(),
+        dead_letters: first.recorder.dashboard.dead_letters(),
+    })
+    .merge(api::merged_routes(
+        units
+            .iter()
+            .map(|unit| unit.recorder.quality.shared_alarms())
+            .collect(),
+    ));
+    let http = pipeline::http::spawn_with(
+        config.http_addr,
+        Arc::new(registry),
+        health.clone(),
+        routes,
+        shutdown.clone().cancelled_owned(),
+    )
+    .await?;
+
+    let parts: Vec<(String, Health)> = units
+        .iter()
+        .map(|unit| (format!("p{}", unit.k), unit.health.clone()))
+        .collect();
+    let gather = {
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        async move {
+            loop {
+                health.gather("partitions", &parts);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    };
+    let streams = [
+        config.queues.y_true_queue.clone(),
+        config.queues.y_pred_queue.clone(),
+    ];
+    let consumers = units.into_iter().map(|unit| {
+        let (shutdown, streams) = (shutdown.clone(), &streams);
+        async move {
+            let Partition {
+                config,
+                mut recorder,
+                broker_metrics,
+                health,
+                ..
+            } = unit;
+            let mut broker = Broker::new(config.broker.clone(), "metric", broker_metrics, health);
+            let inputs = [
+                config.queues.y_true_queue.as_str(),
+                config.queues.y_pred_queue.as_str(),
+            ];
+            let spec = ConsumerSpec {
+                inputs: &inputs,
+                topology: Topology::new(&config.broker, &[])
+                    .with_partitions(&streams[0], config.queues.partitions, true)
+                    .with_partitions(&streams[1], config.queues.partitions, true),
+                consume: config.consume.clone(),
+                // Single-active-consumer queues: a second consumer waits instead of being refused.
+                exclusive: false,
+                service: "metric",
+            };
+            let result = run_consumer(&mut broker, &spec, &mut recorder, &shutdown).await;
+            recorder.finish();
+            // One partition that cannot go on stops the instance: a restart brings all back.
+            shutdown.cancel();
+            result
+        }
+    });
+    let (results, ()) = tokio::join!(futures_util::future::join_all(consumers), gather);
+    shutdown.cancel();
+    let _ = http.await;
+    drop(locks);
+    results.into_iter().collect()
+}
+
+/// The label of `pipeline_metric_partition_owned`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabel {
+    partition: String,
 }

@@ -46,7 +46,12 @@ impl MessageHandler for Predictor {
             Err(err) => return Ok(Disposition::DeadLetter(err)),
         };
         if let Some(id) = message.id.as_deref()
-            && let Err(misplaced) = check_partition(&self.features, input, id)
+            && let Err(misplaced) = check_partition(
+                self.features.partitions(),
+                input,
+                self.features.queues().get(input).map_or("", String::as_str),
+                id,
+            )
         {
             return Ok(Disposition::DeadLetter(misplaced));
         }

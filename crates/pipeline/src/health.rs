@@ -86,6 +86,36 @@ impl Health {
         })
     }
 
+    /// Takes the state of several parts of one service (a metric instance's partitions), each
+    /// with its own `Health`: the session works when every part works (else each part's reasons,
+    /// prefixed with its name), and every part's notes show under the note `key`.
+    pub fn gather(&self, key: &'static str, parts: &[(String, Health)]) {
+        let mut reasons = Vec::new();
+        let mut notes = Vec::new();
+        for (name, part) in parts {
+            if let Err(reason) = part.get() {
+                reasons.extend(reason.lines().map(|line| format!("{name}: {line}")));
+            }
+            notes.extend(
+                part.notes()
+                    .into_iter()
+                    .map(|note| format!("{name}: {note}")),
+            );
+        }
+        self.with(|state| {
+            state.session = if reasons.is_empty() {
+                Ok(())
+            } else {
+                Err(reasons.join("\n"))
+            };
+            if notes.is_empty() {
+                state.notes.remove(key);
+            } else {
+                state.notes.insert(key, notes.join("\n"));
+            }
+        });
+    }
+
     /// The notes, in key order.
     pub fn notes(&self) -> Vec<String> {
         self.with(|state| state.notes.values().cloned().collect())
@@ -108,6 +138,24 @@ impl Default for Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gathered_parts_are_healthy_only_together() {
+        let (p0, p2) = (Health::new(), Health::new());
+        let whole = Health::new();
+        let parts = [("p0".to_owned(), p0.clone()), ("p2".to_owned(), p2.clone())];
+        p0.set_healthy();
+        whole.gather("partitions", &parts);
+        assert_eq!(whole.get(), Err("p2: starting".to_owned()));
+        p2.set_healthy();
+        p2.set_note("disk", Some("slow".into()));
+        whole.gather("partitions", &parts);
+        assert_eq!(whole.get(), Ok(()));
+        assert_eq!(whole.notes(), ["p2: slow"]);
+        p0.set_problem("disk", Some("disk full".into()));
+        whole.gather("partitions", &parts);
+        assert_eq!(whole.get(), Err("p0: disk full".to_owned()));
+    }
 
     #[test]
     fn a_problem_outlives_a_healthy_session() {

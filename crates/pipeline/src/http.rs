@@ -84,7 +84,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
                 header::CONTENT_TYPE,
                 prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
             )],
-            body,
+            merge_families(body),
         )
             .into_response(),
         Err(err) => (
@@ -93,6 +93,63 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         )
             .into_response(),
     }
+}
+
+/// Puts every sample of a metric family under one `# HELP`/`# TYPE` header. A metric instance
+/// registers its figures once per partition (a sub-registry labelled `partition`), which the
+/// encoder writes as one family block each; the exposition format allows a family once, so the
+/// blocks are joined. Text without a repeated family is returned as it is.
+pub fn merge_families(text: String) -> String {
+    fn family(line: &str) -> Option<&str> {
+        ["# HELP ", "# TYPE ", "# UNIT "]
+            .iter()
+            .find_map(|prefix| line.strip_prefix(prefix))
+            .and_then(|rest| rest.split(' ').next())
+    }
+    let mut seen = std::collections::HashSet::new();
+    let repeated = text
+        .lines()
+        .filter(|line| line.starts_with("# HELP "))
+        .filter_map(family)
+        .any(|name| !seen.insert(name));
+    if !repeated {
+        return text;
+    }
+    // name -> (header lines, sample lines), in the order first seen.
+    let mut order: Vec<&str> = Vec::new();
+    let mut blocks: std::collections::HashMap<&str, (Vec<&str>, Vec<&str>)> =
+        std::collections::HashMap::new();
+    let mut current = None;
+    let mut eof = false;
+    for line in text.lines() {
+        if line == "# EOF" {
+            eof = true;
+        } else if let Some(name) = family(line) {
+            let (headers, _) = blocks.entry(name).or_insert_with(|| {
+                order.push(name);
+                (Vec::new(), Vec::new())
+            });
+            if !headers.contains(&line) {
+                headers.push(line);
+            }
+            current = Some(name);
+        } else if let Some((_, samples)) = current.and_then(|name| blocks.get_mut(name)) {
+            samples.push(line);
+        }
+    }
+    let mut merged = String::with_capacity(text.len());
+    for name in order {
+        if let Some((headers, samples)) = blocks.get(name) {
+            for line in headers.iter().chain(samples) {
+                merged.push_str(line);
+                merged.push('\n');
+            }
+        }
+    }
+    if eof {
+        merged.push_str("# EOF\n");
+    }
+    merged
 }
 
 /// Asks the service listening on `addr` for `/healthz`; `Ok(())` only for a 200 answer.
@@ -256,6 +313,35 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_family_registered_per_partition_is_written_once() {
+        use prometheus_client::metrics::counter::Counter;
+        use prometheus_client::registry::Registry;
+        use std::borrow::Cow;
+        let mut registry = Registry::default();
+        for (k, n) in [(0, 3), (2, 5)] {
+            let sub = registry
+                .sub_registry_with_label((Cow::Borrowed("partition"), Cow::Owned(format!("p{k}"))));
+            let pairs = Counter::<u64>::default();
+            pairs.inc_by(n);
+            sub.register("pairs", "Ids joined", pairs);
+            sub.register("waiting", "Ids waiting", Counter::<u64>::default());
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &registry).unwrap();
+        assert_eq!(text.matches("# HELP pairs").count(), 2, "{text}");
+        let merged = merge_families(text);
+        assert_eq!(
+            merged,
+            "# HELP pairs_total Ids joined.\n# TYPE pairs_total counter\n\
+             pairs_total{partition=\"p0\"} 3\npairs_total{partition=\"p2\"} 5\n\
+             # HELP waiting_total Ids waiting.\n# TYPE waiting_total counter\n\
+             waiting_total{partition=\"p0\"} 0\nwaiting_total{partition=\"p2\"} 0\n"
+        );
+        // Nothing repeated: the very same text.
+        assert_eq!(merge_families(merged.clone()), merged);
+    }
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     /// Serves one connection with `answer`, whatever is asked.

@@ -13,7 +13,7 @@
 //! our services write the bare format too ([`BodyFormat::Bare`]), the id in `message_id` only.
 
 use crate::config::TopologyMode;
-use crate::partition::Router;
+use crate::partition::Partitions;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -87,18 +87,23 @@ pub enum MessageError {
     },
 }
 
-/// With `PARTITIONS > 1`: an `id` found in partition `k` of `stream` (the queue of input `k`)
-/// must hash to `k`; else it is [`MessageError::WrongPartition`], dead-lettered and never joined.
-/// Always `Ok` with one partition.
-pub fn check_partition(stream: &Router, k: usize, id: &str) -> Result<(), MessageError> {
-    let belongs = stream.partitions().of(id);
-    if usize::try_from(belongs).ok() == Some(k) || !stream.partitions().is_partitioned() {
+/// With `PARTITIONS > 1`: an `id` found in `queue`, the queue of partition `k`, must hash to `k`;
+/// else it is [`MessageError::WrongPartition`], dead-lettered and never joined. Always `Ok` with
+/// one partition.
+pub fn check_partition(
+    partitions: Partitions,
+    k: usize,
+    queue: &str,
+    id: &str,
+) -> Result<(), MessageError> {
+    let belongs = partitions.of(id);
+    if !partitions.is_partitioned() || usize::try_from(belongs).ok() == Some(k) {
         return Ok(());
     }
     Err(MessageError::WrongPartition {
         id: id.to_owned(),
         belongs,
-        queue: stream.queues().get(k).cloned().unwrap_or_default(),
+        queue: queue.to_owned(),
     })
 }
 
@@ -553,19 +558,17 @@ mod tests {
 
     #[test]
     fn a_message_in_another_partition_is_refused_as_wrong_partition() {
-        use crate::partition::{Partitions, Router};
-        let eight = Router::new("features", Partitions::new(8).unwrap());
+        let eight = Partitions::new(8).unwrap();
         // "0" hashes to partition 7 of 8, "1" to 4.
-        assert_eq!(check_partition(&eight, 7, "0"), Ok(()));
-        let err = check_partition(&eight, 4, "0").unwrap_err();
+        assert_eq!(check_partition(eight, 7, "features.p7", "0"), Ok(()));
+        let err = check_partition(eight, 4, "features.p4", "0").unwrap_err();
         assert_eq!(err.reason(), "wrong_partition");
         assert_eq!(
             err.to_string(),
             "id 0 belongs in partition 7, but was found in features.p4"
         );
         // One partition: everything belongs.
-        let one = Router::new("features", Partitions::ONE);
-        assert_eq!(check_partition(&one, 0, "0"), Ok(()));
+        assert_eq!(check_partition(Partitions::ONE, 0, "features", "0"), Ok(()));
     }
 
     #[test]
