@@ -18,6 +18,7 @@ mod helpers;
 mod monitoring;
 mod network_cut;
 mod observability;
+mod partitioned_cluster;
 mod pipeline_flow;
 mod producer;
 mod recovery;
