@@ -83,12 +83,29 @@ function drawScatter(state) {
   }
 }
 
+// PARTITIONS > 1: which partitions this instance serves, its totals, and a link to each one's page.
+function renderPartitions(partitions) {
+  const line = $("partitions");
+  line.hidden = !partitions;
+  if (!partitions) return;
+  line.textContent = `${partitions.served}: ${partitions.pairs.toLocaleString("en-US")} pairs, ` +
+    `${partitions.waiting.toLocaleString("en-US")} waiting in all; this page: ${partitions.page} · `;
+  for (const page of partitions.pages) {
+    const link = document.createElement("a");
+    link.href = "/" + page;
+    link.textContent = page;
+    link.style.marginRight = ".5em";
+    line.append(link);
+  }
+}
+
 function render(answer) {
   dashboard.last = answer;
   const status = answer.status;
   if (status.broker_connected) setPill("broker", "connected", "ok");
   else setPill("broker", "disconnected", "bad");
   $("health").textContent = status.health === "ok" ? "" : "health: " + status.health;
+  renderPartitions(status.partitions);
   $("dead-letters").innerHTML = "";
   for (const d of status.dead_letters) {
     const row = $("dead-letters").insertRow();
@@ -136,7 +153,9 @@ function render(answer) {
 
 async function poll() {
   try {
-    const response = await fetch("/api/dashboard", { cache: "no-store" });
+    // Relative to the page: /p2 reads /p2/api/dashboard (one page per partition).
+    const base = location.pathname.replace(/\/?$/, "/");
+    const response = await fetch(base + "api/dashboard", { cache: "no-store" });
     if (!response.ok) throw new Error("HTTP " + response.status);
     render(await response.json());
   } catch (err) {

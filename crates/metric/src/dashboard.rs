@@ -14,6 +14,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use pipeline::health::Health;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -267,6 +268,28 @@ pub struct Live {
     pub health: Health,
     /// The dead-letter counts.
     pub dead_letters: DeadLetterTally,
+    /// With `PARTITIONS > 1`: what the instance serves, and the partition this page shows.
+    pub partitions: Option<(Arc<InstanceView>, String)>,
+}
+
+/// What a metric instance serving several partitions shows on each partition's page: which it
+/// serves, and its totals over all of them.
+pub struct InstanceView {
+    /// E.g. `instance 0 of 2 serves partitions p0, p2 of 4`.
+    pub served: String,
+    /// Each served partition (`p0`, ...) with its `pipeline_pairs_total` and waiting ids.
+    pub partitions: Vec<(String, Counter, Gauge)>,
+}
+
+#[derive(serde::Serialize)]
+struct PartitionsStatus<'a> {
+    served: &'a str,
+    /// The partition of this page.
+    page: &'a str,
+    /// Every served partition, in order.
+    pages: Vec<&'a str>,
+    pairs: u64,
+    waiting: i64,
 }
 
 /// The dashboard's routes: `/`, `/api/dashboard` and the page's assets.
@@ -314,10 +337,12 @@ pub struct DeadLetters {
 }
 
 #[derive(serde::Serialize)]
-struct Status {
+struct Status<'a> {
     broker_connected: bool,
     health: String,
     dead_letters: Vec<DeadLetters>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partitions: Option<PartitionsStatus<'a>>,
 }
 
 async fn api(State(live): State<Live>) -> impl IntoResponse {
@@ -329,6 +354,24 @@ async fn api(State(live): State<Live>) -> impl IntoResponse {
             Err(reason) => reason,
         },
         dead_letters,
+        partitions: live
+            .partitions
+            .as_ref()
+            .map(|(view, page)| PartitionsStatus {
+                served: &view.served,
+                page,
+                pages: view.partitions.iter().map(|(k, _, _)| k.as_str()).collect(),
+                pairs: view
+                    .partitions
+                    .iter()
+                    .map(|(_, pairs, _)| pairs.get())
+                    .sum(),
+                waiting: view
+                    .partitions
+                    .iter()
+                    .map(|(_, _, waiting)| waiting.get())
+                    .sum(),
+            }),
     };
     let snapshot = match live.snapshot.lock() {
         Ok(shared) => Arc::clone(&shared),

@@ -688,6 +688,12 @@ impl Quality {
         }
     }
 
+    /// The counter of all pairs (`pipeline_pairs_total`), shared: a metric instance's dashboard
+    /// sums its partitions' counters.
+    pub fn pairs_counter(&self) -> Counter {
+        self.pairs.clone()
+    }
+
     /// The handle `GET /api/quality` reads.
     pub fn shared_alarms(&self) -> SharedAlarms {
         Arc::clone(&self.alarms)

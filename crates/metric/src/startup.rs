@@ -55,6 +55,7 @@ pub async fn run(
         connected,
         health: health.clone(),
         dead_letters: recorder.dashboard.dead_letters(),
+        partitions: None,
     })
     .merge(api::routes(recorder.quality.shared_alarms()));
     let http = pipeline::http::spawn_with(
@@ -156,7 +157,7 @@ async fn run_partitions(config: Config, shutdown: CancellationToken) -> anyhow::
         owned_gauge.clone(),
     );
     let health = Health::new();
-    health.set_note("served", Some(served));
+    health.set_note("served", Some(served.clone()));
     let mut units = Vec::new();
     for k in owned {
         let mut unit_config = config.clone();
@@ -184,21 +185,41 @@ async fn run_partitions(config: Config, shutdown: CancellationToken) -> anyhow::
             health: part_health,
         });
     }
+    let view = Arc::new(dashboard::InstanceView {
+        served,
+        partitions: units
+            .iter()
+            .map(|unit| {
+                (
+                    format!("p{}", unit.k),
+                    unit.recorder.quality.pairs_counter(),
+                    unit.recorder.metrics.waiting.clone(),
+                )
+            })
+            .collect(),
+    });
+    // Each partition's dashboard at /p<k>, the first one's also at /.
+    let page = |unit: &Partition| {
+        dashboard::routes(dashboard::Live {
+            snapshot: unit.recorder.dashboard.shared(),
+            connected: unit.broker_metrics.connected.clone(),
+            health: health.clone(),
+            dead_letters: unit.recorder.dashboard.dead_letters(),
+            partitions: Some((Arc::clone(&view), format!("p{}", unit.k))),
+        })
+    };
     let Some(first) = units.first() else {
         anyhow::bail!("this metric instance owns no partition");
     };
-    let routes = dashboard::routes(dashboard::Live {
-        snapshot: first.recorder.dashboard.shared(),
-        connected: first.broker_metrics.connected.clone(),
-        health: health.clone(),
-        dead_letters: first.recorder.dashboard.dead_letters(),
-    })
-    .merge(api::merged_routes(
-        units
-            .iter()
-            .map(|unit| unit.recorder.quality.shared_alarms())
-            .collect(),
-    ));
+    let routes = units.iter().fold(
+        page(first).merge(api::merged_routes(
+            units
+                .iter()
+                .map(|unit| unit.recorder.quality.shared_alarms())
+                .collect(),
+        )),
+        |routes, unit| routes.nest(&format!("/p{}", unit.k), page(unit)),
+    );
     let http = pipeline::http::spawn_with(
         config.http_addr,
         Arc::new(registry),
