@@ -42,7 +42,7 @@ fn wait_total(logs: &Path, n: usize, timeout: Duration, services: &[&Service]) {
     }
 }
 
-/// The leaders of the queues named `<prefix><k>` (the partition queues), as `rabbitmqctl` lists them.
+/// The leaders of the queues named `<prefix><k>` (the partition queues; every queue for ""), as `rabbitmqctl` lists them.
 fn leaders(cluster: &BrokerCluster, prefix: &str) -> HashMap<String, String> {
     let out = cluster.nodes[0].ctl(&["list_queues", "-q", "--no-table-headers", "name", "leader"]);
     String::from_utf8_lossy(&out.stdout)
@@ -52,8 +52,10 @@ fn leaders(cluster: &BrokerCluster, prefix: &str) -> HashMap<String, String> {
             Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
         })
         .filter(|(name, _)| {
-            name.strip_prefix(prefix)
-                .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+            prefix.is_empty()
+                || name
+                    .strip_prefix(prefix)
+                    .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
         })
         .collect()
 }
@@ -127,15 +129,34 @@ async fn four_partitions_two_metric_instances_and_a_lost_node_lose_nothing() {
     let stream_leaders = leaders(&cluster, &format!("{}.p", queues.features));
     let nodes: HashSet<&String> = stream_leaders.values().collect();
     eprintln!("features partition leaders: {stream_leaders:?}");
-    assert_eq!(stream_leaders.len(), PARTITIONS as usize, "{stream_leaders:?}");
-    assert!(nodes.len() >= 2, "leaders on one node: {stream_leaders:?}");
+    assert_eq!(
+        stream_leaders.len(),
+        PARTITIONS as usize,
+        "{stream_leaders:?}"
+    );
+    let all_leaders = leaders(&cluster, "");
+    let per_node = all_leaders
+        .values()
+        .fold(BTreeMap::new(), |mut count, node| {
+            *count.entry(node.clone()).or_insert(0) += 1;
+            count
+        });
+    eprintln!("queue leaders per node: {per_node:?}");
+    assert_eq!(per_node.len(), 3, "leaders not on every node: {per_node:?}");
+    assert!(
+        nodes.len() >= 2,
+        "a stream's partitions on one node: {stream_leaders:?}"
+    );
 
     let started = Instant::now();
     wait_total(&logs, 3_000, Duration::from_secs(120), &everyone!());
     eprintln!("{} rows: stopping node c1", total_rows(&logs));
     cluster.nodes[1].stop();
     wait_total(&logs, 7_000, Duration::from_secs(180), &everyone!());
-    eprintln!("{} rows: SIGKILL metric instance 1, then restart it", total_rows(&logs));
+    eprintln!(
+        "{} rows: SIGKILL metric instance 1, then restart it",
+        total_rows(&logs)
+    );
     metric1.signal("KILL");
     metric1.wait_exit(Duration::from_secs(10));
     std::thread::sleep(Duration::from_secs(1));
@@ -193,12 +214,53 @@ async fn four_partitions_two_metric_instances_and_a_lost_node_lose_nothing() {
     ] {
         let text = service.stderr();
         for k in own {
-            assert!(text.contains(&format!("/logs/{k}")), "{}: {k} missing", service.name);
+            assert!(
+                text.contains(&format!("/logs/{k}")),
+                "{}: {k} missing",
+                service.name
+            );
         }
         for k in other {
-            assert!(!text.contains(&format!("/logs/{k}")), "{}: wrote {k}", service.name);
+            assert!(
+                !text.contains(&format!("/logs/{k}")),
+                "{}: wrote {k}",
+                service.name
+            );
         }
     }
+    // What the instance shows: its partitions, totals over them, one family per metric name.
+    let own_rows = by_partition[&0].len() + by_partition[&2].len();
+    let (status, body) = standby0.get("/p2/api/dashboard").expect("dashboard");
+    assert_eq!(status, 200);
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let partitions = &answer["status"]["partitions"];
+    eprintln!("standby's dashboard: {partitions}");
+    assert_eq!(partitions["page"], "p2");
+    assert_eq!(partitions["pages"], serde_json::json!(["p0", "p2"]));
+    assert_eq!(partitions["pairs"], own_rows as u64);
+    let (_, text) = standby0.get("/metrics").expect("metrics");
+    let mut helps = HashSet::new();
+    for line in text.lines().filter(|l| l.starts_with("# HELP ")) {
+        assert!(helps.insert(line), "family written twice: {line}");
+    }
+    let metrics = standby0.metrics();
+    assert_eq!(
+        metrics.get("pipeline_metric_partition_owned{partition=\"p2\"}"),
+        Some(&1.0)
+    );
+    assert_eq!(
+        metrics.get("pipeline_metric_partition_owned{partition=\"p1\"}"),
+        None
+    );
+    let (_, quality) = standby0.get("/api/quality").expect("quality");
+    let quality: serde_json::Value = serde_json::from_str(&quality).unwrap();
+    let pairs: u64 = quality["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["pairs"].as_u64().unwrap())
+        .sum();
+    assert_eq!(pairs, own_rows as u64, "{quality}");
     assert!(
         features.wait_exit(Duration::from_secs(30)).is_some(),
         "features did not finish"

@@ -291,17 +291,10 @@ impl Topology {
         arguments
     }
 
-    /// What a partition queue adds: single-active-consumer where asked, and on quorum queues a
-    /// leader on the node with the fewest (so a stream's partitions use every node).
+    /// What a partition queue adds: single-active-consumer where asked.
     fn partition_arguments(&self, arguments: &mut FieldTable, single_active: bool) {
         if single_active {
             arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-        }
-        if self.queue_type == QueueType::Quorum {
-            arguments.insert(
-                "x-queue-leader-locator".into(),
-                AMQPValue::LongString("balanced".into()),
-            );
         }
     }
 
@@ -317,6 +310,14 @@ impl Topology {
                 "x-queue-type".into(),
                 AMQPValue::LongString("quorum".into()),
             );
+            if !self.markers.is_empty() {
+                // Partitioned: every queue's leader on the node with the fewest, so the
+                // partitions use every node (all services declare partitioned streams alike).
+                arguments.insert(
+                    "x-queue-leader-locator".into(),
+                    AMQPValue::LongString("balanced".into()),
+                );
+            }
             if with_delivery_limit {
                 arguments.insert(
                     "x-delivery-limit".into(),
@@ -418,6 +419,84 @@ mod tests {
         );
         // Dropped copies must not be dead-lettered (that would fill the dead-letter queue).
         assert!(inner.get("x-dead-letter-exchange").is_none());
+    }
+
+    #[test]
+    fn one_partition_declares_exactly_the_streams_and_more_add_partition_queues_and_a_marker() {
+        let quorum = config(&["--queue-type", "quorum"]);
+        let one = Topology::new(&quorum, &[])
+            .with_partitions("features", Partitions::ONE, false)
+            .with_partitions("y_pred", Partitions::ONE, true);
+        let plain = Topology::new(&quorum, &["features", "y_pred"]);
+        assert_eq!(one.queues, plain.queues);
+        assert!(one.markers.is_empty() && one.partition_queues.is_empty());
+        assert_eq!(
+            one.type_arguments(true).inner(),
+            plain.type_arguments(true).inner()
+        );
+        assert!(
+            one.type_arguments(true)
+                .inner()
+                .get("x-queue-leader-locator")
+                .is_none()
+        );
+
+        let three = Partitions::new(3).unwrap();
+        let many = Topology::new(&quorum, &[])
+            .with_partitions("features", three, false)
+            .with_partitions("y_pred", three, true);
+        assert_eq!(
+            many.queues,
+            [
+                "features.p0",
+                "features.p1",
+                "features.p2",
+                "y_pred.p0",
+                "y_pred.p1",
+                "y_pred.p2"
+            ]
+        );
+        assert_eq!(
+            many.markers,
+            [
+                ("features.partitions".to_owned(), 3),
+                ("y_pred.partitions".to_owned(), 3)
+            ]
+        );
+        let single: Vec<&str> = many
+            .partition_queues
+            .iter()
+            .filter(|(_, single)| *single)
+            .map(|(q, _)| q.as_str())
+            .collect();
+        assert_eq!(single, ["y_pred.p0", "y_pred.p1", "y_pred.p2"]);
+        assert_eq!(
+            many.type_arguments(false)
+                .inner()
+                .get("x-queue-leader-locator"),
+            Some(&AMQPValue::LongString("balanced".into()))
+        );
+        // The trainer's one copy is bound to every partition's exchange.
+        let trainer =
+            Topology::new(&quorum, &[]).with_partitioned_training_queue("features", three, 100);
+        let bound: Vec<(&str, Vec<&str>)> = trainer
+            .fanouts
+            .iter()
+            .map(|f| {
+                (
+                    f.exchange.as_str(),
+                    f.bound.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            bound,
+            [
+                ("features.p0.fanout", vec!["features.train"]),
+                ("features.p1.fanout", vec!["features.train"]),
+                ("features.p2.fanout", vec!["features.train"]),
+            ]
+        );
     }
 
     #[test]
