@@ -12,8 +12,10 @@
 //!    the pipeline and through the bare client at the same rates (a table and `latency_curve.png`),
 //! 5. `replicas`: 1, 2 and 3 model replicas at full speed, samples/s and CPU per sample,
 //! 6. `cluster`: quorum queues on a three-node cluster of private nodes,
-//! 7. `backlog`: `--backlog-samples` queued before model and metric start: drain rate, peak RSS,
-//! 8. `history`: the metric service's start-up and RSS on a long history (history.rs),
+//! 7. `partitions`: `PARTITIONS` 1, 2, 4, 8 with 1, 2, 4 metric instances on a private three-node
+//!    cluster (quorum and classic), and 1 against 4 on one node (partitions.rs),
+//! 8. `backlog`: `--backlog-samples` queued before model and metric start: drain rate, peak RSS,
+//! 9. `history`: the metric service's start-up and RSS on a long history (history.rs),
 //!
 //! then prints a markdown table and writes it, with a JSON twin, to `--out`. Queues and child
 //! processes are cleaned up on success, on error, on panic and on SIGINT/SIGTERM.
@@ -28,6 +30,7 @@ mod cluster;
 mod curve;
 mod history;
 mod latency;
+mod partitions;
 mod pipeline_run;
 mod process;
 mod report;
@@ -97,6 +100,10 @@ pub struct Cli {
     /// Samples of the cluster's full-speed run.
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub cluster_samples: u64,
+
+    /// Samples of each run of the partitions phase.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub partition_samples: u64,
 
     /// Extra environment of every service process, `NAME=VALUE`, repeatable (for trying a
     /// setting, e.g. `--service-env TOKIO_WORKER_THREADS=1`).
@@ -186,6 +193,9 @@ pub enum Phase {
     Replicas,
     /// Quorum queues on a private three-node cluster.
     Cluster,
+    /// PARTITIONS 1, 2, 4, 8 and 1, 2, 4 metric instances on a private cluster, and 1 vs 4 on one
+    /// node.
+    Partitions,
     /// Draining a backlog.
     Backlog,
     /// The metric service on a long history.
@@ -408,6 +418,9 @@ async fn run(cli: Cli, ledger: QueueLedger) -> anyhow::Result<()> {
     }
     if cli.runs(Phase::Cluster) {
         report.cluster = Some(cluster::measure(&bench).await?);
+    }
+    if cli.runs(Phase::Partitions) {
+        report.partitions = partitions::measure(&bench).await?;
     }
     if cli.runs(Phase::Backlog) {
         progress!(

@@ -7,6 +7,7 @@ use crate::cluster::ClusterResult;
 use crate::curve::CurvePoint;
 use crate::history::HistoryStart;
 use crate::latency::Summary;
+use crate::partitions::PartitionRun;
 use crate::pipeline_run::ThroughputResult;
 use crate::startup::StartupResult;
 use anyhow::Context as _;
@@ -128,6 +129,8 @@ pub struct Report {
     pub replicas: Vec<ThroughputResult>,
     /// Quorum queues on a private cluster.
     pub cluster: Option<ClusterResult>,
+    /// `PARTITIONS` and metric instances, on one node and on a private cluster.
+    pub partitions: Vec<PartitionRun>,
     /// Draining a backlog.
     pub backlog: Option<ThroughputResult>,
     /// The metric service on a history of this many pairs.
@@ -172,6 +175,7 @@ impl Report {
             curve: Vec::new(),
             replicas: Vec::new(),
             cluster: None,
+            partitions: Vec::new(),
             backlog: None,
             history: None,
             startup: None,
@@ -298,6 +302,7 @@ impl Report {
         self.write_throughput(md)?;
         self.write_curve(md)?;
         self.write_scaling(md)?;
+        self.write_partitions(md)?;
         self.write_usage(md)?;
         self.write_startup(md)?;
         if let Some((pairs, starts)) = &self.history {
@@ -473,6 +478,49 @@ impl Report {
                 p.fraction * 100.0,
                 thousands(p.pipeline.achieved_rate),
                 stages.join(" | "),
+            )?;
+        }
+        writeln!(md)
+    }
+
+    fn write_partitions(&self, md: &mut String) -> std::fmt::Result {
+        if self.partitions.is_empty() {
+            return Ok(());
+        }
+        writeln!(
+            md,
+            "## Partitions and metric instances
+"
+        )?;
+        writeln!(
+            md,
+            "Full speed, {} model replicas; CPU µs per sample of each component (broker: all its nodes together), all on this machine.\n",
+            crate::partitions::MODELS
+        )?;
+        writeln!(
+            md,
+            "| nodes | queues | PARTITIONS | metric instances | samples | samples/s | CPU µs/sample: features | models | metric | broker | total |"
+        )?;
+        writeln!(
+            md,
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        )?;
+        for r in &self.partitions {
+            let c = &r.cpu_us_per_sample;
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                r.nodes,
+                r.queue_type,
+                r.partitions,
+                r.metric_instances,
+                thousands(r.samples as f64),
+                thousands(r.samples_per_second),
+                c.features,
+                c.model,
+                c.metric,
+                c.broker,
+                c.total()
             )?;
         }
         writeln!(md)

@@ -127,6 +127,16 @@ impl BrokerNode {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
+    /// The node's OS process (the Erlang VM), from the pid file it writes once started; for
+    /// reading its CPU time.
+    pub fn os_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("rabbit.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     pub fn node_name(&self) -> String {
         format!("{}@localhost", self.name)
     }
