@@ -98,4 +98,8 @@ impl ServiceConfig for Config {
     fn broker(&self) -> &BrokerConfig {
         &self.broker
     }
+
+    fn queues(&self) -> Option<&QueueNames> {
+        Some(&self.queues)
+    }
 }

@@ -135,6 +135,10 @@ impl ServiceConfig for Config {
     fn broker(&self) -> &BrokerConfig {
         &self.broker
     }
+
+    fn queues(&self) -> Option<&QueueNames> {
+        Some(&self.queues)
+    }
 }
 
 impl Config {

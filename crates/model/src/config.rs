@@ -106,6 +106,10 @@ impl ServiceConfig for Config {
     fn broker(&self) -> &BrokerConfig {
         &self.broker
     }
+
+    fn queues(&self) -> Option<&QueueNames> {
+        Some(&self.queues)
+    }
 }
 
 /// A PSI threshold: a finite number above 0.

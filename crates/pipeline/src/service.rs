@@ -6,7 +6,7 @@
 //! Each service keeps its own settings struct, so the order of `--help` and its `HTTP_ADDR`
 //! default stay its own; it says where the common settings are by [`ServiceConfig`].
 
-use crate::config::{BrokerConfig, TelemetryConfig};
+use crate::config::{BrokerConfig, QueueNames, TelemetryConfig, TopologyMode};
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use std::net::SocketAddr;
 
@@ -18,6 +18,25 @@ pub trait ServiceConfig: Args {
     fn telemetry(&self) -> &TelemetryConfig;
     /// Broker settings.
     fn broker(&self) -> &BrokerConfig;
+    /// The streams' queue names and `PARTITIONS`, for a service that has them.
+    fn queues(&self) -> Option<&QueueNames> {
+        None
+    }
+}
+
+/// Settings that contradict each other across groups, found before anything starts.
+pub fn check<C: ServiceConfig>(config: &C) -> anyhow::Result<()> {
+    if let Some(queues) = config.queues()
+        && config.broker().topology == TopologyMode::Course
+        && queues.partitions.is_partitioned()
+    {
+        anyhow::bail!(
+            "TOPOLOGY=course declares one queue per stream, as the course's code does: PARTITIONS \
+             must be 1 (it is {})",
+            queues.partitions
+        );
+    }
+    Ok(())
 }
 
 /// Name, version and one-line description of a binary, for `--help` and `--version`.
@@ -125,6 +144,7 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     crate::telemetry::init(config.telemetry().log_format);
+    check(&config)?;
     run(config, Box::pin(crate::shutdown::signal())).await
 }
 
@@ -154,6 +174,44 @@ mod tests {
         fn broker(&self) -> &BrokerConfig {
             &self.broker
         }
+    }
+
+    #[derive(Args, Debug)]
+    struct WithQueues {
+        #[command(flatten)]
+        inner: Config,
+        #[command(flatten)]
+        queues: QueueNames,
+    }
+
+    impl ServiceConfig for WithQueues {
+        fn http_addr(&self) -> SocketAddr {
+            self.inner.http_addr
+        }
+        fn telemetry(&self) -> &TelemetryConfig {
+            &self.inner.telemetry
+        }
+        fn broker(&self) -> &BrokerConfig {
+            &self.inner.broker
+        }
+        fn queues(&self) -> Option<&QueueNames> {
+            Some(&self.queues)
+        }
+    }
+
+    #[test]
+    fn course_topology_with_partitions_is_refused_before_start() {
+        let parse = |args: &[&str]| {
+            ServiceCli::<WithQueues>::try_parse_from(
+                std::iter::once("svc").chain(args.iter().copied()),
+            )
+            .unwrap()
+            .config
+        };
+        assert!(check(&parse(&["--topology", "course"])).is_ok());
+        assert!(check(&parse(&["--partitions", "4"])).is_ok());
+        let err = check(&parse(&["--topology", "course", "--partitions", "4"])).unwrap_err();
+        assert!(err.to_string().contains("PARTITIONS must be 1"), "{err}");
     }
 
     #[derive(Subcommand, Debug, PartialEq)]

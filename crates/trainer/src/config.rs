@@ -102,6 +102,10 @@ impl ServiceConfig for Config {
     fn broker(&self) -> &BrokerConfig {
         &self.broker
     }
+
+    fn queues(&self) -> Option<&QueueNames> {
+        Some(&self.queues)
+    }
 }
 
 /// A fraction strictly between 0 and 1.
