@@ -3,7 +3,7 @@
 use crate::drift;
 use clap::{Args, ValueEnum};
 use pipeline::config::{BrokerConfig, QueueNames, TelemetryConfig, parse_socket_addr};
-use pipeline::service::{Identity, ServiceCli, ServiceConfig};
+use pipeline::service::{Identity, ServiceCli};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -86,20 +86,4 @@ pub struct Config {
     pub drift_shift: Option<drift::ShiftSpec>,
 }
 
-impl ServiceConfig for Config {
-    fn http_addr(&self) -> SocketAddr {
-        self.http_addr
-    }
-
-    fn telemetry(&self) -> &TelemetryConfig {
-        &self.telemetry
-    }
-
-    fn broker(&self) -> &BrokerConfig {
-        &self.broker
-    }
-
-    fn queues(&self) -> Option<&QueueNames> {
-        Some(&self.queues)
-    }
-}
+pipeline::impl_service_config!(Config);

@@ -6,7 +6,7 @@ use pipeline::config::{
     BrokerConfig, ConsumeConfig, QueueNames, TelemetryConfig, parse_socket_addr,
 };
 use pipeline::partition::{Ownership, instance_from_hostname};
-use pipeline::service::{Identity, ServiceCli, ServiceConfig};
+use pipeline::service::{Identity, ServiceCli};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -123,23 +123,7 @@ pub struct Config {
     pub model_versions_kept: u64,
 }
 
-impl ServiceConfig for Config {
-    fn http_addr(&self) -> SocketAddr {
-        self.http_addr
-    }
-
-    fn telemetry(&self) -> &TelemetryConfig {
-        &self.telemetry
-    }
-
-    fn broker(&self) -> &BrokerConfig {
-        &self.broker
-    }
-
-    fn queues(&self) -> Option<&QueueNames> {
-        Some(&self.queues)
-    }
-}
+pipeline::impl_service_config!(Config);
 
 impl Config {
     /// The partitions this instance owns: from METRIC_INSTANCES and METRIC_INSTANCE (or the host

@@ -4,7 +4,7 @@ use clap::{Args, Subcommand};
 use pipeline::config::{
     BrokerConfig, ConsumeConfig, QueueNames, TelemetryConfig, parse_socket_addr,
 };
-use pipeline::service::{Identity, ServiceCli, ServiceConfig};
+use pipeline::service::{Identity, ServiceCli};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -94,23 +94,7 @@ pub struct Config {
     pub drift_psi_alert: f64,
 }
 
-impl ServiceConfig for Config {
-    fn http_addr(&self) -> SocketAddr {
-        self.http_addr
-    }
-
-    fn telemetry(&self) -> &TelemetryConfig {
-        &self.telemetry
-    }
-
-    fn broker(&self) -> &BrokerConfig {
-        &self.broker
-    }
-
-    fn queues(&self) -> Option<&QueueNames> {
-        Some(&self.queues)
-    }
-}
+pipeline::impl_service_config!(Config);
 
 /// A PSI threshold: a finite number above 0.
 fn parse_psi_alert(text: &str) -> Result<f64, String> {

@@ -24,6 +24,28 @@ pub trait ServiceConfig: Args {
     }
 }
 
+/// Implements [`ServiceConfig`] for a settings struct of the services' shape: the fields
+/// `http_addr`, `telemetry`, `broker` and `queues`.
+#[macro_export]
+macro_rules! impl_service_config {
+    ($config:ty) => {
+        impl $crate::service::ServiceConfig for $config {
+            fn http_addr(&self) -> ::std::net::SocketAddr {
+                self.http_addr
+            }
+            fn telemetry(&self) -> &$crate::config::TelemetryConfig {
+                &self.telemetry
+            }
+            fn broker(&self) -> &$crate::config::BrokerConfig {
+                &self.broker
+            }
+            fn queues(&self) -> ::std::option::Option<&$crate::config::QueueNames> {
+                ::std::option::Option::Some(&self.queues)
+            }
+        }
+    };
+}
+
 /// Settings that contradict each other across groups, found before anything starts.
 pub fn check<C: ServiceConfig>(config: &C) -> anyhow::Result<()> {
     if let Some(queues) = config.queues()

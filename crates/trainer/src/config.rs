@@ -4,7 +4,7 @@ use clap::Args;
 use pipeline::config::{
     BrokerConfig, ConsumeConfig, QueueNames, TelemetryConfig, parse_socket_addr,
 };
-use pipeline::service::{Identity, ServiceCli, ServiceConfig};
+use pipeline::service::{Identity, ServiceCli};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -90,23 +90,7 @@ pub struct Config {
     pub http_addr: SocketAddr,
 }
 
-impl ServiceConfig for Config {
-    fn http_addr(&self) -> SocketAddr {
-        self.http_addr
-    }
-
-    fn telemetry(&self) -> &TelemetryConfig {
-        &self.telemetry
-    }
-
-    fn broker(&self) -> &BrokerConfig {
-        &self.broker
-    }
-
-    fn queues(&self) -> Option<&QueueNames> {
-        Some(&self.queues)
-    }
-}
+pipeline::impl_service_config!(Config);
 
 /// A fraction strictly between 0 and 1.
 fn parse_fraction(text: &str) -> Result<f64, String> {
