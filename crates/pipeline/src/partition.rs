@@ -297,6 +297,12 @@ mod tests {
         );
         let eight = Partitions::new(8).unwrap();
         assert_eq!((eight.of("0"), eight.of("1")), (7, 4));
+        // The table in docs/partitions.md.
+        let table: Vec<(u32, u32)> = ["", "a", "foobar", "0", "1", "sample-42"]
+            .into_iter()
+            .map(|id| (four.of(id), eight.of(id)))
+            .collect();
+        assert_eq!(table, [(1, 5), (0, 4), (0, 0), (3, 7), (0, 4), (0, 4)]);
     }
 
     #[test]
