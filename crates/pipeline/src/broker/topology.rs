@@ -376,14 +376,9 @@ mod tests {
             .broker
     }
 
-    #[test]
-    fn streams_get_one_fanout_exchange_with_their_queues_bound() {
-        let topology = Topology::new(&config(&[]), &["features", "y_true"])
-            .with_fanout("features")
-            .with_fanout("y_true")
-            .with_training_queue("features", 100)
-            .with_training_queue("y_true", 100);
-        let fanouts: Vec<(&str, Vec<&str>)> = topology
+    /// Each fanout exchange with the queues bound to it.
+    fn bindings(topology: &Topology) -> Vec<(&str, Vec<&str>)> {
+        topology
             .fanouts
             .iter()
             .map(|f| {
@@ -392,9 +387,18 @@ mod tests {
                     f.bound.iter().map(String::as_str).collect(),
                 )
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn streams_get_one_fanout_exchange_with_their_queues_bound() {
+        let topology = Topology::new(&config(&[]), &["features", "y_true"])
+            .with_fanout("features")
+            .with_fanout("y_true")
+            .with_training_queue("features", 100)
+            .with_training_queue("y_true", 100);
         assert_eq!(
-            fanouts,
+            bindings(&topology),
             [
                 ("features.fanout", vec!["features", "features.train"]),
                 ("y_true.fanout", vec!["y_true", "y_true.train"]),
@@ -479,18 +483,8 @@ mod tests {
         // The trainer's one copy is bound to every partition's exchange.
         let trainer =
             Topology::new(&quorum, &[]).with_partitioned_training_queue("features", three, 100);
-        let bound: Vec<(&str, Vec<&str>)> = trainer
-            .fanouts
-            .iter()
-            .map(|f| {
-                (
-                    f.exchange.as_str(),
-                    f.bound.iter().map(String::as_str).collect(),
-                )
-            })
-            .collect();
         assert_eq!(
-            bound,
+            bindings(&trainer),
             [
                 ("features.p0.fanout", vec!["features.train"]),
                 ("features.p1.fanout", vec!["features.train"]),
