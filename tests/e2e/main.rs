@@ -19,6 +19,7 @@ mod monitoring;
 mod network_cut;
 mod observability;
 mod partitioned_cluster;
+mod partitions;
 mod pipeline_flow;
 mod producer;
 mod recovery;
