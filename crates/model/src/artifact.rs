@@ -199,7 +199,7 @@ impl ContentHash {
     }
 }
 
-/// Watches the artifact at `path` (polling every `interval`) and sends each new valid model on
+/// Watches the artifact at `source` (a file or a URL, polling every `interval`) and sends each new valid model on
 /// `models`. `loaded` is the hash of the file the served model was read from (taken at that read,
 /// so a file replaced between the first load and the watcher's start is still loaded); `None`
 /// when there was no file yet (the model was fitted on `DATA_PATH`): the first file to appear
@@ -207,7 +207,7 @@ impl ContentHash {
 /// cannot be read, is not a valid artifact, or has another number of features than the model being
 /// served is refused with an error log; the current model keeps serving.
 pub async fn watch_artifact(
-    path: PathBuf,
+    mut source: crate::source::ArtifactSource,
     loaded: Option<ContentHash>,
     interval: Duration,
     models: watch::Sender<Arc<LinearModel>>,
@@ -215,15 +215,26 @@ pub async fn watch_artifact(
         ReloadLabel,
         prometheus_client::metrics::counter::Counter,
     >,
+    health: pipeline::health::Health,
     shutdown: pipeline::CancellationToken,
 ) {
+    use crate::source::{Outage, Reading, announce};
     let mut last = loaded;
+    let mut outage = Outage::default();
+    let path = source.describe();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.cancelled() => return,
         }
-        let Ok(bytes) = std::fs::read(&path) else {
+        let reading = tokio::select! {
+            reading = source.read() => reading,
+            _ = shutdown.cancelled() => return,
+        };
+        if let Some(change) = outage.observe(&reading) {
+            announce(&change, &source, &models.borrow().version, &health);
+        }
+        let Reading::Bytes(bytes) = reading else {
             continue;
         };
         let hash = ContentHash::of(&bytes);
@@ -254,10 +265,18 @@ pub async fn watch_artifact(
                 reloads
                     .get_or_create(&ReloadLabel { result: "loaded" })
                     .inc();
-                tracing::info!(path = %path.display(), from = %current.version, %to, "model reloaded");
+                tracing::info!(path = %path, from = %current.version, %to, "model reloaded");
+                health.set_note(REFUSED_NOTE, None);
             }
             Err(err) => {
-                tracing::error!(path = %path.display(), version = %current.version, error = %format!("{err:#}"), "refused a new model artifact; still serving the current model");
+                tracing::error!(path = %path, version = %current.version, error = %format!("{err:#}"), "refused a new model artifact; still serving the current model");
+                health.set_note(
+                    REFUSED_NOTE,
+                    Some(format!(
+                        "refused the model artifact at {path} ({err:#}); serving {}",
+                        current.version
+                    )),
+                );
                 reloads
                     .get_or_create(&ReloadLabel { result: "refused" })
                     .inc();
@@ -265,6 +284,9 @@ pub async fn watch_artifact(
         }
     }
 }
+
+/// The `/healthz` note of a refused artifact (until a valid one is loaded).
+const REFUSED_NOTE: &str = "model artifact";
 
 /// Label of the reload counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -384,11 +406,12 @@ mod tests {
         let shutdown = pipeline::CancellationToken::new();
         let reloads = prometheus_client::metrics::family::Family::<ReloadLabel, _>::default();
         let watcher = tokio::spawn(watch_artifact(
-            path,
+            crate::source::ArtifactSource::File(path),
             Some(loaded),
             Duration::from_millis(10),
             models,
             reloads.clone(),
+            pipeline::health::Health::new(),
             shutdown.clone(),
         ));
         let swapped = tokio::time::timeout(
@@ -439,11 +462,12 @@ mod tests {
         let shutdown = pipeline::CancellationToken::new();
         let reloads = prometheus_client::metrics::family::Family::<ReloadLabel, _>::default();
         let watcher = tokio::spawn(watch_artifact(
-            path.clone(),
+            crate::source::ArtifactSource::File(path.clone()),
             None,
             Duration::from_millis(10),
             models,
             reloads,
+            pipeline::health::Health::new(),
             shutdown.clone(),
         ));
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -479,5 +503,127 @@ mod tests {
         bad_version["version"] = "a b".into();
         assert!(Artifact::parse(&bad_version.to_string()).is_err());
         assert!(Artifact::parse(&good.to_string()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_url_is_polled_with_its_etag_and_an_outage_keeps_the_served_model() {
+        use axum::http::{HeaderMap, StatusCode, header};
+        use std::sync::Mutex;
+        // What the stand-in answers: status, bytes, ETag; and the If-None-Match it was sent.
+        type Served = Arc<Mutex<(u16, Vec<u8>, String, Vec<Option<String>>)>>;
+        let v1 = Artifact::train(&diabetes(), None, Some("v1".into())).unwrap();
+        let bytes = |a: &Artifact| serde_json::to_vec(a).unwrap();
+        let served: Served = Arc::new(Mutex::new((200, bytes(&v1), "\"t1\"".into(), Vec::new())));
+        let route = axum::Router::new()
+            .route(
+                "/model",
+                axum::routing::get(
+                    |axum::extract::State(served): axum::extract::State<Served>,
+                     headers: HeaderMap| async move {
+                        let mut s = served.lock().unwrap();
+                        let asked = headers
+                            .get(header::IF_NONE_MATCH)
+                            .map(|v| v.to_str().unwrap().to_owned());
+                        s.3.push(asked.clone());
+                        if s.0 == 200 && asked.as_deref() == Some(s.2.as_str()) {
+                            return (
+                                StatusCode::NOT_MODIFIED,
+                                [(header::ETAG, s.2.clone())],
+                                Vec::new(),
+                            );
+                        }
+                        (
+                            StatusCode::from_u16(s.0).unwrap(),
+                            [(header::ETAG, s.2.clone())],
+                            s.1.clone(),
+                        )
+                    },
+                ),
+            )
+            .with_state(served.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, route).await });
+
+        let fitted = Artifact::train(&diabetes(), None, Some("fitted".into())).unwrap();
+        let (models, mut current) = watch::channel(Arc::new(fitted.model()));
+        let health = pipeline::health::Health::new();
+        let shutdown = pipeline::CancellationToken::new();
+        let watcher = tokio::spawn(watch_artifact(
+            crate::source::ArtifactSource::Url {
+                url: format!("http://{addr}/model"),
+                etag: None,
+            },
+            None,
+            Duration::from_millis(10),
+            models,
+            Default::default(),
+            health.clone(),
+            shutdown.clone(),
+        ));
+        let wait = |current: &mut watch::Receiver<Arc<crate::regression::LinearModel>>,
+                    version: &'static str| {
+            let mut current = current.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    current.wait_for(|m| m.version == version),
+                )
+                .await
+                .is_ok()
+            }
+        };
+        assert!(wait(&mut current, "v1").await, "v1 not loaded");
+        // Polled with the tag it got: 304s.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            served
+                .lock()
+                .unwrap()
+                .3
+                .iter()
+                .any(|t| t.as_deref() == Some("\"t1\""))
+        );
+        // The source goes down: v1 stays, and /healthz says why.
+        served.lock().unwrap().0 = 503;
+        served.lock().unwrap().1 = b"MODEL_PATH is not a valid artifact".to_vec();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(current.borrow().version, "v1");
+        let notes = health.notes().join("\n");
+        assert!(
+            notes.contains("cannot fetch the model artifact") && notes.contains("503"),
+            "{notes}"
+        );
+        // A garbage answer is refused and said; then v2 is swapped in and the notes go.
+        {
+            let mut s = served.lock().unwrap();
+            *s = (
+                200,
+                b"not an artifact".to_vec(),
+                "\"bad\"".into(),
+                Vec::new(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(current.borrow().version, "v1");
+        assert!(
+            health
+                .notes()
+                .join("\n")
+                .contains("refused the model artifact"),
+            "{:?}",
+            health.notes()
+        );
+        let mut v2 = v1.clone();
+        v2.version = "v2".into();
+        {
+            let mut s = served.lock().unwrap();
+            *s = (200, bytes(&v2), "\"t2\"".into(), Vec::new());
+        }
+        assert!(wait(&mut current, "v2").await, "v2 not loaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(health.notes().is_empty(), "{:?}", health.notes());
+        shutdown.cancel();
+        watcher.await.unwrap();
     }
 }

@@ -68,10 +68,16 @@ pub struct Config {
     /// Model artifact to serve (written by `model train` or the trainer); watched and swapped in
     /// when it changes. While the file does not exist yet, the model is fitted on DATA_PATH and the
     /// file is loaded as soon as it appears.
-    #[arg(long, env = "MODEL_PATH")]
+    #[arg(long, env = "MODEL_PATH", conflicts_with = "model_url")]
     pub model_path: Option<PathBuf>,
 
-    /// How often the artifact at MODEL_PATH is checked for changes, in milliseconds.
+    /// Model artifact to serve over HTTP instead of MODEL_PATH (e.g. the trainer's
+    /// http://trainer:9104/model): fetched at start-up and polled with conditional requests; while
+    /// it cannot be fetched the replica keeps serving what it has (at start, the fit on DATA_PATH).
+    #[arg(long, env = "MODEL_URL")]
+    pub model_url: Option<String>,
+
+    /// How often the artifact at MODEL_PATH or MODEL_URL is checked for changes, in milliseconds.
     #[arg(long, env = "MODEL_POLL_MS", default_value_t = 1000)]
     pub model_poll_ms: u64,
 

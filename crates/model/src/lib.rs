@@ -10,6 +10,7 @@ pub mod error;
 mod handler;
 mod metrics;
 pub mod regression;
+pub mod source;
 mod startup;
 
 pub use commands::{rollback, train};

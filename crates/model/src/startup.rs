@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::handler::Predictor;
 use crate::metrics::{VersionLabel, export_version};
 use crate::regression::LinearModel;
+use crate::source::{ArtifactSource, Reading};
 use crate::{artifact, drift_monitor};
 use anyhow::Context as _;
 use pipeline::broker::consumer::ConsumerSpec;
@@ -87,13 +88,56 @@ pub fn load_model(config: &Config) -> anyhow::Result<StartModel> {
     })
 }
 
+/// The model to serve at start-up with `MODEL_URL`: the artifact it answers with, or, while it
+/// cannot be fetched or is not a valid artifact, the fit on `DATA_PATH` (a replica must serve
+/// something; the watcher swaps in the artifact once the URL answers, and says why meanwhile).
+pub async fn load_from_url(
+    config: &Config,
+    source: &mut ArtifactSource,
+) -> anyhow::Result<StartModel> {
+    let why = match source.read().await {
+        Reading::Bytes(bytes) => {
+            match std::str::from_utf8(&bytes)
+                .map_err(anyhow::Error::from)
+                .and_then(artifact::Artifact::parse)
+            {
+                Ok(artifact) => {
+                    tracing::info!(
+                        version = %artifact.version,
+                        features = artifact.feature_names.len(),
+                        drift_reference = artifact.reference.is_some(),
+                        "serving model artifact {}",
+                        source.describe()
+                    );
+                    return Ok(StartModel {
+                        model: artifact.model(),
+                        artifact_hash: Some(artifact::ContentHash::of(&bytes)),
+                    });
+                }
+                Err(err) => format!("not a valid model artifact: {err:#}"),
+            }
+        }
+        Reading::Unchanged => "no artifact yet".to_owned(),
+        Reading::Unavailable(cause) => cause,
+    };
+    tracing::warn!(source = %source.describe(), reason = %why, "no model artifact from MODEL_URL at start-up: fitting on DATA_PATH, and serving the artifact once it can be fetched");
+    let mut without = config.clone();
+    without.model_url = None;
+    without.model_path = None;
+    load_model(&without)
+}
+
 /// Runs the model service until `shutdown` completes.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let shutdown = pipeline::shutdown::token_from(shutdown);
-    let start = load_model(&config)?;
+    let mut source = ArtifactSource::of(config.model_path.as_ref(), config.model_url.as_ref());
+    let start = match source.as_mut() {
+        Some(url @ ArtifactSource::Url { .. }) => load_from_url(&config, url).await?,
+        _ => load_model(&config)?,
+    };
     let (model_tx, model_rx) = watch::channel(Arc::new(start.model));
 
     let mut registry = Registry::default();
@@ -111,17 +155,18 @@ pub async fn run(
         served.clone(),
     );
     let version_gauge = tokio::spawn(export_version(model_rx.clone(), served));
-    let watcher = config.model_path.clone().map(|path| {
+    let health = Health::new();
+    let watcher = source.map(|source| {
         tokio::spawn(artifact::watch_artifact(
-            path,
+            source,
             start.artifact_hash,
             Duration::from_millis(config.model_poll_ms.max(10)),
             model_tx,
             reloads,
+            health.clone(),
             shutdown.clone(),
         ))
     });
-    let health = Health::new();
     pipeline::broker::topology::announce(
         &config.broker,
         &[&config.queues.features_queue, &config.queues.y_pred_queue],

@@ -242,6 +242,39 @@ pub enum HttpError {
 /// hyper's client rather than a hand-written one: it handles chunked bodies and keeps the
 /// protocol details out of this crate; axum already builds hyper, so it costs little to compile.
 pub async fn get(url: &str, timeout: Duration) -> Result<Response, HttpError> {
+    let answer = exchange(url, None, timeout).await?;
+    Ok(Response {
+        status: answer.status,
+        status_line: answer.status_line,
+        body: String::from_utf8_lossy(&answer.body).into_owned(),
+    })
+}
+
+/// The answer to a conditional GET ([`get_if_changed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// The status code (304: unchanged since the ETag sent).
+    pub status: u16,
+    /// The status line, for messages.
+    pub status_line: String,
+    /// The answer's `ETag`, when it has one.
+    pub etag: Option<String>,
+    /// The body's bytes.
+    pub body: Vec<u8>,
+}
+
+/// `GET url` with `If-None-Match: <etag>` when an ETag is known (the server answers 304 when
+/// nothing changed), the whole answer within `timeout`, whatever its status.
+pub async fn get_if_changed(
+    url: &str,
+    etag: Option<&str>,
+    timeout: Duration,
+) -> Result<Fetched, HttpError> {
+    exchange(url, etag, timeout).await
+}
+
+/// One GET, with `If-None-Match` when `etag` is given.
+async fn exchange(url: &str, etag: Option<&str>, timeout: Duration) -> Result<Fetched, HttpError> {
     use http_body_util::BodyExt as _;
     let uri: axum::http::Uri =
         url.parse()
@@ -259,27 +292,40 @@ pub async fn get(url: &str, timeout: Duration) -> Result<Response, HttpError> {
         url: url.to_owned(),
         source,
     };
+    let mut request = axum::http::Request::get(uri);
+    if let Some(etag) = etag {
+        request = request.header(header::IF_NONE_MATCH, etag);
+    }
+    let request = request
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .map_err(|err| request_failed(err.into()))?;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         // One request per client: nothing to keep a connection for.
         .pool_max_idle_per_host(0)
         .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
     let exchange = async {
         let response = client
-            .get(uri)
+            .request(request)
             .await
             .map_err(|err| request_failed(err.into()))?;
         let status = response.status();
         let status_line = format!("{:?} {status}", response.version());
+        let etag = response
+            .headers()
+            .get(header::ETAG)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
         let body = response
             .into_body()
             .collect()
             .await
             .map_err(|err| request_failed(err.into()))?
             .to_bytes();
-        Ok(Response {
+        Ok(Fetched {
             status: status.as_u16(),
             status_line,
-            body: String::from_utf8_lossy(&body).into_owned(),
+            etag,
+            body: body.to_vec(),
         })
     };
     tokio::time::timeout(timeout, exchange)

@@ -1,4 +1,4 @@
-//! The trainer's own HTTP route, `POST /retrain`.
+//! The trainer's own HTTP route, `POST /retrain` (`GET /model` is in `served.rs`).
 
 use crate::policy::Trigger;
 use crate::state::Request;

@@ -4,7 +4,8 @@
 //! labels, on `POST /retrain`, and when the metric service's quality alarm rises for the served
 //! version (`METRIC_URL`). A candidate is promoted only when it beats the served model on the
 //! newest part of the window ([`retrain`]); the model services pick the new `MODEL_PATH` up. A
-//! `MODEL_PATH` that is not a valid artifact does not stop it ([`model_file`]).
+//! `MODEL_PATH` that is not a valid artifact does not stop it ([`model_file`]). `GET /model` serves
+//! the promoted artifact to replicas on other machines (`MODEL_URL`).
 
 mod alarm;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod model_file;
 pub mod policy;
 pub mod retrain;
 mod retrainer;
+mod served;
 mod startup;
 mod state;
 pub mod store;
