@@ -168,7 +168,11 @@ impl Pipeline {
 
     /// Starts metric and model (consumers) but not the producer.
     pub fn start_consumers(test: &str, options: Options) -> Self {
-        let queues = Queues::unique(test);
+        Self::start_consumers_on(Queues::unique(test), options)
+    }
+
+    /// [`Pipeline::start_consumers`] on queue names made already (shared with another service).
+    pub fn start_consumers_on(queues: Queues, options: Options) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let logs = dir.path().join("logs");
         let metric_env = Self::common_env(&options, &queues).set("LOG_DIR", logs.display());

@@ -15,6 +15,7 @@ mod docs;
 mod drift;
 mod faults;
 mod helpers;
+mod model_url;
 mod monitoring;
 mod network_cut;
 mod observability;
