@@ -450,3 +450,17 @@ pub fn write_history(log_dir: &Path, pairs: usize) -> Vec<String> {
 pub fn spawn_service(name: &'static str, env: Vec<(String, String)>, dir: &Path) -> Service {
     Service::spawn(name, Env::default().with(env), dir)
 }
+
+/// `model train --data <data> --out <out> --version <version>`, panicking when it fails.
+pub fn train(data: &Path, out: &Path, version: &str) {
+    let status = std::process::Command::new(bin_path("model"))
+        .args(["train", "--data"])
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .args(["--version", version])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("cannot run model train");
+    assert!(status.success(), "model train failed");
+}

@@ -3,7 +3,6 @@
 //! reaches both; with the trainer gone they keep serving and say so; every id once.
 
 use crate::helpers::*;
-use std::process::Command;
 use std::time::Duration;
 
 fn served(service: &Service, version: &str) -> bool {
@@ -14,19 +13,6 @@ fn served(service: &Service, version: &str) -> bool {
         == Some(1.0)
 }
 
-fn train(out: &std::path::Path, version: &str) {
-    let status = Command::new(bin_path("model"))
-        .args(["train", "--data"])
-        .arg(repo_root().join("data/diabetes.csv"))
-        .arg("--out")
-        .arg(out)
-        .args(["--version", version])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "model train failed");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn replicas_follow_the_trainers_model_over_http_and_ride_out_its_absence() {
     const SAMPLES: u64 = 3000;
@@ -34,7 +20,7 @@ async fn replicas_follow_the_trainers_model_over_http_and_ride_out_its_absence()
     let work = tempfile::tempdir().unwrap();
     let model_path = work.path().join("models/model.json");
     std::fs::create_dir_all(model_path.parent().unwrap()).unwrap();
-    train(&model_path, "v1");
+    train(&repo_root().join("data/diabetes.csv"), &model_path, "v1");
 
     let options = Options::new(url.clone(), SAMPLES).rate(150.0);
     // The trainer first: it serves GET /model. Its queues are this run's.
@@ -67,7 +53,7 @@ async fn replicas_follow_the_trainers_model_over_http_and_ride_out_its_absence()
     run.wait_rows(500, Duration::from_secs(60));
 
     // A new artifact at the trainer's MODEL_PATH reaches both replicas over HTTP.
-    train(&model_path, "v2");
+    train(&repo_root().join("data/diabetes.csv"), &model_path, "v2");
     assert!(
         wait_until(Duration::from_secs(10), || served(&run.model, "v2")
             && served(&second, "v2")),

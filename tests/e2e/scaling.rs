@@ -3,22 +3,7 @@
 use crate::broker_node::BrokerCluster;
 use crate::helpers::*;
 use model::regression::LinearModel;
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
-
-fn train(data: &Path, out: &Path, version: &str) {
-    let status = Command::new(bin_path("model"))
-        .args(["train", "--data"])
-        .arg(data)
-        .arg("--out")
-        .arg(out)
-        .args(["--version", version])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "model train failed");
-}
 
 fn acked(service: &Service, queue: &str) -> f64 {
     service

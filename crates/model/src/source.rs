@@ -88,23 +88,12 @@ impl ArtifactSource {
                         }
                         reading_of(url, &answer)
                     }
-                    Err(err) => Reading::Unavailable(report(&err)),
+                    // anyhow's `{:#}`: the error and its causes on one line.
+                    Err(err) => Reading::Unavailable(format!("{:#}", anyhow::Error::new(err))),
                 }
             }
         }
     }
-}
-
-/// An error and its causes on one line.
-fn report(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
 }
 
 /// Follows whether the source can be read, and says when that changes: one WARN (and a
