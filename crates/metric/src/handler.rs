@@ -206,11 +206,7 @@ impl Recorder {
     }
 
     fn record(&mut self, kind: LabelKind, delivery: &Delivery) -> Result<(), MessageError> {
-        let message_id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str());
+        let message_id = pipeline::broker::message_id(delivery);
         let message = parse_label(kind, &delivery.data, message_id)?;
         if let (Some((partitions, k)), Some(id)) = (self.partition, message.id.as_deref()) {
             check_partition(partitions, k, &self.queue_names[kind as usize], id)?;

@@ -36,11 +36,7 @@ impl MessageHandler for Predictor {
         delivery: &Delivery,
         publisher: &Publisher,
     ) -> Result<Disposition, HandlerError> {
-        let message_id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str());
+        let message_id = pipeline::broker::message_id(delivery);
         let message = match parse_features(&delivery.data, message_id) {
             Ok(message) => message,
             Err(err) => return Ok(Disposition::DeadLetter(err)),

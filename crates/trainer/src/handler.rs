@@ -27,11 +27,7 @@ impl MessageHandler for Handler {
         delivery: &Delivery,
         _publisher: &Publisher,
     ) -> Result<Disposition, HandlerError> {
-        let message_id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str());
+        let message_id = pipeline::broker::message_id(delivery);
         let stream = if input == 0 { "features" } else { "y_true" };
         let parsed = if input == 0 {
             parse_features(&delivery.data, message_id).map(|m| (m.id, Some(m.features), None))

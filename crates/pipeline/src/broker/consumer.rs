@@ -56,6 +56,15 @@ pub enum Disposition {
     DeadLetter(MessageError),
 }
 
+/// The AMQP `message_id` of a delivery, when it has one.
+pub fn message_id(delivery: &Delivery) -> Option<&str> {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str())
+}
+
 /// The service-specific part of a consumer.
 pub trait MessageHandler: Send {
     /// Processes one delivery from input queue number `input`. [`HandlerError::BadInput`] sends
@@ -409,11 +418,8 @@ impl Session<'_> {
                 input.confirms.push_back((tag, confirm));
             }
             Disposition::DeadLetter(error) => {
-                let id = delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|id| id.as_str().to_owned())
+                let id = message_id(&delivery)
+                    .map(str::to_owned)
                     .or_else(|| crate::messages::body_id(&delivery.data));
                 tracing::warn!(
                     queue = %input.queue,

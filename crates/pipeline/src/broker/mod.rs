@@ -23,7 +23,7 @@ pub mod topology;
 pub mod window;
 
 pub use connection::Broker;
-pub use consumer::{Disposition, MessageHandler, run_consumer};
+pub use consumer::{Disposition, MessageHandler, message_id, run_consumer};
 pub use error::{BrokerContext, HandlerError, LocalFault};
 pub use publisher::Publisher;
 pub use retry::{Backoff, Failure, SessionBackoff, Step, Verdict, classify};
