@@ -85,9 +85,59 @@ pub struct Config {
     #[arg(long, env = "TRAIN_QUEUE_MAX_LENGTH", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub train_queue_max_length: u32,
 
-    /// Address of the /healthz, /metrics and POST /retrain endpoint.
+    /// Address of the /healthz, /metrics, GET /model, POST /retrain and POST /rollback endpoint.
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9104", value_parser = parse_socket_addr)]
     pub http_addr: SocketAddr,
+
+    /// Bearer token that POST /retrain and POST /rollback require (`Authorization: Bearer
+    /// <token>`); empty: they are open to whoever reaches HTTP_ADDR.
+    #[arg(long, env = "ADMIN_TOKEN", default_value = "", hide_env_values = true, value_parser = parse_admin_token)]
+    pub admin_token: AdminToken,
+}
+
+/// The token of the trainer's POST routes; its `Debug` never shows it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AdminToken(Option<String>);
+
+impl AdminToken {
+    /// A token; an empty or blank one means no token.
+    pub fn new(token: &str) -> Self {
+        let token = token.trim();
+        Self((!token.is_empty()).then(|| token.to_owned()))
+    }
+
+    /// Whether an `Authorization` header's value carries this token (always, without a token).
+    /// Compares in time independent of where the two differ.
+    pub fn admits(&self, authorization: Option<&str>) -> bool {
+        let Some(token) = &self.0 else {
+            return true;
+        };
+        let Some(given) = authorization.and_then(|value| value.strip_prefix("Bearer ")) else {
+            return false;
+        };
+        let (given, token) = (given.trim().as_bytes(), token.as_bytes());
+        given.len() == token.len()
+            && given
+                .iter()
+                .zip(token)
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
+
+    /// Whether a token is set.
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_set() { "\"***\"" } else { "none" })
+    }
+}
+
+fn parse_admin_token(text: &str) -> Result<AdminToken, String> {
+    Ok(AdminToken::new(text))
 }
 
 pipeline::impl_service_config!(Config);
@@ -119,6 +169,20 @@ pub fn metric_authority(url: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_admin_token_admits_only_its_bearer_and_never_shows() {
+        let token = AdminToken::new(" s3cret ");
+        assert!(token.admits(Some("Bearer s3cret")));
+        assert!(!token.admits(Some("Bearer s3cre")));
+        assert!(!token.admits(Some("Bearer s3cretx")));
+        assert!(!token.admits(Some("s3cret")));
+        assert!(!token.admits(None));
+        assert_eq!(format!("{token:?}"), "\"***\"");
+        let open = AdminToken::new("  ");
+        assert!(!open.is_set());
+        assert!(open.admits(None) && open.admits(Some("Bearer anything")));
+    }
 
     #[test]
     fn metric_urls_name_host_and_port() {

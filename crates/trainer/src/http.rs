@@ -1,11 +1,15 @@
-//! The trainer's own HTTP route, `POST /retrain` (`GET /model` is in `served.rs`).
+//! The trainer's own POST routes, `POST /retrain` and `POST /rollback?to=VERSION` (`GET /model`
+//! is in `served.rs`), behind `ADMIN_TOKEN` when one is set.
 
+use crate::config::AdminToken;
 use crate::policy::Trigger;
 use crate::state::Request;
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::extract::{Query, Request as HttpRequest, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -20,11 +24,83 @@ struct Retrain {
     timeout: Duration,
 }
 
-/// The `POST /retrain` route, answering within `timeout`.
-pub(crate) fn routes(requests: mpsc::Sender<Request>, timeout: Duration) -> Router {
-    Router::new()
+/// The POST routes: `/retrain` answering within `timeout`, `/rollback` rewriting `model_path`;
+/// both need `token` when it is set (401 otherwise).
+pub(crate) fn routes(
+    requests: mpsc::Sender<Request>,
+    timeout: Duration,
+    model_path: PathBuf,
+    token: AdminToken,
+) -> Router {
+    let retrain = Router::new()
         .route("/retrain", axum::routing::post(post_retrain))
-        .with_state(Retrain { requests, timeout })
+        .with_state(Retrain { requests, timeout });
+    let rollback = Router::new()
+        .route("/rollback", axum::routing::post(post_rollback))
+        .with_state(model_path);
+    retrain
+        .merge(rollback)
+        .layer(axum::middleware::from_fn_with_state(token, require_token))
+}
+
+/// Lets a request through when it carries the token (or none is set); 401 otherwise.
+async fn require_token(
+    State(token): State<AdminToken>,
+    request: HttpRequest,
+    next: Next,
+) -> Response {
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    if token.admits(authorization) {
+        next.run(request).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "this route needs Authorization: Bearer <ADMIN_TOKEN>\n",
+        )
+            .into_response()
+    }
+}
+
+/// The query of `POST /rollback`.
+#[derive(serde::Deserialize)]
+struct RollbackQuery {
+    to: String,
+}
+
+/// `POST /rollback?to=VERSION`: puts `<VERSION>.json` beside `MODEL_PATH` back as `MODEL_PATH`
+/// (as `model rollback` does), so model replicas, on the file or on `GET /model`, swap to it.
+/// 200 with what is served now, 400 when the version cannot be served.
+async fn post_rollback(
+    State(model_path): State<PathBuf>,
+    Query(query): Query<RollbackQuery>,
+) -> impl IntoResponse {
+    let version = query.to.clone();
+    let done =
+        tokio::task::spawn_blocking(move || model::artifact::rollback(&model_path, &version)).await;
+    match done {
+        Ok(Ok(artifact)) => {
+            tracing::warn!(version = %artifact.version, "rolled back on POST /rollback");
+            (
+                StatusCode::OK,
+                serde_json::json!({
+                    "serving_version": artifact.version,
+                    "trained_at": artifact.trained_at,
+                    "mae": artifact.metrics.mae,
+                })
+                .to_string()
+                    + "\n",
+            )
+        }
+        Ok(Err(err)) => (StatusCode::BAD_REQUEST, format!("{err:#}\n")),
+        Err(err) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the rollback did not finish: {err}\n"),
+        ),
+    }
 }
 
 /// `POST /retrain`: retrains now and answers with the outcome as JSON (200), 500 with the error,
@@ -76,7 +152,13 @@ mod tests {
     async fn serve(requests: mpsc::Sender<Request>, timeout: Duration) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, routes(requests, timeout)).await });
+        let routes = routes(
+            requests,
+            timeout,
+            PathBuf::from("unused/model.json"),
+            AdminToken::default(),
+        );
+        tokio::spawn(async move { axum::serve(listener, routes).await });
         format!("http://{addr}/retrain")
     }
 
@@ -155,5 +237,66 @@ mod tests {
         retrainer.await.unwrap();
         let (status, body) = post(&url).await;
         assert_eq!((status, body.as_str()), (503, "shutting down\n"));
+    }
+
+    #[tokio::test]
+    async fn with_a_token_the_post_routes_need_it_and_rollback_puts_a_version_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let model_path = dir.path().join("model.json");
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/diabetes.csv");
+        let v1 = model::artifact::Artifact::train(&data, None, Some("v1".to_owned())).unwrap();
+        v1.write(&dir.path().join("v1.json")).unwrap();
+        let v2 = model::artifact::Artifact::train(&data, None, Some("v2".to_owned())).unwrap();
+        v2.write(&model_path).unwrap();
+
+        let (tx, _rx) = mpsc::channel(4);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = routes(
+            tx,
+            Duration::from_secs(1),
+            model_path.clone(),
+            AdminToken::new("t0k"),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = reqwest::Client::new();
+        let post = |path: &str, token: Option<&str>| {
+            let mut request = client.post(format!("http://{addr}{path}"));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            request.send()
+        };
+
+        for (path, token) in [
+            ("/retrain", None),
+            ("/retrain", Some("wrong")),
+            ("/rollback?to=v1", None),
+            ("/rollback?to=v1", Some("t0")),
+        ] {
+            let response = post(path, token).await.unwrap();
+            assert_eq!(response.status().as_u16(), 401, "{path} {token:?}");
+        }
+        let served = |path: &std::path::Path| {
+            model::artifact::Artifact::parse(&std::fs::read_to_string(path).unwrap())
+                .unwrap()
+                .version
+        };
+        assert_eq!(served(&model_path), "v2", "refused requests change nothing");
+
+        let response = post("/rollback?to=v9", Some("t0k")).await.unwrap();
+        assert_eq!(response.status().as_u16(), 400);
+        assert!(
+            response
+                .text()
+                .await
+                .unwrap()
+                .contains("no artifact of version v9")
+        );
+        let response = post("/rollback?to=v1", Some("t0k")).await.unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["serving_version"], "v1");
+        assert_eq!(served(&model_path), "v1");
     }
 }

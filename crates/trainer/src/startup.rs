@@ -73,8 +73,13 @@ pub async fn run(
         requests,
         metrics: metrics.clone(),
     };
-    let routes = routes(shared.requests.clone(), RETRAIN_REPLY_TIMEOUT)
-        .merge(crate::served::routes(promoter.clone()));
+    let routes = routes(
+        shared.requests.clone(),
+        RETRAIN_REPLY_TIMEOUT,
+        config.model_path.clone(),
+        config.admin_token.clone(),
+    )
+    .merge(crate::served::routes(promoter.clone()));
     let http = pipeline::http::spawn_with(
         config.http_addr,
         Arc::new(registry),
