@@ -498,7 +498,15 @@ async fn a_message_in_the_wrong_partition_is_dead_lettered() {
     let connection = connect(&url).await;
     for (n, id) in [&wrong, &right].into_iter().enumerate() {
         let mut body = Vec::new();
-        write_features(&mut body, BodyFormat::Native, id, data.row(n), now_us()).unwrap();
+        write_features(
+            &mut body,
+            BodyFormat::Native,
+            id,
+            data.row(n),
+            now_us(),
+            None,
+        )
+        .unwrap();
         publish_raw(&connection, &features_p2, &body, Some(id)).await;
     }
 

@@ -318,12 +318,12 @@ async fn producer_role(
         let id = uuid::Uuid::new_v4().to_string();
         let row = sampler.next_row();
         let sent_at_us = now_us();
-        write_y_true(&mut body, format, &id, data.target(row), sent_at_us)?;
+        write_y_true(&mut body, format, &id, data.target(row), sent_at_us, None)?;
         y_true_bytes += body.len() as u64;
         let y_true = channel
             .publish_json(&plan.y_true_queue, &body, Some(&id))
             .await?;
-        write_features(&mut body, format, &id, data.row(row), sent_at_us)?;
+        write_features(&mut body, format, &id, data.row(row), sent_at_us, None)?;
         features_bytes += body.len() as u64;
         let features = channel
             .publish_json(&plan.features_queue, &body, Some(&id))
@@ -453,6 +453,7 @@ impl MessageHandler for CeilingModel {
             self.prediction,
             &self.model_version,
             Some(now_us()),
+            None,
         )
         .context("cannot encode y_pred")?;
         self.y_pred_bytes += self.body.len() as u64;

@@ -84,6 +84,11 @@ pub struct Config {
     /// e.g. `bmi=0.05,s5=0.04`; not set: no drift.
     #[arg(long, env = "DRIFT_SHIFT", value_parser = drift::parse_shift_spec)]
     pub drift_shift: Option<drift::ShiftSpec>,
+
+    /// Loss audit: the length of a window in seconds; each window's count and checksum of ids is
+    /// announced to <Y_TRUE_QUEUE>.audit once it is over and confirmed. 0: no audit.
+    #[arg(long, env = "AUDIT_WINDOW_SECS", default_value_t = 10)]
+    pub audit_window_secs: u64,
 }
 
 pipeline::impl_service_config!(Config);

@@ -10,6 +10,7 @@
 //! with an error instead of a reconnect loop. With `COUNT`, the producer exits non-zero when the
 //! broker did not confirm every sample before the final drain timed out.
 
+mod audit;
 pub mod config;
 pub mod drift;
 mod pacer;

@@ -2,6 +2,7 @@
 //! publishing samples through the confirm window, settling confirms, and handing what was not
 //! confirmed to the next session.
 
+use crate::audit::AuditOut;
 use crate::config::Config;
 use crate::drift;
 use crate::pacer::Pacer;
@@ -35,6 +36,8 @@ pub(crate) struct Sample {
     pub(crate) row: usize,
     /// Position in the stream (from 0), so a republished sample is shifted as it was first.
     pub(crate) number: u64,
+    /// The audit window of its first send (0 with the audit off).
+    pub(crate) window: u64,
 }
 
 pub(crate) struct Producer {
@@ -55,6 +58,8 @@ pub(crate) struct Producer {
     pub(crate) drifted_row: Vec<f64>,
     /// The partition queues of `features` and `y_true` (one each with `PARTITIONS=1`).
     pub(crate) routes: Routes,
+    /// The loss audit (`AUDIT_WINDOW_SECS`); `None` when off.
+    pub(crate) audit: Option<AuditOut>,
 }
 
 /// Where a sample's two messages go: the partition of its id, in both streams.
@@ -150,9 +155,22 @@ impl Producer {
             .iter()
             .chain(self.routes.y_true.queues())
             .fold(
-                Topology::new(&self.config.broker, &[])
-                    .with_partitions(&queues.features_queue, queues.partitions, false)
-                    .with_partitions(&queues.y_true_queue, queues.partitions, true),
+                Topology::new(
+                    &self.config.broker,
+                    &self
+                        .audit
+                        .as_ref()
+                        .map(|audit| {
+                            audit
+                                .queues()
+                                .iter()
+                                .map(String::as_str)
+                                .collect::<Vec<_>>()
+                        })
+                        .unwrap_or_default(),
+                )
+                .with_partitions(&queues.features_queue, queues.partitions, false)
+                .with_partitions(&queues.y_true_queue, queues.partitions, true),
                 |topology, queue| topology.with_fanout(queue),
             );
         // A blocked connection (broker resource alarm) holds every frame, declares too: a stop
@@ -191,6 +209,12 @@ impl Producer {
             self.retry.extend(unconfirmed);
         } else {
             self.retry.extend(window.take_unanswered());
+            if let Some(audit) = &mut self.audit {
+                // The producer stops: its last windows, what was confirmed of them, go out now.
+                if let Err(err) = audit.announce(&publisher, true).await {
+                    tracing::warn!(error = %format!("{err:#}"), "cannot announce the last audit windows: the metric service will report them unannounced");
+                }
+            }
             publisher.close().await;
         }
         drop_detached((publisher, confirms));
@@ -209,6 +233,11 @@ impl Producer {
         let max_outstanding = usize::try_from(self.config.confirm_window).unwrap_or(usize::MAX);
         loop {
             if let Err(err) = self.settle(window, confirms, false).await {
+                return lost(err);
+            }
+            if let Some(audit) = &mut self.audit
+                && let Err(err) = audit.announce(publisher, false).await
+            {
                 return lost(err);
             }
             let more = !self.retry.is_empty()
@@ -237,10 +266,13 @@ impl Producer {
                     }
                     self.pacer.sent();
                     self.generated += 1;
+                    let id = uuid::Uuid::new_v4().to_string();
+                    let window = self.audit.as_mut().map_or(0, |audit| audit.sent(&id));
                     Sample {
-                        id: uuid::Uuid::new_v4().to_string(),
+                        id,
                         row: self.sampler.next_row(),
                         number: self.generated - 1,
+                        window,
                     }
                 }
             };
@@ -308,12 +340,14 @@ impl Producer {
         let sent_at_us = now_us();
         let format = BodyFormat::of(self.config.broker.topology);
         let (id, row) = (sample.id.as_str(), sample.row);
+        let tag = self.audit.as_ref().map(|audit| audit.tag(sample.window));
         write_y_true(
             &mut self.body,
             format,
             id,
             self.data.target(row),
             sent_at_us,
+            tag.as_deref(),
         )?;
         let y_true = publisher
             .publish_fanout(
@@ -325,7 +359,14 @@ impl Producer {
         let features = self
             .drift
             .apply(sample.number, self.data.row(row), &mut self.drifted_row);
-        write_features(&mut self.body, format, id, features, sent_at_us)?;
+        write_features(
+            &mut self.body,
+            format,
+            id,
+            features,
+            sent_at_us,
+            tag.as_deref(),
+        )?;
         let features = publisher
             .publish_fanout(
                 self.routes.features.queue_for(Some(id)),
@@ -386,7 +427,12 @@ impl Producer {
         }
         for published in window.take_answered() {
             match published {
-                Published::Confirmed(_) => self.confirmed += 1,
+                Published::Confirmed(sample) => {
+                    self.confirmed += 1;
+                    if let Some(audit) = &mut self.audit {
+                        audit.confirmed(sample.window, &sample.id);
+                    }
+                }
                 Published::Refused(sample) => {
                     tracing::warn!(id = %sample.id, "the broker refused a message; publishing the sample again");
                     self.retry.push_back(sample);
@@ -431,6 +477,7 @@ mod tests {
             body: Vec::new(),
             drifted_row: Vec::new(),
             routes: Routes::new(&config.queues),
+            audit: None,
             config,
         }
     }
@@ -443,6 +490,7 @@ mod tests {
                 id: "s1".to_owned(),
                 row: 0,
                 number: 0,
+                window: 0,
             },
             2,
         );

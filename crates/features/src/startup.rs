@@ -1,6 +1,7 @@
 //! Start-up and shut-down of the producer: loads the data set, serves HTTP, runs the publishing
 //! loop, and lingers for a last scrape when `COUNT` is done.
 
+use crate::audit::AuditOut;
 use crate::config::Config;
 use crate::pacer::Pacer;
 use crate::producer::{Producer, Routes};
@@ -68,8 +69,21 @@ pub async fn run(
         drift,
         drifted_row: Vec::new(),
         routes: Routes::new(&config.queues),
+        audit: AuditOut::new(
+            config.audit_window_secs,
+            config.broker.topology,
+            &config.queues,
+        ),
         config,
     };
+    if let Some(audit) = &producer.audit {
+        tracing::info!(
+            producer = audit.producer(),
+            window_secs = producer.config.audit_window_secs,
+            "loss audit on: announcing windows to {}",
+            audit.queues().join(", ")
+        );
+    }
     let mut broker = Broker::new(producer.config.broker.clone(), "features", metrics, health);
     let result = producer.run(&mut broker, &shutdown).await;
     if producer.finished() && producer.config.linger_secs > 0 {

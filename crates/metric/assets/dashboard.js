@@ -120,6 +120,16 @@ function render(answer) {
   $("pairs").textContent = state.pairs.toLocaleString("en-US");
   $("rate").textContent = fixed(state.pairs_per_second, 1);
   $("waiting").textContent = state.waiting.toLocaleString("en-US");
+  const audit = state.audit;
+  $("audit").hidden = !audit;
+  if (audit) {
+    const n = (x) => x.toLocaleString("en-US");
+    $("audit").textContent = `Loss audit, last hour: ${n(audit.complete)} windows complete, ` +
+      `${n(audit.incomplete)} incomplete, ${n(audit.missing)} samples missing` +
+      (audit.late ? `, ${n(audit.late)} arrived late` : "") +
+      (audit.pending ? ` · ${n(audit.pending)} windows in their grace time` : "");
+    $("audit").style.color = audit.missing ? "#c0392b" : "";
+  }
   $("window-size").textContent = state.window_size.toLocaleString("en-US");
   $("ratio").textContent = state.alert_ratio;
   $("mae-all").textContent = fixed(state.all.mae, 3);

@@ -12,6 +12,7 @@ use crate::files::FilePos;
 use crate::join::WaitingEntry;
 use crate::quality::Totals;
 use anyhow::Context as _;
+use pipeline::audit::Ledger;
 use pipeline::fs::AtomicFile;
 use std::io::Write as _;
 use std::path::Path;
@@ -35,17 +36,28 @@ pub struct Checkpoint {
     pub totals: Totals,
     /// Ids waiting for their partner, oldest first.
     pub waiting: Vec<WaitingEntry>,
+    /// The loss audit's windows as counted up to `labels` (absent in checkpoints written before
+    /// the audit: empty).
+    #[serde(default)]
+    pub audit: Ledger,
 }
 
 impl Checkpoint {
     /// A checkpoint of the current format.
-    pub fn new(labels: FilePos, csv: FilePos, totals: Totals, waiting: Vec<WaitingEntry>) -> Self {
+    pub fn new(
+        labels: FilePos,
+        csv: FilePos,
+        totals: Totals,
+        waiting: Vec<WaitingEntry>,
+        audit: Ledger,
+    ) -> Self {
         Self {
             format: FORMAT,
             labels,
             csv,
             totals,
             waiting,
+            audit,
         }
     }
 }
@@ -59,8 +71,9 @@ pub fn load(dir: &Path) -> anyhow::Result<Option<Checkpoint>> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
     };
-    let checkpoint: Checkpoint = serde_json::from_slice(&bytes)
+    let mut checkpoint: Checkpoint = serde_json::from_slice(&bytes)
         .with_context(|| format!("{} is not a checkpoint", path.display()))?;
+    checkpoint.audit = std::mem::take(&mut checkpoint.audit).reindexed();
     anyhow::ensure!(
         checkpoint.format == FORMAT,
         "{} has format {}, this version reads {FORMAT}",
@@ -111,6 +124,7 @@ mod tests {
                 sent_at_us: Some(3),
                 age_ms: 40,
             }],
+            Ledger::default(),
         );
         save(dir.path(), &checkpoint).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(checkpoint));

@@ -72,6 +72,22 @@ pub struct Config {
     #[arg(long, env = "QUALITY_RETIRE_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub quality_retire_secs: u64,
 
+    /// Loss audit: seconds after a producer's window record arrives before the window is
+    /// reconciled, so stragglers and redeliveries count.
+    #[arg(long, env = "AUDIT_GRACE_SECS", default_value_t = 30)]
+    pub audit_grace_secs: u64,
+
+    /// Loss audit: seconds a window is kept after it was first seen; a sample of a window found
+    /// missing that arrives within it counts as late, and a window that got samples but no record
+    /// within it is reported unannounced.
+    #[arg(long, env = "AUDIT_RETAIN_SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_retain_secs: u64,
+
+    /// Loss audit: consume the producers' window records from <Y_TRUE_QUEUE>.audit (one per
+    /// partition) and reconcile; false: tags are still logged, nothing is reconciled.
+    #[arg(long, env = "AUDIT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub audit: bool,
+
     /// Address of /healthz, /metrics and the live dashboard (/).
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9103", value_parser = parse_socket_addr)]
     pub http_addr: SocketAddr,
@@ -126,6 +142,12 @@ pub struct Config {
 pipeline::impl_service_config!(Config);
 
 impl Config {
+    /// Whether this service reconciles the loss audit: `AUDIT`, and not under `TOPOLOGY=course`
+    /// (bare messages carry no tag).
+    pub fn audits(&self) -> bool {
+        self.audit && self.broker.topology != pipeline::config::TopologyMode::Course
+    }
+
     /// The partitions this instance owns: from METRIC_INSTANCES and METRIC_INSTANCE (or the host
     /// name), checked against PARTITIONS.
     pub fn ownership(&self) -> anyhow::Result<Ownership> {

@@ -51,6 +51,8 @@ struct Snapshot<'a> {
     history: History<'a>,
     errors: Option<ErrorHistogram>,
     recent: Recent,
+    /// The loss audit over the last hour; `None` when it is off.
+    audit: Option<pipeline::audit::Summary>,
 }
 
 /// The bins of `error_distribution.png` (same pairs, same bins; no median, which needs a copy).
@@ -97,6 +99,7 @@ pub struct Dashboard {
     window_size: usize,
     alert_ratio: f64,
     dead_letters: DeadLetterTally,
+    audit: Option<pipeline::audit::Summary>,
 }
 
 /// A version without a new pair for this long gets no more points in the MAE chart, so its line
@@ -116,7 +119,13 @@ impl Dashboard {
             window_size,
             alert_ratio,
             dead_letters: DeadLetterTally::default(),
+            audit: None,
         }
+    }
+
+    /// The loss audit's last hour, shown from the next snapshot on.
+    pub fn set_audit(&mut self, summary: Option<pipeline::audit::Summary>) {
+        self.audit = summary;
     }
 
     /// The handle the HTTP handlers read.
@@ -219,6 +228,7 @@ impl Dashboard {
                 y_true: self.recent.iter().map(|p| p.0).collect(),
                 y_pred: self.recent.iter().map(|p| p.1).collect(),
             },
+            audit: self.audit,
         };
         match serde_json::to_string(&snapshot) {
             Ok(json) => {

@@ -1,7 +1,8 @@
 //! The metric service's files in `LOG_DIR`, appended with whole lines only.
 //!
-//! - `labels_log.txt`: one line per received message: `time queue id value [model_version]`,
-//!   space-separated (`-` for a message without id).
+//! - `labels_log.txt`: one line per received message: `time queue id value [model_version]
+//!   [audit=<producer>:<window>]`, space-separated (`-` for a message without id; the last field
+//!   only for a message that carried a loss-audit tag).
 //! - `metric_log.csv`: `id,y_true,y_pred,absolute_error,model_version`, one row per joined id.
 //!
 //! Lines are collected in memory and written with one `write_all` per file at each flush, before
@@ -31,6 +32,8 @@ pub const LABELS_LOG: &str = "labels_log.txt";
 pub const METRIC_CSV: &str = "metric_log.csv";
 /// Header of [`METRIC_CSV`].
 pub const CSV_HEADER: &str = "id,y_true,y_pred,absolute_error,model_version";
+/// What starts the loss-audit field of a `labels_log.txt` line (a model version has no `=`).
+const AUDIT_PREFIX: &str = "audit=";
 /// Lock file that keeps a second metric service away from the same files.
 pub const LOCK_FILE: &str = ".metric.lock";
 /// Bad rows of the CSV named one by one in the log, per read; beyond it only counted.
@@ -47,6 +50,8 @@ pub struct LabelLine {
     pub value: f64,
     /// Model version of a prediction.
     pub model_version: Option<String>,
+    /// The loss-audit tag the message carried (`audit=<producer>:<window>` at the end).
+    pub audit: Option<String>,
 }
 
 /// Holds the exclusive lock on `LOG_DIR` for as long as it lives.
@@ -164,12 +169,19 @@ pub fn parse_label_line(line: &str) -> Option<LabelLine> {
         id => Some(id.to_owned()),
     };
     let value = fields.next()?.parse().ok()?;
-    let model_version = fields.next().map(str::to_owned);
+    let (mut model_version, mut audit) = (None, None);
+    for field in fields {
+        match field.strip_prefix(AUDIT_PREFIX) {
+            Some(tag) => audit = Some(tag.to_owned()),
+            None => model_version = Some(field.to_owned()),
+        }
+    }
     Some(LabelLine {
         kind,
         id,
         value,
         model_version,
+        audit,
     })
 }
 
@@ -691,6 +703,7 @@ impl LogFiles {
         id: Option<&str>,
         value: f64,
         model_version: Option<&str>,
+        audit: Option<&str>,
     ) {
         let time = humantime::format_rfc3339_micros(SystemTime::now());
         let id = id.unwrap_or("-");
@@ -698,8 +711,12 @@ impl LogFiles {
         let buf = &mut self.labels.buf;
         // Writing to a Vec cannot fail.
         let _ = match model_version {
-            Some(version) => writeln!(buf, "{time} {kind} {id} {value} {version}"),
-            None => writeln!(buf, "{time} {kind} {id} {value}"),
+            Some(version) => write!(buf, "{time} {kind} {id} {value} {version}"),
+            None => write!(buf, "{time} {kind} {id} {value}"),
+        };
+        let _ = match audit {
+            Some(tag) => writeln!(buf, " {AUDIT_PREFIX}{tag}"),
+            None => writeln!(buf),
         };
     }
 

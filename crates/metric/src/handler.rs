@@ -1,6 +1,7 @@
 //! The [`Recorder`]: logs every message, offers it to the join, writes the joined rows and keeps
 //! the quality figures; the [`MessageHandler`] of the metric service.
 
+use crate::audit::{AuditIn, AuditMetrics, AuditSettings};
 use crate::checkpoint;
 use crate::config::{Config, read_ahead_limit};
 use crate::dashboard;
@@ -11,9 +12,9 @@ use crate::plotter::Plotter;
 use crate::quality::Quality;
 use crate::recovery::{self, Recovered};
 use lapin::message::Delivery;
-use pipeline::broker::HandlerError;
 use pipeline::broker::flow::{FlowChange, Hysteresis};
 use pipeline::broker::{Disposition, MessageHandler, Publisher};
+use pipeline::broker::{HandlerError, LocalFault};
 use pipeline::health::Health;
 use pipeline::messages::{
     LabelKind, LabelMessage, MessageError, check_partition, now_us, parse_label, validate_id,
@@ -25,6 +26,8 @@ use std::time::{Duration, Instant};
 
 /// Order of the inputs in [`ConsumerSpec::inputs`](pipeline::broker::consumer::ConsumerSpec::inputs).
 pub(crate) const KINDS: [LabelKind; 2] = [LabelKind::YTrue, LabelKind::YPred];
+/// The third input, when the audit is on: the producers' window records.
+pub(crate) const AUDIT_INPUT: usize = 2;
 
 /// Logs, joins and measures; the [`MessageHandler`] of the metric service.
 pub struct Recorder {
@@ -45,6 +48,8 @@ pub struct Recorder {
     /// With `PARTITIONS > 1`, the partition these queues are: a message whose id hashes
     /// elsewhere is dead-lettered (`wrong_partition`), never joined.
     pub(crate) partition: Option<(Partitions, usize)>,
+    /// The loss audit of these queues.
+    pub(crate) audit: AuditIn,
 }
 
 /// When the checkpoint is written again.
@@ -68,21 +73,37 @@ impl CheckpointPolicy {
 impl Recorder {
     /// Rebuilds the state from `LOG_DIR` (see [`recovery`]), counts what recovery dropped, writes
     /// a checkpoint and logs what it read.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         config: &Config,
+        partition: Option<(Partitions, usize)>,
         mut quality: Quality,
         metrics: JoinMetrics,
+        audit_metrics: AuditMetrics,
         mut plotter: Plotter,
         health: Health,
         inputs: [QueueCounters; 2],
     ) -> anyhow::Result<Self> {
         let started = Instant::now();
+        let k = partition.map_or(0, |(_, k)| u32::try_from(k).unwrap_or(0));
         let Recovered {
             files,
             joiner,
+            audit,
             mut dashboard,
             stats,
-        } = recovery::recover(config, &mut quality, &mut plotter)?;
+        } = recovery::recover(config, k, &mut quality, &mut plotter)?;
+        let mut audit = AuditIn::new(
+            audit,
+            audit_metrics,
+            AuditSettings {
+                grace_us: config.audit_grace_secs.saturating_mul(1_000_000),
+                retain_us: config.audit_retain_secs.saturating_mul(1_000_000),
+            },
+            health.clone(),
+        );
+        audit.partition = k;
+        audit.enabled = config.audits();
         if stats.evicted > 0 {
             metrics
                 .evicted
@@ -114,10 +135,12 @@ impl Recorder {
             y_true_flow: Hysteresis::with_high_water(read_ahead_limit(config)),
             health,
             inputs,
-            partition: None,
+            partition,
+            audit,
         };
         recorder.save_checkpoint();
         tracing::info!(
+            audit_windows = recorder.audit.ledger.len(),
             log_dir = %config.log_dir.display(),
             from = if stats.from_checkpoint { "checkpoint" } else { "whole files" },
             csv_rows_read = stats.csv.rows,
@@ -135,9 +158,9 @@ impl Recorder {
 
     /// Writes the checkpoint when nothing is pending (so it matches the files); a failure is
     /// logged, not fatal: the previous checkpoint stays valid, start-up only reads more.
-    pub(crate) fn save_checkpoint(&mut self) {
+    pub(crate) fn save_checkpoint(&mut self) -> bool {
         if !self.files.is_flushed() {
-            return;
+            return false;
         }
         let result = self.files.positions().and_then(|(labels, csv)| {
             let saved = checkpoint::Checkpoint::new(
@@ -145,6 +168,7 @@ impl Recorder {
                 csv,
                 self.quality.totals(),
                 self.joiner.waiting_entries(),
+                self.audit.ledger.clone(),
             );
             checkpoint::save(&self.log_dir, &saved)
         });
@@ -157,6 +181,8 @@ impl Recorder {
                 self.checkpoints.changed = false;
                 self.checkpoints.pairs_since = 0;
                 self.checkpoints.last = Instant::now();
+                self.audit.records_unsaved = false;
+                true
             }
             Err(err) => {
                 if !self.checkpoints.failing {
@@ -165,6 +191,7 @@ impl Recorder {
                 self.checkpoints.failing = true;
                 // Try again at the next interval, not at every flush.
                 self.checkpoints.last = Instant::now();
+                false
             }
         }
     }
@@ -201,7 +228,7 @@ impl Recorder {
             return;
         }
         if self.checkpoints.changed {
-            self.save_checkpoint();
+            let _ = self.save_checkpoint();
         }
     }
 
@@ -233,8 +260,13 @@ impl Recorder {
         let Some(id) = message.id.as_deref() else {
             // Not joinable, but its kind is arriving: ids waiting for it age.
             self.joiner.note_activity(kind, Instant::now());
-            self.files
-                .push_label(kind, None, message.value, message.model_version.as_deref());
+            self.files.push_label(
+                kind,
+                None,
+                message.value,
+                message.model_version.as_deref(),
+                None,
+            );
             self.metrics.unpaired.inc();
             tracing::debug!(
                 queue = kind.as_str(),
@@ -264,7 +296,11 @@ impl Recorder {
             Some(id),
             message.value,
             message.model_version.as_deref(),
+            message.audit.as_deref(),
         );
+        if let (Some(tag), Offer::Waiting | Offer::Paired(_)) = (&message.audit, &offer) {
+            self.audit.received(tag, kind, id, now_us());
+        }
         match offer {
             Offer::Waiting => tracing::trace!(id, queue = kind.as_str(), "waiting for partner"),
             Offer::Duplicate => {
@@ -300,6 +336,15 @@ impl MessageHandler for Recorder {
         delivery: &Delivery,
         _publisher: &Publisher,
     ) -> Result<Disposition, HandlerError> {
+        if input == AUDIT_INPUT {
+            return Ok(match self.audit.record(&delivery.data, now_us()) {
+                Ok(()) => Disposition::Ack,
+                Err(err) => {
+                    tracing::warn!(error = %err, "refused an audit record");
+                    Disposition::DeadLetter(err)
+                }
+            });
+        }
         let disposition = match self.record(KINDS[input], delivery) {
             Ok(()) => Disposition::Ack,
             Err(err) => {
@@ -313,14 +358,26 @@ impl MessageHandler for Recorder {
     }
 
     fn accepts(&self, input: usize) -> bool {
-        !(KINDS[input] == LabelKind::YTrue && self.y_true_flow.is_held())
+        !(input == 0 && self.y_true_flow.is_held())
     }
 
     async fn flush(&mut self) -> Result<(), HandlerError> {
         self.metrics.waiting.set(self.joiner.waiting() as i64);
         // A write error is a LocalFault: the loop pauses and calls again.
         let rotated = self.files.flush()?;
-        if rotated || self.checkpoints.due() {
+        if self.audit.records_unsaved {
+            // An audit record is acked only once the checkpoint holds it.
+            if !self.save_checkpoint() {
+                return Err(LocalFault {
+                    what: format!(
+                        "cannot save the audit records in the checkpoint in {}",
+                        self.log_dir.display()
+                    ),
+                    source: std::io::Error::other("checkpoint not written"),
+                }
+                .into());
+            }
+        } else if rotated || self.checkpoints.due() {
             self.save_checkpoint();
         }
         Ok(())
@@ -343,6 +400,12 @@ impl MessageHandler for Recorder {
                 .inc();
         }
         self.metrics.waiting.set(self.joiner.waiting() as i64);
+        let now = now_us();
+        if self.audit.tick(now) {
+            self.checkpoints.changed = true;
+        }
+        self.dashboard
+            .set_audit(self.audit.enabled.then(|| self.audit.summary(now)));
         self.update_flow();
         self.quality.update_window();
         self.dashboard.maybe_update(
@@ -386,10 +449,13 @@ pub(crate) mod testing {
         let join_metrics = JoinMetrics::register(&mut registry);
         let broker = BrokerMetrics::register(&mut registry);
         let quality = Quality::register(&mut registry, config.quality_window, 20, 1.25);
+        let audit = AuditMetrics::register(&mut registry);
         let recorder = Recorder::start(
             config,
+            None,
             quality,
             join_metrics,
+            audit,
             Plotter::new(config),
             Health::new(),
             [broker.queue("y_true"), broker.queue("y_pred")],

@@ -13,6 +13,7 @@
 //! [`checkpoint`], [`dashboard`], [`plot`] and [`plotter`].
 
 pub mod api;
+mod audit;
 pub mod checkpoint;
 pub mod config;
 pub mod dashboard;

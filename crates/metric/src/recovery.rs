@@ -10,6 +10,9 @@ use crate::files::{self, LogFiles, Rotation};
 use crate::join::{JoinLimits, Joiner, Offer, fingerprint};
 use crate::plotter::Plotter;
 use crate::quality::Quality;
+use pipeline::audit::Ledger;
+use pipeline::messages::{LabelKind, now_us};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -33,6 +36,8 @@ pub(crate) struct RecoveryStats {
 pub(crate) struct Recovered {
     pub(crate) files: LogFiles,
     pub(crate) joiner: Joiner,
+    /// The loss audit's windows: the checkpoint's, plus the samples of the lines after it.
+    pub(crate) audit: Ledger,
     pub(crate) dashboard: Dashboard,
     pub(crate) stats: RecoveryStats,
 }
@@ -43,6 +48,7 @@ pub(crate) struct Recovered {
 /// the checkpoint. The rows it reads go into `quality` and `plotter` as well.
 pub(crate) fn recover(
     config: &Config,
+    partition: u32,
     quality: &mut Quality,
     plotter: &mut Plotter,
 ) -> anyhow::Result<Recovered> {
@@ -101,9 +107,25 @@ pub(crate) fn recover(
     let mut written: Vec<u64> = Vec::new();
     let short = |id: &str| fingerprint(id) as u64;
     let from_checkpoint = resume.is_some();
+    let mut audit = Ledger::default();
+    // Audit: the samples counted before the checkpoint while they waited (their kind), and those
+    // of rows written after it counted once here (their log lines are not joined again).
+    let audit_key = |id: &str, kind: LabelKind| fingerprint(id) as u64 ^ kind as u64;
+    let mut audit_counted: HashSet<u64> = HashSet::new();
     let label_segments = match resume {
-        Some((saved, label_segments, csv_segments)) => {
+        Some((mut saved, label_segments, csv_segments)) => {
             quality.restore(&saved.totals);
+            audit = std::mem::take(&mut saved.audit);
+            for entry in &saved.waiting {
+                for (kind, had) in [
+                    (LabelKind::YTrue, entry.y_true.is_some()),
+                    (LabelKind::YPred, entry.y_pred.is_some()),
+                ] {
+                    if had {
+                        audit_counted.insert(audit_key(&entry.id, kind));
+                    }
+                }
+            }
             joiner.restore_waiting(saved.waiting);
             // While replaying, remember the rows after the checkpoint too: a line logged
             // then was checked against the last DEDUP_CAPACITY rows of its time, which are
@@ -158,20 +180,40 @@ pub(crate) fn recover(
             keep: config.log_keep_files as usize,
         },
     )?;
+    let replayed_at_us = now_us();
     stats.label_lines = files::read_label_segments(&label_segments, |line| {
         let Some(id) = line.id.as_deref() else { return };
+        let count_audit = |audit: &mut Ledger| {
+            if let Some((producer, window)) =
+                line.audit.as_deref().and_then(pipeline::audit::parse_tag)
+            {
+                let key = pipeline::audit::WindowKey {
+                    producer: producer.to_owned(),
+                    window,
+                    partition,
+                };
+                audit.received(&key, line.kind as usize, id, replayed_at_us);
+            }
+        };
         if written.binary_search(&short(id)).is_ok() {
+            if line.audit.is_some() && audit_counted.insert(audit_key(id, line.kind)) {
+                count_audit(&mut audit);
+            }
             return;
         }
-        // A pair whose row a crash kept from the CSV is written now.
-        if let Ok(Offer::Paired(pair)) = joiner.offer(
+        let offer = joiner.offer(
             line.kind,
             id,
             line.value,
             line.model_version.as_deref(),
             None,
             now,
-        ) {
+        );
+        if matches!(offer, Ok(Offer::Waiting | Offer::Paired(_))) {
+            count_audit(&mut audit);
+        }
+        // A pair whose row a crash kept from the CSV is written now.
+        if let Ok(Offer::Paired(pair)) = offer {
             files.push_row(&pair);
             quality.observe(&pair);
             plotter.observe(pair.absolute_error());
@@ -192,6 +234,7 @@ pub(crate) fn recover(
     Ok(Recovered {
         files,
         joiner,
+        audit,
         dashboard,
         stats,
     })

@@ -7,6 +7,7 @@
 //! of the same instance waits for the locks as a standby and takes over when the first ends.
 
 use crate::api;
+use crate::audit::AuditMetrics;
 use crate::config::Config;
 use crate::dashboard;
 use crate::files;
@@ -19,6 +20,7 @@ use pipeline::broker::consumer::ConsumerSpec;
 use pipeline::broker::{Broker, Topology, run_consumer};
 use pipeline::health::Health;
 use pipeline::metrics::BrokerMetrics;
+use pipeline::partition::Partitions;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -40,7 +42,8 @@ pub async fn run(
 
     let mut registry = Registry::default();
     let health = Health::new();
-    let (mut recorder, broker_metrics) = start_recorder(&config, &mut registry, health.clone())?;
+    let (mut recorder, broker_metrics) =
+        start_recorder(&config, None, &mut registry, health.clone())?;
     let connected = broker_metrics.connected.clone();
 
     recorder.update_flow();
@@ -69,7 +72,11 @@ pub async fn run(
 
     let mut broker = Broker::new(config.broker.clone(), "metric", broker_metrics, health);
     let queues = &config.queues;
-    let inputs = [queues.y_true_queue.as_str(), queues.y_pred_queue.as_str()];
+    let audit_queue = pipeline::audit::audit_queue(&queues.y_true_queue);
+    let mut inputs = vec![queues.y_true_queue.as_str(), queues.y_pred_queue.as_str()];
+    if config.audits() {
+        inputs.push(&audit_queue);
+    }
     let spec = ConsumerSpec {
         inputs: &inputs,
         topology: Topology::new(&config.broker, &inputs),
@@ -87,11 +94,13 @@ pub async fn run(
 /// Registers one recorder's metrics in `registry` and rebuilds its state from its folder.
 fn start_recorder(
     config: &Config,
+    partition: Option<(Partitions, usize)>,
     registry: &mut Registry,
     health: Health,
 ) -> anyhow::Result<(Recorder, BrokerMetrics)> {
     let broker_metrics = BrokerMetrics::register(registry);
     let join_metrics = JoinMetrics::register(registry);
+    let audit_metrics = AuditMetrics::register(registry);
     let quality = Quality::register(
         registry,
         config.quality_window,
@@ -101,8 +110,10 @@ fn start_recorder(
     .with_retire_after(Duration::from_secs(config.quality_retire_secs));
     let recorder = Recorder::start(
         config,
+        partition,
         quality,
         join_metrics,
+        audit_metrics,
         Plotter::new(config),
         health,
         // Looked up once: the hot path does no label hashing.
@@ -173,9 +184,12 @@ async fn run_partitions(config: Config, shutdown: CancellationToken) -> anyhow::
             .set(1);
         let part_health = Health::new();
         let sub = registry.sub_registry_with_label((Cow::Borrowed("partition"), Cow::Owned(label)));
-        let (mut recorder, broker_metrics) =
-            start_recorder(&unit_config, sub, part_health.clone())?;
-        recorder.partition = Some((partitions, k as usize));
+        let (mut recorder, broker_metrics) = start_recorder(
+            &unit_config,
+            Some((partitions, k as usize)),
+            sub,
+            part_health.clone(),
+        )?;
         recorder.update_flow();
         units.push(Partition {
             k,
@@ -260,13 +274,17 @@ async fn run_partitions(config: Config, shutdown: CancellationToken) -> anyhow::
                 ..
             } = unit;
             let mut broker = Broker::new(config.broker.clone(), "metric", broker_metrics, health);
-            let inputs = [
+            let audit_queue = pipeline::audit::audit_queue(&config.queues.y_true_queue);
+            let mut inputs = vec![
                 config.queues.y_true_queue.as_str(),
                 config.queues.y_pred_queue.as_str(),
             ];
+            if config.audits() {
+                inputs.push(&audit_queue);
+            }
             let spec = ConsumerSpec {
                 inputs: &inputs,
-                topology: Topology::new(&config.broker, &[])
+                topology: Topology::new(&config.broker, &inputs[2..])
                     .with_partitions(&streams[0], config.queues.partitions, true)
                     .with_partitions(&streams[1], config.queues.partitions, true),
                 consume: config.consume.clone(),

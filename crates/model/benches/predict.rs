@@ -18,6 +18,8 @@ const ID: &str = "0b7e6a4e-3f0c-4a59-9d1e-2a7f3c1b5e90";
 
 /// A send time of today's magnitude.
 const SENT_AT_US: u64 = 1_764_000_000_000_123;
+/// The loss-audit tag every producer message carries by default.
+const AUDIT_TAG: &str = "5f3a9c2e81d0:176400000";
 
 fn model_and_row() -> (LinearModel, Vec<f64>) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/diabetes.csv");
@@ -43,6 +45,7 @@ fn predict(c: &mut Criterion) {
                     y_pred,
                     model_version: &model.version,
                     sent_at_us: Some(SENT_AT_US),
+                    audit: Some(AUDIT_TAG),
                 }),
             )
             .expect("serialize");
@@ -54,6 +57,7 @@ fn predict(c: &mut Criterion) {
         id: ID,
         features: &row,
         sent_at_us: SENT_AT_US,
+        audit: Some(AUDIT_TAG),
     })
     .expect("features body");
     group.bench_function("handle_features", |b| {
@@ -68,6 +72,7 @@ fn predict(c: &mut Criterion) {
                     y_pred,
                     model_version: &model.version,
                     sent_at_us: message.sent_at_us,
+                    audit: message.audit.as_deref(),
                 },
             )
             .expect("serialize");

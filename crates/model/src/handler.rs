@@ -77,6 +77,7 @@ impl MessageHandler for Predictor {
             y_pred,
             &model.version,
             message.sent_at_us,
+            message.audit.as_deref(),
         )
         .map_err(anyhow::Error::from)?;
         tracing::debug!(id = message.id.as_deref().unwrap_or("-"), y_pred, version = %model.version, "predicted");

@@ -22,6 +22,9 @@ const Y_PRED: f64 = 206.116_977_023_291_7;
 /// A model version as the model service derives it.
 const MODEL_VERSION: &str = "ols-1a2b3c4d5e6f";
 
+/// The loss-audit tag every producer message carries by default.
+const AUDIT_TAG: &str = "5f3a9c2e81d0:176400000";
+
 /// The data set the producer streams.
 fn data() -> Dataset {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/diabetes.csv");
@@ -33,6 +36,7 @@ fn features_out(row: &[f64]) -> FeaturesOut<'_> {
         id: ID,
         features: row,
         sent_at_us: SENT_AT_US,
+        audit: Some(AUDIT_TAG),
     }
 }
 
@@ -41,6 +45,7 @@ fn y_true_out(y_true: f64) -> YTrueOut<'static> {
         id: ID,
         y_true,
         sent_at_us: SENT_AT_US,
+        audit: Some(AUDIT_TAG),
     }
 }
 
@@ -50,6 +55,7 @@ fn y_pred_out() -> YPredOut<'static> {
         y_pred: Y_PRED,
         model_version: MODEL_VERSION,
         sent_at_us: Some(SENT_AT_US),
+        audit: Some(AUDIT_TAG),
     }
 }
 

@@ -8,9 +8,11 @@
 //! - [`telemetry`], [`metrics`], [`health`], [`http`]: logs, Prometheus metrics, `/healthz`.
 //! - [`service`]: the command line every service binary shares (`healthcheck`, settings).
 //! - [`partition`]: partitioned streams (`PARTITIONS`): routing by id, queue names, ownership.
+//! - [`audit`]: the loss audit: windows the producer announces and the metric service reconciles.
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 //! - [`fs`]: replacing a file atomically and durably.
 
+pub mod audit;
 pub mod broker;
 pub mod config;
 pub mod dataset;

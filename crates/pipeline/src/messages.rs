@@ -7,6 +7,9 @@
 //! - `y_pred`:   `{"id": "...", "y_pred": f64, "model_version": "..."}`
 //!
 //! `sent_at_us` (the producer's send time, microseconds since the Unix epoch) is optional on input.
+//! So is `audit` (`"<producer>:<window>"`, [`crate::audit`]): the producer's loss-audit window,
+//! which the model copies from `features` into `y_pred`; a message without a valid one is simply
+//! not audited.
 //! The bare format of the Python course version is accepted too: a `features` body that is a JSON
 //! array of numbers, and a `y_true`/`y_pred` body that is a JSON number. A bare message takes its id
 //! from the AMQP `message_id` property, and has none when that is absent. Under `TOPOLOGY=course`
@@ -156,6 +159,8 @@ pub struct FeaturesMessage {
     pub sent_at_us: Option<u64>,
     /// Whether it came in the bare course format (answered in the same format).
     pub bare: bool,
+    /// The loss-audit tag, when it carried a valid one.
+    pub audit: Option<String>,
 }
 
 /// A `y_true` or `y_pred` message.
@@ -169,6 +174,14 @@ pub struct LabelMessage {
     pub model_version: Option<String>,
     /// Producer's send time, if given.
     pub sent_at_us: Option<u64>,
+    /// The loss-audit tag, when it carried a valid one.
+    pub audit: Option<String>,
+}
+
+/// A valid audit tag, owned; anything else is not audited.
+fn audit_tag(tag: Option<Cow<'_, str>>) -> Option<String> {
+    tag.filter(|tag| crate::audit::parse_tag(tag).is_some())
+        .map(Cow::into_owned)
 }
 
 #[derive(Deserialize)]
@@ -178,6 +191,8 @@ struct FeaturesWire<'a> {
     features: Vec<f64>,
     #[serde(default)]
     sent_at_us: Option<u64>,
+    #[serde(borrow, default)]
+    audit: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -187,6 +202,8 @@ struct YTrueWire<'a> {
     y_true: f64,
     #[serde(default)]
     sent_at_us: Option<u64>,
+    #[serde(borrow, default)]
+    audit: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -198,6 +215,8 @@ struct YPredWire<'a> {
     model_version: Option<Cow<'a, str>>,
     #[serde(default)]
     sent_at_us: Option<u64>,
+    #[serde(borrow, default)]
+    audit: Option<Cow<'a, str>>,
 }
 
 /// The `features` message our producer sends.
@@ -209,6 +228,9 @@ pub struct FeaturesOut<'a> {
     pub features: &'a [f64],
     /// Send time, microseconds since the Unix epoch.
     pub sent_at_us: u64,
+    /// The loss-audit tag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<&'a str>,
 }
 
 /// The `y_true` message our producer sends.
@@ -220,6 +242,9 @@ pub struct YTrueOut<'a> {
     pub y_true: f64,
     /// Send time, microseconds since the Unix epoch.
     pub sent_at_us: u64,
+    /// The loss-audit tag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<&'a str>,
 }
 
 /// The `y_pred` message our model sends.
@@ -234,6 +259,9 @@ pub struct YPredOut<'a> {
     /// Producer's send time, carried over from the features message.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sent_at_us: Option<u64>,
+    /// The loss-audit tag, carried over from the features message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<&'a str>,
 }
 
 /// How our services write bodies.
@@ -263,6 +291,7 @@ pub fn write_features(
     id: &str,
     features: &[f64],
     sent_at_us: u64,
+    audit: Option<&str>,
 ) -> serde_json::Result<()> {
     out.clear();
     match format {
@@ -272,6 +301,7 @@ pub fn write_features(
                 id,
                 features,
                 sent_at_us,
+                audit,
             },
         ),
         BodyFormat::Bare => serde_json::to_writer(out, features),
@@ -285,6 +315,7 @@ pub fn write_y_true(
     id: &str,
     y_true: f64,
     sent_at_us: u64,
+    audit: Option<&str>,
 ) -> serde_json::Result<()> {
     out.clear();
     match format {
@@ -294,6 +325,7 @@ pub fn write_y_true(
                 id,
                 y_true,
                 sent_at_us,
+                audit,
             },
         ),
         BodyFormat::Bare => serde_json::to_writer(out, &y_true),
@@ -309,6 +341,7 @@ pub fn write_y_pred(
     y_pred: f64,
     model_version: &str,
     sent_at_us: Option<u64>,
+    audit: Option<&str>,
 ) -> serde_json::Result<()> {
     out.clear();
     match (format, id) {
@@ -319,6 +352,7 @@ pub fn write_y_pred(
                 y_pred,
                 model_version,
                 sent_at_us,
+                audit,
             },
         ),
         _ => serde_json::to_writer(out, &y_pred),
@@ -436,7 +470,7 @@ pub fn parse_features(
     body: &[u8],
     message_id: Option<&str>,
 ) -> Result<FeaturesMessage, MessageError> {
-    let (id, features, sent_at_us, bare) = match shape_of(body)? {
+    let (id, features, sent_at_us, bare, audit) = match shape_of(body)? {
         Shape::Object => {
             let wire: FeaturesWire<'_> = serde_json::from_slice(body).map_err(json_error)?;
             (
@@ -444,11 +478,18 @@ pub fn parse_features(
                 wire.features,
                 wire.sent_at_us,
                 false,
+                audit_tag(wire.audit),
             )
         }
         Shape::Array => {
             let features: Vec<f64> = serde_json::from_slice(body).map_err(json_error)?;
-            (resolve_id(None, false, message_id)?, features, None, true)
+            (
+                resolve_id(None, false, message_id)?,
+                features,
+                None,
+                true,
+                None,
+            )
         }
         Shape::Number => {
             return Err(MessageError::WrongShape(
@@ -471,6 +512,7 @@ pub fn parse_features(
         features,
         sent_at_us,
         bare,
+        audit,
     })
 }
 
@@ -489,6 +531,7 @@ pub fn parse_label(
                     value: wire.y_true,
                     model_version: None,
                     sent_at_us: wire.sent_at_us,
+                    audit: audit_tag(wire.audit),
                 }
             }
             LabelKind::YPred => {
@@ -498,6 +541,7 @@ pub fn parse_label(
                     value: wire.y_pred,
                     model_version: wire.model_version.map(Cow::into_owned),
                     sent_at_us: wire.sent_at_us,
+                    audit: audit_tag(wire.audit),
                 }
             }
         },
@@ -508,6 +552,7 @@ pub fn parse_label(
                 value,
                 model_version: None,
                 sent_at_us: None,
+                audit: None,
             }
         }
         Shape::Array => {
@@ -547,6 +592,7 @@ mod tests {
             id: "abc-1",
             features: &values,
             sent_at_us: 42,
+            audit: None,
         })
         .unwrap();
         let parsed = parse_features(&body, Some("ignored")).unwrap();
@@ -554,6 +600,49 @@ mod tests {
         assert_eq!(parsed.features, values);
         assert_eq!(parsed.sent_at_us, Some(42));
         assert!(!parsed.bare);
+    }
+
+    #[test]
+    fn the_audit_tag_travels_and_a_bad_one_only_turns_the_audit_off() {
+        let mut out = Vec::new();
+        write_features(
+            &mut out,
+            BodyFormat::Native,
+            "s1",
+            &[1.0],
+            7,
+            Some("ab12:9"),
+        )
+        .unwrap();
+        let features = parse_features(&out, None).unwrap();
+        assert_eq!(features.audit.as_deref(), Some("ab12:9"));
+        write_y_pred(
+            &mut out,
+            BodyFormat::Native,
+            Some("s1"),
+            2.0,
+            "v1",
+            None,
+            features.audit.as_deref(),
+        )
+        .unwrap();
+        let y_pred = parse_label(LabelKind::YPred, &out, None).unwrap();
+        assert_eq!(y_pred.audit.as_deref(), Some("ab12:9"));
+        for body in [
+            r#"{"id":"s1","y_true":1.0,"audit":"no window"}"#,
+            r#"{"id":"s1","y_true":1.0,"audit":"a b:1"}"#,
+            r#"{"id":"s1","y_true":1.0}"#,
+        ] {
+            let y_true = parse_label(LabelKind::YTrue, body.as_bytes(), None).unwrap();
+            assert_eq!((y_true.value, y_true.audit), (1.0, None), "{body}");
+        }
+        // A tag that is not a string is a wrong shape, as any other field of the wrong type.
+        let wrong = parse_label(
+            LabelKind::YTrue,
+            br#"{"id":"s1","y_true":1.0,"audit":5}"#,
+            None,
+        );
+        assert_eq!(wrong.unwrap_err().reason(), "wrong_shape");
     }
 
     #[test]
@@ -575,31 +664,49 @@ mod tests {
     fn bodies_in_both_formats_read_back() {
         let mut out = b"left over".to_vec();
         let values = [0.25, -1.5];
-        write_features(&mut out, BodyFormat::Bare, "s1", &values, 7).unwrap();
+        write_features(&mut out, BodyFormat::Bare, "s1", &values, 7, Some("p:1")).unwrap();
         assert_eq!(out, b"[0.25,-1.5]");
         let parsed = parse_features(&out, Some("s1")).unwrap();
         assert_eq!((parsed.id.as_deref(), parsed.bare), (Some("s1"), true));
         assert_eq!(parsed.features, values);
-        write_features(&mut out, BodyFormat::Native, "s1", &values, 7).unwrap();
+        write_features(&mut out, BodyFormat::Native, "s1", &values, 7, None).unwrap();
         let parsed = parse_features(&out, None).unwrap();
         assert_eq!(
             (parsed.id.as_deref(), parsed.sent_at_us),
             (Some("s1"), Some(7))
         );
 
-        write_y_true(&mut out, BodyFormat::Bare, "s1", 151.0, 7).unwrap();
+        write_y_true(&mut out, BodyFormat::Bare, "s1", 151.0, 7, Some("p:1")).unwrap();
         assert_eq!(out, b"151.0");
         let y = parse_label(LabelKind::YTrue, &out, Some("s1")).unwrap();
         assert_eq!((y.id.as_deref(), y.value), (Some("s1"), 151.0));
-        write_y_true(&mut out, BodyFormat::Native, "s1", 151.0, 7).unwrap();
+        write_y_true(&mut out, BodyFormat::Native, "s1", 151.0, 7, None).unwrap();
         let y = parse_label(LabelKind::YTrue, &out, None).unwrap();
         assert_eq!((y.id.as_deref(), y.sent_at_us), (Some("s1"), Some(7)));
 
-        write_y_pred(&mut out, BodyFormat::Bare, Some("s1"), 2.5, "v1", None).unwrap();
+        write_y_pred(
+            &mut out,
+            BodyFormat::Bare,
+            Some("s1"),
+            2.5,
+            "v1",
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(out, b"2.5");
-        write_y_pred(&mut out, BodyFormat::Native, None, 2.5, "v1", None).unwrap();
+        write_y_pred(&mut out, BodyFormat::Native, None, 2.5, "v1", None, None).unwrap();
         assert_eq!(out, b"2.5");
-        write_y_pred(&mut out, BodyFormat::Native, Some("s1"), 2.5, "v1", Some(7)).unwrap();
+        write_y_pred(
+            &mut out,
+            BodyFormat::Native,
+            Some("s1"),
+            2.5,
+            "v1",
+            Some(7),
+            None,
+        )
+        .unwrap();
         let p = parse_label(LabelKind::YPred, &out, None).unwrap();
         assert_eq!(p.model_version.as_deref(), Some("v1"));
         assert_eq!((p.id.as_deref(), p.value), (Some("s1"), 2.5));

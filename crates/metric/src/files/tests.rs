@@ -25,9 +25,11 @@ fn half_lines_are_cut() {
 fn lines_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let mut files = LogFiles::open(dir.path(), NO_ROTATION).unwrap();
-    files.push_label(LabelKind::YTrue, Some("a"), 151.0, None);
-    files.push_label(LabelKind::YPred, Some("a"), 0.1 + 0.2, Some("ols-1"));
-    files.push_label(LabelKind::YPred, None, 3.5, None);
+    files.push_label(LabelKind::YTrue, Some("a"), 151.0, None, None);
+    files.push_label(LabelKind::YPred, Some("a"), 0.1 + 0.2, Some("ols-1"), None);
+    files.push_label(LabelKind::YPred, None, 3.5, None, None);
+    files.push_label(LabelKind::YTrue, Some("b"), 2.0, None, Some("ab12:7"));
+    files.push_label(LabelKind::YPred, Some("b"), 2.5, Some("v2"), Some("ab12:7"));
     files.push_row(&Pair {
         id: "a".into(),
         y_true: 151.0,
@@ -38,10 +40,38 @@ fn lines_round_trip() {
     files.flush().unwrap();
     let mut lines = Vec::new();
     read_label_lines(&dir.path().join(LABELS_LOG), |l| lines.push(l)).unwrap();
-    assert_eq!(lines.len(), 3);
+    assert_eq!(lines.len(), 5);
     assert_eq!(lines[1].value, 0.1 + 0.2);
     assert_eq!(lines[1].model_version.as_deref(), Some("ols-1"));
     assert_eq!(lines[2].id, None);
+    assert_eq!(
+        (lines[1].audit.as_deref(), lines[2].audit.as_deref()),
+        (None, None)
+    );
+    // The audit tag is the last field, after the model version if any.
+    assert_eq!(
+        (lines[3].model_version.as_deref(), lines[3].audit.as_deref()),
+        (None, Some("ab12:7"))
+    );
+    assert_eq!(
+        (lines[4].model_version.as_deref(), lines[4].audit.as_deref()),
+        (Some("v2"), Some("ab12:7"))
+    );
+    let text = std::fs::read_to_string(dir.path().join(LABELS_LOG)).unwrap();
+    assert!(
+        text.lines()
+            .nth(4)
+            .unwrap()
+            .ends_with(" b 2.5 v2 audit=ab12:7"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .nth(1)
+            .unwrap()
+            .ends_with(" a 0.30000000000000004 ols-1"),
+        "{text}"
+    );
     let mut rows = Vec::new();
     let read = read_csv_rows(&dir.path().join(METRIC_CSV), |p| rows.push(p)).unwrap();
     assert_eq!(

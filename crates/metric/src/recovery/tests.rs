@@ -172,10 +172,10 @@ fn recovery_reads_across_rotated_files() {
             };
             recorder
                 .files
-                .push_label(LabelKind::YTrue, Some(&pair.id), 1.0, None);
+                .push_label(LabelKind::YTrue, Some(&pair.id), 1.0, None, None);
             recorder
                 .files
-                .push_label(LabelKind::YPred, Some(&pair.id), 2.0, None);
+                .push_label(LabelKind::YPred, Some(&pair.id), 2.0, None, None);
             recorder.files.push_row(&pair);
             recorder.joiner.mark_joined(&pair.id, 1.0, 2.0, None);
             recorder.quality.observe(&pair);
@@ -239,6 +239,7 @@ fn message(kind: LabelKind, sample: usize, version: &str) -> LabelMessage {
         value,
         model_version: (kind == LabelKind::YPred).then(|| version.to_owned()),
         sent_at_us: None,
+        audit: None,
     }
 }
 
@@ -307,7 +308,9 @@ fn simulate(samples: usize, steps: Vec<Step>) -> Vec<join::Pair> {
                 recorder.files.flush().unwrap();
                 unacked.clear();
             }
-            Step::Checkpoint => recorder.save_checkpoint(),
+            Step::Checkpoint => {
+                recorder.save_checkpoint();
+            }
             Step::Crash => {
                 // A row lost with the unflushed work is written again later, not last.
                 if unacked
