@@ -52,9 +52,16 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Whether `line` is one whole line of `labels_log.txt`: `time queue id value [model_version]`.
+/// Whether `line` is one whole line of `labels_log.txt`: `time queue id value [model_version]
+/// [audit=<tag>]`.
 fn is_whole_label_line(line: &str) -> bool {
-    let fields: Vec<&str> = line.split(' ').collect();
+    let mut fields: Vec<&str> = line.split(' ').collect();
+    if let Some(tag) = fields.last().and_then(|f| f.strip_prefix("audit=")) {
+        if pipeline::audit::parse_tag(tag).is_none() {
+            return false;
+        }
+        fields.pop();
+    }
     (4..=5).contains(&fields.len())
         && fields[0].len() == 27
         && fields[0].ends_with('Z')

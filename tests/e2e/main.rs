@@ -3,6 +3,7 @@
 //! [`broker_node`] module (from `testkit`) for tests that need a broker of their own to stop and restart.
 
 mod alarms;
+mod audit;
 mod bad_input;
 /// The private broker nodes, shared with the benchmark.
 use testkit::broker_node;

@@ -10,6 +10,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Connection, ErrorKind, ExchangeKind};
+use pipeline::audit::audit_queue;
 use pipeline::broker::publisher::header_str;
 use pipeline::broker::topology::{REASON_HEADER, fanout_exchange, training_queue};
 use pipeline::dataset::Dataset;
@@ -29,6 +30,16 @@ fn every_queue(queues: &Queues, partitions: Partitions) -> Vec<String> {
         for queue in own {
             names.push(dead_letter_queue(&queue));
             names.push(queue);
+        }
+        if stream == &queues.y_true {
+            for queue in Partitions::ONE
+                .queues(stream)
+                .iter()
+                .chain(&partitions.queues(stream))
+            {
+                names.push(dead_letter_queue(&audit_queue(queue)));
+                names.push(audit_queue(queue));
+            }
         }
         names.push(marker_queue(stream));
         names.push(training_queue(stream));

@@ -41,9 +41,12 @@ async fn thousand_samples_flow_through_all_three_services() {
     );
     for line in run.label_lines() {
         let fields: Vec<&str> = line.split(' ').collect();
-        assert!(fields.len() == 4 || fields.len() == 5, "{line}");
+        // time queue id value [model_version] audit=<producer>:<window> (the audit is on).
+        assert!(fields.len() == 5 || fields.len() == 6, "{line}");
         assert!(fields[1] == "y_true" || fields[1] == "y_pred", "{line}");
         fields[3].parse::<f64>().unwrap();
+        let tag = fields.last().and_then(|f| f.strip_prefix("audit="));
+        assert!(tag.and_then(pipeline::audit::parse_tag).is_some(), "{line}");
     }
 
     let features = run.features.as_mut().unwrap();

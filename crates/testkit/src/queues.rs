@@ -44,10 +44,13 @@ impl Queues {
             .collect()
     }
 
-    /// Every queue a run may declare: [`Queues::all`], and the trainer's copies of `features` and
-    /// `y_true` with their dead-letter queues.
+    /// Every queue a run may declare: [`Queues::all`], the trainer's copies of `features` and
+    /// `y_true`, and the loss audit's queue, with their dead-letter queues.
     pub fn declared(&self) -> Vec<String> {
         let mut all = self.all();
+        let audit = pipeline::audit::audit_queue(&self.y_true);
+        all.push(dead_letter_queue(&audit));
+        all.push(audit);
         for stream in [&self.features, &self.y_true] {
             all.push(training_queue(stream));
             all.push(dead_letter_queue(&training_queue(stream)));

@@ -1,0 +1,334 @@
+//! The loss audit on a real broker: a long run with a metric crash and a broker restart ends with
+//! every window complete; loss made three ways (a purge, a foreign consumer, a length limit) is
+//! reported exactly; a backlog counts late, not lost.
+
+use crate::broker_node::BrokerNode;
+use crate::helpers::*;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// Short windows and grace, so a test sees several of each.
+fn audited(url: String, count: u64) -> Options {
+    Options::new(url, count)
+        .env("AUDIT_WINDOW_SECS", "1")
+        .env("AUDIT_GRACE_SECS", "2")
+}
+
+fn metric_value(run: &Pipeline, name: &str, labels: &[(&str, &str)]) -> f64 {
+    run.metric.metrics().value(name, labels).unwrap_or(-1.0)
+}
+
+/// Waits until the metric service reports `missing` samples missing per stream (y_true, y_pred)
+/// after reconciling, panicking with its figures and logs after `timeout`.
+fn wait_missing(run: &Pipeline, missing: [f64; 2], timeout: Duration) {
+    let ok = wait_until(timeout, || {
+        [("y_true", missing[0]), ("y_pred", missing[1])]
+            .iter()
+            .all(|(stream, n)| {
+                metric_value(run, "pipeline_audit_missing_total", &[("stream", stream)]) == *n
+            })
+            && metric_value(
+                run,
+                "pipeline_audit_windows_total",
+                &[("result", "missing")],
+            ) >= 1.0
+    });
+    let figures: Vec<String> = run
+        .metric
+        .metrics()
+        .iter()
+        .filter(|(k, _)| k.starts_with("pipeline_audit"))
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    assert!(
+        ok,
+        "expected missing {missing:?}: {figures:#?}\n{}",
+        run.logs()
+    );
+    eprintln!("audit figures: {figures:#?}");
+}
+
+/// The windows the producer's tags name, from labels_log.txt.
+fn windows_in_log(run: &Pipeline) -> BTreeSet<String> {
+    run.label_lines()
+        .iter()
+        .filter_map(|line| {
+            line.rsplit(' ')
+                .next()?
+                .strip_prefix("audit=")
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// The dashboard's loss-audit summary (last hour, from the ledger the checkpoint keeps).
+fn dashboard_audit(run: &Pipeline) -> Option<serde_json::Value> {
+    let (status, body) = run.metric.get("/api/dashboard")?;
+    if status != 200 {
+        return None;
+    }
+    let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+    Some(json["state"]["audit"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_thousand_samples_with_a_metric_crash_and_a_broker_restart_are_all_complete() {
+    const SAMPLES: usize = 50_000;
+    let mut node = BrokerNode::start("audit-restart");
+    let url = node.amqp_url();
+    let mut run = Pipeline::start(
+        "audit-long",
+        audited(url.clone(), SAMPLES as u64).rate(2500.0),
+    );
+    run.wait_rows(10_000, Duration::from_secs(180));
+    run.metric.signal("KILL");
+    run.metric.wait_exit(Duration::from_secs(10));
+    let dir = run.dir().to_path_buf();
+    run.metric.restart(&dir);
+    run.wait_rows(25_000, Duration::from_secs(180));
+    node.restart();
+    run.wait_rows(SAMPLES, Duration::from_secs(300));
+    let features = run.features.as_mut().expect("features started");
+    let status = features
+        .wait_exit(Duration::from_secs(60))
+        .expect("features exits after COUNT samples");
+    assert!(status.success(), "features exit status {status}");
+    assert_exactly_once(&run.rows(), SAMPLES);
+
+    let windows = windows_in_log(&run);
+    assert!(windows.len() >= 10, "only {} windows", windows.len());
+    // Every window reconciled complete: the ledger survived the crash (checkpoint and replay),
+    // the redeliveries of the restart were not counted twice.
+    let complete = wait_until(Duration::from_secs(30), || {
+        dashboard_audit(&run).is_some_and(|audit| {
+            audit["complete"].as_u64() == Some(windows.len() as u64) && audit["pending"] == 0
+        })
+    });
+    let audit = dashboard_audit(&run);
+    eprintln!("{} windows in the log; dashboard: {audit:?}", windows.len());
+    assert!(complete, "{audit:?}\n{}", run.logs());
+    let audit = audit.unwrap_or_default();
+    assert_eq!(
+        (audit["incomplete"].as_u64(), audit["missing"].as_u64()),
+        (Some(0), Some(0))
+    );
+    for stream in ["y_true", "y_pred"] {
+        for name in [
+            "pipeline_audit_missing_total",
+            "pipeline_audit_unexpected_total",
+        ] {
+            assert_eq!(
+                metric_value(&run, name, &[("stream", stream)]),
+                0.0,
+                "{name} {stream}"
+            );
+        }
+    }
+    for result in ["missing", "unexpected", "mismatch", "unannounced"] {
+        assert_eq!(
+            metric_value(&run, "pipeline_audit_windows_total", &[("result", result)]),
+            0.0,
+            "{result}"
+        );
+    }
+    assert!(
+        !run.metric.stderr().contains("audit window"),
+        "a window was reported incomplete:\n{}",
+        run.metric.stderr_tail(40)
+    );
+    let (status, health) = run.metric.get("/healthz").unwrap_or_default();
+    assert!(
+        status == 200 && !health.contains("audit"),
+        "{status} {health}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn features_purged_while_the_model_is_stopped_are_reported_as_missing_predictions() {
+    let url = shared_amqp_url();
+    let mut run = Pipeline::start_consumers("audit-purge", audited(url.clone(), 500));
+    wait_healthy(&run.model, Duration::from_secs(30));
+    run.model.kill();
+    run.start_features();
+    let features = run.features.as_mut().expect("features started");
+    assert!(
+        features
+            .wait_exit(Duration::from_secs(60))
+            .is_some_and(|s| s.success())
+    );
+    let connection = connect(&url).await;
+    let channel = connection.create_channel().await.expect("channel");
+    let purged = channel
+        .queue_purge(
+            run.queues.features.as_str().into(),
+            QueuePurgeOptions::default(),
+        )
+        .await
+        .expect("purge");
+    assert_eq!(
+        purged, 500,
+        "the model was stopped: every features message waited"
+    );
+    wait_missing(&run, [0.0, 500.0], Duration::from_secs(30));
+    assert_eq!(
+        metric_value(
+            &run,
+            "pipeline_audit_missing_samples",
+            &[("stream", "y_pred")]
+        ),
+        500.0
+    );
+    let (_, health) = run.metric.get("/healthz").unwrap_or_default();
+    assert!(
+        health.contains("0 y_true and 500 y_pred samples"),
+        "{health}"
+    );
+    assert!(
+        run.metric.stderr().contains("audit window missing"),
+        "{}",
+        run.logs()
+    );
+    // The page's snapshot follows within a second or two.
+    let shown = wait_until(Duration::from_secs(10), || {
+        dashboard_audit(&run).is_some_and(|audit| {
+            audit["missing"].as_u64() == Some(500) && audit["incomplete"].as_u64() >= Some(1)
+        })
+    });
+    assert!(shown, "{:?}", dashboard_audit(&run));
+    let _ = connection.close(200, "bye".into()).await;
+    run.stop_services();
+    delete_queues(&url, &run.queues).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn y_true_taken_by_a_foreign_consumer_is_reported_as_missing_true_values() {
+    let url = shared_amqp_url();
+    let mut run = Pipeline::start_consumers("audit-steal", audited(url.clone(), 1000));
+    wait_healthy(&run.metric, Duration::from_secs(30));
+    run.metric.kill();
+    run.start_features();
+    let features = run.features.as_mut().expect("features started");
+    assert!(
+        features
+            .wait_exit(Duration::from_secs(60))
+            .is_some_and(|s| s.success())
+    );
+    // A course-style consumer with its own ack takes 300 true values.
+    let connection = connect(&url).await;
+    let channel = connection.create_channel().await.expect("channel");
+    let mut stolen = 0;
+    while stolen < 300 {
+        let got = channel
+            .basic_get(
+                run.queues.y_true.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .expect("basic_get");
+        let Some(message) = got else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        message
+            .delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        stolen += 1;
+    }
+    let dir = run.dir().to_path_buf();
+    run.metric.restart(&dir);
+    wait_missing(&run, [300.0, 0.0], Duration::from_secs(60));
+    run.wait_rows(700, Duration::from_secs(30));
+    assert_eq!(
+        metric_value(
+            &run,
+            "pipeline_audit_unexpected_total",
+            &[("stream", "y_true")]
+        ),
+        0.0
+    );
+    let _ = connection.close(200, "bye".into()).await;
+    run.stop_services();
+    delete_queues(&url, &run.queues).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_length_limit_that_drops_the_head_is_reported_sample_by_sample() {
+    let node = BrokerNode::start("audit-maxlen");
+    let url = node.amqp_url();
+    let mut run = Pipeline::start_consumers("audit-maxlen", audited(url.clone(), 1000));
+    wait_healthy(&run.metric, Duration::from_secs(30));
+    run.metric.kill();
+    // An operator's policy: y_pred keeps its newest 200 messages.
+    let pattern = format!("^{}$", run.queues.y_pred.replace('.', "\\."));
+    let out = node.ctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        "cap-y-pred",
+        &pattern,
+        r#"{"max-length":200,"overflow":"drop-head"}"#,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run.start_features();
+    let features = run.features.as_mut().expect("features started");
+    assert!(
+        features
+            .wait_exit(Duration::from_secs(60))
+            .is_some_and(|s| s.success())
+    );
+    // The model has predicted all 1,000; the queue holds 200.
+    let full = wait_until(Duration::from_secs(30), || {
+        run.model.metrics().value(
+            "pipeline_messages_published_total",
+            &[("queue", run.queues.y_pred.as_str())],
+        ) == Some(1000.0)
+    });
+    assert!(full, "{}", run.logs());
+    let depth = queue_depths(&url, std::slice::from_ref(&run.queues.y_pred)).await;
+    assert_eq!(depth[&run.queues.y_pred], 200);
+    let dir = run.dir().to_path_buf();
+    run.metric.restart(&dir);
+    wait_missing(&run, [0.0, 800.0], Duration::from_secs(60));
+    run.wait_rows(200, Duration::from_secs(30));
+    run.stop_services();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backlog_is_late_not_lost() {
+    let url = shared_amqp_url();
+    let mut run = Pipeline::start_consumers("audit-late", audited(url.clone(), 300));
+    wait_healthy(&run.model, Duration::from_secs(30));
+    run.model.kill();
+    run.start_features();
+    let features = run.features.as_mut().expect("features started");
+    assert!(
+        features
+            .wait_exit(Duration::from_secs(60))
+            .is_some_and(|s| s.success())
+    );
+    wait_missing(&run, [0.0, 300.0], Duration::from_secs(30));
+    // The model comes back an hour later (here: seconds): the backlog arrives, late.
+    let dir = run.dir().to_path_buf();
+    run.model.restart(&dir);
+    run.wait_rows(300, Duration::from_secs(60));
+    let late = wait_until(Duration::from_secs(10), || {
+        metric_value(&run, "pipeline_audit_late_total", &[("stream", "y_pred")]) == 300.0
+            && metric_value(
+                &run,
+                "pipeline_audit_missing_samples",
+                &[("stream", "y_pred")],
+            ) == 0.0
+    });
+    assert!(late, "{}", run.logs());
+    let (_, health) = run.metric.get("/healthz").unwrap_or_default();
+    assert!(!health.contains("audit"), "the note is gone: {health}");
+    run.stop_services();
+    delete_queues(&url, &run.queues).await;
+}
