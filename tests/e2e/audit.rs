@@ -332,3 +332,120 @@ async fn a_backlog_is_late_not_lost() {
     run.stop_services();
     delete_queues(&url, &run.queues).await;
 }
+
+/// With partitions and two metric instances, each instance reconciles its own partitions: a purge
+/// of one partition's features is reported by the instance that owns it, under its label, and the
+/// other partitions' windows are complete.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_metric_instance_reconciles_its_own_partitions() {
+    use crate::partitions::{clean_up, env, produce, start};
+    use pipeline::partition::Partitions;
+    let url = shared_amqp_url();
+    let queues = testkit::Queues::unique("audit-parts");
+    let work = tempfile::tempdir().expect("tempdir");
+    let logs = work.path().join("logs");
+    let audited = |env: testkit::Env| {
+        env.set("AUDIT_WINDOW_SECS", 1)
+            .set("AUDIT_GRACE_SECS", 2)
+            .set("METRIC_INSTANCES", 2)
+            .set("LOG_DIR", logs.display())
+    };
+    let metric0 = start(
+        "metric",
+        audited(env(&url, &queues, 3)).set("METRIC_INSTANCE", 0),
+        work.path(),
+        "metric0",
+    );
+    let metric1 = start(
+        "metric",
+        audited(env(&url, &queues, 3)).set("METRIC_INSTANCE", 1),
+        work.path(),
+        "metric1",
+    );
+    let mut model = start(
+        "model",
+        audited(env(&url, &queues, 3)),
+        work.path(),
+        "model",
+    );
+    wait_healthy(&model, Duration::from_secs(30));
+    model.kill();
+    produce(start(
+        "features",
+        audited(env(&url, &queues, 3))
+            .set("COUNT", 900)
+            .set("RATE", 0),
+        work.path(),
+        "features",
+    ));
+    let p1 = Partitions::new(3).expect("3").queue(&queues.features, 1);
+    let connection = connect(&url).await;
+    let channel = connection.create_channel().await.expect("channel");
+    let purged = channel
+        .queue_purge(p1.as_str().into(), QueuePurgeOptions::default())
+        .await
+        .expect("purge");
+    assert!(purged > 200, "p1 held {purged} of 900");
+    let model = start(
+        "model",
+        audited(env(&url, &queues, 3)),
+        work.path(),
+        "model2",
+    );
+    let value = |service: &Service, name: &str, partition: &str, stream: &str| {
+        service
+            .metrics()
+            .value(name, &[("partition", partition), ("stream", stream)])
+    };
+    let reported = wait_until(Duration::from_secs(60), || {
+        value(&metric1, "pipeline_audit_missing_total", "p1", "y_pred") == Some(purged as f64)
+            && ["p0", "p2"].iter().all(|p| {
+                metric0
+                    .metrics()
+                    .value(
+                        "pipeline_audit_windows_total",
+                        &[("partition", p), ("result", "complete")],
+                    )
+                    .is_some_and(|n| n >= 1.0)
+            })
+    });
+    let audit_lines = |service: &Service| -> String {
+        service
+            .metrics()
+            .iter()
+            .filter(|(k, v)| k.starts_with("pipeline_audit") && **v != 0.0)
+            .map(|(k, v)| format!("{k} {v}\n"))
+            .collect()
+    };
+    eprintln!(
+        "instance 0:\n{}instance 1:\n{}",
+        audit_lines(&metric0),
+        audit_lines(&metric1)
+    );
+    assert!(
+        reported,
+        "purged {purged}\n{}\n{}",
+        metric0.stderr_tail(20),
+        metric1.stderr_tail(20)
+    );
+    for p in ["p0", "p2"] {
+        for stream in ["y_true", "y_pred"] {
+            assert_eq!(
+                value(&metric0, "pipeline_audit_missing_total", p, stream),
+                Some(0.0)
+            );
+        }
+    }
+    assert_eq!(
+        value(&metric1, "pipeline_audit_missing_total", "p1", "y_true"),
+        Some(0.0)
+    );
+    // Instance 0 never saw p1's records: not its partition.
+    assert_eq!(
+        value(&metric0, "pipeline_audit_missing_total", "p1", "y_pred"),
+        None
+    );
+    drop((metric0, metric1, model));
+    let _ = connection.close(200, "bye".into()).await;
+    clean_up(&url, &queues, Partitions::new(3).expect("3")).await;
+}

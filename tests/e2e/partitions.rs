@@ -94,7 +94,7 @@ async fn delete_partitioned(url: &str, queues: &Queues, partitions: Partitions) 
 }
 
 /// Deletes everything, then asserts nothing of it is left on the broker.
-async fn clean_up(url: &str, queues: &Queues, partitions: Partitions) {
+pub(crate) async fn clean_up(url: &str, queues: &Queues, partitions: Partitions) {
     delete_partitioned(url, queues, partitions).await;
     let connection = connect(url).await;
     let mut left = Vec::new();
@@ -201,21 +201,21 @@ fn is_not_found(err: &lapin::Error) -> bool {
 }
 
 /// The settings of a service of this run, with `PARTITIONS=partitions`.
-fn env(url: &str, queues: &Queues, partitions: u32) -> Env {
+pub(crate) fn env(url: &str, queues: &Queues, partitions: u32) -> Env {
     Env::new(url, queues)
         .set("PARTITIONS", partitions)
         .set("RECONNECT_MAX_DELAY_MS", 1000)
 }
 
 /// Starts `name` with `env`, its stderr in a folder of its own under `work`.
-fn start(name: &'static str, env: Env, work: &std::path::Path, folder: &str) -> Service {
+pub(crate) fn start(name: &'static str, env: Env, work: &std::path::Path, folder: &str) -> Service {
     let dir = work.join(folder);
     std::fs::create_dir_all(&dir).expect("service dir");
     spawn_service(name, env.pairs().to_vec(), &dir)
 }
 
 /// Runs the producer to completion (it must exit 0 within 60 s).
-fn produce(mut features: Service) {
+pub(crate) fn produce(mut features: Service) {
     let exit = features.wait_exit(Duration::from_secs(60));
     assert!(
         exit.is_some_and(|status| status.success()),
