@@ -107,6 +107,7 @@ fn every_alert_has_a_rule() {
         "QueueDepthGrowing",
         "ServiceDown",
         "BrokerDown",
+        "SamplesLost",
     ] {
         assert!(
             rules.contains(&format!("- alert: {alert}\n")),
