@@ -449,3 +449,97 @@ async fn each_metric_instance_reconciles_its_own_partitions() {
     let _ = connection.close(200, "bye".into()).await;
     clean_up(&url, &queues, Partitions::new(3).expect("3")).await;
 }
+
+/// The producers' instances in the order their tags first appear in labels_log.txt.
+fn producers_in_log(run: &Pipeline) -> Vec<String> {
+    let mut producers: Vec<String> = Vec::new();
+    for tag in run
+        .label_lines()
+        .iter()
+        .filter_map(|line| line.rsplit(' ').next()?.strip_prefix("audit="))
+    {
+        let producer = tag.split(':').next().unwrap_or_default().to_owned();
+        if !producers.contains(&producer) {
+            producers.push(producer);
+        }
+    }
+    producers
+}
+
+/// A producer stopped with SIGTERM announces its last windows; one killed with SIGKILL cannot, and
+/// its last windows are reported unannounced (never missing) when they expire; each new process
+/// is a new instance, so nothing is announced twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_producer_never_announces_twice_and_a_killed_one_leaves_unannounced_windows() {
+    let url = shared_amqp_url();
+    let mut run = Pipeline::start(
+        "audit-producer",
+        audited(url.clone(), 0)
+            .rate(400.0)
+            .env("AUDIT_RETAIN_SECS", "8"),
+    );
+    let dir = run.dir().to_path_buf();
+    let mut rows = 800;
+    run.wait_rows(rows, Duration::from_secs(60));
+    for (n, signal) in ["TERM", "KILL", "TERM"].into_iter().enumerate() {
+        let features = run.features.as_mut().expect("features started");
+        features.signal(signal);
+        assert!(
+            features.wait_exit(Duration::from_secs(20)).is_some(),
+            "{signal}"
+        );
+        if n == 2 {
+            break;
+        }
+        features.restart(&dir);
+        rows = run.rows().len() + 800;
+        run.wait_rows(rows, Duration::from_secs(60));
+    }
+    let producers = producers_in_log(&run);
+    assert_eq!(producers.len(), 3, "{producers:?}");
+    assert_exactly_once(&run.rows(), run.rows().len());
+    let done = wait_until(Duration::from_secs(30), || {
+        metric_value(
+            &run,
+            "pipeline_audit_windows_total",
+            &[("result", "unannounced")],
+        ) >= 1.0
+            && dashboard_audit(&run).is_some_and(|audit| audit["pending"] == 0)
+    });
+    let stderr = run.metric.stderr();
+    let unannounced: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("audit window unannounced"))
+        .collect();
+    eprintln!("producers {producers:?}\n{}", unannounced.join("\n"));
+    assert!(done, "{}", run.logs());
+    // Only the killed instance left windows without a record.
+    assert!(
+        unannounced
+            .iter()
+            .all(|line| line.contains(producers[1].as_str())),
+        "{unannounced:#?}"
+    );
+    for stream in ["y_true", "y_pred"] {
+        assert_eq!(
+            metric_value(&run, "pipeline_audit_missing_total", &[("stream", stream)]),
+            0.0
+        );
+    }
+    for result in ["missing", "mismatch"] {
+        assert_eq!(
+            metric_value(&run, "pipeline_audit_windows_total", &[("result", result)]),
+            0.0,
+            "{result}"
+        );
+    }
+    assert!(
+        metric_value(
+            &run,
+            "pipeline_audit_windows_total",
+            &[("result", "complete")]
+        ) >= 3.0
+    );
+    run.stop_services();
+    delete_queues(&url, &run.queues).await;
+}
