@@ -16,6 +16,7 @@
 //!    cluster (quorum and classic), and 1 against 4 on one node (partitions.rs),
 //! 8. `backlog`: `--backlog-samples` queued before model and metric start: drain rate, peak RSS,
 //! 9. `history`: the metric service's start-up and RSS on a long history (history.rs),
+//! 10. `audit`: the loss audit's cost, the pipeline at full speed with it on and off, twice each,
 //!
 //! then prints a markdown table and writes it, with a JSON twin, to `--out`. Queues and child
 //! processes are cleaned up on success, on error, on panic and on SIGINT/SIGTERM.
@@ -198,6 +199,8 @@ pub enum Phase {
     Partitions,
     /// Draining a backlog.
     Backlog,
+    /// The loss audit's cost: the pipeline at full speed with it on and off, twice each.
+    Audit,
     /// The metric service on a long history.
     History,
 }
@@ -264,6 +267,25 @@ impl Bench {
             .set("RUST_LOG", rust_log)
             .set("LOG_FORMAT", "json")
             .with(self.cli.service_env.iter().cloned())
+    }
+
+    /// The same benchmark with more settings for every service it starts.
+    pub fn with_service_env(&self, extra: &[(&str, &str)]) -> Self {
+        let mut cli = self.cli.clone();
+        cli.service_env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        Self {
+            cli,
+            binaries: self.binaries.clone(),
+            data_path: self.data_path.clone(),
+            data: self.data.clone(),
+            run_id: self.run_id.clone(),
+            ledger: self.ledger.clone(),
+            broker_pid: self.broker_pid,
+        }
     }
 }
 
@@ -442,6 +464,24 @@ async fn run(cli: Cli, ledger: QueueLedger) -> anyhow::Result<()> {
                     "backlog of {} samples: {err:#}",
                     cli.backlog_samples
                 ));
+            }
+        }
+    }
+    if cli.runs(Phase::Audit) {
+        // On and off alternate, so a drift of the machine's speed shows in both.
+        for round in 1..=2 {
+            for on in [true, false] {
+                let variant = if on {
+                    bench.with_service_env(&[])
+                } else {
+                    bench.with_service_env(&[("AUDIT_WINDOW_SECS", "0"), ("AUDIT", "false")])
+                };
+                let name = format!("audit-{}{round}", if on { "on" } else { "off" });
+                progress!("{name}: {} samples at full speed", cli.replica_samples);
+                let run = pipeline_run::throughput(&variant, &name, cli.replica_samples, 1, false)
+                    .await?;
+                progress!("{name}: {:.0} samples/s", run.samples_per_second);
+                report.audit.push((on, run));
             }
         }
     }

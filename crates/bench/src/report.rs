@@ -133,6 +133,8 @@ pub struct Report {
     pub partitions: Vec<PartitionRun>,
     /// Draining a backlog.
     pub backlog: Option<ThroughputResult>,
+    /// The loss audit on (true) and off, alternating.
+    pub audit: Vec<(bool, ThroughputResult)>,
     /// The metric service on a history of this many pairs.
     #[serde(skip)]
     pub history: Option<(u64, Vec<HistoryStart>)>,
@@ -177,6 +179,7 @@ impl Report {
             cluster: None,
             partitions: Vec::new(),
             backlog: None,
+            audit: Vec::new(),
             history: None,
             startup: None,
             failures: Vec::new(),
@@ -544,6 +547,16 @@ impl Report {
                     thousands(b.samples as f64)
                 ),
                 b,
+            ));
+        }
+        for (on, r) in &self.audit {
+            runs.push((
+                if *on {
+                    "loss audit on (AUDIT_WINDOW_SECS=10, the default)".to_owned()
+                } else {
+                    "loss audit off (AUDIT_WINDOW_SECS=0, AUDIT=false)".to_owned()
+                },
+                r,
             ));
         }
         if runs.is_empty() {

@@ -20,6 +20,8 @@ pub(crate) struct AuditOut {
     partitions: Partitions,
     /// The audit queue of each partition of `y_true`.
     queues: Vec<String>,
+    /// The last tag written and its window: one allocation per window, not per sample.
+    tag: (u64, String),
 }
 
 impl AuditOut {
@@ -39,6 +41,7 @@ impl AuditOut {
             pending: VecDeque::new(),
             partitions,
             queues: audit::audit_queues(&queues.y_true_queue, partitions),
+            tag: (u64::MAX, String::new()),
         })
     }
 
@@ -60,8 +63,11 @@ impl AuditOut {
     }
 
     /// The tag of `window`, for the messages.
-    pub(crate) fn tag(&self, window: u64) -> String {
-        audit::tag(self.outbox.producer(), window)
+    pub(crate) fn tag(&mut self, window: u64) -> &str {
+        if self.tag.0 != window {
+            self.tag = (window, audit::tag(self.outbox.producer(), window));
+        }
+        &self.tag.1
     }
 
     /// The broker confirmed both messages of the sample `id`.

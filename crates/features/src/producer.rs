@@ -340,14 +340,14 @@ impl Producer {
         let sent_at_us = now_us();
         let format = BodyFormat::of(self.config.broker.topology);
         let (id, row) = (sample.id.as_str(), sample.row);
-        let tag = self.audit.as_ref().map(|audit| audit.tag(sample.window));
+        let tag = self.audit.as_mut().map(|audit| audit.tag(sample.window));
         write_y_true(
             &mut self.body,
             format,
             id,
             self.data.target(row),
             sent_at_us,
-            tag.as_deref(),
+            tag,
         )?;
         let y_true = publisher
             .publish_fanout(
@@ -359,14 +359,7 @@ impl Producer {
         let features = self
             .drift
             .apply(sample.number, self.data.row(row), &mut self.drifted_row);
-        write_features(
-            &mut self.body,
-            format,
-            id,
-            features,
-            sent_at_us,
-            tag.as_deref(),
-        )?;
+        write_features(&mut self.body, format, id, features, sent_at_us, tag)?;
         let features = publisher
             .publish_fanout(
                 self.routes.features.queue_for(Some(id)),

@@ -104,6 +104,9 @@ pub(crate) struct AuditIn {
     pub(crate) settings: AuditSettings,
     /// The partition these queues are (0 with one).
     pub(crate) partition: u32,
+    /// The tag of the last sample counted and its window's slot in the ledger: samples come in
+    /// runs of one window, so most need no lookup.
+    last: Option<(String, usize)>,
     /// A record was taken since the last checkpoint: save one before acking it.
     pub(crate) records_unsaved: bool,
     /// Whether records are consumed (`AUDIT`, not course): else the dashboard shows nothing.
@@ -130,6 +133,7 @@ impl AuditIn {
             metrics,
             settings,
             partition: 0,
+            last: None,
             records_unsaved: false,
             enabled: true,
             health,
@@ -141,19 +145,27 @@ impl AuditIn {
     /// Counts a sample the join took for the first time on its stream. `tag` is valid (checked
     /// when the message was read).
     pub(crate) fn received(&mut self, tag: &str, kind: LabelKind, id: &str, now_us: u64) {
-        let Some((producer, window)) = parse_tag(tag) else {
-            return;
-        };
-        let key = WindowKey {
-            producer: producer.to_owned(),
-            window,
-            partition: self.partition,
+        let slot = match &self.last {
+            Some((last, slot)) if last == tag => *slot,
+            _ => {
+                let Some((producer, window)) = parse_tag(tag) else {
+                    return;
+                };
+                let key = WindowKey {
+                    producer: producer.to_owned(),
+                    window,
+                    partition: self.partition,
+                };
+                let slot = self.ledger.slot(&key, now_us);
+                self.last = Some((tag.to_owned(), slot));
+                slot
+            }
         };
         let stream = stream_of(kind);
         let label = StreamLabel {
             stream: STREAMS[stream],
         };
-        match self.ledger.received(&key, stream, id, now_us) {
+        match self.ledger.received_in(slot, stream, id) {
             Received::Counted => {}
             Received::Late => {
                 self.metrics.late.get_or_create(&label).inc();
@@ -195,7 +207,12 @@ impl AuditIn {
     /// changed (the checkpoint is due).
     pub(crate) fn tick(&mut self, now_us: u64) -> bool {
         let mut done = self.ledger.reconcile_due(now_us, self.settings.grace_us);
+        let before = self.ledger.len();
         done.extend(self.ledger.expire(now_us, self.settings.retain_us));
+        if self.ledger.len() != before {
+            // Slots moved.
+            self.last = None;
+        }
         if done.is_empty() {
             return false;
         }

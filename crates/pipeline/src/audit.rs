@@ -369,10 +369,25 @@ impl Ledger {
         self.windows.is_empty()
     }
 
+    /// Where window `key` is held (created when new): a slot for [`Ledger::received_in`], valid
+    /// until the next [`Ledger::expire`] that drops a window.
+    pub fn slot(&mut self, key: &WindowKey, now_us: u64) -> usize {
+        self.window(key, now_us);
+        self.index.get(key).copied().unwrap_or(0)
+    }
+
     /// Counts sample `id` of window `key` on `stream` (0 `y_true`, 1 `y_pred`); call once per
     /// sample and stream (the join's first sight of it).
     pub fn received(&mut self, key: &WindowKey, stream: usize, id: &str, now_us: u64) -> Received {
-        let window = self.window(key, now_us);
+        let slot = self.slot(key, now_us);
+        self.received_in(slot, stream, id)
+    }
+
+    /// [`Ledger::received`] by the window's slot, without looking the key up.
+    pub fn received_in(&mut self, slot: usize, stream: usize, id: &str) -> Received {
+        let Some((_, window)) = self.windows.get_mut(slot) else {
+            return Received::Counted;
+        };
         window.received[stream].add(id);
         let announced = window
             .record
