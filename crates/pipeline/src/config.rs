@@ -61,6 +61,17 @@ pub struct BrokerConfig {
     /// (`-----BEGIN PRIVATE KEY-----`).
     #[arg(long, env = "AMQP_CLIENT_KEY_FILE")]
     pub amqp_client_key_file: Option<PathBuf>,
+
+    /// User name for every URL of AMQP_URL, replacing the one in it: for credentials kept apart
+    /// from the address (a Kubernetes Secret of the RabbitMQ Cluster Operator), taken as they
+    /// are, with no URL encoding needed.
+    #[arg(long, env = "AMQP_USERNAME", hide_env_values = true)]
+    pub amqp_username: Option<String>,
+
+    /// Password for every URL of AMQP_URL, replacing the one in it (see AMQP_USERNAME). Never
+    /// printed.
+    #[arg(long, env = "AMQP_PASSWORD", hide_env_values = true)]
+    pub amqp_password: Option<String>,
 }
 
 impl std::fmt::Debug for BrokerConfig {
@@ -76,6 +87,8 @@ impl std::fmt::Debug for BrokerConfig {
             amqp_ca_file,
             amqp_client_cert_file,
             amqp_client_key_file,
+            amqp_username,
+            amqp_password,
         } = self;
         f.debug_struct("BrokerConfig")
             .field("amqp_url", &redact(amqp_url))
@@ -88,6 +101,8 @@ impl std::fmt::Debug for BrokerConfig {
             .field("amqp_ca_file", amqp_ca_file)
             .field("amqp_client_cert_file", amqp_client_cert_file)
             .field("amqp_client_key_file", amqp_client_key_file)
+            .field("amqp_username", amqp_username)
+            .field("amqp_password", &amqp_password.as_ref().map(|_| "***"))
             .finish()
     }
 }

@@ -39,6 +39,16 @@ fn with_defaults(url: &str, heartbeat_secs: u16) -> Result<AMQPUri, InvalidUrl> 
     Ok(uri)
 }
 
+/// `AMQP_USERNAME` and `AMQP_PASSWORD`, when set, in place of the URL's own.
+fn with_credentials(uri: &mut AMQPUri, config: &BrokerConfig) {
+    if let Some(username) = &config.amqp_username {
+        uri.authority.userinfo.username = username.clone();
+    }
+    if let Some(password) = &config.amqp_password {
+        uri.authority.userinfo.password = password.clone();
+    }
+}
+
 /// The broker as one service sees it: where it is, and the health and metrics to keep current.
 #[derive(Clone)]
 pub struct Broker {
@@ -107,7 +117,8 @@ impl Broker {
             }
             attempt += 1;
             let url = &urls[self.next_url % urls.len().max(1)];
-            let uri = with_defaults(url, self.config.amqp_heartbeat_secs)?;
+            let mut uri = with_defaults(url, self.config.amqp_heartbeat_secs)?;
+            with_credentials(&mut uri, &self.config);
             let properties = ConnectionProperties::default()
                 .with_connection_name(format!("{} ({})", self.service, std::process::id()).into());
             let tls_peer = (uri.scheme == AMQPScheme::AMQPS)
@@ -262,6 +273,39 @@ mod tests {
         assert_eq!(uri.query.heartbeat, Some(10));
         let uri = with_defaults("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=3", 10).unwrap();
         assert_eq!(uri.query.heartbeat, Some(3));
+    }
+
+    #[test]
+    fn separate_credentials_replace_the_urls_and_are_never_shown() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            broker: BrokerConfig,
+        }
+        let config = Cli::try_parse_from([
+            "x",
+            "--amqp-url",
+            "amqp://rabbit.ns.svc:5672/%2f",
+            "--amqp-username",
+            "default_user_x",
+            "--amqp-password",
+            "p/a+s:s@w=rd",
+        ])
+        .unwrap()
+        .broker;
+        let mut uri = with_defaults(&config.urls()[0], 10).unwrap();
+        with_credentials(&mut uri, &config);
+        assert_eq!(uri.authority.userinfo.username, "default_user_x");
+        // Characters a URL would need encoded are taken as they are.
+        assert_eq!(uri.authority.userinfo.password, "p/a+s:s@w=rd");
+        assert_eq!(uri.vhost, "/");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("p/a+s"), "{shown}");
+        // Without them the URL's own stay.
+        let mut uri = with_defaults("amqp://guest:guest@h:5672/%2f", 10).unwrap();
+        with_credentials(&mut uri, &Cli::try_parse_from(["x"]).unwrap().broker);
+        assert_eq!(uri.authority.userinfo.password, "guest");
     }
 
     #[test]
