@@ -29,6 +29,8 @@ RUN apt-get update -qq \
 COPY --from=build /out/ /usr/local/bin/
 COPY scripts/docker-entrypoint.sh /usr/local/bin/docker-entrypoint
 WORKDIR /app
+# The data set, so the image runs without a mount (Kubernetes); compose mounts ./data over it.
+COPY data/diabetes.csv /app/data/diabetes.csv
 # Compose mounts ./data read-only, ./models (model and trainer), and ./logs for the metric service. Unmounted, the
 # folders belong to the unprivileged user the entrypoint runs the services as.
 RUN mkdir -p /app/data /app/logs /app/models && chown 1000:1000 /app/logs /app/models
