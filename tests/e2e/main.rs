@@ -5,6 +5,7 @@
 mod alarms;
 mod audit;
 mod bad_input;
+mod chart;
 /// The private broker nodes, shared with the benchmark.
 use testkit::broker_node;
 mod blocked;

@@ -13,6 +13,7 @@ where the services write.
 
     python3 tests/helm/check.py                  # all checks; exit 1 on the first failure
     python3 tests/helm/check.py --dump-env F     # also write each workload's env (default, large)
+    python3 tests/helm/check.py --dump-env F --dump-only   # only that (tests/e2e/chart.rs)
 """
 
 from __future__ import annotations
@@ -351,7 +352,15 @@ def dump_env(objects: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump-env", type=Path, help="write each workload's env (default and large) as JSON")
+    parser.add_argument("--dump-only", action="store_true", help="with --dump-env: render and write, no checks (tests/e2e/chart.rs)")
     args = parser.parse_args()
+    if args.dump_only:
+        if not args.dump_env:
+            parser.error("--dump-only needs --dump-env")
+        large = yaml.safe_load((HERE / "values-large.yaml").read_text())
+        settings = {"default": render({}), "large": render(large)}
+        args.dump_env.write_text(json.dumps({n: dump_env(o) for n, o in settings.items()}, indent=2))
+        return
     c = Checks()
     for copy_path, original in COPIES.items():
         c.ok((CHART / copy_path).read_bytes() == (ROOT / original).read_bytes(),
