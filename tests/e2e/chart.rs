@@ -119,25 +119,6 @@ impl World {
     }
 }
 
-/// `POST path`, with the bearer token when given: (status, body).
-fn post(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .ok()?;
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, response.split_once("\r\n\r\n")?.1.to_owned()))
-}
-
 /// Every row of every metric pod's CSV (in `LOG_DIR`, or `LOG_DIR/p<k>/` when partitioned).
 fn all_rows(volumes: &[PathBuf]) -> Vec<Row> {
     let mut rows = Vec::new();
@@ -271,19 +252,19 @@ fn run_setting(setting: &str, rendered: &Value, amqp_urls: &str, work: &Path) ->
 
     // The POST routes need the token; a promotion through POST /rollback reaches every replica.
     assert_eq!(
-        post(trainer.http_addr, "/retrain", None).map(|r| r.0),
+        http_post(trainer.http_addr, "/retrain", None).map(|r| r.0),
         Some(401)
     );
     assert_eq!(
-        post(trainer.http_addr, "/rollback?to=v9", Some("wrong")).map(|r| r.0),
+        http_post(trainer.http_addr, "/rollback?to=v9", Some("wrong")).map(|r| r.0),
         Some(401)
     );
     let (status, body) =
-        post(trainer.http_addr, "/retrain", Some(ADMIN_TOKEN)).expect("POST /retrain");
+        http_post(trainer.http_addr, "/retrain", Some(ADMIN_TOKEN)).expect("POST /retrain");
     assert_eq!(status, 200, "{body}");
     train(&world.data, &trainer_volume.join("models/v9.json"), "v9");
     let (status, body) =
-        post(trainer.http_addr, "/rollback?to=v9", Some(ADMIN_TOKEN)).expect("POST /rollback");
+        http_post(trainer.http_addr, "/rollback?to=v9", Some(ADMIN_TOKEN)).expect("POST /rollback");
     assert_eq!(status, 200, "{body}");
     let served = |model: &Service| {
         model.metrics().get("pipeline_model_served{version=\"v9\"}") == Some(&1.0)

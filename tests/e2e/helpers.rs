@@ -89,6 +89,27 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     testkit::http::get_blocking(addr, path)
 }
 
+/// `POST path` with an empty body, with `Authorization: Bearer <token>` when given: (status,
+/// body). Waits up to 60 s for the answer (a retrain).
+pub fn http_post(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .ok()?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
 /// Settings of one pipeline run.
 #[derive(Clone, Debug)]
 pub struct Options {

@@ -14,7 +14,6 @@ use lapin::options::BasicPublishOptions;
 use model::artifact::Artifact;
 use pipeline::broker::topology::training_queue;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 const N: u64 = 4000;
@@ -22,25 +21,6 @@ const DRIFT_AFTER: usize = 1000;
 /// Rows of the CSV around the drift left out of both sides (replicas may reorder a little).
 const MARGIN: usize = 100;
 const WINDOW: usize = 1000;
-
-/// `POST path` with an empty body: (status, body).
-fn http_post(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .ok()?;
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
-}
 
 fn metric(service: &Service, name: &str) -> f64 {
     service.metrics().get(name).copied().unwrap_or(0.0)
@@ -284,7 +264,7 @@ async fn the_trainer_promotes_after_a_drift_and_refuses_a_worse_candidate() {
     );
     drop(producer);
     let served_bytes = std::fs::read(&model_path).unwrap();
-    let (status, body) = http_post(trainer.http_addr, "/retrain").expect("POST /retrain");
+    let (status, body) = http_post(trainer.http_addr, "/retrain", None).expect("POST /retrain");
     assert_eq!(status, 200, "{body}");
     let outcome: serde_json::Value = serde_json::from_str(&body).unwrap();
     eprintln!("closed loop: noise window: {outcome}");
@@ -608,7 +588,7 @@ async fn a_broken_model_file_is_reported_and_the_trainer_recovers() {
                 "handmade".to_owned()
             }
             Recovery::Promotion => {
-                let (status, body) = http_post(trainer.http_addr, "/retrain").unwrap();
+                let (status, body) = http_post(trainer.http_addr, "/retrain", None).unwrap();
                 assert_eq!(status, 200, "{cause}: {body}");
                 let outcome: serde_json::Value = serde_json::from_str(&body).unwrap();
                 eprintln!("broken model file ({cause}): POST /retrain: {outcome}");
@@ -654,7 +634,7 @@ async fn a_broken_model_file_is_reported_and_the_trainer_recovers() {
         assert_eq!(recovered.len(), 1, "{cause}: {recovered:#?}");
         eprintln!("broken model file ({cause}): log: {}", recovered[0]);
         // Back on the relative guard: the same rows give no 5 % better candidate.
-        let (status, body) = http_post(trainer.http_addr, "/retrain").unwrap();
+        let (status, body) = http_post(trainer.http_addr, "/retrain", None).unwrap();
         assert_eq!(status, 200, "{cause}: {body}");
         let outcome: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(outcome["serving_version"], expected_version.as_str());
