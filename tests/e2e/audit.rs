@@ -310,8 +310,13 @@ async fn a_backlog_is_late_not_lost() {
             ) == 0.0
     });
     assert!(late, "{}", run.logs());
-    let (_, health) = run.metric.get("/healthz").unwrap_or_default();
-    assert!(!health.contains("audit"), "the note is gone: {health}");
+    // The note follows at the metric's next tick.
+    let gone = wait_until(Duration::from_secs(5), || {
+        run.metric
+            .get("/healthz")
+            .is_some_and(|(_, health)| !health.contains("audit"))
+    });
+    assert!(gone, "the note stays: {:?}", run.metric.get("/healthz"));
     run.stop_services();
     delete_queues(&url, &run.queues).await;
 }

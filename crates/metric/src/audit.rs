@@ -109,6 +109,8 @@ pub(crate) struct AuditIn {
     last: Option<(String, usize)>,
     /// A record was taken since the last checkpoint: save one before acking it.
     pub(crate) records_unsaved: bool,
+    /// Late samples came since the last tick: the `/healthz` note is due again.
+    late_since_tick: bool,
     /// Whether records are consumed (`AUDIT`, not course): else the dashboard shows nothing.
     pub(crate) enabled: bool,
     health: Health,
@@ -135,6 +137,7 @@ impl AuditIn {
             partition: 0,
             last: None,
             records_unsaved: false,
+            late_since_tick: false,
             enabled: true,
             health,
         };
@@ -169,7 +172,9 @@ impl AuditIn {
             Received::Counted => {}
             Received::Late => {
                 self.metrics.late.get_or_create(&label).inc();
-                self.publish_missing_now();
+                // The gauge now; the note at the next tick (a backlog can be many late samples).
+                self.metrics.missing_now.get_or_create(&label).dec();
+                self.late_since_tick = true;
             }
             Received::Unexpected => {
                 self.metrics.unexpected.get_or_create(&label).inc();
@@ -206,6 +211,9 @@ impl AuditIn {
     /// Reconciles the windows whose grace is over and drops the old ones; true when the ledger
     /// changed (the checkpoint is due).
     pub(crate) fn tick(&mut self, now_us: u64) -> bool {
+        if std::mem::take(&mut self.late_since_tick) {
+            self.publish_missing_now();
+        }
         let mut done = self.ledger.reconcile_due(now_us, self.settings.grace_us);
         let before = self.ledger.len();
         done.extend(self.ledger.expire(now_us, self.settings.retain_us));
@@ -401,6 +409,9 @@ mod tests {
             .accept(LabelKind::YPred, message(LabelKind::YPred, "s9", 7))
             .unwrap();
         assert_eq!(recorder.audit.ledger.missing_now(), [0, 0]);
+        // The note follows at the next tick.
+        recorder.audit.tick(now_us());
+        assert!(!recorder.health.notes().iter().any(|n| n.contains("audit")));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(
