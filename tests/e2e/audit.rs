@@ -94,7 +94,8 @@ async fn fifty_thousand_samples_with_a_metric_crash_and_a_broker_restart_are_all
     let url = node.amqp_url();
     let mut run = Pipeline::start(
         "audit-long",
-        audited(url.clone(), SAMPLES as u64).rate(2500.0),
+        // Not flat out: other tests share the two cores.
+        audited(url.clone(), SAMPLES as u64).rate(1500.0),
     );
     run.wait_rows(10_000, Duration::from_secs(180));
     run.metric.signal("KILL");

@@ -313,8 +313,13 @@ async fn a_model_down_longer_than_the_join_allows_loses_no_pair() {
         "y_true was never held back:\n{}",
         run.metric.stderr()
     );
-    // The model stays down for three times JOIN_MAX_AGE_SECS; the broker keeps the backlog.
-    std::thread::sleep(Duration::from_secs(6));
+    // The model stays down for three times JOIN_MAX_AGE_SECS, and until the producer is done
+    // (on a loaded machine it takes longer than that); the broker keeps the backlog.
+    let held_at = std::time::Instant::now();
+    let features = run.features.as_mut().expect("features started");
+    let exit = features.wait_exit(Duration::from_secs(120));
+    assert!(exit.is_some_and(|s| s.success()), "features: {exit:?}");
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(held_at.elapsed()));
     let metrics = run.metric.metrics();
     let waiting = metrics
         .get("pipeline_join_waiting")

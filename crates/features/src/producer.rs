@@ -210,9 +210,20 @@ impl Producer {
         } else {
             self.retry.extend(window.take_unanswered());
             if let Some(audit) = &mut self.audit {
-                // The producer stops: its last windows, what was confirmed of them, go out now.
-                if let Err(err) = audit.announce(&publisher, true).await {
-                    tracing::warn!(error = %format!("{err:#}"), "cannot announce the last audit windows: the metric service will report them unannounced");
+                // The producer stops: its last windows, what was confirmed of them, go out now;
+                // bounded like the drain, as a blocked broker may not take them.
+                let announced =
+                    tokio::time::timeout(DRAIN_TIMEOUT, audit.announce(&publisher, true)).await;
+                let err = match announced {
+                    Ok(Ok(())) => None,
+                    Ok(Err(err)) => Some(format!("{err:#}")),
+                    Err(_) => Some(format!(
+                        "not confirmed within {} s",
+                        DRAIN_TIMEOUT.as_secs()
+                    )),
+                };
+                if let Some(err) = err {
+                    tracing::warn!(error = %err, "cannot announce the last audit windows: the metric service will report them unannounced");
                 }
             }
             publisher.close().await;
@@ -235,10 +246,16 @@ impl Producer {
             if let Err(err) = self.settle(window, confirms, false).await {
                 return lost(err);
             }
-            if let Some(audit) = &mut self.audit
-                && let Err(err) = audit.announce(publisher, false).await
-            {
-                return lost(err);
+            if let Some(audit) = &mut self.audit {
+                // A record not confirmed when a stop comes stays owed (sent again at the end, or
+                // by the next session); a blocked broker must not hold the stop.
+                let announced = tokio::select! {
+                    announced = audit.announce(publisher, false) => announced,
+                    _ = shutdown.cancelled() => Ok(()),
+                };
+                if let Err(err) = announced {
+                    return lost(err);
+                }
             }
             let more = !self.retry.is_empty()
                 || self.config.count == 0

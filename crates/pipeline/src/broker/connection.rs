@@ -28,6 +28,10 @@ const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
 /// Give up on one connection attempt after this long (a host that drops packets never refuses).
 const DEFAULT_CONNECTION_TIMEOUT_MS: u64 = 10_000;
 
+/// Beyond the connect timeout, how long the AMQP handshake of one attempt may take before it is
+/// given up and tried again (a node still booting can take the TCP connection and say nothing).
+const HANDSHAKE_GRACE: Duration = Duration::from_secs(10);
+
 /// The URL with our defaults for what it leaves unset: frame size, connect timeout, heartbeat.
 fn with_defaults(url: &str, heartbeat_secs: u16) -> Result<AMQPUri, InvalidUrl> {
     let mut uri: AMQPUri = url.parse().map_err(InvalidUrl)?;
@@ -124,8 +128,25 @@ impl Broker {
             let tls_peer = (uri.scheme == AMQPScheme::AMQPS)
                 .then(|| (uri.authority.host.clone(), uri.authority.port));
             let runtime = lapin::runtime::default_runtime()?;
+            // The URL's connection timeout bounds the TCP connect only; a broker still booting
+            // can accept it and never finish the handshake. Bound the whole attempt.
+            let limit = Duration::from_millis(
+                uri.query
+                    .connection_timeout
+                    .unwrap_or(DEFAULT_CONNECTION_TIMEOUT_MS),
+            ) + HANDSHAKE_GRACE;
+            let attempt_result = tokio::time::timeout(
+                limit,
+                Connection::connect_uri_with_config(uri, properties, tls.clone(), runtime),
+            );
             let result = tokio::select! {
-                result = Connection::connect_uri_with_config(uri, properties, tls.clone(), runtime) => result,
+                result = attempt_result => result.unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no AMQP handshake within {} s", limit.as_secs()),
+                    )
+                    .into())
+                }),
                 _ = shutdown.cancelled() => return Ok(None),
             };
             let err = match result {
