@@ -28,10 +28,22 @@ pub fn repo_root() -> PathBuf {
 
 /// A loopback TCP port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("no free port")
+    // The kernel may hand out a port again as soon as the probe lets it go, before the service
+    // that was given it binds it: never give the same port twice in one test process.
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .expect("no free port");
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A loopback address on a [`free_port`].
