@@ -33,10 +33,12 @@ OWNER_UID = int(os.environ.get("COMPOSE_TEST_OWNER_UID", "4321"))
 # Samples per second during the test, through the compose file's RATE variable.
 RATE = os.environ.get("COMPOSE_TEST_RATE", "50")
 SERVICES = ["features", "metric", "model", "rabbitmq", "trainer"]
-# The pipeline's three queues and the trainer's two bounded copies, each with its dead-letter queue.
+# The pipeline's three queues, the trainer's two bounded copies and the loss audit's queue, each
+# with its dead-letter queue.
 QUEUES = {
     "features", "y_true", "y_pred", "features.dlq", "y_true.dlq", "y_pred.dlq",
     "features.train", "y_true.train", "features.train.dlq", "y_true.train.dlq",
+    "y_true.audit", "y_true.audit.dlq",
 }
 ALL_UP = {"features": 1, "model": 1, "metric": 1, "rabbitmq": 1, "trainer": 1}
 
@@ -390,7 +392,7 @@ def run(checks, stack, work, timings, image_before):
         f"rows {first} -> {second} in 5 s; owners {owners} (./logs is {wanted})",
     )
 
-    # 3. The management API: four connections named after the services, ten queues.
+    # 3. The management API: four connections named after the services, twelve queues.
     def api_ok():
         names = sorted(
             (c.get("client_properties") or {}).get("connection_name", "?").split(" (")[0]
@@ -403,7 +405,7 @@ def run(checks, stack, work, timings, image_before):
     api_ok.seen = None
     ok = wait_for(30, api_ok)
     checks.record(
-        "management API: four named connections, ten queues",
+        "management API: four named connections, twelve queues",
         ok,
         f"connections {api_ok.seen[0] if api_ok.seen else '?'}, queues {api_ok.seen[1] if api_ok.seen else '?'}",
     )
