@@ -116,13 +116,6 @@ pub(crate) struct AuditIn {
     health: Health,
 }
 
-fn stream_of(kind: LabelKind) -> usize {
-    match kind {
-        LabelKind::YTrue => 0,
-        LabelKind::YPred => 1,
-    }
-}
-
 impl AuditIn {
     pub(crate) fn new(
         ledger: Ledger,
@@ -164,7 +157,8 @@ impl AuditIn {
                 slot
             }
         };
-        let stream = stream_of(kind);
+        // Indexed as the join indexes its per-kind state (y_true 0, y_pred 1, as `STREAMS`).
+        let stream = kind as usize;
         let label = StreamLabel {
             stream: STREAMS[stream],
         };
