@@ -567,7 +567,9 @@ def main():
     project = f"pipelinetest{os.getpid()}{random.randrange(1000, 9999)}"
     env = dict(os.environ)
     # Only the compose file's own variables; nothing of the caller's shell leaks in.
-    for name in ["DATA_PATH", "MODEL_PATH", "BIND_ADDRESS", "RATE", "RETRAIN_EVERY", "PARTITIONS"]:
+    for name in [
+        "DATA_PATH", "TARGET_COLUMN", "MODEL_PATH", "BIND_ADDRESS", "RATE", "RETRAIN_EVERY", "PARTITIONS",
+    ]:
         env.pop(name, None)
     env.update(
         COMPOSE_PROJECT_NAME=project,
