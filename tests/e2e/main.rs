@@ -20,6 +20,7 @@ mod helpers;
 mod model_url;
 mod monitoring;
 mod network_cut;
+mod node_loss;
 mod observability;
 mod partitioned_cluster;
 mod partitions;

@@ -7,7 +7,7 @@
 //!   shared `ConfirmWindow`, as the producer uses);
 //! - model: the services' own consume loop (`run_consumer`, prefetch `PREFETCH`) with a handler
 //!   that publishes a `y_pred` body of the model's shape and size (the model's `write_y_pred`, a
-//!   real prediction and the real model version) and answers `AckOnConfirm`: the loop acks the
+//!   real prediction and the real model version) and answers `Publish`: the loop acks the
 //!   input once the broker confirms the output, exactly as in the model;
 //! - metric: consumes `y_true` and `y_pred` on one channel (exclusive consumers, prefetch
 //!   `PREFETCH` each) and acks each batch with `multiple`.
@@ -38,7 +38,7 @@ use pipeline::broker::consumer::ConsumerSpec;
 use pipeline::broker::publisher::{Confirm, is_confirmed};
 use pipeline::broker::window::{ConfirmWindow, Published};
 use pipeline::broker::{
-    Broker, BrokerContext as _, Disposition, HandlerError, MessageHandler, Publisher, run_consumer,
+    Broker, Disposition, HandlerError, MessageHandler, Outgoing, Publisher, run_consumer,
 };
 use pipeline::config::{BrokerConfig, ConsumeConfig};
 use pipeline::dataset::Dataset;
@@ -438,7 +438,6 @@ impl MessageHandler for CeilingModel {
         &mut self,
         _input: usize,
         delivery: &Delivery,
-        publisher: &Publisher,
     ) -> Result<Disposition, HandlerError> {
         let id = delivery
             .properties
@@ -457,15 +456,15 @@ impl MessageHandler for CeilingModel {
         )
         .context("cannot encode y_pred")?;
         self.y_pred_bytes += self.body.len() as u64;
-        let confirm = publisher
-            .publish_json(&self.y_pred_queue, &self.body, Some(id))
-            .await
-            .broker_context("cannot publish y_pred")?;
         self.handled += 1;
         if self.handled >= self.samples {
             self.done.cancel();
         }
-        Ok(Disposition::AckOnConfirm(confirm))
+        Ok(Disposition::Publish(Outgoing::json(
+            &self.y_pred_queue,
+            &self.body,
+            Some(id),
+        )))
     }
 
     async fn flush(&mut self) -> Result<(), HandlerError> {

@@ -13,10 +13,11 @@ use lapin::Confirmation;
 use pipeline::CancellationToken;
 use pipeline::broker::consumer::DRAIN_TIMEOUT;
 use pipeline::broker::publisher::{Confirm, is_confirmed};
+use pipeline::broker::refusal::RESEND_DELAY;
 use pipeline::broker::supervise;
 use pipeline::broker::supervisor::drop_detached;
 use pipeline::broker::window::{ConfirmWindow, Published};
-use pipeline::broker::{Broker, Publisher, SessionEnd, Step, Topology};
+use pipeline::broker::{Backoff, Broker, Publisher, SessionEnd, Step, Topology};
 use pipeline::config::QueueNames;
 use pipeline::dataset::Dataset;
 use pipeline::messages::{BodyFormat, now_us, write_features, write_y_true};
@@ -60,6 +61,60 @@ pub(crate) struct Producer {
     pub(crate) routes: Routes,
     /// The loss audit (`AUDIT_WINDOW_SECS`); `None` when off.
     pub(crate) audit: Option<AuditOut>,
+    /// The broker refusing samples (nacks): one WARN per episode and a pause before each retry.
+    pub(crate) refusals: RefusalPause,
+}
+
+/// The producer's side of a refusal episode ([`pipeline::broker::refusal`] has the consume loop's):
+/// refused samples are owed, not lost, but sending them again at once only feeds a broker that
+/// refuses (a quorum queue without a leader) a busy loop and the log a line per sample.
+#[derive(Debug)]
+pub(crate) struct RefusalPause {
+    backoff: Backoff,
+    /// When the first refusal of the episode came, and how many came since.
+    episode: Option<(Instant, u64)>,
+    /// Retried samples wait until then.
+    resume_at: Option<Instant>,
+}
+
+impl Default for RefusalPause {
+    fn default() -> Self {
+        Self {
+            backoff: Backoff::new(RESEND_DELAY.0, RESEND_DELAY.1),
+            episode: None,
+            resume_at: None,
+        }
+    }
+}
+
+impl RefusalPause {
+    /// A sample was refused; true for the first refusal of an episode.
+    fn refused(&mut self, now: Instant) -> bool {
+        if self.resume_at.is_none() {
+            self.resume_at = Some(now + self.backoff.next_delay());
+        }
+        match &mut self.episode {
+            Some((_, count)) => {
+                *count += 1;
+                false
+            }
+            None => {
+                self.episode = Some((now, 1));
+                true
+            }
+        }
+    }
+
+    /// A sample was confirmed while nothing is owed: the episode, if one was under way, ends.
+    fn ended(&mut self) -> Option<(Instant, u64)> {
+        self.backoff.reset();
+        self.episode.take()
+    }
+
+    /// Takes the pause before the next retried sample, if one is due.
+    fn pause(&mut self) -> Option<Instant> {
+        self.resume_at.take()
+    }
 }
 
 /// Where a sample's two messages go: the partition of its id, in both streams.
@@ -271,6 +326,14 @@ impl Producer {
                     Err(err) => return lost(err),
                 }
             }
+            if !self.retry.is_empty()
+                && let Some(at) = self.refusals.pause()
+            {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = shutdown.cancelled() => continue,
+                }
+            }
             let sample = match self.retry.pop_front() {
                 Some(sample) => sample,
                 None => {
@@ -439,12 +502,23 @@ impl Producer {
             match published {
                 Published::Confirmed(sample) => {
                     self.confirmed += 1;
+                    if self.retry.is_empty()
+                        && let Some((started, refused)) = self.refusals.ended()
+                    {
+                        tracing::info!(
+                            refused,
+                            lasted_ms = started.elapsed().as_millis() as u64,
+                            "the broker takes samples again"
+                        );
+                    }
                     if let Some(audit) = &mut self.audit {
                         audit.confirmed(sample.window, &sample.id);
                     }
                 }
                 Published::Refused(sample) => {
-                    tracing::warn!(id = %sample.id, "the broker refused a message; publishing the sample again");
+                    if self.refusals.refused(Instant::now()) {
+                        tracing::warn!(id = %sample.id, "the broker refuses samples; publishing them again with backoff until it takes them");
+                    }
                     self.retry.push_back(sample);
                 }
             }
@@ -458,6 +532,20 @@ mod tests {
     use super::*;
     use crate::config::{Cli, IDENTITY};
     use std::pin::Pin;
+
+    #[test]
+    fn a_refusal_episode_warns_once_and_pauses_the_retries() {
+        let mut pause = RefusalPause::default();
+        let now = Instant::now();
+        assert!(pause.refused(now), "the first refusal starts an episode");
+        assert!(!pause.refused(now), "later ones do not warn again");
+        let at = pause.pause().expect("a pause before the retry");
+        assert!(at > now && at <= now + RESEND_DELAY.0);
+        assert_eq!(pause.pause(), None, "one pause per refusal round");
+        assert_eq!(pause.ended(), Some((now, 2)));
+        assert_eq!(pause.ended(), None);
+        assert!(pause.refused(now), "a new episode warns again");
+    }
 
     /// A stand-in for a broker's confirm.
     type TestConfirm = Pin<Box<dyn Future<Output = lapin::Result<Confirmation>> + Send>>;
@@ -484,6 +572,7 @@ mod tests {
             generated: 0,
             confirmed: 0,
             drain_timed_out: false,
+            refusals: RefusalPause::default(),
             body: Vec::new(),
             drifted_row: Vec::new(),
             routes: Routes::new(&config.queues),

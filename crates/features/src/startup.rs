@@ -65,6 +65,7 @@ pub async fn run(
         generated: 0,
         confirmed: 0,
         drain_timed_out: false,
+        refusals: Default::default(),
         body: Vec::with_capacity(512),
         drift,
         drifted_row: Vec::new(),

@@ -13,7 +13,7 @@ use crate::quality::Quality;
 use crate::recovery::{self, Recovered};
 use lapin::message::Delivery;
 use pipeline::broker::flow::{FlowChange, Hysteresis};
-use pipeline::broker::{Disposition, MessageHandler, Publisher};
+use pipeline::broker::{Disposition, MessageHandler};
 use pipeline::broker::{HandlerError, LocalFault};
 use pipeline::health::Health;
 use pipeline::messages::{
@@ -334,7 +334,6 @@ impl MessageHandler for Recorder {
         &mut self,
         input: usize,
         delivery: &Delivery,
-        _publisher: &Publisher,
     ) -> Result<Disposition, HandlerError> {
         if input == AUDIT_INPUT {
             return Ok(match self.audit.record(&delivery.data, now_us()) {

@@ -1,11 +1,10 @@
-//! The model service's `MessageHandler`: predicts each features message, publishes y_pred, and
-//! acks the input once the broker confirms the prediction.
+//! The model service's `MessageHandler`: predicts each features message and hands the loop its
+//! y_pred to publish (the loop acks the input once the broker confirms the prediction).
 
 use crate::drift_monitor;
 use crate::regression::LinearModel;
 use lapin::message::Delivery;
-use pipeline::broker::{BrokerContext as _, HandlerError};
-use pipeline::broker::{Disposition, MessageHandler, Publisher};
+use pipeline::broker::{Disposition, HandlerError, MessageHandler, Outgoing};
 use pipeline::messages::{BodyFormat, check_partition, now_us, parse_features, write_y_pred};
 use pipeline::metrics::QueueCounters;
 use pipeline::partition::Router;
@@ -34,7 +33,6 @@ impl MessageHandler for Predictor {
         &mut self,
         input: usize,
         delivery: &Delivery,
-        publisher: &Publisher,
     ) -> Result<Disposition, HandlerError> {
         let message_id = pipeline::broker::message_id(delivery);
         let message = match parse_features(&delivery.data, message_id) {
@@ -81,15 +79,11 @@ impl MessageHandler for Predictor {
         )
         .map_err(anyhow::Error::from)?;
         tracing::debug!(id = message.id.as_deref().unwrap_or("-"), y_pred, version = %model.version, "predicted");
-        let confirm = publisher
-            .publish_json(
-                self.y_pred.queue_for(message.id.as_deref()),
-                &self.body,
-                message.id.as_deref(),
-            )
-            .await
-            .broker_context("cannot publish y_pred")?;
-        Ok(Disposition::AckOnConfirm(confirm))
+        Ok(Disposition::Publish(Outgoing::json(
+            self.y_pred.queue_for(message.id.as_deref()),
+            &self.body,
+            message.id.as_deref(),
+        )))
     }
 
     async fn flush(&mut self) -> Result<(), HandlerError> {

@@ -235,6 +235,18 @@ impl BrokerNode {
         let _ = child.wait();
     }
 
+    /// Kills the node at once (SIGKILL to its whole process group), as a machine lost would: no
+    /// goodbye to its peers or clients. Its data stays; [`Self::spawn`] starts it again.
+    pub fn kill(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", child.id())])
+            .status();
+        let _ = child.wait();
+    }
+
     /// Stops and starts the node again with the same data (durable queues and persistent messages
     /// survive).
     pub fn restart(&mut self) {

@@ -8,7 +8,7 @@ use crate::state::{Shared, lock};
 use crate::store::{Added, Store};
 use lapin::message::Delivery;
 use pipeline::broker::HandlerError;
-use pipeline::broker::{Disposition, MessageHandler, Publisher};
+use pipeline::broker::{Disposition, MessageHandler};
 use pipeline::messages::{LabelKind, parse_features, parse_label};
 
 /// Adds each delivery to the window; acks once its line is synced.
@@ -25,7 +25,6 @@ impl MessageHandler for Handler {
         &mut self,
         input: usize,
         delivery: &Delivery,
-        _publisher: &Publisher,
     ) -> Result<Disposition, HandlerError> {
         let message_id = pipeline::broker::message_id(delivery);
         let stream = if input == 0 { "features" } else { "y_true" };

@@ -3,11 +3,14 @@
 //! Per connection it declares the topology, opens one consume channel per input queue (delivery
 //! tags are per channel, so each channel's acks can go out in its own delivery order) with
 //! `basic.qos`, and a confirm-mode publish channel, then `select!`s between shutdown, the next
-//! delivery and the oldest pending publisher confirm of each input. A delivery is acked only after its work is safe: after the
-//! handler's output is flushed ([`Disposition::Ack`]) or the broker confirmed the message it caused
-//! ([`Disposition::AckOnConfirm`]). Acks go out in delivery order with `multiple`, so a batch costs
-//! one frame. A message that cannot be processed is copied to its dead-letter queue with the reason
-//! in a header, then acked ([`Disposition::DeadLetter`]).
+//! delivery and the oldest pending publisher confirm of each input. A delivery is acked only after
+//! its work is safe: after the handler's output is flushed ([`Disposition::Ack`]) or the broker
+//! confirmed the message the loop published for it ([`Disposition::Publish`]). Acks go out in
+//! delivery order with `multiple`, so a batch costs one frame. A message that cannot be processed
+//! is copied to its dead-letter queue with the reason in a header, then acked
+//! ([`Disposition::DeadLetter`]). No input is ever given back to its queue: a message the broker
+//! refuses is held and published again ([`super::refusal`]), so `x-delivery-limit` counts only
+//! inputs whose processing failed.
 //!
 //! Which deliveries may be acked is decided by one [`AckWindow`] per channel (plain data). When
 //! the handler's flush fails with a [`LocalFault`] (its own disk), the loop pauses instead of
@@ -19,19 +22,18 @@
 
 use super::connection::Broker;
 use super::error::HandlerError;
-use super::publisher::{Confirm, Publisher, is_confirmed};
+use super::publisher::{Confirm, Outgoing, Publisher, is_confirmed};
+use super::refusal::{Held, Refusals, Refused};
 use super::retry::{Backoff, Step};
 use super::supervisor::{SessionEnd, close, drop_detached, supervise};
 use super::topology::Topology;
-use super::window::{AckWindow, Outcome, Pending, Settlement};
+use super::window::{AckWindow, Pending};
 use crate::config::ConsumeConfig;
 use crate::messages::MessageError;
 use crate::metrics::QueueCounters;
 use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation, Connection};
 use std::collections::VecDeque;
@@ -50,8 +52,9 @@ const TICK: Duration = Duration::from_millis(500);
 pub enum Disposition {
     /// The work is done in the handler's buffers: ack after [`MessageHandler::flush`].
     Ack,
-    /// The work is a published message: ack when the broker confirms it.
-    AckOnConfirm(Confirm),
+    /// The work is this message: the loop publishes it and acks the delivery when the broker
+    /// confirms it (publishing it again, however often, if the broker refuses it).
+    Publish(Outgoing),
     /// The message cannot be processed: send it to its dead-letter queue with this reason.
     DeadLetter(MessageError),
 }
@@ -69,13 +72,12 @@ pub fn message_id(delivery: &Delivery) -> Option<&str> {
 pub trait MessageHandler: Send {
     /// Processes one delivery from input queue number `input`. [`HandlerError::BadInput`] sends
     /// the message to its dead-letter queue, like [`Disposition::DeadLetter`]. Any other `Err`
-    /// means the service cannot work right now (for example a publish failed): the connection is
-    /// dropped, so the broker redelivers everything unacked, and the loop reconnects.
+    /// means the service cannot work right now: the connection is dropped, so the broker
+    /// redelivers everything unacked, and the loop reconnects.
     fn handle(
         &mut self,
         input: usize,
         delivery: &Delivery,
-        publisher: &Publisher,
     ) -> impl Future<Output = Result<Disposition, HandlerError>> + Send;
 
     /// Makes everything handled so far durable (written and flushed). Called before any ack.
@@ -133,14 +135,23 @@ const LOCAL_FAULT_RETRY: (Duration, Duration) =
     (Duration::from_millis(250), Duration::from_secs(5));
 
 /// One input queue of a session: its channel, consumer, the ack window of its deliveries and the
-/// publisher confirms they wait for, oldest first.
+/// messages published for them whose confirms they wait for, oldest first.
 struct Input {
     queue: String,
     channel: Channel,
     consumer_tag: String,
     counters: QueueCounters,
     window: AckWindow,
-    confirms: VecDeque<(u64, Confirm)>,
+    confirms: VecDeque<Sent>,
+}
+
+/// A message published for delivery `tag`, kept until the broker answers.
+struct Sent {
+    tag: u64,
+    confirm: Confirm,
+    message: Outgoing,
+    /// Published again after a refusal ([`Refusals`] counts those).
+    resent: bool,
 }
 
 /// The consumers of a session's inputs, polled in turn (so a busy input cannot starve the
@@ -218,6 +229,7 @@ pub async fn run_consumer<H: MessageHandler>(
                 spec,
                 broker,
                 inputs: Vec::new(),
+                refusals: Refusals::default(),
             };
             let (end, leftovers) = session.run(handler, shutdown).await;
             // Close first, then drop the consumers and channels off the runtime: dropping them
@@ -240,6 +252,8 @@ struct Session<'a> {
     spec: &'a ConsumerSpec<'a>,
     broker: &'a mut Broker,
     inputs: Vec<Input>,
+    /// Messages the broker refused, held (their deliveries unacked) to be published again.
+    refusals: Refusals<Outgoing>,
 }
 
 impl Session<'_> {
@@ -248,13 +262,7 @@ impl Session<'_> {
         handler: &mut H,
         shutdown: &CancellationToken,
     ) -> (SessionEnd, Leftovers) {
-        let publisher = match Publisher::open(
-            self.connection,
-            self.spec.service,
-            self.broker.metrics.clone(),
-        )
-        .await
-        {
+        let mut publisher = match self.open_publisher().await {
             Ok(publisher) => publisher,
             Err(err) => return (SessionEnd::failed(Step::Declare, err), None),
         };
@@ -276,7 +284,7 @@ impl Session<'_> {
         }
         let mut deliveries = Deliveries { streams, start: 0 };
         let end = self
-            .consume(handler, shutdown, &publisher, &mut deliveries)
+            .consume(handler, shutdown, &mut publisher, &mut deliveries)
             .await;
         (end, Some((publisher, Box::new(deliveries))))
     }
@@ -285,7 +293,7 @@ impl Session<'_> {
         &mut self,
         handler: &mut H,
         shutdown: &CancellationToken,
-        publisher: &Publisher,
+        publisher: &mut Publisher,
         deliveries: &mut Deliveries<S>,
     ) -> SessionEnd
     where
@@ -298,7 +306,13 @@ impl Session<'_> {
         let mut tick = tokio::time::interval(TICK);
         let batch_limit = usize::from(self.spec.consume.prefetch);
         loop {
-            let open = deliveries.open(handler);
+            // While the broker refuses our messages, take no new input: what is held is enough.
+            let open = if self.refusals.holding() {
+                vec![false; self.inputs.len()]
+            } else {
+                deliveries.open(handler)
+            };
+            let resend_at = self.refusals.due().map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -307,6 +321,11 @@ impl Session<'_> {
                         return end;
                     }
                     if let Err(end) = self.settle(handler, shutdown).await {
+                        return end;
+                    }
+                }
+                _ = sleep_until(resend_at), if resend_at.is_some() => {
+                    if let Err(end) = self.resend(publisher).await {
                         return end;
                     }
                 }
@@ -327,7 +346,7 @@ impl Session<'_> {
                             None => return lost(anyhow::anyhow!("the broker cancelled the consumer").into()),
                         }
                         taken += 1;
-                        if taken < batch_limit {
+                        if taken < batch_limit && !self.refusals.holding() {
                             let open = deliveries.open(handler);
                             next = deliveries.next(&open).now_or_never();
                         }
@@ -381,6 +400,16 @@ impl Session<'_> {
         Ok((input, consumer))
     }
 
+    /// Opens a confirm-mode publish channel.
+    async fn open_publisher(&self) -> lapin::Result<Publisher> {
+        Publisher::open(
+            self.connection,
+            self.spec.service,
+            self.broker.metrics.clone(),
+        )
+        .await
+    }
+
     /// Hands one delivery to the handler and records what to do with it.
     async fn accept<H: MessageHandler>(
         &mut self,
@@ -399,7 +428,7 @@ impl Session<'_> {
                 limit,
             })
         } else {
-            match handler.handle(index, &delivery, publisher).await {
+            match handler.handle(index, &delivery).await {
                 Ok(disposition) => disposition,
                 Err(err) => on_handle_error(err).map_err(lost)?,
             }
@@ -408,14 +437,9 @@ impl Session<'_> {
         let tag = delivery.delivery_tag;
         match disposition {
             Disposition::Ack => input.window.push(tag, Pending::Flush),
-            Disposition::AckOnConfirm(confirm) => {
-                input.window.push(
-                    tag,
-                    Pending::Confirm {
-                        on_failure: Outcome::Requeue,
-                    },
-                );
-                input.confirms.push_back((tag, confirm));
+            Disposition::Publish(message) => {
+                input.window.push(tag, Pending::Confirm);
+                self.publish(index, tag, message, false, publisher).await?;
             }
             Disposition::DeadLetter(error) => {
                 let id = message_id(&delivery)
@@ -431,23 +455,167 @@ impl Session<'_> {
                 self.broker
                     .metrics
                     .dead_lettered(&input.queue, error.reason());
-                let confirm = publisher
-                    .dead_letter(&delivery, &input.queue, &error)
-                    .await
-                    .map_err(|err| lost(HandlerError::from(err)))?;
-                input.window.push(
-                    tag,
-                    Pending::Confirm {
-                        on_failure: Outcome::Reject,
-                    },
-                );
-                input.confirms.push_back((tag, confirm));
+                let message = Outgoing::dead_letter(&delivery, &input.queue, &error);
+                input.window.push(tag, Pending::Confirm);
+                self.publish(index, tag, message, false, publisher).await?;
             }
         }
-        input
+        self.inputs[index]
             .counters
             .processing_seconds
             .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Publishes the message of delivery `tag` of input `index` and keeps it until the broker
+    /// answers. A publish that fails while the connection stays up (the broker closed the publish
+    /// channel) is a refusal like a nack: everything unanswered is held for a new channel.
+    async fn publish(
+        &mut self,
+        index: usize,
+        tag: u64,
+        message: Outgoing,
+        resent: bool,
+        publisher: &Publisher,
+    ) -> Result<(), SessionEnd> {
+        match publisher.send(&message).await {
+            Ok(confirm) => {
+                self.inputs[index].confirms.push_back(Sent {
+                    tag,
+                    confirm,
+                    message,
+                    resent,
+                });
+                Ok(())
+            }
+            Err(err) if self.connection.status().connected() => {
+                self.channel_lost(
+                    &err,
+                    Held {
+                        input: index,
+                        tag,
+                        message,
+                    },
+                    resent,
+                );
+                Ok(())
+            }
+            Err(err) => Err(SessionEnd::failed(Step::Run, err)),
+        }
+    }
+
+    /// The publish channel failed under a live connection: hold `held` and every message still
+    /// unanswered on it; the next round opens a new channel.
+    fn channel_lost(&mut self, err: &lapin::Error, held: Held<Outgoing>, resent: bool) {
+        let (mut unanswered, mut resent_count) = self.take_unanswered();
+        resent_count += usize::from(resent);
+        unanswered.push(held);
+        if self.refusals.episode().is_none() {
+            self.episode_started(&format!("the publish channel failed: {err}"));
+        }
+        self.refusals
+            .hold(unanswered, resent_count, std::time::Instant::now());
+    }
+
+    /// Every message published and not answered yet, with how many of them were published again.
+    fn take_unanswered(&mut self) -> (Vec<Held<Outgoing>>, usize) {
+        let mut resent = 0;
+        let mut held = Vec::new();
+        for (index, input) in self.inputs.iter_mut().enumerate() {
+            for sent in input.confirms.drain(..) {
+                resent += usize::from(sent.resent);
+                held.push(Held {
+                    input: index,
+                    tag: sent.tag,
+                    message: sent.message,
+                });
+            }
+        }
+        (held, resent)
+    }
+
+    /// Publishes the held messages again when their round is due, on a new channel when the round
+    /// says so (the messages the old one had not answered go again too).
+    async fn resend(&mut self, publisher: &mut Publisher) -> Result<(), SessionEnd> {
+        let now = std::time::Instant::now();
+        if self.refusals.round_due(now) == Some(true) {
+            let fresh = self
+                .open_publisher()
+                .await
+                .map_err(|err| SessionEnd::failed(Step::Run, err))?;
+            let stale = std::mem::replace(publisher, fresh);
+            // Closed in the background: a channel to a stuck queue may be slow to close.
+            tokio::spawn(async move { stale.close().await });
+            let (unanswered, resent) = self.take_unanswered();
+            self.refusals.hold(unanswered, resent, now);
+            tracing::info!("opened a new publish channel for the messages the broker refused");
+        }
+        let Some(round) = self.refusals.take_round(now) else {
+            return Ok(());
+        };
+        for held in round.messages {
+            self.publish(held.input, held.tag, held.message, true, publisher)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The first refusal of an episode: one WARN, and `/healthz` says so until it ends.
+    fn episode_started(&self, cause: &str) {
+        tracing::warn!(
+            cause,
+            "the broker refuses our messages; holding their inputs (unacked, never requeued) and \
+             publishing again with backoff until it takes them"
+        );
+        self.broker.health.set_problem(
+            "publish_refused",
+            Some(format!(
+                "the broker refuses this service's messages ({cause}); holding the inputs and \
+                 retrying"
+            )),
+        );
+    }
+
+    /// What the broker answered to a message published for input `index`.
+    fn answered(
+        &mut self,
+        index: usize,
+        sent: Sent,
+        confirmation: lapin::Result<Confirmation>,
+    ) -> Result<(), SessionEnd> {
+        let now = std::time::Instant::now();
+        match confirmation {
+            Ok(confirmation) if is_confirmed(&confirmation) => {
+                self.inputs[index].window.confirmed(sent.tag);
+                if let Some(episode) = self.refusals.confirmed(sent.resent) {
+                    tracing::info!(
+                        refused = episode.refused,
+                        rounds = episode.rounds,
+                        new_channels = episode.reopened,
+                        lasted_ms = episode.started.elapsed().as_millis() as u64,
+                        "the broker takes our messages again; every held input is done"
+                    );
+                    self.broker.health.set_problem("publish_refused", None);
+                }
+            }
+            Ok(confirmation) => {
+                let refused =
+                    self.refusals
+                        .refused(index, sent.tag, sent.message, sent.resent, now);
+                if refused == Refused::EpisodeStarted {
+                    self.episode_started(&format!("{confirmation:?}"));
+                }
+            }
+            Err(err) if self.connection.status().connected() => {
+                let held = Held {
+                    input: index,
+                    tag: sent.tag,
+                    message: sent.message,
+                };
+                self.channel_lost(&err, held, sent.resent);
+            }
+            Err(err) => return Err(SessionEnd::failed(Step::Run, err)),
+        }
         Ok(())
     }
 
@@ -457,12 +625,10 @@ impl Session<'_> {
         index: usize,
         confirmation: lapin::Result<Confirmation>,
     ) -> Result<(), SessionEnd> {
-        let confirmation = confirmation.map_err(|err| SessionEnd::failed(Step::Run, err))?;
-        let input = &mut self.inputs[index];
-        if let Some((tag, _)) = input.confirms.pop_front() {
-            record_confirm(&mut input.window, tag, &confirmation);
+        match self.inputs[index].confirms.pop_front() {
+            Some(sent) => self.answered(index, sent, confirmation),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Takes the confirms that are already in, flushes the handler if a delivery waits for it,
@@ -473,14 +639,12 @@ impl Session<'_> {
         shutdown: &CancellationToken,
     ) -> Result<(), SessionEnd> {
         let lost = |err: lapin::Error| SessionEnd::failed(Step::Run, err);
-        for input in &mut self.inputs {
-            while let Some((tag, confirm)) = input.confirms.front_mut() {
-                let Some(result) = confirm.now_or_never() else {
+        for index in 0..self.inputs.len() {
+            while let Some(sent) = self.inputs[index].confirms.front_mut() {
+                let Some(result) = (&mut sent.confirm).now_or_never() else {
                     break;
                 };
-                let tag = *tag;
-                input.confirms.pop_front();
-                record_confirm(&mut input.window, tag, &result.map_err(lost)?);
+                self.resolve_front(index, result)?;
             }
         }
         if self.inputs.iter().any(|input| input.window.needs_flush())
@@ -491,30 +655,13 @@ impl Session<'_> {
             }
         }
         for input in &mut self.inputs {
-            for settlement in input.window.take_settled() {
-                match settlement {
-                    Settlement::AckUpTo { upto, count } => {
-                        input
-                            .channel
-                            .basic_ack(upto, BasicAckOptions { multiple: true })
-                            .await
-                            .map_err(lost)?;
-                        input.counters.acked.inc_by(count as u64);
-                    }
-                    Settlement::Nack { tag, requeue } => {
-                        input
-                            .channel
-                            .basic_nack(
-                                tag,
-                                BasicNackOptions {
-                                    multiple: false,
-                                    requeue,
-                                },
-                            )
-                            .await
-                            .map_err(lost)?;
-                    }
-                }
+            if let Some(ack) = input.window.take_settled() {
+                input
+                    .channel
+                    .basic_ack(ack.upto, BasicAckOptions { multiple: true })
+                    .await
+                    .map_err(lost)?;
+                input.counters.acked.inc_by(ack.count as u64);
             }
         }
         Ok(())
@@ -634,16 +781,12 @@ impl Session<'_> {
     }
 }
 
-/// Tells the ack window what the broker answered to the message delivery `tag` caused.
-fn record_confirm(window: &mut AckWindow, tag: u64, confirmation: &Confirmation) {
-    let positive = is_confirmed(confirmation);
-    if !positive {
-        tracing::warn!(
-            ?confirmation,
-            "the broker did not take a published message; the input goes back to its queue"
-        );
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
-    window.confirmed(tag, positive);
 }
 
 /// Waits for the oldest pending confirm of any input, or forever when none waits for one.
@@ -652,8 +795,8 @@ fn front_confirm(
 ) -> impl Future<Output = (usize, lapin::Result<Confirmation>)> + '_ {
     std::future::poll_fn(move |cx| {
         for (index, input) in inputs.iter_mut().enumerate() {
-            if let Some((_, confirm)) = input.confirms.front_mut()
-                && let Poll::Ready(result) = Pin::new(confirm).poll(cx)
+            if let Some(sent) = input.confirms.front_mut()
+                && let Poll::Ready(result) = Pin::new(&mut sent.confirm).poll(cx)
             {
                 return Poll::Ready((index, result));
             }

@@ -9,13 +9,15 @@
 //! connection, reconnects with capped exponential backoff and jitter (kept across sessions),
 //! declares its topology again and carries on; errors no retry fixes stop it. What may be acked
 //! or counted as sent is decided by plain-data windows ([`window`]). Whatever was not acked is
-//! redelivered by the broker; whatever was not confirmed is published again.
+//! redelivered by the broker; whatever was not confirmed is published again, and a message the
+//! broker refuses is held and published again with backoff, its input never requeued ([`refusal`]).
 
 pub mod connection;
 pub mod consumer;
 pub mod error;
 pub mod flow;
 pub mod publisher;
+pub mod refusal;
 pub mod retry;
 pub mod supervisor;
 pub mod tls;
@@ -25,7 +27,7 @@ pub mod window;
 pub use connection::Broker;
 pub use consumer::{Disposition, MessageHandler, message_id, run_consumer};
 pub use error::{BrokerContext, HandlerError, LocalFault};
-pub use publisher::Publisher;
+pub use publisher::{Outgoing, Publisher};
 pub use retry::{Backoff, Failure, SessionBackoff, Step, Verdict, classify};
 pub use supervisor::{SessionEnd, supervise};
 pub use topology::Topology;

@@ -123,13 +123,6 @@ impl Publisher {
         body: &[u8],
         message_id: Option<&str>,
     ) -> lapin::Result<Confirm> {
-        let mut properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(PERSISTENT)
-            .with_app_id(self.app_id.clone());
-        if let Some(id) = message_id {
-            properties = properties.with_message_id(id.into());
-        }
         let inner = self
             .channel
             .basic_publish(
@@ -140,10 +133,36 @@ impl Publisher {
                     ..BasicPublishOptions::default()
                 },
                 body,
-                properties,
+                json_properties(message_id).with_app_id(self.app_id.clone()),
             )
             .await?;
         Ok(self.confirm(inner, queue))
+    }
+
+    /// Publishes `message` (mandatory, persistent); the consume loop keeps it beside the returned
+    /// confirm, to publish it again if the broker refuses it.
+    pub async fn send(&self, message: &Outgoing) -> lapin::Result<Confirm> {
+        let inner = self
+            .channel
+            .basic_publish(
+                message.exchange.clone(),
+                message.routing_key.clone(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &message.body,
+                match &message.properties {
+                    Properties::Json { message_id } => {
+                        json_properties(message_id.as_ref().map(ShortString::as_str))
+                            .with_app_id(self.app_id.clone())
+                    }
+                    // A dead-letter copy keeps the app_id of whoever sent the original.
+                    Properties::Copy(properties) => (**properties).clone(),
+                },
+            )
+            .await?;
+        Ok(self.confirm(inner, &message.counted_under))
     }
 
     fn confirm(&self, inner: PublisherConfirm, queue: &str) -> Confirm {
@@ -154,15 +173,57 @@ impl Publisher {
             confirm_seconds: self.metrics.confirm_seconds(queue),
         }
     }
+}
 
-    /// Publishes a copy of `delivery` to the dead-letter queue of `source_queue`, with headers
-    /// naming the reason. The original is acked once this is confirmed.
-    pub async fn dead_letter(
-        &self,
-        delivery: &Delivery,
-        source_queue: &str,
-        error: &MessageError,
-    ) -> lapin::Result<Confirm> {
+/// The properties of a persistent JSON message.
+fn json_properties(message_id: Option<&str>) -> BasicProperties {
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(PERSISTENT);
+    match message_id {
+        Some(id) => properties.with_message_id(id.into()),
+        None => properties,
+    }
+}
+
+/// A message a handler asks the consume loop to publish for a delivery
+/// ([`super::Disposition::Publish`]). Kept until the broker confirms it, so that a refused one
+/// can be published again ([`super::refusal`]).
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    exchange: ShortString,
+    routing_key: ShortString,
+    body: Vec<u8>,
+    properties: Properties,
+    /// The queue whose `published` counter and confirm histogram count it.
+    counted_under: String,
+}
+
+/// An outgoing message's properties: a JSON message's are made when it is sent; a copy keeps the
+/// original's (boxed: they are large, and copies are rare).
+#[derive(Clone, Debug)]
+enum Properties {
+    Json { message_id: Option<ShortString> },
+    Copy(Box<BasicProperties>),
+}
+
+impl Outgoing {
+    /// A persistent JSON `body` for `queue`, through the default exchange.
+    pub fn json(queue: &str, body: &[u8], message_id: Option<&str>) -> Self {
+        Self {
+            exchange: "".into(),
+            routing_key: queue.into(),
+            body: body.to_vec(),
+            properties: Properties::Json {
+                message_id: message_id.map(ShortString::from),
+            },
+            counted_under: queue.to_owned(),
+        }
+    }
+
+    /// A copy of `delivery` for the dead-letter queue of `source_queue`, with headers naming the
+    /// reason. The original is acked once this is confirmed.
+    pub fn dead_letter(delivery: &Delivery, source_queue: &str, error: &MessageError) -> Self {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(
             REASON_HEADER.into(),
@@ -176,26 +237,20 @@ impl Publisher {
             SOURCE_HEADER.into(),
             AMQPValue::LongString(source_queue.into()),
         );
-        let properties = delivery
-            .properties
-            .clone()
-            .with_headers(headers)
-            .with_delivery_mode(PERSISTENT);
         let dlq = dead_letter_queue(source_queue);
-        let inner = self
-            .channel
-            .basic_publish(
-                DEAD_LETTER_EXCHANGE.into(),
-                dlq.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &delivery.data,
-                properties,
-            )
-            .await?;
-        Ok(self.confirm(inner, &dlq))
+        Self {
+            exchange: DEAD_LETTER_EXCHANGE.into(),
+            routing_key: dlq.as_str().into(),
+            body: delivery.data.clone(),
+            properties: Properties::Copy(Box::new(
+                delivery
+                    .properties
+                    .clone()
+                    .with_headers(headers)
+                    .with_delivery_mode(PERSISTENT),
+            )),
+            counted_under: dlq,
+        }
     }
 }
 

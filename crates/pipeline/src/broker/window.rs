@@ -5,58 +5,39 @@
 
 use std::collections::VecDeque;
 
-/// What becomes of a delivery once its fate is known.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Its work is safe: ack it.
-    Ack,
-    /// Give it back to its queue (our output was not taken by the broker).
-    Requeue,
-    /// Reject without requeue: the broker dead-letters it through the queue's arguments.
-    Reject,
-}
-
-/// What a delivery waits for before it can be settled.
+/// What a delivery waits for before it can be acked.
+///
+/// There is no other end: a delivery is only ever acked. Bad input is acked once its dead-letter
+/// copy is confirmed, and a message the broker refused is published again while its delivery waits
+/// ([`super::refusal`]), so the consume loop never gives an input back to its queue (which would
+/// count against `x-delivery-limit`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pending {
-    /// The handler's buffers being flushed; then it is acked.
+    /// The handler's buffers being flushed.
     Flush,
-    /// The broker's confirm of a message it caused; acked when positive, else `on_failure`.
-    Confirm {
-        /// What to do with the delivery when the confirm is negative.
-        on_failure: Outcome,
-    },
+    /// The broker's confirm of the message it caused.
+    Confirm,
 }
 
-/// One frame to send on the channel, in this order.
+/// `basic.ack` with `multiple`: every delivery up to and including `upto` not yet settled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Settlement {
-    /// `basic.ack` with `multiple`: every delivery up to and including `upto` not yet settled.
-    AckUpTo {
-        /// The highest tag acked.
-        upto: u64,
-        /// How many deliveries this ack settles.
-        count: usize,
-    },
-    /// `basic.nack` of one delivery.
-    Nack {
-        /// The delivery.
-        tag: u64,
-        /// Back to the queue (`true`) or dead-lettered by the broker (`false`).
-        requeue: bool,
-    },
+pub struct AckUpTo {
+    /// The highest tag acked.
+    pub upto: u64,
+    /// How many deliveries this ack settles.
+    pub count: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     Waiting(Pending),
-    Done(Outcome),
+    Done,
 }
 
-/// The deliveries of one channel between receipt and settlement, in delivery (tag) order.
+/// The deliveries of one channel between receipt and ack, in delivery (tag) order.
 ///
-/// Settlements come only from the front: a delivery is never acked (not even by a `multiple` ack)
-/// before every delivery before it on the channel is settled, and each is settled exactly once.
+/// Acks come only from the front: a delivery is never acked (not even by a `multiple` ack)
+/// before every delivery before it on the channel is done, and each is acked exactly once.
 #[derive(Debug, Default)]
 pub struct AckWindow {
     entries: VecDeque<(u64, State)>,
@@ -74,13 +55,13 @@ impl AckWindow {
         self.entries.push_back((tag, State::Waiting(pending)));
     }
 
-    /// The broker answered the confirm of the message delivery `tag` caused (`positive`: acked and
-    /// routed). Unknown tags and deliveries not waiting for a confirm are ignored.
-    pub fn confirmed(&mut self, tag: u64, positive: bool) {
+    /// The broker confirmed the message delivery `tag` caused. Unknown tags and deliveries not
+    /// waiting for a confirm are ignored.
+    pub fn confirmed(&mut self, tag: u64) {
         if let Ok(index) = self.entries.binary_search_by_key(&tag, |(tag, _)| *tag)
-            && let State::Waiting(Pending::Confirm { on_failure }) = self.entries[index].1
+            && self.entries[index].1 == State::Waiting(Pending::Confirm)
         {
-            self.entries[index].1 = State::Done(if positive { Outcome::Ack } else { on_failure });
+            self.entries[index].1 = State::Done;
         }
     }
 
@@ -95,45 +76,31 @@ impl AckWindow {
     pub fn flushed(&mut self) {
         for (_, state) in &mut self.entries {
             if *state == State::Waiting(Pending::Flush) {
-                *state = State::Done(Outcome::Ack);
+                *state = State::Done;
             }
         }
     }
 
-    /// Removes the settled deliveries from the front and says what to send, acks merged.
-    pub fn take_settled(&mut self) -> Vec<Settlement> {
-        let mut out = Vec::new();
-        let mut ack: Option<(u64, usize)> = None;
-        while let Some(&(tag, State::Done(outcome))) = self.entries.front() {
+    /// Removes the done deliveries from the front and says what to ack, in one frame.
+    pub fn take_settled(&mut self) -> Option<AckUpTo> {
+        let mut ack: Option<AckUpTo> = None;
+        while let Some(&(tag, State::Done)) = self.entries.front() {
             self.entries.pop_front();
-            match outcome {
-                Outcome::Ack => {
-                    let count = ack.map_or(0, |(_, count)| count);
-                    ack = Some((tag, count + 1));
-                }
-                Outcome::Requeue | Outcome::Reject => {
-                    if let Some((upto, count)) = ack.take() {
-                        out.push(Settlement::AckUpTo { upto, count });
-                    }
-                    out.push(Settlement::Nack {
-                        tag,
-                        requeue: outcome == Outcome::Requeue,
-                    });
-                }
-            }
+            let count = ack.map_or(0, |ack| ack.count);
+            ack = Some(AckUpTo {
+                upto: tag,
+                count: count + 1,
+            });
         }
-        if let Some((upto, count)) = ack {
-            out.push(Settlement::AckUpTo { upto, count });
-        }
-        out
+        ack
     }
 
-    /// Deliveries not settled yet.
+    /// Deliveries not acked yet.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
-    /// Whether every delivery is settled.
+    /// Whether every delivery is acked.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -250,34 +217,15 @@ mod tests {
     #[test]
     fn acks_wait_for_the_front() {
         let mut window = AckWindow::new();
-        window.push(
-            1,
-            Pending::Confirm {
-                on_failure: Outcome::Requeue,
-            },
-        );
+        window.push(1, Pending::Confirm);
         window.push(2, Pending::Flush);
-        window.push(
-            3,
-            Pending::Confirm {
-                on_failure: Outcome::Reject,
-            },
-        );
+        window.push(3, Pending::Confirm);
         window.flushed();
-        assert_eq!(window.take_settled(), vec![]);
-        window.confirmed(3, false);
-        assert_eq!(window.take_settled(), vec![]);
-        window.confirmed(1, true);
-        assert_eq!(
-            window.take_settled(),
-            vec![
-                Settlement::AckUpTo { upto: 2, count: 2 },
-                Settlement::Nack {
-                    tag: 3,
-                    requeue: false
-                }
-            ]
-        );
+        assert_eq!(window.take_settled(), None);
+        window.confirmed(3);
+        assert_eq!(window.take_settled(), None);
+        window.confirmed(1);
+        assert_eq!(window.take_settled(), Some(AckUpTo { upto: 3, count: 3 }));
         assert!(window.is_empty());
     }
 
@@ -286,13 +234,10 @@ mod tests {
         let mut window = AckWindow::new();
         window.push(7, Pending::Flush);
         assert!(window.needs_flush());
-        assert_eq!(window.take_settled(), vec![]);
+        assert_eq!(window.take_settled(), None);
         window.flushed();
         assert!(!window.needs_flush());
-        assert_eq!(
-            window.take_settled(),
-            vec![Settlement::AckUpTo { upto: 7, count: 1 }]
-        );
+        assert_eq!(window.take_settled(), Some(AckUpTo { upto: 7, count: 1 }));
     }
 
     #[test]
@@ -315,21 +260,16 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Op {
         Deliver(Pending),
-        /// Answer the confirm of the n-th (mod count) delivery waiting for one.
-        Confirm(usize, bool),
+        /// Confirm the n-th (mod count) delivery waiting for one.
+        Confirm(usize),
         Flush,
         Settle,
     }
 
     fn op() -> impl Strategy<Value = Op> {
-        let outcome = prop_oneof![Just(Outcome::Requeue), Just(Outcome::Reject)];
         prop_oneof![
-            3 => prop_oneof![
-                Just(Pending::Flush),
-                outcome.prop_map(|on_failure| Pending::Confirm { on_failure }),
-            ]
-            .prop_map(Op::Deliver),
-            3 => (any::<usize>(), any::<bool>()).prop_map(|(n, ok)| Op::Confirm(n, ok)),
+            3 => prop_oneof![Just(Pending::Flush), Just(Pending::Confirm)].prop_map(Op::Deliver),
+            3 => any::<usize>().prop_map(Op::Confirm),
             1 => Just(Op::Flush),
             2 => Just(Op::Settle),
         ]
@@ -338,57 +278,39 @@ mod tests {
     /// What the broker sees, checked against what really happened to each delivery.
     #[derive(Default)]
     struct Broker {
-        /// Tags delivered and not yet settled on the channel.
+        /// Tags delivered and not yet acked on the channel.
         outstanding: BTreeSet<u64>,
-        settled: BTreeMap<u64, Outcome>,
+        acked: BTreeSet<u64>,
     }
 
     impl Broker {
-        fn apply(&mut self, settlements: &[Settlement], truth: &BTreeMap<u64, Option<Outcome>>) {
-            for settlement in settlements {
-                match *settlement {
-                    Settlement::AckUpTo { upto, count } => {
-                        let covered: Vec<u64> = self.outstanding.range(..=upto).copied().collect();
-                        assert_eq!(covered.len(), count, "ack count");
-                        for tag in covered {
-                            assert_eq!(
-                                truth[&tag],
-                                Some(Outcome::Ack),
-                                "acked tag {tag} not settled as ack"
-                            );
-                            self.settle(tag, Outcome::Ack);
-                        }
-                    }
-                    Settlement::Nack { tag, requeue } => {
-                        let outcome = if requeue {
-                            Outcome::Requeue
-                        } else {
-                            Outcome::Reject
-                        };
-                        assert_eq!(truth[&tag], Some(outcome), "nacked tag {tag}");
-                        self.settle(tag, outcome);
-                    }
-                }
+        fn apply(&mut self, ack: Option<AckUpTo>, done: &BTreeSet<u64>) {
+            let Some(AckUpTo { upto, count }) = ack else {
+                return;
+            };
+            let covered: Vec<u64> = self.outstanding.range(..=upto).copied().collect();
+            assert_eq!(covered.len(), count, "ack count");
+            for tag in covered {
+                assert!(
+                    done.contains(&tag),
+                    "acked tag {tag} before its work was safe"
+                );
+                assert!(self.outstanding.remove(&tag));
+                assert!(self.acked.insert(tag), "tag {tag} acked twice");
             }
-        }
-
-        fn settle(&mut self, tag: u64, outcome: Outcome) {
-            assert!(self.outstanding.remove(&tag), "tag {tag} settled twice");
-            assert!(self.settled.insert(tag, outcome).is_none());
         }
     }
 
     proptest! {
-        /// Any order of handled, confirmed, refused and flushed deliveries: no tag is acked (even
-        /// by a `multiple` ack) before its work is settled, each tag is settled exactly once, and
-        /// once everything is answered and flushed, every tag is settled.
+        /// Any order of handled, confirmed and flushed deliveries: no tag is acked (even by a
+        /// `multiple` ack) before its work is safe, each tag is acked exactly once, and once
+        /// everything is confirmed and flushed, every tag is acked.
         #[test]
-        fn the_ack_window_settles_each_tag_once_and_only_when_safe(ops in proptest::collection::vec(op(), 0..200)) {
+        fn the_ack_window_acks_each_tag_once_and_only_when_safe(ops in proptest::collection::vec(op(), 0..200)) {
             let mut window = AckWindow::new();
             let mut broker = Broker::default();
-            // What each delivery's fate really is (None while unknown).
-            let mut truth: BTreeMap<u64, Option<Outcome>> = BTreeMap::new();
-            let mut waiting_confirm: Vec<(u64, Outcome)> = Vec::new();
+            let mut done = BTreeSet::new();
+            let mut waiting_confirm: Vec<u64> = Vec::new();
             let mut waiting_flush: Vec<u64> = Vec::new();
             let mut next_tag = 1;
             for op in ops {
@@ -398,39 +320,34 @@ mod tests {
                         next_tag += 1;
                         window.push(tag, pending);
                         broker.outstanding.insert(tag);
-                        truth.insert(tag, None);
                         match pending {
                             Pending::Flush => waiting_flush.push(tag),
-                            Pending::Confirm { on_failure } => waiting_confirm.push((tag, on_failure)),
+                            Pending::Confirm => waiting_confirm.push(tag),
                         }
                     }
-                    Op::Confirm(n, ok) if !waiting_confirm.is_empty() => {
-                        let (tag, on_failure) = waiting_confirm.remove(n % waiting_confirm.len());
-                        window.confirmed(tag, ok);
-                        truth.insert(tag, Some(if ok { Outcome::Ack } else { on_failure }));
+                    Op::Confirm(n) if !waiting_confirm.is_empty() => {
+                        let tag = waiting_confirm.remove(n % waiting_confirm.len());
+                        window.confirmed(tag);
+                        done.insert(tag);
                     }
                     Op::Confirm(..) => {}
                     Op::Flush => {
                         window.flushed();
-                        for tag in waiting_flush.drain(..) {
-                            truth.insert(tag, Some(Outcome::Ack));
-                        }
+                        done.extend(waiting_flush.drain(..));
                     }
-                    Op::Settle => broker.apply(&window.take_settled(), &truth),
+                    Op::Settle => broker.apply(window.take_settled(), &done),
                 }
             }
-            for (tag, on_failure) in waiting_confirm.drain(..) {
-                window.confirmed(tag, false);
-                truth.insert(tag, Some(on_failure));
+            for tag in waiting_confirm.drain(..) {
+                window.confirmed(tag);
+                done.insert(tag);
             }
             window.flushed();
-            for tag in waiting_flush.drain(..) {
-                truth.insert(tag, Some(Outcome::Ack));
-            }
-            broker.apply(&window.take_settled(), &truth);
+            done.extend(waiting_flush.drain(..));
+            broker.apply(window.take_settled(), &done);
             prop_assert!(window.is_empty());
             prop_assert!(broker.outstanding.is_empty());
-            prop_assert_eq!(broker.settled.len(), truth.len());
+            prop_assert_eq!(broker.acked.len() as u64, next_tag - 1);
         }
 
         /// Any order of answers: every item comes out exactly once, confirmed only when each of
