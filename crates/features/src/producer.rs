@@ -10,6 +10,7 @@ use crate::sampler::Sampler;
 use anyhow::Context as _;
 use futures_util::FutureExt as _;
 use lapin::Confirmation;
+use lapin::types::FieldTable;
 use pipeline::CancellationToken;
 use pipeline::broker::consumer::DRAIN_TIMEOUT;
 use pipeline::broker::publisher::{Confirm, is_confirmed};
@@ -63,6 +64,19 @@ pub(crate) struct Producer {
     pub(crate) audit: Option<AuditOut>,
     /// The broker refusing samples (nacks): one WARN per episode and a pause before each retry.
     pub(crate) refusals: RefusalPause,
+    /// The CSV's feature names, announced on every features message (native format only) so a
+    /// model checks them ([`pipeline::schema`]); the body stays as it is.
+    pub(crate) feature_names: Option<FieldTable>,
+}
+
+/// The AMQP headers that announce `names` ([`pipeline::schema::FEATURE_NAMES_HEADER`]).
+pub(crate) fn feature_names_headers(names: &[String]) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        pipeline::schema::FEATURE_NAMES_HEADER.into(),
+        lapin::types::AMQPValue::LongString(names.join(",").into()),
+    );
+    headers
 }
 
 /// The producer's side of a refusal episode ([`pipeline::broker::refusal`] has the consume loop's):
@@ -440,13 +454,19 @@ impl Producer {
             .drift
             .apply(sample.number, self.data.row(row), &mut self.drifted_row);
         write_features(&mut self.body, format, id, features, sent_at_us, tag)?;
-        let features = publisher
-            .publish_fanout(
-                self.routes.features.queue_for(Some(id)),
-                &self.body,
-                Some(&sample.id),
-            )
-            .await?;
+        let queue = self.routes.features.queue_for(Some(id));
+        let features = match &self.feature_names {
+            Some(headers) => {
+                publisher
+                    .publish_fanout_with(queue, &self.body, Some(&sample.id), headers)
+                    .await?
+            }
+            None => {
+                publisher
+                    .publish_fanout(queue, &self.body, Some(&sample.id))
+                    .await?
+            }
+        };
         tracing::trace!(id = %sample.id, row = sample.row, "published");
         Ok([y_true, features])
     }
@@ -573,6 +593,7 @@ mod tests {
             confirmed: 0,
             drain_timed_out: false,
             refusals: RefusalPause::default(),
+            feature_names: None,
             body: Vec::new(),
             drifted_row: Vec::new(),
             routes: Routes::new(&config.queues),

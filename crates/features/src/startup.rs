@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use pipeline::broker::Broker;
 use pipeline::dataset::Dataset;
 use pipeline::health::Health;
+use pipeline::messages::BodyFormat;
 use pipeline::metrics::BrokerMetrics;
 use prometheus_client::registry::Registry;
 use std::collections::VecDeque;
@@ -57,7 +58,11 @@ pub async fn run(
     )
     .await?;
 
+    // The course's consumers know nothing of headers; ours check the names (pipeline::schema).
+    let feature_names = (BodyFormat::of(config.broker.topology) == BodyFormat::Native)
+        .then(|| crate::producer::feature_names_headers(&data.feature_names));
     let mut producer = Producer {
+        feature_names,
         sampler: Sampler::new(config.order, config.seed, data.len()),
         pacer: Pacer::new(config.rate),
         data,

@@ -81,8 +81,9 @@ fn predict(c: &mut Criterion) {
     });
 
     let drift = DriftMonitor::new(1000);
+    let served = model::served::ServedModel::linear(model.clone());
     group.bench_function("drift_observe", |b| {
-        b.iter(|| drift.observe(&model, black_box(&row)))
+        b.iter(|| drift.observe(&served, black_box(&row)))
     });
     group.finish();
 }

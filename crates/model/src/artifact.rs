@@ -4,6 +4,7 @@
 
 use crate::drift::Reference;
 use crate::regression::{FitMetrics, LinearModel, ModelError, derived_version, hex};
+use crate::served::ServedModel;
 use anyhow::Context as _;
 use pipeline::dataset::Dataset;
 use serde::{Deserialize, Serialize};
@@ -210,7 +211,7 @@ pub async fn watch_artifact(
     mut source: crate::source::ArtifactSource,
     loaded: Option<ContentHash>,
     interval: Duration,
-    models: watch::Sender<Arc<LinearModel>>,
+    models: watch::Sender<Arc<ServedModel>>,
     reloads: prometheus_client::metrics::family::Family<
         ReloadLabel,
         prometheus_client::metrics::counter::Counter,
@@ -243,18 +244,13 @@ pub async fn watch_artifact(
         }
         last = Some(hash);
         let current = models.borrow().clone();
-        let result = std::str::from_utf8(&bytes)
+        // Loading an ONNX graph runs a probe: off the runtime's workers.
+        let result = tokio::task::spawn_blocking(move || ServedModel::parse(&bytes))
+            .await
             .map_err(anyhow::Error::from)
-            .and_then(Artifact::parse)
-            .and_then(|artifact| {
-                let model = artifact.model();
-                if model.n_features() != current.n_features() {
-                    anyhow::bail!(
-                        "it takes {} features, the model being served takes {}",
-                        model.n_features(),
-                        current.n_features()
-                    );
-                }
+            .and_then(|parsed| parsed)
+            .and_then(|model| {
+                model.same_features(&current).map_err(anyhow::Error::msg)?;
                 Ok(model)
             });
         match result {
@@ -402,7 +398,7 @@ mod tests {
             .unwrap()
             .write(&path)
             .unwrap();
-        let (models, mut current) = watch::channel(Arc::new(served.model()));
+        let (models, mut current) = watch::channel(Arc::new(ServedModel::of_artifact(&served)));
         let shutdown = pipeline::CancellationToken::new();
         let reloads = prometheus_client::metrics::family::Family::<ReloadLabel, _>::default();
         let watcher = tokio::spawn(watch_artifact(
@@ -458,7 +454,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.json");
         let fitted = Artifact::train(&diabetes(), None, Some("fitted".into())).unwrap();
-        let (models, mut current) = watch::channel(Arc::new(fitted.model()));
+        let (models, mut current) = watch::channel(Arc::new(ServedModel::of_artifact(&fitted)));
         let shutdown = pipeline::CancellationToken::new();
         let reloads = prometheus_client::metrics::family::Family::<ReloadLabel, _>::default();
         let watcher = tokio::spawn(watch_artifact(
@@ -546,7 +542,7 @@ mod tests {
         tokio::spawn(async move { axum::serve(listener, route).await });
 
         let fitted = Artifact::train(&diabetes(), None, Some("fitted".into())).unwrap();
-        let (models, mut current) = watch::channel(Arc::new(fitted.model()));
+        let (models, mut current) = watch::channel(Arc::new(ServedModel::of_artifact(&fitted)));
         let health = pipeline::health::Health::new();
         let shutdown = pipeline::CancellationToken::new();
         let watcher = tokio::spawn(watch_artifact(
@@ -561,8 +557,7 @@ mod tests {
             health.clone(),
             shutdown.clone(),
         ));
-        let wait = |current: &mut watch::Receiver<Arc<crate::regression::LinearModel>>,
-                    version: &'static str| {
+        let wait = |current: &mut watch::Receiver<Arc<ServedModel>>, version: &'static str| {
             let mut current = current.clone();
             async move {
                 tokio::time::timeout(

@@ -36,6 +36,42 @@ pub enum Command {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Show what the service would serve from an artifact (JSON or ONNX) and whether it is
+    /// accepted; with --data, score it on a CSV (columns matched by name).
+    Inspect {
+        /// The artifact (.json or .onnx).
+        #[arg(long)]
+        model: PathBuf,
+        /// A CSV to score it on.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Target column of --data; the last column when not given.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Write what the service reads from an ONNX file into its metadata: feature names (from
+    /// --data's header or --feature-names), target name, version, and with --data the drift
+    /// reference (the data's statistics and the model's MAE on it).
+    Stamp {
+        /// The ONNX file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Where to write the stamped file; the model file itself when not given.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The training CSV (header: feature names and the target).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Target column of --data; the last column when not given.
+        #[arg(long)]
+        target: Option<String>,
+        /// Feature names in the input's column order, comma-separated (instead of --data's).
+        #[arg(long, value_delimiter = ',')]
+        feature_names: Option<Vec<String>>,
+        /// Version carried on predictions; kept from the file, or derived from its bytes.
+        #[arg(long)]
+        version: Option<String>,
+    },
     /// Put an earlier version back: copies <folder of MODEL_PATH>/<VERSION>.json over MODEL_PATH
     /// (atomically); the running model services swap to it within MODEL_POLL_MS.
     Rollback {
@@ -76,6 +112,11 @@ pub struct Config {
     /// it cannot be fetched the replica keeps serving what it has (at start, the fit on DATA_PATH).
     #[arg(long, env = "MODEL_URL")]
     pub model_url: Option<String>,
+
+    /// ONNX Runtime's shared library (libonnxruntime.so), opened when an .onnx model is served;
+    /// the image sets it. Not needed for the JSON linear model.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_dylib_path: Option<PathBuf>,
 
     /// How often the artifact at MODEL_PATH or MODEL_URL is checked for changes, in milliseconds.
     #[arg(long, env = "MODEL_POLL_MS", default_value_t = 1000)]

@@ -11,7 +11,7 @@
 //! with the same reference statistics (a new version trained on the same data) keeps the window.
 
 use crate::drift::{AlarmChange, DriftAlarms, DriftWindow, Reference, psi_per_feature};
-use crate::regression::LinearModel;
+use crate::served::ServedModel;
 use pipeline::health::Health;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -79,7 +79,7 @@ impl DriftMonitor {
     }
 
     /// Adds the features `model` was just asked to predict.
-    pub fn observe(&self, model: &LinearModel, features: &[f64]) {
+    pub fn observe(&self, model: &ServedModel, features: &[f64]) {
         let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(reference) = &model.reference else {
             shared.current = None;
@@ -112,7 +112,7 @@ impl DriftMonitor {
     /// Drops the window when `served` (the model the replica serves now) has other reference
     /// statistics than the window's, or none: its figures no longer apply, even before the
     /// first message of the new model. Returns whether it did.
-    pub fn follow(&self, served: &LinearModel) -> bool {
+    pub fn follow(&self, served: &ServedModel) -> bool {
         let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
         let stale = shared
             .current
@@ -157,7 +157,7 @@ impl DriftMonitor {
 /// replica serves: when it changes to other reference statistics, the old figures retire.
 pub async fn report_drift(
     monitor: DriftMonitor,
-    models: watch::Receiver<Arc<LinearModel>>,
+    models: watch::Receiver<Arc<ServedModel>>,
     alert: f64,
     gauges: DriftGauges,
     health: Health,
@@ -256,8 +256,13 @@ pub async fn report_drift(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::regression::LinearModel;
     use pipeline::dataset::Dataset;
     use std::path::Path;
+
+    fn as_served(model: &LinearModel) -> ServedModel {
+        ServedModel::linear(model.clone())
+    }
 
     fn fitted() -> LinearModel {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/diabetes.csv");
@@ -287,7 +292,7 @@ mod tests {
         let gauges = DriftGauges::default();
         let health = Health::new();
         let shutdown = pipeline::CancellationToken::new();
-        let (_models, served) = watch::channel(Arc::new(model.clone()));
+        let (_models, served) = watch::channel(Arc::new(as_served(&model)));
         let reporter = tokio::spawn(report_drift(
             monitor.clone(),
             served,
@@ -301,7 +306,7 @@ mod tests {
         for _ in 0..1000 {
             row.copy_from_slice(data.row(rng.usize(0..data.len())));
             row[2] += 0.05;
-            monitor.observe(&model, &row);
+            monitor.observe(&as_served(&model), &row);
         }
         tokio::time::sleep(DRIFT_INTERVAL * 2).await;
         assert!(psi_of(&gauges, "bmi") > 0.25, "{}", psi_of(&gauges, "bmi"));
@@ -315,7 +320,7 @@ mod tests {
 
         // Back to the training distribution: the alarm clears.
         for _ in 0..1000 {
-            monitor.observe(&model, data.row(rng.usize(0..data.len())));
+            monitor.observe(&as_served(&model), data.row(rng.usize(0..data.len())));
         }
         tokio::time::sleep(DRIFT_INTERVAL * 2).await;
         assert!(psi_of(&gauges, "bmi") < 0.1);
@@ -326,7 +331,7 @@ mod tests {
             reference: None,
             ..model
         };
-        monitor.observe(&old, data.row(0));
+        monitor.observe(&as_served(&old), data.row(0));
         tokio::time::sleep(DRIFT_INTERVAL * 2).await;
         shutdown.cancel();
         reporter.await.unwrap();
@@ -360,7 +365,7 @@ mod tests {
         let gauges = DriftGauges::default();
         let health = Health::new();
         let shutdown = pipeline::CancellationToken::new();
-        let (models, served) = watch::channel(Arc::new(model.clone()));
+        let (models, served) = watch::channel(Arc::new(as_served(&model)));
         let reporter = tokio::spawn(report_drift(
             monitor.clone(),
             served,
@@ -374,7 +379,7 @@ mod tests {
         for _ in 0..500 {
             row.copy_from_slice(data.row(rng.usize(0..data.len())));
             row[2] += 0.05;
-            monitor.observe(&model, &row);
+            monitor.observe(&as_served(&model), &row);
         }
         tokio::time::sleep(DRIFT_INTERVAL * 2).await;
         assert!(psi_of(&gauges, "bmi") > 0.25);
@@ -387,14 +392,16 @@ mod tests {
             reference: Some(Arc::new((**model.reference.as_ref().unwrap()).clone())),
             ..model.clone()
         };
-        models.send(Arc::new(same.clone())).unwrap();
-        monitor.observe(&same, data.row(0));
+        models.send(Arc::new(as_served(&same))).unwrap();
+        monitor.observe(&as_served(&same), data.row(0));
         tokio::time::sleep(DRIFT_INTERVAL * 2).await;
         assert_eq!(monitor.current().unwrap().0, generation);
         assert_eq!(health.notes().len(), 1);
 
         // Other statistics, no traffic: gone.
-        models.send(Arc::new(retrained(&model, "v2"))).unwrap();
+        models
+            .send(Arc::new(as_served(&retrained(&model, "v2"))))
+            .unwrap();
         tokio::time::sleep(DRIFT_INTERVAL * 2).await;
         assert!(monitor.current().is_none());
         assert!(health.notes().is_empty());
@@ -444,9 +451,9 @@ mod tests {
             for (index, is_message) in ops {
                 let model = &models[index];
                 if is_message {
-                    monitor.observe(model, &row);
+                    monitor.observe(&as_served(model), &row);
                 } else {
-                    monitor.follow(model);
+                    monitor.follow(&as_served(model));
                 }
                 let now = monitor.current();
                 let shared = monitor.shared.lock().unwrap();

@@ -10,4 +10,7 @@ pub enum ModelError {
     /// Coefficients or intercept that are not finite, or a shape that does not fit.
     #[error("invalid model: {0}")]
     Invalid(String),
+    /// ONNX Runtime is missing or failed (not the model's fault: the same model may work elsewhere).
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
 }

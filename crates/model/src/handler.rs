@@ -2,18 +2,20 @@
 //! y_pred to publish (the loop acks the input once the broker confirms the prediction).
 
 use crate::drift_monitor;
-use crate::regression::LinearModel;
+use crate::served::ServedModel;
 use lapin::message::Delivery;
+use pipeline::broker::publisher::header_str;
 use pipeline::broker::{Disposition, HandlerError, MessageHandler, Outgoing};
 use pipeline::messages::{BodyFormat, check_partition, now_us, parse_features, write_y_pred};
 use pipeline::metrics::QueueCounters;
 use pipeline::partition::Router;
+use pipeline::schema::FEATURE_NAMES_HEADER;
 use std::sync::Arc;
 use tokio::sync::watch;
 
 /// Predicts each features message and publishes the prediction.
 pub(crate) struct Predictor {
-    pub(crate) model: watch::Receiver<Arc<LinearModel>>,
+    pub(crate) model: watch::Receiver<Arc<ServedModel>>,
     /// Each features partition queue's counters, by input number: `pipeline_receive_delay_seconds`
     /// (send -> model) is recorded here.
     pub(crate) features_counters: Vec<QueueCounters>,
@@ -26,6 +28,8 @@ pub(crate) struct Predictor {
     pub(crate) body: Vec<u8>,
     /// Where served features go for the drift figures (`None` with `DRIFT_WINDOW=0`).
     pub(crate) drift: Option<drift_monitor::DriftMonitor>,
+    /// Named features put in the model's order.
+    pub(crate) arranged: Vec<f64>,
 }
 
 impl MessageHandler for Predictor {
@@ -55,12 +59,24 @@ impl MessageHandler for Predictor {
             counters.observe_receive_delay(sent_at_us, now_us());
         }
         let model = Arc::clone(&self.model.borrow());
-        let y_pred = match model.predict(&message.features) {
+        let announced = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| header_str(headers, FEATURE_NAMES_HEADER));
+        let features = match model
+            .schema
+            .arrange(&message, announced, &mut self.arranged)
+        {
+            Ok(features) => features,
+            Err(err) => return Ok(Disposition::DeadLetter(err)),
+        };
+        let y_pred = match model.predict(features).map_err(anyhow::Error::from)? {
             Ok(y_pred) => y_pred,
             Err(err) => return Ok(Disposition::DeadLetter(err)),
         };
         if let Some(drift) = &self.drift {
-            drift.observe(&model, &message.features);
+            drift.observe(&model, features);
         }
         // Answer a bare course-style message in the same style.
         let format = if message.bare {

@@ -1,5 +1,6 @@
-//! The model service: fits (or loads) a linear regression, consumes `features`, publishes `y_pred`
-//! with the same id, and acks each input only after its prediction is confirmed by the broker.
+//! The model service: serves a linear regression (fitted, or a JSON artifact) or a user's ONNX
+//! graph, consumes `features`, publishes `y_pred` with the same id, and acks each input only after
+//! its prediction is confirmed by the broker.
 
 pub mod artifact;
 mod commands;
@@ -9,11 +10,14 @@ pub mod drift_monitor;
 pub mod error;
 mod handler;
 mod metrics;
+pub mod onnx;
 pub mod regression;
+pub mod served;
 pub mod source;
+pub mod stamp;
 mod startup;
 
-pub use commands::{rollback, train};
+pub use commands::{inspect, rollback, stamp_model, train};
 pub use config::{Cli, Command, Config, IDENTITY};
 pub use metrics::VersionLabel;
 pub use startup::{StartModel, load_model, run};

@@ -1,6 +1,6 @@
 //! The model service's own metrics: `pipeline_model_served{version}`.
 
-use crate::regression::LinearModel;
+use crate::served::ServedModel;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use std::sync::Arc;
@@ -16,7 +16,7 @@ pub struct VersionLabel {
 /// Keeps `pipeline_model_served{version}` at 1 for the served version only, so a scrape of each
 /// replica tells which version it serves.
 pub(crate) async fn export_version(
-    mut models: watch::Receiver<Arc<LinearModel>>,
+    mut models: watch::Receiver<Arc<ServedModel>>,
     served: Family<VersionLabel, Gauge>,
 ) {
     loop {

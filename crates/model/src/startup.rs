@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::handler::Predictor;
 use crate::metrics::{VersionLabel, export_version};
-use crate::regression::LinearModel;
+use crate::served::{Engine, ServedModel};
 use crate::source::{ArtifactSource, Reading};
 use crate::{artifact, drift_monitor};
 use anyhow::Context as _;
@@ -26,7 +26,7 @@ use tokio::sync::watch;
 /// The model served at start-up.
 pub struct StartModel {
     /// The model.
-    pub model: LinearModel,
+    pub model: ServedModel,
     /// Hash of the artifact file it was read from (`None` when fitted on `DATA_PATH`): the
     /// baseline of the artifact watcher.
     pub artifact_hash: Option<artifact::ContentHash>,
@@ -45,43 +45,30 @@ pub fn load_model(config: &Config) -> anyhow::Result<StartModel> {
         }
         exists
     }) {
-        let (artifact, hash) = artifact::Artifact::load_with_hash(path)?;
-        tracing::info!(
-            version = %artifact.version,
-            features = artifact.feature_names.len(),
-            r2 = artifact.metrics.r2,
-            mae = artifact.metrics.mae,
-            trained_at = %artifact.trained_at,
-            training_data_sha256 = %artifact.training_data_sha256,
-            drift_reference = artifact.reference.is_some(),
-            "serving model artifact {}",
-            path.display()
-        );
-        if artifact.reference.is_none() {
-            tracing::info!(
-                "the artifact has no reference statistics (written by an older `model train`): no drift figures"
-            );
-        }
+        let (model, hash) = ServedModel::load(path)?;
+        announce_served(&model, &path.display().to_string());
         return Ok(StartModel {
-            model: artifact.model(),
+            model,
             artifact_hash: Some(hash),
         });
     }
     let data = Dataset::from_csv(&config.data_path, config.target_column.as_deref())
         .context("cannot load the training data (DATA_PATH)")?;
-    let model = LinearModel::fit(&data)?;
-    let fit = model.evaluate(&data)?;
-    tracing::info!(
-        version = %model.version,
-        features = model.n_features(),
-        rows = fit.rows,
-        r2 = fit.r2,
-        mae = fit.mae,
-        intercept = model.intercept,
-        coefficients = ?model.coefficients,
-        "fitted linear regression on {}",
-        config.data_path.display()
-    );
+    let model = ServedModel::fit(&data)?;
+    if let Engine::Linear(linear) = &model.engine {
+        let fit = linear.evaluate(&data)?;
+        tracing::info!(
+            version = %model.version,
+            features = model.n_features(),
+            rows = fit.rows,
+            r2 = fit.r2,
+            mae = fit.mae,
+            intercept = linear.intercept,
+            coefficients = ?linear.coefficients,
+            "fitted linear regression on {}",
+            config.data_path.display()
+        );
+    }
     Ok(StartModel {
         model,
         artifact_hash: None,
@@ -96,27 +83,16 @@ pub async fn load_from_url(
     source: &mut ArtifactSource,
 ) -> anyhow::Result<StartModel> {
     let why = match source.read().await {
-        Reading::Bytes(bytes) => {
-            match std::str::from_utf8(&bytes)
-                .map_err(anyhow::Error::from)
-                .and_then(artifact::Artifact::parse)
-            {
-                Ok(artifact) => {
-                    tracing::info!(
-                        version = %artifact.version,
-                        features = artifact.feature_names.len(),
-                        drift_reference = artifact.reference.is_some(),
-                        "serving model artifact {}",
-                        source.describe()
-                    );
-                    return Ok(StartModel {
-                        model: artifact.model(),
-                        artifact_hash: Some(artifact::ContentHash::of(&bytes)),
-                    });
-                }
-                Err(err) => format!("not a valid model artifact: {err:#}"),
+        Reading::Bytes(bytes) => match ServedModel::parse(&bytes) {
+            Ok(model) => {
+                announce_served(&model, &source.describe());
+                return Ok(StartModel {
+                    model,
+                    artifact_hash: Some(artifact::ContentHash::of(&bytes)),
+                });
             }
-        }
+            Err(err) => format!("not a valid model artifact: {err:#}"),
+        },
         Reading::Unchanged => "no artifact yet".to_owned(),
         Reading::Unavailable(cause) => cause,
     };
@@ -127,12 +103,35 @@ pub async fn load_from_url(
     load_model(&without)
 }
 
+/// Says what is served from an artifact, and what it lacks.
+fn announce_served(model: &ServedModel, from: &str) {
+    tracing::info!(
+        version = %model.version,
+        family = model.family(),
+        features = model.n_features(),
+        named_features = model.feature_names().is_some(),
+        drift_reference = model.reference.is_some(),
+        "serving model artifact {from}"
+    );
+    if let Engine::Onnx(graph) = &model.engine
+        && let Some(caveat) = graph.caveat()
+    {
+        tracing::warn!(version = %model.version, "{caveat}");
+    }
+    if model.reference.is_none() {
+        tracing::info!(
+            "the artifact has no reference statistics (an older `model train`, or an ONNX model not stamped with `model stamp --data`): no drift figures"
+        );
+    }
+}
+
 /// Runs the model service until `shutdown` completes.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let shutdown = pipeline::shutdown::token_from(shutdown);
+    crate::onnx::use_runtime_library(config.ort_dylib_path.as_deref());
     let mut source = ArtifactSource::of(config.model_path.as_ref(), config.model_url.as_ref());
     let start = match source.as_mut() {
         Some(url @ ArtifactSource::Url { .. }) => load_from_url(&config, url).await?,
@@ -226,6 +225,7 @@ pub async fn run(
         format: BodyFormat::of(config.broker.topology),
         body: Vec::with_capacity(256),
         drift: drift.as_ref().map(|(monitor, _)| monitor.clone()),
+        arranged: Vec::new(),
     };
     let result = run_consumer(&mut broker, &spec, &mut predictor, &shutdown).await;
     shutdown.cancel();

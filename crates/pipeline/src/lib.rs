@@ -2,6 +2,7 @@
 //! services have in common, so each service's crate holds only its own logic.
 //!
 //! - [`messages`]: the JSON messages on the three queues, and how bad input is classified.
+//! - [`schema`]: feature names, and how a message's values are put in a model's order.
 //! - [`dataset`]: loading a numeric CSV (features, target) for the producer and the model.
 //! - [`config`]: settings shared by the services (environment variables and flags).
 //! - [`broker`]: connecting with backoff, topology, confirmed publishing, and the one consume loop.
@@ -22,6 +23,7 @@ pub mod http;
 pub mod messages;
 pub mod metrics;
 pub mod partition;
+pub mod schema;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

@@ -65,6 +65,10 @@ pub enum MessageError {
     /// A number that is NaN or infinite.
     #[error("{0} is not a finite number")]
     NonFinite(String),
+    /// Named features (or an array's announced names) that do not fit the model's feature names
+    /// ([`crate::schema::FeatureSchema`]); the text names the fields.
+    #[error("{0}")]
+    SchemaMismatch(String),
     /// The same id arrived before with a different value; the first one is kept.
     #[error("id {id} already has {kind} = {first}; the conflicting value {second} is ignored")]
     ConflictingDuplicate {
@@ -124,6 +128,7 @@ impl MessageError {
             Self::InvalidId(_) => "invalid_id",
             Self::WrongLength { .. } => "wrong_length",
             Self::NonFinite(_) => "non_finite",
+            Self::SchemaMismatch(_) => "schema_mismatch",
             Self::ConflictingDuplicate { .. } => "conflicting_duplicate",
         }
     }
@@ -153,8 +158,11 @@ impl LabelKind {
 pub struct FeaturesMessage {
     /// Sample id; `None` for a bare message without `message_id`.
     pub id: Option<String>,
-    /// The feature values, all finite.
+    /// The feature values, all finite, in the message's order.
     pub features: Vec<f64>,
+    /// The names of `features` when the message sent them as an object `{"<name>": value, …}`;
+    /// [`crate::schema::FeatureSchema::arrange`] puts them in a model's order.
+    pub names: Option<Vec<String>>,
     /// Producer's send time, if given.
     pub sent_at_us: Option<u64>,
     /// Whether it came in the bare course format (answered in the same format).
@@ -188,11 +196,60 @@ fn audit_tag(tag: Option<Cow<'_, str>>) -> Option<String> {
 struct FeaturesWire<'a> {
     #[serde(borrow, default)]
     id: Option<Cow<'a, str>>,
-    features: Vec<f64>,
+    features: WireFeatures,
     #[serde(default)]
     sent_at_us: Option<u64>,
     #[serde(borrow, default)]
     audit: Option<Cow<'a, str>>,
+}
+
+/// `features` as an array of numbers or an object of named numbers (any key order).
+struct WireFeatures {
+    values: Vec<f64>,
+    names: Option<Vec<String>>,
+}
+
+impl<'de> Deserialize<'de> for WireFeatures {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = WireFeatures;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of numbers or an object of named numbers")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(16));
+                while let Some(value) = seq.next_element::<f64>()? {
+                    values.push(value);
+                }
+                Ok(WireFeatures {
+                    values,
+                    names: None,
+                })
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let (mut names, mut values) = (Vec::new(), Vec::new());
+                while let Some((name, value)) = map.next_entry::<String, f64>()? {
+                    names.push(name);
+                    values.push(value);
+                }
+                Ok(WireFeatures {
+                    values,
+                    names: Some(names),
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -470,12 +527,13 @@ pub fn parse_features(
     body: &[u8],
     message_id: Option<&str>,
 ) -> Result<FeaturesMessage, MessageError> {
-    let (id, features, sent_at_us, bare, audit) = match shape_of(body)? {
+    let (id, features, names, sent_at_us, bare, audit) = match shape_of(body)? {
         Shape::Object => {
             let wire: FeaturesWire<'_> = serde_json::from_slice(body).map_err(json_error)?;
             (
                 resolve_id(wire.id, true, message_id)?,
-                wire.features,
+                wire.features.values,
+                wire.features.names,
                 wire.sent_at_us,
                 false,
                 audit_tag(wire.audit),
@@ -486,6 +544,7 @@ pub fn parse_features(
             (
                 resolve_id(None, false, message_id)?,
                 features,
+                None,
                 None,
                 true,
                 None,
@@ -505,11 +564,15 @@ pub fn parse_features(
         ));
     }
     for (index, value) in features.iter().enumerate() {
-        check_finite(*value, || format!("features[{index}]"))?;
+        check_finite(*value, || match &names {
+            Some(names) => format!("features.{}", names[index]),
+            None => format!("features[{index}]"),
+        })?;
     }
     Ok(FeaturesMessage {
         id,
         features,
+        names,
         sent_at_us,
         bare,
         audit,

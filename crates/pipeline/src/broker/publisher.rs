@@ -99,7 +99,7 @@ impl Publisher {
         body: &[u8],
         message_id: Option<&str>,
     ) -> lapin::Result<Confirm> {
-        self.publish_to("", queue, body, message_id).await
+        self.publish_to("", queue, body, message_id, None).await
     }
 
     /// Publishes a persistent JSON `body` to the fanout exchange of the stream `queue`
@@ -112,8 +112,26 @@ impl Publisher {
         body: &[u8],
         message_id: Option<&str>,
     ) -> lapin::Result<Confirm> {
-        self.publish_to(&fanout_exchange(queue), queue, body, message_id)
+        self.publish_to(&fanout_exchange(queue), queue, body, message_id, None)
             .await
+    }
+
+    /// [`Self::publish_fanout`] with AMQP headers (the producer's announced feature names).
+    pub async fn publish_fanout_with(
+        &self,
+        queue: &str,
+        body: &[u8],
+        message_id: Option<&str>,
+        headers: &FieldTable,
+    ) -> lapin::Result<Confirm> {
+        self.publish_to(
+            &fanout_exchange(queue),
+            queue,
+            body,
+            message_id,
+            Some(headers),
+        )
+        .await
     }
 
     async fn publish_to(
@@ -122,7 +140,12 @@ impl Publisher {
         queue: &str,
         body: &[u8],
         message_id: Option<&str>,
+        headers: Option<&FieldTable>,
     ) -> lapin::Result<Confirm> {
+        let mut properties = json_properties(message_id).with_app_id(self.app_id.clone());
+        if let Some(headers) = headers {
+            properties = properties.with_headers(headers.clone());
+        }
         let inner = self
             .channel
             .basic_publish(
@@ -133,7 +156,7 @@ impl Publisher {
                     ..BasicPublishOptions::default()
                 },
                 body,
-                json_properties(message_id).with_app_id(self.app_id.clone()),
+                properties,
             )
             .await?;
         Ok(self.confirm(inner, queue))

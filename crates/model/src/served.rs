@@ -1,0 +1,255 @@
+//! The model a replica serves, whatever its family: the built-in linear regression (a JSON
+//! artifact, or a fit on `DATA_PATH`) or a user's ONNX graph, behind one type that the handler,
+//! the artifact watcher, the drift monitor and the trainer's evaluation all use.
+//!
+//! Which one an artifact is, is read from its bytes (a JSON artifact starts with `{`, anything
+//! else is tried as ONNX), so `MODEL_PATH` and `MODEL_URL` serve both the same way.
+
+use crate::artifact::{Artifact, ContentHash};
+use crate::drift::Reference;
+use crate::error::ModelError;
+use crate::onnx::OnnxModel;
+use crate::regression::{LinearModel, hex};
+use anyhow::Context as _;
+use pipeline::dataset::Dataset;
+use pipeline::messages::MessageError;
+use pipeline::schema::FeatureSchema;
+use sha2::{Digest as _, Sha256};
+use std::path::Path;
+use std::sync::Arc;
+
+/// How the model computes.
+#[derive(Debug)]
+pub enum Engine {
+    /// `intercept + coefficients · x`, in-process.
+    Linear(LinearModel),
+    /// A graph run by ONNX Runtime.
+    Onnx(OnnxModel),
+}
+
+/// A model ready to serve.
+#[derive(Debug)]
+pub struct ServedModel {
+    /// Version carried on every prediction.
+    pub version: String,
+    /// The features it takes (names when known).
+    pub schema: FeatureSchema,
+    /// Target column name, when known.
+    pub target_name: Option<String>,
+    /// Statistics of the training data, for drift; `None` when the artifact has none.
+    pub reference: Option<Arc<Reference>>,
+    /// How it computes.
+    pub engine: Engine,
+}
+
+/// What kind of artifact some bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtifactKind {
+    /// The JSON linear artifact (`ml-pipeline/linear-model/1`).
+    LinearJson,
+    /// An ONNX graph.
+    Onnx,
+}
+
+impl ArtifactKind {
+    /// A JSON artifact starts with `{` (after white space); an ONNX file is a protobuf.
+    pub fn of(bytes: &[u8]) -> Self {
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => Self::LinearJson,
+            _ => Self::Onnx,
+        }
+    }
+}
+
+impl ServedModel {
+    /// The built-in linear model.
+    pub fn linear(model: LinearModel) -> Self {
+        Self {
+            version: model.version.clone(),
+            schema: FeatureSchema::named(model.feature_names.clone()),
+            target_name: None,
+            reference: model.reference.clone(),
+            engine: Engine::Linear(model),
+        }
+    }
+
+    /// A JSON artifact's model.
+    pub fn of_artifact(artifact: &Artifact) -> Self {
+        Self {
+            target_name: Some(artifact.target_name.clone()),
+            ..Self::linear(artifact.model())
+        }
+    }
+
+    /// An ONNX graph's model; its version is the graph's `version` metadata, or derived from its
+    /// bytes.
+    pub fn onnx(bytes: &[u8]) -> Result<Self, ModelError> {
+        let graph = OnnxModel::from_bytes(bytes)?;
+        let metadata = graph.metadata.clone();
+        let version = metadata
+            .version
+            .unwrap_or_else(|| format!("onnx-{}", &hex(&Sha256::digest(bytes))[..12]));
+        let schema = match metadata.feature_names {
+            Some(names) => FeatureSchema::named(names),
+            None => FeatureSchema::positional(graph.n_features()),
+        };
+        Ok(Self {
+            version,
+            schema,
+            target_name: metadata.target_name,
+            reference: metadata.reference.map(Arc::new),
+            engine: Engine::Onnx(graph),
+        })
+    }
+
+    /// The model in an artifact's bytes, JSON or ONNX.
+    pub fn parse(bytes: &[u8]) -> anyhow::Result<Self> {
+        match ArtifactKind::of(bytes) {
+            ArtifactKind::LinearJson => {
+                let text = std::str::from_utf8(bytes).context("not UTF-8")?;
+                Ok(Self::of_artifact(&Artifact::parse(text)?))
+            }
+            ArtifactKind::Onnx => Ok(Self::onnx(bytes).context("refusing an ONNX model")?),
+        }
+    }
+
+    /// Reads and checks the artifact at `path`, with the hash of its bytes.
+    pub fn load(path: &Path) -> anyhow::Result<(Self, ContentHash)> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read model artifact {}", path.display()))?;
+        let model = Self::parse(&bytes)
+            .with_context(|| format!("refusing model artifact {}", path.display()))?;
+        Ok((model, ContentHash::of(&bytes)))
+    }
+
+    /// Fits the built-in linear regression on `data`.
+    pub fn fit(data: &Dataset) -> Result<Self, ModelError> {
+        Ok(Self {
+            target_name: Some(data.target_name.clone()),
+            ..Self::linear(LinearModel::fit(data)?)
+        })
+    }
+
+    /// Features it takes.
+    pub fn n_features(&self) -> usize {
+        self.schema.width()
+    }
+
+    /// Its feature names, when known.
+    pub fn feature_names(&self) -> Option<&[String]> {
+        self.schema.names()
+    }
+
+    /// `linear` or `onnx`, for logs and `model inspect`.
+    pub fn family(&self) -> &'static str {
+        match self.engine {
+            Engine::Linear(_) => "linear",
+            Engine::Onnx(_) => "onnx",
+        }
+    }
+
+    /// Predicts one sample already in the model's order ([`FeatureSchema::arrange`]). A
+    /// non-finite prediction is the input's problem (dead-lettered); a runtime failure is the
+    /// service's ([`ModelError`]).
+    pub fn predict(&self, features: &[f64]) -> Result<Result<f64, MessageError>, ModelError> {
+        let y = match &self.engine {
+            Engine::Linear(model) => match model.predict(features) {
+                Ok(y) => y,
+                Err(err) => return Ok(Err(err)),
+            },
+            Engine::Onnx(graph) => {
+                if features.len() != graph.n_features() {
+                    return Ok(Err(MessageError::WrongLength {
+                        expected: graph.n_features(),
+                        got: features.len(),
+                    }));
+                }
+                graph.predict_rows(features, 1)?[0]
+            }
+        };
+        if !y.is_finite() {
+            return Ok(Err(MessageError::NonFinite(format!(
+                "the prediction of model {} for these features",
+                self.version
+            ))));
+        }
+        Ok(Ok(y))
+    }
+
+    /// Predicts every row of `data` (in the model's order), for the trainer's evaluation.
+    pub fn predict_dataset(&self, data: &Dataset) -> Result<Vec<f64>, ModelError> {
+        match &self.engine {
+            Engine::Linear(model) => (0..data.len())
+                .map(|row| {
+                    model
+                        .predict(data.row(row))
+                        .map_err(|err| ModelError::Invalid(err.to_string()))
+                })
+                .collect(),
+            Engine::Onnx(graph) => graph.predict_rows(data.features(), data.len()),
+        }
+    }
+
+    /// `data`'s columns in this model's order (by name when it knows its names, else as they are
+    /// when the count fits), or what does not fit.
+    pub fn arrange_dataset(&self, data: &Dataset) -> Result<Dataset, String> {
+        let Some(names) = self.feature_names() else {
+            if data.n_features() != self.n_features() {
+                return Err(format!(
+                    "the data has {} feature columns, the model takes {}",
+                    data.n_features(),
+                    self.n_features()
+                ));
+            }
+            return Ok(data.clone());
+        };
+        if names == data.feature_names.as_slice() {
+            return Ok(data.clone());
+        }
+        let columns: Vec<usize> = names
+            .iter()
+            .map(|name| data.feature_names.iter().position(|c| c == name))
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                let missing: Vec<&str> = names
+                    .iter()
+                    .filter(|n| !data.feature_names.contains(n))
+                    .map(String::as_str)
+                    .collect();
+                format!(
+                    "the data lacks the model's features [{}] (its columns: [{}])",
+                    missing.join(", "),
+                    data.feature_names.join(", ")
+                )
+            })?;
+        let mut features = Vec::with_capacity(data.len() * columns.len());
+        for row in 0..data.len() {
+            let values = data.row(row);
+            features.extend(columns.iter().map(|&c| values[c]));
+        }
+        Dataset::from_rows(
+            names.to_vec(),
+            data.target_name.clone(),
+            features,
+            data.targets().to_vec(),
+        )
+        .ok_or_else(|| "the data has no rows".to_owned())
+    }
+
+    /// Whether `other` takes the same features (by name when both know them, else by count).
+    pub fn same_features(&self, other: &Self) -> Result<(), String> {
+        match (self.feature_names(), other.feature_names()) {
+            (Some(ours), Some(theirs)) if ours != theirs => Err(format!(
+                "it takes features [{}], the model being served takes [{}]",
+                ours.join(", "),
+                theirs.join(", ")
+            )),
+            _ if self.n_features() != other.n_features() => Err(format!(
+                "it takes {} features, the model being served takes {}",
+                self.n_features(),
+                other.n_features()
+            )),
+            _ => Ok(()),
+        }
+    }
+}

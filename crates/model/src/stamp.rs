@@ -1,0 +1,217 @@
+//! Writing the pipeline's keys into an ONNX file's `metadata_props`, so one file carries
+//! everything the service needs (`model stamp`).
+//!
+//! An ONNX file is a protobuf `ModelProto`; `metadata_props` is its field 14, a repeated
+//! `StringStringEntryProto { key = 1, value = 2 }`. Protobuf lets fields come in any order and
+//! repeats be appended, so stamping keeps every other top-level field's bytes as they are, drops
+//! the entries whose keys are being written, and appends the new ones: no protobuf library, no
+//! re-encoding of the graph (a whole-message codec would need the ONNX schema compiled in).
+
+use thiserror::Error;
+
+/// `ModelProto.metadata_props`.
+const METADATA_PROPS: u64 = 14;
+
+/// The file is not a protobuf message as far as its top-level fields go.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("not an ONNX file: {0}")]
+pub struct NotProtobuf(String);
+
+/// A top-level field: its number and the whole of its bytes (tag included).
+struct Field<'a> {
+    number: u64,
+    bytes: &'a [u8],
+    /// The payload of a length-delimited field.
+    payload: Option<&'a [u8]>,
+}
+
+fn varint(bytes: &[u8], at: &mut usize) -> Result<u64, NotProtobuf> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *bytes
+            .get(*at)
+            .ok_or_else(|| NotProtobuf("a varint runs past the end".to_owned()))?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(NotProtobuf("a varint longer than 10 bytes".to_owned()))
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn fields(bytes: &[u8]) -> Result<Vec<Field<'_>>, NotProtobuf> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let start = at;
+        let tag = varint(bytes, &mut at)?;
+        let (number, wire) = (tag >> 3, tag & 7);
+        if number == 0 {
+            return Err(NotProtobuf(format!("field number 0 at byte {start}")));
+        }
+        let mut payload = None;
+        match wire {
+            0 => {
+                varint(bytes, &mut at)?;
+            }
+            1 => at += 8,
+            5 => at += 4,
+            2 => {
+                let len = usize::try_from(varint(bytes, &mut at)?)
+                    .map_err(|_| NotProtobuf("a length beyond memory".to_owned()))?;
+                let end = at
+                    .checked_add(len)
+                    .filter(|end| *end <= bytes.len())
+                    .ok_or_else(|| {
+                        NotProtobuf(format!(
+                            "field {number} at byte {start} runs past the end (truncated file?)"
+                        ))
+                    })?;
+                payload = Some(&bytes[at..end]);
+                at = end;
+            }
+            other => {
+                return Err(NotProtobuf(format!(
+                    "wire type {other} of field {number} at byte {start}"
+                )));
+            }
+        }
+        if at > bytes.len() {
+            return Err(NotProtobuf(format!(
+                "field {number} at byte {start} runs past the end (truncated file?)"
+            )));
+        }
+        out.push(Field {
+            number,
+            bytes: &bytes[start..at],
+            payload,
+        });
+    }
+    Ok(out)
+}
+
+/// The key of a `StringStringEntryProto`.
+fn entry_key(entry: &[u8]) -> Option<&[u8]> {
+    fields(entry)
+        .ok()?
+        .into_iter()
+        .find(|field| field.number == 1)
+        .and_then(|field| field.payload)
+}
+
+fn put_bytes(out: &mut Vec<u8>, number: u64, bytes: &[u8]) {
+    put_varint(out, (number << 3) | 2);
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// `model` with `props` written into its `metadata_props`, replacing entries of the same keys.
+pub fn stamp(model: &[u8], props: &[(&str, &str)]) -> Result<Vec<u8>, NotProtobuf> {
+    let mut out = Vec::with_capacity(model.len() + 256);
+    for field in fields(model)? {
+        let replaced = field.number == METADATA_PROPS
+            && field
+                .payload
+                .and_then(entry_key)
+                .is_some_and(|key| props.iter().any(|(k, _)| k.as_bytes() == key));
+        if !replaced {
+            out.extend_from_slice(field.bytes);
+        }
+    }
+    for (key, value) in props {
+        let mut entry = Vec::with_capacity(key.len() + value.len() + 8);
+        put_bytes(&mut entry, 1, key.as_bytes());
+        put_bytes(&mut entry, 2, value.as_bytes());
+        put_bytes(&mut out, METADATA_PROPS, &entry);
+    }
+    Ok(out)
+}
+
+/// The `metadata_props` of `model`, in file order (for tests and `model inspect`).
+pub fn metadata_props(model: &[u8]) -> Result<Vec<(String, String)>, NotProtobuf> {
+    let mut out = Vec::new();
+    for field in fields(model)? {
+        if field.number != METADATA_PROPS {
+            continue;
+        }
+        let entry = fields(field.payload.unwrap_or_default())?;
+        let text = |n: u64| {
+            entry
+                .iter()
+                .find(|f| f.number == n)
+                .and_then(|f| f.payload)
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .unwrap_or_default()
+        };
+        out.push((text(1), text(2)));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A small message: ir_version (varint), producer_name (string), one metadata entry.
+    fn model() -> Vec<u8> {
+        let mut out = Vec::new();
+        put_varint(&mut out, 1 << 3);
+        put_varint(&mut out, 8);
+        put_bytes(&mut out, 2, b"skl2onnx");
+        let mut entry = Vec::new();
+        put_bytes(&mut entry, 1, b"version");
+        put_bytes(&mut entry, 2, b"old");
+        put_bytes(&mut out, METADATA_PROPS, &entry);
+        let mut other = Vec::new();
+        put_bytes(&mut other, 1, b"author");
+        put_bytes(&mut other, 2, b"me");
+        put_bytes(&mut out, METADATA_PROPS, &other);
+        out
+    }
+
+    #[test]
+    fn stamping_replaces_its_keys_and_keeps_the_rest() {
+        let stamped = stamp(&model(), &[("version", "v2"), ("feature_names", "a,b")]).unwrap();
+        assert_eq!(
+            metadata_props(&stamped).unwrap(),
+            [
+                ("author".to_owned(), "me".to_owned()),
+                ("version".to_owned(), "v2".to_owned()),
+                ("feature_names".to_owned(), "a,b".to_owned()),
+            ]
+        );
+        assert!(
+            stamped.starts_with(&model()[..12]),
+            "other fields kept as they were"
+        );
+        let again = stamp(&stamped, &[("version", "v2"), ("feature_names", "a,b")]).unwrap();
+        assert_eq!(again, stamped, "stamping twice changes nothing");
+    }
+
+    #[test]
+    fn a_truncated_file_is_refused() {
+        let bytes = model();
+        let err = stamp(&bytes[..bytes.len() - 3], &[("version", "v")]).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    proptest! {
+        /// Any values (long ones need multi-byte lengths) read back as written.
+        #[test]
+        fn values_round_trip(value in ".{0,300}", key in "[a-z_]{1,20}") {
+            let stamped = stamp(&model(), &[(key.as_str(), value.as_str())]).unwrap();
+            let props = metadata_props(&stamped).unwrap();
+            prop_assert_eq!(props.last().cloned(), Some((key, value)));
+        }
+    }
+}
