@@ -22,6 +22,7 @@ mod monitoring;
 mod network_cut;
 mod node_loss;
 mod observability;
+mod own_model;
 mod partitioned_cluster;
 mod partitions;
 mod pipeline_flow;
