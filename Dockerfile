@@ -20,6 +20,21 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && mkdir -p /out \
     && cp target/release/features target/release/model target/release/metric target/release/trainer /out/
 
+# ONNX Runtime for users' .onnx models: the shared library inside the onnxruntime wheel on PyPI (the
+# `ort` crate opens it at run time from ORT_DYLIB_PATH; the JSON linear model never does). Same pin as
+# tests/models/requirements.txt. Built on the Rust image: it trusts the build machine's certificates.
+FROM rust:1-bookworm AS onnxruntime
+ARG ONNXRUNTIME_VERSION=1.32.0
+RUN apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null \
+    && rm -rf /var/lib/apt/lists/*
+RUN PIP_CERT=/etc/ssl/certs/ca-certificates.crt python3 -m pip download -q --no-deps --only-binary=:all: \
+       -d /wheel "onnxruntime==${ONNXRUNTIME_VERSION}" \
+    && python3 -m zipfile -e /wheel/onnxruntime-*.whl /wheel/unpacked \
+    && mkdir -p /out \
+    && cp /wheel/unpacked/onnxruntime/capi/libonnxruntime.so.${ONNXRUNTIME_VERSION} \
+          /wheel/unpacked/onnxruntime/LICENSE /wheel/unpacked/onnxruntime/ThirdPartyNotices.txt /out/
+
 FROM debian:bookworm-slim
 # amqps:// goes through native-tls, i.e. the system's OpenSSL (libssl3), which verifies brokers
 # against the system CA store (ca-certificates) unless AMQP_CA_FILE adds a CA.
@@ -27,6 +42,8 @@ RUN apt-get update -qq \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libssl3 ca-certificates >/dev/null \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /usr/local/bin/
+COPY --from=onnxruntime /out/ /usr/local/lib/onnxruntime/
+ENV ORT_DYLIB_PATH=/usr/local/lib/onnxruntime/libonnxruntime.so.1.32.0
 COPY scripts/docker-entrypoint.sh /usr/local/bin/docker-entrypoint
 WORKDIR /app
 # The data set, so the image runs without a mount (Kubernetes); compose mounts ./data over it.

@@ -490,6 +490,34 @@ def run(checks, stack, work, timings, image_before):
         f"outcome {outcome}; {journal} owner {journal_owner} (./models is {wanted})",
     )
 
+    # 5c. A user's own ONNX model by two variables: the image carries ONNX Runtime, so MODEL_PATH
+    # (and DATA_PATH, the data it was trained on) is all it takes. Then back to models/model.json.
+    shutil.copy(copy / "tests" / "models" / "fixtures" / "gbr.onnx", copy / "models" / "my-model.onnx")
+    stack.env.update(MODEL_PATH="models/my-model.onnx", DATA_PATH="data/diabetes.csv")
+    stack.compose("up", "-d")
+    onnx_served = wait_for(
+        120,
+        lambda: any(row["model_version"] == "gbr-1" for row in stack.rows()[-50:]),
+    )
+    inspected = subprocess.run(
+        ["docker", "compose", "run", "--rm", "--no-deps", "model", "model", "inspect",
+         "--model", "models/my-model.onnx", "--data", "data/diabetes.csv"],
+        cwd=stack.folder, env=stack.env, capture_output=True, text=True, timeout=300,
+    )
+    for name in ("MODEL_PATH", "DATA_PATH"):
+        stack.env.pop(name, None)
+    stack.compose("up", "-d")
+    back = wait_for(
+        120,
+        lambda: any(row["model_version"] == "compose-test" for row in stack.rows()[-20:]),
+    )
+    checks.record(
+        "a user's .onnx served by MODEL_PATH and DATA_PATH (the image's ONNX Runtime), then back",
+        onnx_served and inspected.returncode == 0 and "accepted" in inspected.stdout and back,
+        f"rows with model_version gbr-1: {onnx_served}; model inspect exit {inspected.returncode}: "
+        f"{(inspected.stdout + inspected.stderr).strip()[-300:]}; back to compose-test: {back}",
+    )
+
     # 6. Three model consumers on `features`, each handling messages.
     stack.compose("up", "-d", "--scale", "model=3")
     three = wait_for(
