@@ -292,6 +292,8 @@ def check_scenario(c: Checks, name: str, values: dict, bins: dict[str, set[str]]
         models_dir = str(Path(tenv["MODEL_PATH"]).parent)
         c.ok(models_dir in tmounts and "persistentVolumeClaim" in tvolumes[tmounts[models_dir]], f"{name}: MODEL_PATH not on the trainer's claim")
         c.ok(tenv["TRAIN_DIR"].startswith(models_dir + "/"), f"{name}: TRAIN_DIR not on the trainer's claim")
+        model_file = values.get("trainer", {}).get("modelFile", "model.json")
+        c.ok(Path(tenv["MODEL_PATH"]).name == model_file, f"{name}: MODEL_PATH {tenv['MODEL_PATH']} is not trainer.modelFile {model_file}")
         c.ok(isinstance(tenv.get("ADMIN_TOKEN"), dict), f"{name}: the trainer's POST routes have no token from a Secret")
         c.ok(found["trainer"]["spec"]["replicas"] == 1 and found["trainer"]["spec"]["strategy"]["type"] == "Recreate", f"{name}: one trainer")
         metric_url = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", tenv["METRIC_URL"])
