@@ -197,7 +197,13 @@ async fn a_node_killed_under_a_model_replica_loses_nothing_and_dead_letters_noth
     }
 
     // Every audit window of every partition complete once its grace is over.
-    let owner = |k: u32| if k.is_multiple_of(2) { &metric0 } else { &metric1 };
+    let owner = |k: u32| {
+        if k.is_multiple_of(2) {
+            &metric0
+        } else {
+            &metric1
+        }
+    };
     let audit = |k: u32| -> Option<serde_json::Value> {
         let (status, body) = owner(k).get(&format!("/p{k}/api/dashboard"))?;
         (status == 200).then_some(())?;
