@@ -8,9 +8,10 @@
 //! halves still waiting for their other half. A failed append (a full disk) is cut back to the
 //! length before it ([`AppendLog`]), so the file never keeps half a line. The journal is rewritten
 //! (atomically: temporary file, sync, rename) with only what the window and the waiting halves
-//! hold when it grows past a few windows, so it stays bounded, and at every open. A half whose
-//! other half never comes is dropped after `pending_limit` newer halves (a producer that
-//! publishes one stream only).
+//! hold when it grows past a few windows, so it stays bounded, and at every open, which needs
+//! room for that copy (start-up waits while the disk is full). A half whose other half never
+//! comes is dropped after `pending_limit` newer halves (a producer that publishes one stream
+//! only).
 
 use anyhow::Context as _;
 use pipeline::broker::LocalFault;
