@@ -3,9 +3,15 @@
 //! unwritten acked, no reconnect loop), then resume by itself when the filesystem is made larger:
 //! every sample's row exactly once, and not one broken line in `labels_log.txt`.
 //!
+//! Disk full in `TRAIN_DIR` (issue 27, the trainer's side): the trainer's window fills a small
+//! tmpfs, the trainer is SIGKILLed and started again on the full disk. It must wait (running,
+//! `/healthz` 503 saying `TRAIN_DIR` is full, `/metrics` served) instead of exiting, and go on by
+//! itself when space returns; `window.jsonl` never holds a line that does not parse.
+//!
 //! Needs root (to mount a tmpfs). Set `PIPELINE_SKIP_DISK_FULL_TEST=1` on a machine that cannot.
 
 use crate::helpers::*;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -171,4 +177,162 @@ async fn a_full_disk_pauses_the_metric_and_every_row_is_written_once_when_space_
     assert_queues_empty(&url, &run.queues).await;
     run.stop_services();
     delete_queues(&url, &run.queues).await;
+}
+
+/// Fills the filesystem of `dir` with a file of its own until no byte fits.
+fn fill(dir: &Path) {
+    let mut file = std::fs::File::create(dir.join("filler")).expect("filler file");
+    let block = [0u8; 4096];
+    loop {
+        match file.write(&block) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::StorageFull => break,
+            Err(err) => panic!("cannot fill {}: {err}", dir.display()),
+        }
+    }
+}
+
+/// The lines of `window.jsonl` that are not one whole record (`{"id", "x"}`, `{"id", "y"}` or
+/// both), and whether the file ends with a line cut short.
+fn broken_window_lines(train_dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(train_dir.join("window.jsonl")).expect("window.jsonl");
+    let mut broken: Vec<String> = text
+        .lines()
+        .filter(|line| {
+            let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else {
+                return true;
+            };
+            !(record["id"].is_string() && (record["x"].is_array() || record["y"].is_number()))
+        })
+        .map(str::to_owned)
+        .collect();
+    if !text.is_empty() && !text.ends_with('\n') {
+        broken.push(format!(
+            "(no newline at the end: {:?})",
+            text.lines().last()
+        ));
+    }
+    broken
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trainer_killed_on_a_full_disk_waits_at_start_up_and_goes_on_when_space_returns() {
+    if std::env::var("PIPELINE_SKIP_DISK_FULL_TEST").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED: the disk-full test (PIPELINE_SKIP_DISK_FULL_TEST=1)");
+        return;
+    }
+    // About 260 bytes of journal per sample: 256 KiB fill up after about a thousand.
+    const ROWS: usize = 1500;
+    let url = shared_amqp_url();
+    let queues = Queues::unique("trainerdiskfull");
+    let work = tempfile::tempdir().unwrap();
+    let train_dir = work.path().join("train");
+    let disk = Tmpfs::mount(&train_dir, "256k");
+    let mut env = queues.env();
+    env.extend([
+        ("AMQP_URL".to_owned(), url.clone()),
+        ("RECONNECT_MAX_DELAY_MS".to_owned(), "1000".to_owned()),
+        (
+            "MODEL_PATH".to_owned(),
+            work.path().join("model.json").display().to_string(),
+        ),
+        ("TRAIN_DIR".to_owned(), train_dir.display().to_string()),
+        ("TRAIN_WINDOW".to_owned(), "2000".to_owned()),
+        ("RETRAIN_EVERY".to_owned(), "0".to_owned()),
+    ]);
+    let mut trainer = spawn_service("trainer", env, work.path());
+    wait_healthy(&trainer, LONG);
+    let window = |trainer: &Service| {
+        trainer
+            .metrics()
+            .get("pipeline_trainer_window_samples")
+            .copied()
+    };
+
+    // The disk fills while the window grows: consuming pauses, nothing half written.
+    publish_rows(&url, &queues, ROWS).await;
+    let paused = wait_until(LONG, || {
+        trainer.get("/healthz").is_some_and(|(status, body)| {
+            status == 503 && body.contains("window.jsonl") && body.contains("consuming paused")
+        })
+    });
+    assert!(
+        paused,
+        "the trainer never reported the full disk: {:?}\n{}",
+        trainer.get("/healthz"),
+        trainer.stderr()
+    );
+    let before_kill = window(&trainer).unwrap_or(0.0);
+    assert!(before_kill < ROWS as f64, "the disk did not fill");
+    assert_eq!(broken_window_lines(&train_dir), Vec::<String>::new());
+
+    // Killed, and started again on a disk with no byte left.
+    trainer.signal("KILL");
+    trainer
+        .wait_exit(Duration::from_secs(10))
+        .expect("trainer exits on SIGKILL");
+    fill(&train_dir);
+    trainer.restart(work.path());
+    let note = |body: &str| body.contains("TRAIN_DIR") && body.contains("is full");
+    let waiting = wait_until(LONG, || {
+        trainer
+            .get("/healthz")
+            .is_some_and(|(status, body)| status == 503 && note(&body))
+    });
+    assert!(
+        waiting,
+        "no /healthz note about the full TRAIN_DIR: {:?}\n{}",
+        trainer.get("/healthz"),
+        trainer.stderr()
+    );
+    // It keeps waiting (the backoff retries for several rounds meanwhile), serving /metrics.
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(
+        trainer.is_running(),
+        "the trainer exited on the full disk:\n{}",
+        trainer.stderr()
+    );
+    let (status, body) = trainer
+        .get("/healthz")
+        .expect("/healthz answers while waiting");
+    assert!(status == 503 && note(&body), "{status}: {body}");
+    eprintln!("trainer on a full TRAIN_DIR: /healthz {status}: {body:?}");
+    assert_eq!(window(&trainer), Some(0.0), "/metrics while waiting");
+    let warnings: Vec<String> = trainer
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("TRAIN_DIR is full"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(warnings.len(), 1, "one WARN per wait: {warnings:#?}");
+
+    // Space returns: the window opens, the trainer consumes the rest by itself.
+    disk.resize("64m");
+    wait_healthy(&trainer, LONG);
+    let (_, body) = trainer.get("/healthz").expect("/healthz");
+    assert!(!note(&body), "{body}");
+    assert!(
+        wait_until(LONG, || window(&trainer) == Some(ROWS as f64)),
+        "the window did not grow to {ROWS}: {:?}\n{}",
+        window(&trainer),
+        trainer.stderr()
+    );
+    let depths = queue_depths(
+        &url,
+        &[
+            training_queue(&queues.features),
+            training_queue(&queues.y_true),
+        ],
+    )
+    .await;
+    assert!(depths.values().all(|d| *d == 0), "{depths:?}");
+    assert!(trainer.is_running(), "{}", trainer.stderr());
+    assert_eq!(broken_window_lines(&train_dir), Vec::<String>::new());
+    eprintln!(
+        "trainer disk full: {before_kill} samples in the window when full, {ROWS} after space returned"
+    );
+    drop(trainer);
+    drop(disk);
+    delete_queues(&url, &queues).await;
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
-pub use pipeline::broker::topology::dead_letter_queue;
+pub use pipeline::broker::topology::{dead_letter_queue, training_queue};
 pub use testkit::process::bin_path;
 pub use testkit::{Env, Metrics, Queues, free_port, repo_root, wait_until};
 
@@ -484,4 +484,46 @@ pub fn train(data: &Path, out: &Path, version: &str) {
         .status()
         .expect("cannot run model train");
     assert!(status.success(), "model train failed");
+}
+
+/// Publishes `count` rows of the diabetes data straight to the trainer's queues (both halves), as
+/// samples `row-0`, `row-1`, ...
+pub async fn publish_rows(url: &str, queues: &Queues, count: usize) {
+    let data =
+        pipeline::dataset::Dataset::from_csv(&repo_root().join("data/diabetes.csv"), None).unwrap();
+    let connection = connect(url).await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let mut confirms = Vec::new();
+    for n in 0..count {
+        let row = n % data.len();
+        let id = format!("row-{n}");
+        for (queue, body) in [
+            (
+                training_queue(&queues.features),
+                serde_json::json!({"id": id, "features": data.row(row)}),
+            ),
+            (
+                training_queue(&queues.y_true),
+                serde_json::json!({"id": id, "y_true": data.target(row)}),
+            ),
+        ] {
+            confirms.push(
+                channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        body.to_string().as_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .unwrap(),
+            );
+        }
+    }
+    for confirm in confirms {
+        confirm.await.unwrap();
+    }
+    let _ = connection.close(200, "bye".into()).await;
 }

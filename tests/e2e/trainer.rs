@@ -432,47 +432,6 @@ enum Recovery {
     Rollback,
 }
 
-/// Publishes `count` rows of the diabetes data straight to the trainer's queues (both halves).
-async fn publish_rows(url: &str, queues: &Queues, count: usize) {
-    let data =
-        pipeline::dataset::Dataset::from_csv(&repo_root().join("data/diabetes.csv"), None).unwrap();
-    let connection = connect(url).await;
-    let channel = connection.create_channel().await.unwrap();
-    channel.confirm_select(Default::default()).await.unwrap();
-    let mut confirms = Vec::new();
-    for n in 0..count {
-        let row = n % data.len();
-        let id = format!("row-{n}");
-        for (queue, body) in [
-            (
-                training_queue(&queues.features),
-                serde_json::json!({"id": id, "features": data.row(row)}),
-            ),
-            (
-                training_queue(&queues.y_true),
-                serde_json::json!({"id": id, "y_true": data.target(row)}),
-            ),
-        ] {
-            confirms.push(
-                channel
-                    .basic_publish(
-                        "".into(),
-                        queue.as_str().into(),
-                        BasicPublishOptions::default(),
-                        body.to_string().as_bytes(),
-                        BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await
-                    .unwrap(),
-            );
-        }
-    }
-    for confirm in confirms {
-        confirm.await.unwrap();
-    }
-    let _ = connection.close(200, "bye".into()).await;
-}
-
 /// A MODEL_PATH that is not a valid artifact, for each of the three causes (garbage bytes, a valid
 /// artifact cut in half, an artifact of an unsupported format version): the trainer starts,
 /// `/healthz` answers 200 with a note that it is not ready for promotion decisions, the gauge is

@@ -9,8 +9,9 @@
 //! the messages are acked; one process owns the files (a lock file), so lines never interleave. A
 //! crash mid-write can leave a half line at the end; it belongs to messages that were never acked,
 //! so start-up cuts it off and the broker delivers them again. A failed write (disk full) is cut
-//! back to the length before it and its lines kept for the next try, so a retry never leaves a
-//! broken or doubled line; the error is a [`LocalFault`], which pauses consumption.
+//! back to the length before it and its lines kept for the next try ([`AppendLog`], shared with
+//! the trainer), so a retry never leaves a broken or doubled line; the error is a [`LocalFault`],
+//! which pauses consumption.
 //!
 //! Both files rotate by size: at `LOG_MAX_BYTES` the file is renamed to `<name>.1` (older ones to
 //! `.2` … up to `LOG_KEEP_FILES`, the oldest deleted) and a new one started, with the CSV header.
@@ -19,6 +20,7 @@
 use crate::join::Pair;
 use anyhow::Context as _;
 use pipeline::broker::LocalFault;
+use pipeline::fs::AppendLog;
 use pipeline::messages::LabelKind;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead as _, BufReader, Read as _, Seek as _, SeekFrom, Write as _};
@@ -500,170 +502,59 @@ pub fn read_label_lines(path: &Path, line: impl FnMut(LabelLine)) -> anyhow::Res
     read_label_segments(&[(path.to_owned(), 0)], line)
 }
 
-/// Something that can be cut back to a length: a file, or a fake disk in tests.
-pub trait Truncate {
-    /// Cuts to `len` bytes.
-    fn truncate_to(&mut self, len: u64) -> io::Result<()>;
+/// Where `log` stands (identity and length as last written whole).
+fn pos(log: &AppendLog) -> anyhow::Result<FilePos> {
+    let meta = log
+        .sink()
+        .metadata()
+        .with_context(|| format!("cannot read the metadata of {}", log.path().display()))?;
+    Ok(FilePos {
+        file: FileId::of(&meta),
+        offset: log.len(),
+    })
 }
 
-impl Truncate for File {
-    fn truncate_to(&mut self, len: u64) -> io::Result<()> {
-        self.set_len(len)
-    }
-}
-
-/// One append-only file, its known length and its pending lines.
-pub struct AppendLog<W = File> {
-    path: PathBuf,
-    sink: W,
-    /// Length of the file as last written whole: what a failed write is cut back to.
-    len: u64,
-    /// A failed write could not be cut back yet: cut before writing again.
-    needs_cut: bool,
-    buf: Vec<u8>,
-}
-
-impl<W: io::Write + Truncate> AppendLog<W> {
-    /// A log writing to `sink`, which is `len` bytes long.
-    pub fn new(path: PathBuf, sink: W, len: u64) -> Self {
-        Self {
-            path,
-            sink,
-            len,
-            needs_cut: false,
-            buf: Vec::with_capacity(64 * 1024),
+/// Renames `log`'s file to `.1` (shifting older ones up to `.keep`, the oldest deleted) and starts
+/// a new one with `header`. Call with nothing pending. Safe to call again after a failure: a file
+/// already renamed is not shifted twice, and a new file left without its header is removed.
+fn rotate(log: &mut AppendLog, keep: usize, header: Option<&str>) -> anyhow::Result<()> {
+    let keep = keep.max(1);
+    let path = log.path().to_owned();
+    // Until the new file is open, lines still go to the old one (now `.1`): whole, in order.
+    if path.exists() {
+        match std::fs::remove_file(rotated_path(&path, keep)) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err).with_context(|| {
+                    format!("cannot delete the oldest rotated {}", path.display())
+                });
+            }
         }
-    }
-
-    /// Writes the pending lines, all or none: a failed or partial write is cut back to the length
-    /// before it and the lines are kept, so calling it again after a failure is safe.
-    pub fn flush(&mut self) -> Result<(), LocalFault> {
-        if self.buf.is_empty() && !self.needs_cut {
-            return Ok(());
-        }
-        let fault = |what: &str, source| LocalFault {
-            what: format!("cannot {what} {}", self.path.display()),
-            source,
-        };
-        if self.needs_cut {
-            self.sink
-                .truncate_to(self.len)
-                .map_err(|err| fault("cut back a failed write in", err))?;
-            self.needs_cut = false;
-        }
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        if let Err(err) = self
-            .sink
-            .write_all(&self.buf)
-            .and_then(|()| self.sink.flush())
-        {
-            // Whatever part went in is cut off now, or before the next write.
-            self.needs_cut = self.sink.truncate_to(self.len).is_err();
-            return Err(fault("append to", err));
-        }
-        self.len += self.buf.len() as u64;
-        self.buf.clear();
-        Ok(())
-    }
-
-    /// Pending bytes.
-    pub fn pending(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Length as last written whole.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether nothing was ever written.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-fn open_append(path: &Path) -> anyhow::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("cannot open {} for appending", path.display()))
-}
-
-impl AppendLog<File> {
-    /// Opens (creating) `path` for appending; a new or empty file starts with `header`.
-    pub fn open(path: PathBuf, header: Option<&str>) -> anyhow::Result<Self> {
-        let mut file = open_append(&path)?;
-        let mut len = file.metadata()?.len();
-        if len == 0
-            && let Some(header) = header
-        {
-            let line = format!("{header}\n");
-            file.write_all(line.as_bytes())
-                .with_context(|| format!("cannot write the header of {}", path.display()))?;
-            len = line.len() as u64;
-        }
-        Ok(Self::new(path, file, len))
-    }
-
-    /// Where the file stands (identity and length as last written whole).
-    pub fn pos(&self) -> anyhow::Result<FilePos> {
-        let meta = self
-            .sink
-            .metadata()
-            .with_context(|| format!("cannot read the metadata of {}", self.path.display()))?;
-        Ok(FilePos {
-            file: FileId::of(&meta),
-            offset: self.len,
-        })
-    }
-
-    /// Renames the file to `.1` (shifting older ones up to `.keep`, the oldest deleted) and starts
-    /// a new one with `header`. Call with nothing pending. Safe to call again after a failure: a
-    /// file already renamed is not shifted twice, and a new file left without its header is
-    /// removed.
-    pub fn rotate(&mut self, keep: usize, header: Option<&str>) -> anyhow::Result<()> {
-        let keep = keep.max(1);
-        // Until the new file is open, lines still go to the old one (now `.1`): whole, in order.
-        if self.path.exists() {
-            match std::fs::remove_file(rotated_path(&self.path, keep)) {
+        for n in (1..keep).rev() {
+            let from = rotated_path(&path, n);
+            match std::fs::rename(&from, rotated_path(&path, n + 1)) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => {
-                    return Err(err).with_context(|| {
-                        format!("cannot delete the oldest rotated {}", self.path.display())
-                    });
+                    return Err(err).with_context(|| format!("cannot rotate {}", from.display()));
                 }
             }
-            for n in (1..keep).rev() {
-                let from = rotated_path(&self.path, n);
-                match std::fs::rename(&from, rotated_path(&self.path, n + 1)) {
-                    Ok(()) => {}
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                    Err(err) => {
-                        return Err(err)
-                            .with_context(|| format!("cannot rotate {}", from.display()));
-                    }
-                }
-            }
-            std::fs::rename(&self.path, rotated_path(&self.path, 1))
-                .with_context(|| format!("cannot rotate {}", self.path.display()))?;
         }
-        let fresh = match Self::open(self.path.clone(), header) {
-            Ok(fresh) => fresh,
-            Err(err) => {
-                if std::fs::metadata(&self.path).is_ok_and(|meta| meta.len() == 0) {
-                    let _ = std::fs::remove_file(&self.path);
-                }
-                return Err(err);
+        std::fs::rename(&path, rotated_path(&path, 1))
+            .with_context(|| format!("cannot rotate {}", path.display()))?;
+    }
+    match AppendLog::open(path.clone(), header) {
+        Ok(fresh) => {
+            *log = fresh;
+            Ok(())
+        }
+        Err(err) => {
+            if std::fs::metadata(&path).is_ok_and(|meta| meta.len() == 0) {
+                let _ = std::fs::remove_file(&path);
             }
-        };
-        self.sink = fresh.sink;
-        self.len = fresh.len;
-        self.needs_cut = false;
-        Ok(())
+            Err(err.into())
+        }
     }
 }
 
@@ -708,7 +599,7 @@ impl LogFiles {
         let time = humantime::format_rfc3339_micros(SystemTime::now());
         let id = id.unwrap_or("-");
         let kind = kind.as_str();
-        let buf = &mut self.labels.buf;
+        let buf = self.labels.buffer();
         // Writing to a Vec cannot fail.
         let _ = match model_version {
             Some(version) => write!(buf, "{time} {kind} {id} {value} {version}"),
@@ -732,7 +623,7 @@ impl LogFiles {
         let mut writer = csv::WriterBuilder::new()
             .has_headers(false)
             .buffer_capacity(256)
-            .from_writer(&mut self.csv.buf);
+            .from_writer(self.csv.buffer());
         let row = &mut writer;
         // Writing to a Vec cannot fail.
         let _ = row
@@ -761,14 +652,14 @@ impl LogFiles {
         if self.rotation.max_bytes > 0 {
             for (log, header) in [(&mut self.labels, None), (&mut self.csv, Some(CSV_HEADER))] {
                 if log.len() >= self.rotation.max_bytes {
-                    log.rotate(self.rotation.keep, header).map_err(|err| {
+                    rotate(log, self.rotation.keep, header).map_err(|err| {
                         let what = format!("{err:#}");
                         let source = err
                             .downcast::<io::Error>()
                             .unwrap_or_else(|err| io::Error::other(format!("{err:#}")));
                         LocalFault { what, source }
                     })?;
-                    tracing::info!(file = %log.path.display(), "rotated");
+                    tracing::info!(file = %log.path().display(), "rotated");
                     rotated = true;
                 }
             }
@@ -778,7 +669,7 @@ impl LogFiles {
 
     /// Positions of both files as written (call when flushed).
     pub fn positions(&self) -> anyhow::Result<(FilePos, FilePos)> {
-        Ok((self.labels.pos()?, self.csv.pos()?))
+        Ok((pos(&self.labels)?, pos(&self.csv)?))
     }
 }
 

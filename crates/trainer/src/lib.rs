@@ -13,6 +13,7 @@ mod handler;
 mod http;
 mod metrics;
 pub mod model_file;
+mod opening;
 pub mod policy;
 pub mod retrain;
 mod retrainer;

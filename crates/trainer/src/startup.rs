@@ -1,5 +1,6 @@
-//! Start-up and shut-down of the trainer: opens the window, serves HTTP, starts the retrainer and
-//! the alarm watcher, and consumes the two training queues until shutdown.
+//! Start-up and shut-down of the trainer: serves HTTP, opens the window (waiting while `TRAIN_DIR`
+//! is full, with `/healthz` saying so), starts the retrainer and the alarm watcher, and consumes
+//! the two training queues until shutdown.
 
 use crate::alarm::{QualitySource, watch_alarm};
 use crate::config::{Config, metric_authority};
@@ -7,10 +8,11 @@ use crate::handler::Handler;
 use crate::http::{RETRAIN_REPLY_TIMEOUT, routes};
 use crate::metrics::Metrics;
 use crate::model_file::{self, ModelFile, ModelFileWatch, watch_model_file};
+use crate::opening::open_waiting;
 use crate::policy::RetrainSchedule;
 use crate::retrain::{Baseline, Promoter, UNREADABLE};
 use crate::retrainer::retrainer;
-use crate::state::{Shared, WindowCopy};
+use crate::state::{Shared, WindowCopy, lock};
 use crate::store::Store;
 use anyhow::Context as _;
 use model::artifact::Artifact;
@@ -55,20 +57,10 @@ pub async fn run(
         model_file::report(&change, &promoter, &health, &metrics);
     }
     let capacity = usize::try_from(config.train_window).unwrap_or(usize::MAX);
-    let store = Store::open(&config.train_dir, capacity, capacity.max(1000))?;
-    tracing::info!(
-        samples = store.len(),
-        waiting = store.waiting(),
-        serving = %serving,
-        "training window {} opened",
-        config.train_dir.display()
-    );
-
-    metrics.window.set(store.len() as i64);
-    metrics.waiting.set(store.waiting() as i64);
     let (requests, requests_rx) = mpsc::channel(16);
     let shared = Shared {
-        window: Arc::new(Mutex::new(WindowCopy::of(&store, capacity))),
+        // Filled when the window is open; the retrainer, its only reader, starts after that.
+        window: Arc::new(Mutex::new(WindowCopy::default())),
         schedule: Arc::new(Mutex::new(RetrainSchedule::new(config.retrain_every))),
         requests,
         metrics: metrics.clone(),
@@ -88,7 +80,6 @@ pub async fn run(
         shutdown.clone().cancelled_owned(),
     )
     .await?;
-    let retrainer = tokio::spawn(retrainer(promoter.clone(), shared.clone(), requests_rx));
     let model_watcher = tokio::spawn(watch_model_file(
         promoter.clone(),
         model_file,
@@ -96,6 +87,26 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     ));
+    // After the HTTP server, so that /healthz shows why the trainer waits on a full TRAIN_DIR.
+    let open = || Store::open(&config.train_dir, capacity, capacity.max(1000));
+    let Some(store) = open_waiting(open, &config.train_dir, &health, &shutdown).await? else {
+        // Shutdown while waiting for space: nothing was consumed.
+        let _ = http.await;
+        let _ = model_watcher.await;
+        return Ok(());
+    };
+    tracing::info!(
+        samples = store.len(),
+        waiting = store.waiting(),
+        serving = %serving,
+        "training window {} opened",
+        config.train_dir.display()
+    );
+    metrics.window.set(store.len() as i64);
+    metrics.waiting.set(store.waiting() as i64);
+    *lock(&shared.window) = WindowCopy::of(&store, capacity);
+    // Retrain requests made meanwhile (POST /retrain) waited in the queue for the window.
+    let retrainer = tokio::spawn(retrainer(promoter.clone(), shared.clone(), requests_rx));
     let alarm = match metric_authority(&config.metric_url) {
         Some(authority) => Some(QualitySource::new(&authority)?),
         None => None,

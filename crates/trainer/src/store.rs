@@ -5,17 +5,20 @@
 //! vector, `{"id","y"}` for a label) and `{"id","x","y"}` for a whole sample once the file is
 //! compacted. Every delivery's line is written and synced ([`Store::flush`]) before the delivery is
 //! acked, so what was acked is on disk; replaying the file at start rebuilds the window and the
-//! halves still waiting for their other half. The journal is rewritten (atomically: temporary file,
-//! sync, rename) with only what the window and the waiting halves hold when it grows past a few
-//! windows, so it stays bounded. A half whose other half never comes is dropped after
-//! `pending_limit` newer halves (a producer that publishes one stream only).
+//! halves still waiting for their other half. A failed append (a full disk) is cut back to the
+//! length before it ([`AppendLog`]), so the file never keeps half a line. The journal is rewritten
+//! (atomically: temporary file, sync, rename) with only what the window and the waiting halves
+//! hold when it grows past a few windows, so it stays bounded, and at every open, which needs
+//! room for that copy (start-up waits while the disk is full). A half whose other half never
+//! comes is dropped after `pending_limit` newer halves (a producer that publishes one stream
+//! only).
 
 use anyhow::Context as _;
 use pipeline::broker::LocalFault;
-use pipeline::fs::AtomicFile;
+use pipeline::fs::{AppendLog, AtomicFile};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead as _, BufWriter, Write as _};
 use std::path::{Path, PathBuf};
 
@@ -65,10 +68,8 @@ pub struct Store {
     labels: HashMap<String, f64>,
     /// Ids of the waiting halves, oldest first (may hold ids already joined: skipped on eviction).
     pending_order: VecDeque<String>,
-    journal: File,
-    /// Lines added since the last flush, and how much of them is already written.
-    unwritten: Vec<u8>,
-    written: usize,
+    /// The journal and the lines added since the last flush.
+    journal: AppendLog,
     journal_lines: usize,
     /// Halves dropped unpaired since start.
     dropped_unpaired: u64,
@@ -89,9 +90,7 @@ impl Store {
             features: HashMap::new(),
             labels: HashMap::new(),
             pending_order: VecDeque::new(),
-            journal: open_append(&path)?,
-            unwritten: Vec::new(),
-            written: 0,
+            journal: AppendLog::open(path.clone(), None)?,
             journal_lines: 0,
             dropped_unpaired: 0,
         };
@@ -130,8 +129,9 @@ impl Store {
             y: target,
         };
         // Into memory only (cannot fail for these types); the flush writes it before any ack.
-        if serde_json::to_writer(&mut self.unwritten, &record).is_ok() {
-            self.unwritten.push(b'\n');
+        let unwritten = self.journal.buffer();
+        if serde_json::to_writer(&mut *unwritten, &record).is_ok() {
+            unwritten.push(b'\n');
             self.journal_lines += 1;
         }
         self.apply(record)
@@ -192,31 +192,19 @@ impl Store {
         }
     }
 
-    /// Writes and syncs every line added so far. Safe to call again after a failure: it goes on
-    /// from the last byte written, so no line is written twice or cut. A failure is a
-    /// [`LocalFault`]: the consume loop pauses and retries.
+    /// Writes and syncs every line added so far. Safe to call again after a failure: a failed
+    /// write is cut back to the length before it and its lines kept, so no line is written twice
+    /// or left cut, even if the process dies before the next try. A failure is a [`LocalFault`]:
+    /// the consume loop pauses and retries.
     pub fn flush(&mut self) -> Result<(), LocalFault> {
-        let fault = |source| LocalFault {
-            what: format!(
-                "cannot write the training window {}",
-                self.dir.join(JOURNAL).display()
-            ),
-            source,
-        };
-        while self.written < self.unwritten.len() {
-            match self.journal.write(&self.unwritten[self.written..]) {
-                Ok(0) => {
-                    return Err(fault(std::io::Error::from(std::io::ErrorKind::WriteZero)));
-                }
-                Ok(n) => self.written += n,
-                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(fault(err)),
-            }
-        }
-        self.journal.sync_data().map_err(fault)?;
-        self.unwritten.clear();
-        self.written = 0;
-        Ok(())
+        self.journal.flush()?;
+        self.journal
+            .sink()
+            .sync_data()
+            .map_err(|source| LocalFault {
+                what: format!("cannot sync {}", self.journal.path().display()),
+                source,
+            })
     }
 
     /// Whether the journal has grown enough to be rewritten.
@@ -264,9 +252,7 @@ impl Store {
         tmp.commit()
             .context("cannot replace the training window with its compacted copy")?;
         // The new file holds the whole state, lines not yet flushed too.
-        self.journal = open_append(&path)?;
-        self.unwritten.clear();
-        self.written = 0;
+        self.journal = AppendLog::open(path, None)?;
         self.journal_lines = lines;
         Ok(())
     }
@@ -297,17 +283,10 @@ impl Store {
     }
 }
 
-fn open_append(path: &Path) -> anyhow::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
 
     fn ids(store: &Store) -> Vec<String> {
         store.samples().map(|s| s.id.clone()).collect()
@@ -367,6 +346,39 @@ mod tests {
         let store = Store::open(dir.path(), 2, 100).unwrap();
         assert_eq!(ids(&store), ["c", "d"]);
         assert_eq!(store.samples().last().unwrap().features, [0.1]);
+    }
+
+    #[test]
+    fn a_failed_flush_leaves_the_journal_as_it_was_and_keeps_its_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(JOURNAL);
+        let mut store = Store::open(dir.path(), 10, 100).unwrap();
+        store.add("a", Some(vec![1.0]), Some(1.0));
+        store.flush().unwrap();
+        let before = std::fs::read(&path).unwrap();
+        // A journal that refuses writes (a cut after a write that failed midway is AppendLog's,
+        // tested in pipeline::fs).
+        let read_only = AppendLog::new(
+            path.clone(),
+            File::open(&path).unwrap(),
+            before.len() as u64,
+        );
+        let writable = std::mem::replace(&mut store.journal, read_only);
+        store.add("b", Some(vec![2.0]), None);
+        store.add("b", None, Some(2.0));
+        let fault = store.flush().unwrap_err();
+        assert!(fault.what.contains(JOURNAL), "{fault}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        // The lines wait for the next flush, which writes each once.
+        let pending = std::mem::take(store.journal.buffer());
+        store.journal = writable;
+        store.journal.buffer().extend_from_slice(&pending);
+        store.flush().unwrap();
+        drop(store);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        let store = Store::open(dir.path(), 10, 100).unwrap();
+        assert_eq!(ids(&store), ["a", "b"]);
     }
 
     #[test]

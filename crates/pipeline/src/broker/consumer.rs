@@ -24,7 +24,7 @@ use super::connection::Broker;
 use super::error::HandlerError;
 use super::publisher::{Confirm, Outgoing, Publisher, is_confirmed};
 use super::refusal::{Held, Refusals, Refused};
-use super::retry::{Backoff, Step};
+use super::retry::{Backoff, LOCAL_FAULT_RETRY, Step};
 use super::supervisor::{SessionEnd, close, drop_detached, supervise};
 use super::topology::Topology;
 use super::window::{AckWindow, Pending};
@@ -129,10 +129,6 @@ pub fn on_handle_error(err: HandlerError) -> Result<Disposition, HandlerError> {
         | HandlerError::Other(_)) => Err(err),
     }
 }
-
-/// First and longest pause between two flush attempts while a local fault lasts.
-const LOCAL_FAULT_RETRY: (Duration, Duration) =
-    (Duration::from_millis(250), Duration::from_secs(5));
 
 /// One input queue of a session: its channel, consumer, the ack window of its deliveries and the
 /// messages published for them whose confirms they wait for, oldest first.

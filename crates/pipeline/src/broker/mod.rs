@@ -28,6 +28,6 @@ pub use connection::Broker;
 pub use consumer::{Disposition, MessageHandler, message_id, run_consumer};
 pub use error::{BrokerContext, HandlerError, LocalFault};
 pub use publisher::{Outgoing, Publisher};
-pub use retry::{Backoff, Failure, SessionBackoff, Step, Verdict, classify};
+pub use retry::{Backoff, Failure, LOCAL_FAULT_RETRY, SessionBackoff, Step, Verdict, classify};
 pub use supervisor::{SessionEnd, supervise};
 pub use topology::Topology;

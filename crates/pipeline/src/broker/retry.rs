@@ -10,6 +10,11 @@ use std::time::Duration;
 /// A session that stayed up this long was healthy: the backoff starts over after it.
 pub const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
+/// First and longest pause between two tries while the service's own disk fails (a
+/// `LocalFault`: a flush of the consume loop, the trainer opening its window).
+pub const LOCAL_FAULT_RETRY: (Duration, Duration) =
+    (Duration::from_millis(250), Duration::from_secs(5));
+
 /// Capped exponential backoff with full jitter: the n-th pause is uniform in
 /// `[base·2ⁿ/2, base·2ⁿ]`, never above the cap.
 ///
