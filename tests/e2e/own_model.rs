@@ -440,3 +440,204 @@ async fn an_onnx_model_without_the_runtime_stops_with_a_message_naming_ort_dylib
     }
     delete_queues(&url, &queues).await;
 }
+
+/// The closed loop with the user's own training code: the trainer runs `examples/train_sklearn.py`
+/// as `TRAIN_COMMAND` on its window, scores the `.onnx` it writes and promotes it; two replicas
+/// follow over `MODEL_URL` (the trainer's `GET /model` serving the ONNX bytes), each row equal to
+/// its version's prediction. Then a hanging command is killed at its limit, `/healthz` says so,
+/// and the served model stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_trainer_promotes_what_train_command_trains_and_replicas_follow_over_model_url() {
+    const TOTAL: usize = 3000;
+    const DRIFT_AFTER: usize = 1000;
+    let url = shared_amqp_url();
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    let model_path = models.join("model.onnx");
+    let script = repo_root().join("examples/train_sklearn.py");
+    let queues = Queues::unique("traincommand");
+    let mut trainer_env = Env::new(&url, &queues)
+        .set("MODEL_PATH", model_path.display())
+        .set("TRAIN_DIR", work.path().join("train").display())
+        .set("TRAIN_WINDOW", 1000)
+        .set("RETRAIN_EVERY", 500)
+        .set("TRAIN_COMMAND", format!("python3 {}", script.display()))
+        .set("TRAIN_TIMEOUT_SECS", 120)
+        .set("ORT_DYLIB_PATH", ort())
+        .set("RECONNECT_MAX_DELAY_MS", 1000)
+        .pairs()
+        .to_vec();
+    // python3 finds its packages through the usual environment (the test kit clears it).
+    for key in ["PATH", "HOME", "PYTHONPATH", "VIRTUAL_ENV"] {
+        if let Ok(value) = std::env::var(key) {
+            trainer_env.push((key.into(), value));
+        }
+    }
+    let trainer_dir = work.path().join("trainer");
+    std::fs::create_dir_all(&trainer_dir).unwrap();
+    let mut trainer = spawn_service("trainer", trainer_env, &trainer_dir);
+    wait_healthy(&trainer, Duration::from_secs(30));
+    let model_url = format!("http://{}/model", trainer.http_addr);
+    let options = Options::new(url.clone(), TOTAL as u64)
+        .rate(250.0)
+        .env("MODEL_URL", &model_url)
+        .env("MODEL_POLL_MS", "200")
+        .env("ORT_DYLIB_PATH", &ort())
+        .env("DRIFT_AFTER", &DRIFT_AFTER.to_string())
+        .env("DRIFT_SHIFT", "bmi=0.05,s5=0.04");
+    let mut run = Pipeline::start_consumers_on(queues, options);
+    let second = run.extra_service("model", &[]);
+    for replica in [&run.model, &second] {
+        wait_healthy(replica, Duration::from_secs(30));
+    }
+    run.start_features();
+    run.wait_rows(TOTAL, Duration::from_secs(120));
+
+    // One retrain every 500 labels: wait for all six, then what the trainer promoted last is an
+    // .onnx, and both replicas serve it over HTTP.
+    let label_retrains = |result: &str| {
+        trainer
+            .metrics()
+            .get(&format!(
+                "pipeline_trainer_retrains_total{{trigger=\"labels\",result=\"{result}\"}}"
+            ))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let joined = wait_until(Duration::from_secs(60), || {
+        trainer
+            .metrics()
+            .get("pipeline_trainer_samples_total")
+            .is_some_and(|n| *n >= TOTAL as f64)
+    });
+    assert!(joined, "the trainer did not join every sample");
+    // The last retrain has finished once the count stays put for longer than one takes.
+    let retrains = || {
+        ["promoted", "refused", "skipped", "failed"]
+            .iter()
+            .map(|result| label_retrains(result))
+            .sum::<f64>()
+    };
+    let mut settled = false;
+    for _ in 0..20 {
+        let before = retrains();
+        std::thread::sleep(Duration::from_secs(4));
+        if retrains() == before && before >= 1.0 {
+            settled = true;
+            break;
+        }
+    }
+    assert!(
+        settled,
+        "retrains did not settle\n{}",
+        trainer.stderr_tail(20)
+    );
+    assert!(
+        label_retrains("promoted") >= 1.0,
+        "{}",
+        trainer.stderr_tail(20)
+    );
+    assert_eq!(label_retrains("failed"), 0.0, "{}", trainer.stderr_tail(20));
+    let (last, _) = ServedModel::load(&model_path).unwrap();
+    assert_eq!(last.family(), "onnx", "{}", trainer.stderr_tail(20));
+    assert!(models.join(format!("{}.onnx", last.version)).exists());
+    assert!(
+        wait_until(Duration::from_secs(20), || serves(
+            &run.model,
+            &last.version
+        ) && serves(
+            &second,
+            &last.version
+        )),
+        "{} not served by both over {model_url}\n{}",
+        last.version,
+        run.model.stderr_tail(10)
+    );
+
+    // Every id once; each row is its version's prediction for its row of the data, drifted or not.
+    std::thread::sleep(Duration::from_millis(500));
+    let rows = run.rows();
+    assert_exactly_once(&rows, TOTAL);
+    let data = diabetes();
+    let baseline = model::regression::LinearModel::fit(&data).unwrap();
+    let mut versions: HashMap<String, ServedModel> = HashMap::new();
+    let mut by_version: HashMap<String, usize> = HashMap::new();
+    for row in &rows {
+        *by_version.entry(row.model_version.clone()).or_default() += 1;
+        let onnx = row.model_version != baseline.version;
+        if onnx && !versions.contains_key(&row.model_version) {
+            let path = models.join(format!("{}.onnx", row.model_version));
+            versions.insert(
+                row.model_version.clone(),
+                ServedModel::load(&path).unwrap().0,
+            );
+        }
+        let fits = (0..data.len())
+            .filter(|&i| data.target(i) == row.y_true)
+            .any(|i| {
+                let mut drifted = data.row(i).to_vec();
+                drifted[2] += 0.05;
+                drifted[8] += 0.04;
+                [data.row(i).to_vec(), drifted].iter().any(|features| {
+                    let y = if onnx {
+                        versions[&row.model_version]
+                            .predict(features)
+                            .unwrap()
+                            .unwrap()
+                    } else {
+                        baseline.predict(features).unwrap()
+                    };
+                    y == row.y_pred
+                })
+            });
+        assert!(fits, "{row:?} is not its version's prediction");
+    }
+    eprintln!("rows by version: {by_version:?}");
+    assert!(by_version.len() >= 2, "{by_version:?}");
+
+    // A command that hangs: killed at TRAIN_TIMEOUT_SECS, one WARN, /healthz says so, and the
+    // replicas keep the served version.
+    trainer.restart_with(
+        &trainer_dir,
+        &[
+            (
+                "TRAIN_COMMAND",
+                format!("TRAIN_SLEEP_SECS=600 python3 {}", script.display()),
+            ),
+            ("TRAIN_TIMEOUT_SECS", "3".to_owned()),
+            ("RETRAIN_EVERY", "0".to_owned()),
+        ],
+    );
+    wait_healthy(&trainer, Duration::from_secs(30));
+    let (status, body) = http_post(trainer.http_addr, "/retrain", None).expect("POST /retrain");
+    assert_eq!(status, 200, "{body}");
+    let outcome: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(outcome["result"], "failed", "{body}");
+    assert!(
+        outcome["detail"]
+            .as_str()
+            .unwrap()
+            .contains("longer than TRAIN_TIMEOUT_SECS (3 s)"),
+        "{body}"
+    );
+    let (_, health) = trainer.get("/healthz").unwrap();
+    assert!(
+        health.contains("TRAIN_COMMAND ran longer than TRAIN_TIMEOUT_SECS"),
+        "{health}"
+    );
+    assert_eq!(
+        trainer
+            .stderr()
+            .matches("retrain failed, the served model stays")
+            .count(),
+        1
+    );
+    assert_eq!(
+        ServedModel::load(&model_path).unwrap().0.version,
+        last.version
+    );
+    assert!(serves(&run.model, &last.version) && serves(&second, &last.version));
+    trainer.kill();
+    run.stop_services();
+    delete_queues(&url, &run.queues).await;
+}

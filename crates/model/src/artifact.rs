@@ -4,7 +4,7 @@
 
 use crate::drift::Reference;
 use crate::regression::{FitMetrics, LinearModel, ModelError, derived_version, hex};
-use crate::served::ServedModel;
+use crate::served::{ArtifactKind, ServedModel};
 use anyhow::Context as _;
 use pipeline::dataset::Dataset;
 use serde::{Deserialize, Serialize};
@@ -138,8 +138,12 @@ impl Artifact {
     /// over `path`), so a watcher never reads half of it and a crash leaves the old file or the
     /// new one. Two writers never share a temporary file.
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
-        let json = serde_json::to_string_pretty(self)? + "\n";
-        Ok(write_atomically(path, json.as_bytes())?)
+        Ok(write_atomically(path, &self.to_bytes()?)?)
+    }
+
+    /// The file's bytes: pretty JSON and a final newline.
+    pub fn to_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        Ok((serde_json::to_string_pretty(self)? + "\n").into_bytes())
     }
 }
 
@@ -148,40 +152,66 @@ impl Artifact {
 pub use pipeline::fs::write_atomic as write_atomically;
 
 /// The file of version `version` beside the served artifact `model_path`:
-/// `<folder of model_path>/<version>.json`, where the trainer writes every promoted version.
-/// `None` for a string that is not a version (so it cannot name a path elsewhere).
-pub fn versioned_path(model_path: &Path, version: &str) -> Option<PathBuf> {
+/// `<folder of model_path>/<version>.json` or `.onnx` (by `kind`), where the trainer writes every
+/// promoted version. `None` for a string that is not a version (so it cannot name a path
+/// elsewhere).
+pub fn versioned_path(model_path: &Path, version: &str, kind: ArtifactKind) -> Option<PathBuf> {
     pipeline::messages::validate_id(version).ok()?;
     let dir = model_path.parent().unwrap_or(Path::new(""));
-    Some(dir.join(format!("{version}.json")))
+    Some(dir.join(format!("{version}.{}", kind.extension())))
 }
 
-/// `model rollback --to VERSION`: puts `<folder of model_path>/<VERSION>.json` back as the served
-/// artifact, atomically, after checking it is a valid artifact of that version. The model
-/// services watching `model_path` swap to it. Returns the artifact put back.
-pub fn rollback(model_path: &Path, version: &str) -> anyhow::Result<Artifact> {
-    let source = versioned_path(model_path, version).with_context(|| {
-        format!("{version:?} is not a version (1 to 128 characters of A-Z a-z 0-9 . _ : -)")
-    })?;
-    let bytes = std::fs::read(&source).with_context(|| {
+/// The file of version `version` that exists beside `model_path`, JSON or ONNX; `None` when
+/// there is none (or `version` is not a version).
+pub fn find_version(model_path: &Path, version: &str) -> Option<PathBuf> {
+    [ArtifactKind::LinearJson, ArtifactKind::Onnx]
+        .into_iter()
+        .filter_map(|kind| versioned_path(model_path, version, kind))
+        .find(|path| path.is_file())
+}
+
+/// What `rollback` put back.
+#[derive(Debug)]
+pub struct Restored {
+    /// The model now served.
+    pub model: ServedModel,
+    /// Its JSON artifact, when it is the built-in linear one (when and on what it was trained).
+    pub artifact: Option<Artifact>,
+}
+
+/// `model rollback --to VERSION`: puts `<folder of model_path>/<VERSION>.json` (or `.onnx`) back
+/// as the served artifact, atomically, after checking it is a valid artifact of that version.
+/// The model services watching `model_path` swap to it.
+pub fn rollback(model_path: &Path, version: &str) -> anyhow::Result<Restored> {
+    if versioned_path(model_path, version, ArtifactKind::LinearJson).is_none() {
+        anyhow::bail!("{version:?} is not a version (1 to 128 characters of A-Z a-z 0-9 . _ : -)");
+    }
+    let source = find_version(model_path, version).with_context(|| {
         format!(
-            "no artifact of version {version}: cannot read {}",
-            source.display()
+            "no artifact of version {version}: neither {version}.json nor {version}.onnx is \
+             beside {}",
+            model_path.display()
         )
     })?;
-    let artifact = std::str::from_utf8(&bytes)
-        .map_err(anyhow::Error::from)
-        .and_then(Artifact::parse)
-        .with_context(|| format!("refusing {}", source.display()))?;
-    if artifact.version != version {
+    let bytes =
+        std::fs::read(&source).with_context(|| format!("cannot read {}", source.display()))?;
+    let model =
+        ServedModel::parse(&bytes).with_context(|| format!("refusing {}", source.display()))?;
+    if model.version != version {
         anyhow::bail!(
             "{} holds version {}, not {version}",
             source.display(),
-            artifact.version
+            model.version
         );
     }
+    let artifact = match ArtifactKind::of(&bytes) {
+        ArtifactKind::LinearJson => std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|text| Artifact::parse(text).ok()),
+        ArtifactKind::Onnx => None,
+    };
     write_atomically(model_path, &bytes)?;
-    Ok(artifact)
+    Ok(Restored { model, artifact })
 }
 
 /// The version a fit on data would get, for the log.
@@ -438,7 +468,8 @@ mod tests {
             .write(&served)
             .unwrap();
         let back = rollback(&served, "v1").unwrap();
-        assert_eq!(back, v1);
+        assert_eq!(back.artifact.as_ref(), Some(&v1));
+        assert_eq!(back.model.version, "v1");
         assert_eq!(Artifact::load(&served).unwrap(), v1);
         // Unknown versions, names that are not versions, and a file of another version.
         assert!(format!("{:#}", rollback(&served, "v9").unwrap_err()).contains("no artifact"));

@@ -2,9 +2,8 @@
 //! `model stamp`.
 
 use crate::artifact;
-use crate::drift::Reference;
 use crate::onnx::keys;
-use crate::served::{ArtifactKind, Engine, ServedModel};
+use crate::served::{ArtifactKind, Engine, Evaluation, ServedModel};
 use crate::stamp;
 use anyhow::Context as _;
 use pipeline::dataset::Dataset;
@@ -15,15 +14,24 @@ use std::path::Path;
 pub fn rollback(model_path: Option<&std::path::Path>, version: &str) -> anyhow::Result<()> {
     let model_path =
         model_path.context("MODEL_PATH is not set: rollback needs the served artifact's path")?;
-    let artifact = artifact::rollback(model_path, version)?;
-    println!(
-        "{} now serves version {} (trained {}, {} rows, MAE {:.4})",
-        model_path.display(),
-        artifact.version,
-        artifact.trained_at,
-        artifact.metrics.rows,
-        artifact.metrics.mae
-    );
+    let restored = artifact::rollback(model_path, version)?;
+    match restored.artifact {
+        Some(artifact) => println!(
+            "{} now serves version {} (trained {}, {} rows, MAE {:.4})",
+            model_path.display(),
+            artifact.version,
+            artifact.trained_at,
+            artifact.metrics.rows,
+            artifact.metrics.mae
+        ),
+        None => println!(
+            "{} now serves version {} ({}, {} features)",
+            model_path.display(),
+            restored.model.version,
+            restored.model.family(),
+            restored.model.n_features()
+        ),
+    }
     Ok(())
 }
 
@@ -47,40 +55,6 @@ pub fn train(
         artifact.reference.as_ref().map_or(0, |r| r.features.len())
     );
     Ok(())
-}
-
-/// MAE and R² of `predictions` against `targets`.
-fn score(predictions: &[f64], targets: &[f64]) -> (f64, f64) {
-    let n = targets.len() as f64;
-    let mean = targets.iter().sum::<f64>() / n;
-    let (mut abs, mut ss_res, mut ss_tot) = (0.0, 0.0, 0.0);
-    for (p, y) in predictions.iter().zip(targets) {
-        abs += (y - p).abs();
-        ss_res += (y - p) * (y - p);
-        ss_tot += (y - mean) * (y - mean);
-    }
-    (
-        abs / n,
-        if ss_tot > 0.0 {
-            1.0 - ss_res / ss_tot
-        } else {
-            0.0
-        },
-    )
-}
-
-/// Predictions of `model` for `data` (columns matched by name) and their MAE and R².
-fn evaluate(model: &ServedModel, data: &Dataset) -> anyhow::Result<(Vec<f64>, f64, f64)> {
-    let data = model.arrange_dataset(data).map_err(anyhow::Error::msg)?;
-    let predictions = model.predict_dataset(&data)?;
-    if let Some(row) = predictions.iter().position(|p| !p.is_finite()) {
-        anyhow::bail!(
-            "the model answers {} for row {row} of the data",
-            predictions[row]
-        );
-    }
-    let (mae, r2) = score(&predictions, data.targets());
-    Ok((predictions, mae, r2))
 }
 
 /// `model inspect`: what the service would make of an artifact.
@@ -118,7 +92,7 @@ pub fn inspect(path: &Path, data: Option<&Path>, target: Option<&str>) -> anyhow
     }
     if let Some(data) = data {
         let data = Dataset::from_csv(data, target)?;
-        let (_, mae, r2) = evaluate(&model, &data)?;
+        let Evaluation { mae, r2, .. } = model.evaluate(&data)?;
         println!(
             "  on {} rows of the data: MAE {mae:.4}, R² {r2:.4}",
             data.len()
@@ -165,33 +139,16 @@ pub fn stamp_model(
                 &crate::regression::hex(&sha2::Sha256::digest(&bytes))[..12]
             )
         });
-    pipeline::messages::validate_id(&version).map_err(|_| {
-        anyhow::anyhow!("version {version:?}: use 1 to 128 characters of A-Z a-z 0-9 . _ : -")
-    })?;
-    let joined = names.as_ref().map(|names| names.join(","));
-    let mut props: Vec<(&str, &str)> = vec![(keys::VERSION, version.as_str())];
-    if let Some(joined) = &joined {
-        props.push((keys::FEATURE_NAMES, joined));
+    let stamped = stamp::stamp_onnx(&bytes, &version, names.as_deref(), data.as_ref())?;
+    if let (Some(data), Some(fit)) = (&data, &stamped.fit) {
+        println!(
+            "on {} rows of the data: MAE {:.4}, R² {:.4}",
+            data.len(),
+            fit.mae,
+            fit.r2
+        );
     }
-    if let Some(data) = &data {
-        props.push((keys::TARGET_NAME, data.target_name.as_str()));
-    }
-    let named = stamp::stamp(&bytes, &props)?;
-    let model = ServedModel::onnx(&named).context("the stamped model is refused")?;
-    let stamped = match &data {
-        Some(data) => {
-            let (_, mae, r2) = evaluate(&model, data)?;
-            let arranged = model.arrange_dataset(data).map_err(anyhow::Error::msg)?;
-            let reference = serde_json::to_string(&Reference::of(&arranged, mae))?;
-            println!(
-                "on {} rows of the data: MAE {mae:.4}, R² {r2:.4}",
-                data.len()
-            );
-            stamp::stamp(&named, &[(keys::REFERENCE, reference.as_str())])?
-        }
-        None => named,
-    };
-    let model = ServedModel::onnx(&stamped).context("the stamped model is refused")?;
+    let (model, stamped) = (stamped.model, stamped.bytes);
     let out = out.unwrap_or(path);
     artifact::write_atomically(out, &stamped)?;
     println!(

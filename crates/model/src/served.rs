@@ -42,6 +42,35 @@ pub struct ServedModel {
     pub engine: Engine,
 }
 
+/// A model's predictions on a labelled data set and how good they are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    /// One per row, in the data's order.
+    pub predictions: Vec<f64>,
+    /// Mean absolute error.
+    pub mae: f64,
+    /// Coefficient of determination.
+    pub r2: f64,
+}
+
+/// MAE and R² of `predictions` against `targets`.
+fn score(predictions: &[f64], targets: &[f64]) -> (f64, f64) {
+    let n = targets.len() as f64;
+    let mean = targets.iter().sum::<f64>() / n;
+    let (mut abs, mut ss_res, mut ss_tot) = (0.0, 0.0, 0.0);
+    for (p, y) in predictions.iter().zip(targets) {
+        abs += (y - p).abs();
+        ss_res += (y - p) * (y - p);
+        ss_tot += (y - mean) * (y - mean);
+    }
+    let r2 = if ss_tot > 0.0 {
+        1.0 - ss_res / ss_tot
+    } else {
+        0.0
+    };
+    (abs / n, r2)
+}
+
 /// What kind of artifact some bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArtifactKind {
@@ -57,6 +86,14 @@ impl ArtifactKind {
         match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
             Some(b'{') => Self::LinearJson,
             _ => Self::Onnx,
+        }
+    }
+
+    /// The file extension of this kind: `json` or `onnx`.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::LinearJson => "json",
+            Self::Onnx => "onnx",
         }
     }
 }
@@ -188,6 +225,26 @@ impl ServedModel {
                 .collect(),
             Engine::Onnx(graph) => graph.predict_rows(data.features(), data.len()),
         }
+    }
+
+    /// Predictions for `data` (columns matched by name, [`Self::arrange_dataset`]) and their MAE
+    /// and R². A non-finite prediction is an error naming its row: such a model is not fit to
+    /// serve.
+    pub fn evaluate(&self, data: &Dataset) -> anyhow::Result<Evaluation> {
+        let data = self.arrange_dataset(data).map_err(anyhow::Error::msg)?;
+        let predictions = self.predict_dataset(&data)?;
+        if let Some(row) = predictions.iter().position(|p| !p.is_finite()) {
+            anyhow::bail!(
+                "the model answers {} for row {row} of the data",
+                predictions[row]
+            );
+        }
+        let (mae, r2) = score(&predictions, data.targets());
+        Ok(Evaluation {
+            predictions,
+            mae,
+            r2,
+        })
     }
 
     /// `data`'s columns in this model's order (by name when it knows its names, else as they are

@@ -7,6 +7,11 @@
 //! the entries whose keys are being written, and appends the new ones: no protobuf library, no
 //! re-encoding of the graph (a whole-message codec would need the ONNX schema compiled in).
 
+use crate::drift::Reference;
+use crate::onnx::keys;
+use crate::served::{Evaluation, ServedModel};
+use anyhow::Context as _;
+use pipeline::dataset::Dataset;
 use thiserror::Error;
 
 /// `ModelProto.metadata_props`.
@@ -155,6 +160,59 @@ pub fn metadata_props(model: &[u8]) -> Result<Vec<(String, String)>, NotProtobuf
         out.push((text(1), text(2)));
     }
     Ok(out)
+}
+
+/// An ONNX model with the pipeline's keys written in, checked as the service would load it.
+#[derive(Debug)]
+pub struct Stamped {
+    /// The file's new bytes.
+    pub bytes: Vec<u8>,
+    /// The model they load as.
+    pub model: ServedModel,
+    /// How it does on the data it was stamped with, when there was data.
+    pub fit: Option<Evaluation>,
+}
+
+/// Stamps `version`, the feature `names` and, with `data`, its target name and the drift
+/// reference of `data` (so the model's drift figures start from what it was trained on) into an
+/// ONNX file, and loads the result (`model stamp`, and the trainer for what `TRAIN_COMMAND`
+/// writes).
+pub fn stamp_onnx(
+    bytes: &[u8],
+    version: &str,
+    names: Option<&[String]>,
+    data: Option<&Dataset>,
+) -> anyhow::Result<Stamped> {
+    pipeline::messages::validate_id(version).map_err(|_| {
+        anyhow::anyhow!("version {version:?}: use 1 to 128 characters of A-Z a-z 0-9 . _ : -")
+    })?;
+    let joined = names.map(|names| names.join(","));
+    let mut props: Vec<(&str, &str)> = vec![(keys::VERSION, version)];
+    if let Some(joined) = &joined {
+        props.push((keys::FEATURE_NAMES, joined));
+    }
+    if let Some(data) = data {
+        props.push((keys::TARGET_NAME, data.target_name.as_str()));
+    }
+    let named = stamp(bytes, &props)?;
+    let model = ServedModel::onnx(&named).context("the stamped model is refused")?;
+    let Some(data) = data else {
+        return Ok(Stamped {
+            bytes: named,
+            model,
+            fit: None,
+        });
+    };
+    let fit = model.evaluate(data)?;
+    let arranged = model.arrange_dataset(data).map_err(anyhow::Error::msg)?;
+    let reference = serde_json::to_string(&Reference::of(&arranged, fit.mae))?;
+    let bytes = stamp(&named, &[(keys::REFERENCE, reference.as_str())])?;
+    let model = ServedModel::onnx(&bytes).context("the stamped model is refused")?;
+    Ok(Stamped {
+        bytes,
+        model,
+        fit: Some(fit),
+    })
 }
 
 #[cfg(test)]

@@ -3,9 +3,15 @@
 use crate::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber. `RUST_LOG` filters (default `info`). Logs go to stderr.
+/// What is logged without `RUST_LOG`: `info`, but ONNX Runtime only from `warn` (at `info` it
+/// describes every graph optimisation of every model it loads).
+pub const DEFAULT_FILTER: &str = "info,ort=warn";
+
+/// Installs the global subscriber. `RUST_LOG` filters (default [`DEFAULT_FILTER`]). Logs go to
+/// stderr.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colours only for a person at a terminal, not in files or `docker compose logs`.

@@ -98,12 +98,14 @@ pub(crate) async fn watch_alarm(
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = replicas_serve.clone();
         // While MODEL_PATH is unreadable, the alarm that matters is the replicas' version's.
-        let served = match promoter.serving() {
-            Ok(artifact) => artifact.version,
-            Err(_) => match replicas_serve {
-                Some(version) => version,
-                None => continue,
-            },
+        let checking = promoter.clone();
+        let serving = tokio::task::spawn_blocking(move || checking.serving_version())
+            .await
+            .ok()
+            .flatten();
+        let served = match serving.or(replicas_serve) {
+            Some(version) => version,
+            None => continue,
         };
         if edge.observe(reading.alarms(), &served) {
             tracing::warn!(version = %served, "the metric service's quality alarm rose for the served version: retraining");

@@ -93,6 +93,22 @@ pub struct Config {
     /// <token>`); empty: they are open to whoever reaches HTTP_ADDR.
     #[arg(long, env = "ADMIN_TOKEN", default_value = "", hide_env_values = true, value_parser = parse_admin_token)]
     pub admin_token: AdminToken,
+
+    /// Your own training code, run by `sh -c` at each retrain instead of the built-in linear fit:
+    /// it reads the window's training rows from the CSV at $TRAIN_DATA (feature columns, then the
+    /// target $TRAIN_TARGET) and writes an ONNX model to $TRAIN_OUTPUT, which the trainer stamps
+    /// and scores itself (e.g. `python3 examples/train_sklearn.py`). Empty: the linear fit.
+    #[arg(long, env = "TRAIN_COMMAND", default_value = "")]
+    pub train_command: String,
+
+    /// Seconds TRAIN_COMMAND may run before it and its children are killed.
+    #[arg(long, env = "TRAIN_TIMEOUT_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub train_timeout_secs: u64,
+
+    /// ONNX Runtime's shared library (libonnxruntime.so), opened when the served model or a
+    /// TRAIN_COMMAND candidate is ONNX; the image sets it. Not needed for the JSON linear model.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_dylib_path: Option<PathBuf>,
 }
 
 /// The token of the trainer's POST routes; its `Debug` never shows it.

@@ -8,8 +8,10 @@ use crate::state::{Shared, lock};
 use crate::store::{Added, Store};
 use lapin::message::Delivery;
 use pipeline::broker::HandlerError;
+use pipeline::broker::publisher::header_str;
 use pipeline::broker::{Disposition, MessageHandler};
-use pipeline::messages::{LabelKind, parse_features, parse_label};
+use pipeline::messages::{FeaturesMessage, LabelKind, MessageError, parse_features, parse_label};
+use pipeline::schema::{FEATURE_NAMES_HEADER, FeatureSchema};
 
 /// Adds each delivery to the window; acks once its line is synced.
 pub(crate) struct Handler {
@@ -18,6 +20,32 @@ pub(crate) struct Handler {
     pub(crate) shared: Shared,
     /// The store's count of halves dropped unpaired, as far as the counter has it.
     pub(crate) unpaired_reported: u64,
+    /// The window's columns: `DATA_PATH`'s, in its order.
+    pub(crate) schema: FeatureSchema,
+}
+
+impl Handler {
+    /// A features message's values in the window's column order: named features (an object, or
+    /// an array whose producer announced its columns) by name; a plain array as it is (its width
+    /// is checked when the window is used).
+    fn columns(
+        &self,
+        message: &FeaturesMessage,
+        delivery: &Delivery,
+    ) -> Result<Vec<f64>, MessageError> {
+        let announced = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| header_str(headers, FEATURE_NAMES_HEADER));
+        if message.names.is_none() && announced.is_none() {
+            return Ok(message.features.clone());
+        }
+        let mut arranged = Vec::new();
+        self.schema
+            .arrange(message, announced, &mut arranged)
+            .map(<[f64]>::to_vec)
+    }
 }
 
 impl MessageHandler for Handler {
@@ -29,7 +57,13 @@ impl MessageHandler for Handler {
         let message_id = pipeline::broker::message_id(delivery);
         let stream = if input == 0 { "features" } else { "y_true" };
         let parsed = if input == 0 {
-            parse_features(&delivery.data, message_id).map(|m| (m.id, Some(m.features), None))
+            match parse_features(&delivery.data, message_id) {
+                Ok(message) => match self.columns(&message, delivery) {
+                    Ok(features) => Ok((message.id, Some(features), None)),
+                    Err(err) => Err(err),
+                },
+                Err(err) => Err(err),
+            }
         } else {
             parse_label(LabelKind::YTrue, &delivery.data, message_id)
                 .map(|m| (m.id, None, Some(m.value)))

@@ -71,7 +71,7 @@ struct RollbackQuery {
     to: String,
 }
 
-/// `POST /rollback?to=VERSION`: puts `<VERSION>.json` beside `MODEL_PATH` back as `MODEL_PATH`
+/// `POST /rollback?to=VERSION`: puts `<VERSION>.json` (or `.onnx`) beside `MODEL_PATH` back as `MODEL_PATH`
 /// (as `model rollback` does), so model replicas, on the file or on `GET /model`, swap to it.
 /// 200 with what is served now, 400 when the version cannot be served.
 async fn post_rollback(
@@ -82,18 +82,18 @@ async fn post_rollback(
     let done =
         tokio::task::spawn_blocking(move || model::artifact::rollback(&model_path, &version)).await;
     match done {
-        Ok(Ok(artifact)) => {
-            tracing::warn!(version = %artifact.version, "rolled back on POST /rollback");
-            (
-                StatusCode::OK,
-                serde_json::json!({
-                    "serving_version": artifact.version,
-                    "trained_at": artifact.trained_at,
-                    "mae": artifact.metrics.mae,
-                })
-                .to_string()
-                    + "\n",
-            )
+        Ok(Ok(restored)) => {
+            let version = &restored.model.version;
+            tracing::warn!(%version, "rolled back on POST /rollback");
+            let mut body = serde_json::json!({
+                "serving_version": version,
+                "family": restored.model.family(),
+            });
+            if let Some(artifact) = &restored.artifact {
+                body["trained_at"] = artifact.trained_at.clone().into();
+                body["mae"] = artifact.metrics.mae.into();
+            }
+            (StatusCode::OK, body.to_string() + "\n")
         }
         Ok(Err(err)) => (StatusCode::BAD_REQUEST, format!("{err:#}\n")),
         Err(err) => (

@@ -3,7 +3,9 @@
 //! window on disk ([`store`]), and retrains when triggered ([`policy`]): every `RETRAIN_EVERY` new
 //! labels, on `POST /retrain`, and when the metric service's quality alarm rises for the served
 //! version (`METRIC_URL`). A candidate is promoted only when it beats the served model on the
-//! newest part of the window ([`retrain`]); the model services pick the new `MODEL_PATH` up. A
+//! newest part of the window ([`retrain`]); the candidate is the built-in linear fit or what the
+//! user's `TRAIN_COMMAND` trains ([`train_command`]); the model services pick the new
+//! `MODEL_PATH` up. A
 //! `MODEL_PATH` that is not a valid artifact does not stop it ([`model_file`]). `GET /model` serves
 //! the promoted artifact to replicas on other machines (`MODEL_URL`).
 
@@ -21,6 +23,7 @@ mod served;
 mod startup;
 mod state;
 pub mod store;
+pub mod train_command;
 
 pub use config::{Cli, Config, IDENTITY, metric_authority};
 pub use startup::run;

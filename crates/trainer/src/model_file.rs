@@ -7,8 +7,12 @@
 
 use crate::metrics::Metrics;
 use crate::retrain::Promoter;
+use model::artifact::ContentHash;
+use model::served::ServedModel;
 use pipeline::CancellationToken;
 use pipeline::health::Health;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// How often `MODEL_PATH` is read while the trainer runs (a small file: one read and parse).
@@ -63,15 +67,44 @@ impl ModelFileWatch {
     }
 }
 
+/// Reads `MODEL_PATH`, loading it as a replica would only when its bytes changed since the last
+/// read: an ONNX graph takes milliseconds to load, and the file is read every [`POLL`] and on
+/// every `GET /model`.
+#[derive(Clone, Debug, Default)]
+pub struct ModelPathCheck(Arc<Mutex<Option<(ContentHash, ModelFile)>>>);
+
+impl ModelPathCheck {
+    /// What `path` holds now, with its bytes when it could be read.
+    pub fn read(&self, path: &Path) -> (ModelFile, Option<Vec<u8>>) {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return (ModelFile::Absent, None);
+            }
+            Err(err) => {
+                let cause = format!("cannot read {}: {err}", path.display());
+                return (ModelFile::Unreadable(cause), None);
+            }
+        };
+        let hash = ContentHash::of(&bytes);
+        let mut last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((seen, file)) = last.as_ref()
+            && *seen == hash
+        {
+            return (file.clone(), Some(bytes));
+        }
+        let file = match ServedModel::parse(&bytes) {
+            Ok(model) => ModelFile::Valid(model.version),
+            Err(err) => ModelFile::Unreadable(format!("{err:#}")),
+        };
+        *last = Some((hash, file.clone()));
+        (file, Some(bytes))
+    }
+}
+
 /// Reads `MODEL_PATH` once.
 pub(crate) fn read(promoter: &Promoter) -> ModelFile {
-    if !promoter.model_path.try_exists().unwrap_or(true) {
-        return ModelFile::Absent;
-    }
-    match model::artifact::Artifact::load(&promoter.model_path) {
-        Ok(artifact) => ModelFile::Valid(artifact.version),
-        Err(err) => ModelFile::Unreadable(format!("{err:#}")),
-    }
+    promoter.checked.read(&promoter.model_path).0
 }
 
 /// Reports `change` in the log, on `/healthz` and in the gauge.

@@ -1,13 +1,18 @@
-//! One retrain: fit a candidate with linfa-linear on the older part of the window, score it and
-//! the served model on the newest part (the holdout), and promote it only when the guard says so
-//! ([`policy::decide`]). Promotion writes `<folder of MODEL_PATH>/<version>.json`, then replaces
+//! One retrain: make a candidate from the older part of the window (the built-in linear fit, or
+//! the user's `TRAIN_COMMAND`, [`crate::train_command`]), score it and the served model on the
+//! newest part (the holdout) through the same code the replicas serve with
+//! ([`ServedModel::evaluate`]), and promote it only when the guard says so ([`policy::decide`]).
+//! Promotion writes `<folder of MODEL_PATH>/<version>.json` (or `.onnx`), then replaces
 //! `MODEL_PATH` with the same bytes, both atomically; the model services watching `MODEL_PATH`
-//! swap to it.
+//! (or the trainer's `GET /model`) swap to it.
 
+use crate::model_file::{ModelFile, ModelPathCheck};
 use crate::policy::{self, Split, Trigger, Verdict};
 use crate::store::Sample;
+use crate::train_command::TrainCommand;
 use anyhow::Context as _;
-use model::artifact::{Artifact, versioned_path, write_atomically};
+use model::artifact::{Artifact, find_version, versioned_path, write_atomically};
+use model::served::{ArtifactKind, ServedModel};
 use pipeline::dataset::Dataset;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
@@ -36,23 +41,45 @@ pub struct Promoter {
     /// The version the replicas' predictions carry, as the alarm watcher last learned it from the
     /// metric service ([`policy::ServedVersion`]); `None` without `METRIC_URL` or an answer.
     pub replicas_serve: Arc<Mutex<Option<String>>>,
+    /// The user's training code (`TRAIN_COMMAND`); the built-in linear fit without it.
+    pub train_command: Option<TrainCommand>,
+    /// What `MODEL_PATH` held when last read, so an unchanged file is not loaded again.
+    pub checked: ModelPathCheck,
 }
 
 /// The model a candidate is measured against.
 enum Against {
     /// `MODEL_PATH` (or the baseline while it does not exist).
-    ModelPath(Artifact),
+    ModelPath(ServedModel),
     /// `MODEL_PATH` is not a valid artifact: the version the replicas serve, read from
-    /// `<version>.json` beside it (or the baseline of that version).
-    Replicas(Artifact),
+    /// `<version>.json` or `.onnx` beside it (or the baseline of that version).
+    Replicas(ServedModel),
     /// Neither: only the absolute guards hold.
     Nothing,
+}
+
+/// A candidate before promotion: what it is written as, and the model it loads as.
+struct Candidate {
+    /// The artifact's bytes (JSON or ONNX).
+    bytes: Vec<u8>,
+    /// The model, as a replica would serve it.
+    model: ServedModel,
+}
+
+/// Why a retrain made no candidate to score.
+enum NoCandidate {
+    /// Nothing to try: not an error (`skipped`).
+    Skip(String),
+    /// The candidate is not fit to serve (`refused`).
+    Refuse(String),
+    /// `TRAIN_COMMAND` failed, hung or wrote something that is not a model (`failed`).
+    Fail(String),
 }
 
 /// What a retrain did, as `POST /retrain` answers it.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Outcome {
-    /// `promoted`, `refused` or `skipped`.
+    /// `promoted`, `refused`, `skipped`, or `failed` (`TRAIN_COMMAND` gave no usable model).
     pub result: &'static str,
     /// What started it.
     pub trigger: &'static str,
@@ -71,34 +98,44 @@ pub struct Outcome {
     pub train_rows: usize,
     /// Rows both were scored on.
     pub holdout_rows: usize,
-    /// Why it was skipped, or where the promoted artifact is.
+    /// Why it was skipped, refused or failed, or where the promoted artifact is.
     pub detail: String,
 }
 
 impl Promoter {
-    /// The served artifact: `MODEL_PATH`, or the baseline while it does not exist.
-    pub fn serving(&self) -> anyhow::Result<Artifact> {
+    /// The served model: `MODEL_PATH`, or the baseline while it does not exist.
+    pub fn serving(&self) -> anyhow::Result<ServedModel> {
         if self.model_path.try_exists().unwrap_or(true) {
-            Artifact::load(&self.model_path)
+            Ok(ServedModel::load(&self.model_path)?.0)
         } else {
-            Ok(self.baseline.0.clone())
+            Ok(ServedModel::of_artifact(&self.baseline.0))
         }
     }
 
-    /// The artifact of the version the replicas serve, when it is known and readable: the
-    /// baseline when it is the baseline's version, else `<version>.json` beside `MODEL_PATH`.
-    pub fn replicas_artifact(&self) -> Option<Artifact> {
+    /// The version served now, read cheaply ([`ModelPathCheck`]): `None` while `MODEL_PATH` is
+    /// not a valid artifact.
+    pub fn serving_version(&self) -> Option<String> {
+        match self.checked.read(&self.model_path).0 {
+            ModelFile::Valid(version) => Some(version),
+            ModelFile::Absent => Some(self.baseline.0.version.clone()),
+            ModelFile::Unreadable(_) => None,
+        }
+    }
+
+    /// The model of the version the replicas serve, when it is known and readable: the baseline
+    /// when it is the baseline's version, else `<version>.json` or `.onnx` beside `MODEL_PATH`.
+    pub fn replicas_model(&self) -> Option<ServedModel> {
         let version = self
             .replicas_serve
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()?;
         if version == self.baseline.0.version {
-            return Some(self.baseline.0.clone());
+            return Some(ServedModel::of_artifact(&self.baseline.0));
         }
-        let path = versioned_path(&self.model_path, &version)?;
-        match Artifact::load(&path) {
-            Ok(artifact) if artifact.version == version => Some(artifact),
+        let path = find_version(&self.model_path, &version)?;
+        match ServedModel::load(&path) {
+            Ok((model, _)) if model.version == version => Some(model),
             Ok(_) => None,
             Err(err) => {
                 tracing::debug!(error = %format!("{err:#}"), "the replicas' version has no readable file");
@@ -110,9 +147,9 @@ impl Promoter {
     /// What a candidate is measured against now.
     fn against(&self) -> Against {
         match self.serving() {
-            Ok(artifact) => Against::ModelPath(artifact),
-            Err(err) => match self.replicas_artifact() {
-                Some(artifact) => Against::Replicas(artifact),
+            Ok(model) => Against::ModelPath(model),
+            Err(err) => match self.replicas_model() {
+                Some(model) => Against::Replicas(model),
                 None => {
                     tracing::debug!(error = %format!("{err:#}"), "no readable served model: absolute guards only");
                     Against::Nothing
@@ -123,18 +160,18 @@ impl Promoter {
 
     /// Runs one retrain on `samples` (the window, oldest first). While `MODEL_PATH` is not a valid
     /// artifact, the candidate is measured against the version the replicas serve (their `y_pred`
-    /// carry it; [`Promoter::replicas_artifact`]); when that is unknown too, it is promoted on the
+    /// carry it; [`Promoter::replicas_model`]); when that is unknown too, it is promoted on the
     /// absolute guards alone ([`policy::decide_unserved`]). A promotion replaces the broken file.
     pub fn retrain(&self, trigger: Trigger, samples: &[Sample]) -> anyhow::Result<Outcome> {
         let against = self.against();
         let model_path_readable = matches!(against, Against::ModelPath(_));
         let served = match against {
-            Against::ModelPath(artifact) | Against::Replicas(artifact) => Some(artifact),
+            Against::ModelPath(model) | Against::Replicas(model) => Some(model),
             Against::Nothing => None,
         };
-        // The feature names and target of the data the replicas were started on.
-        let serving = served.as_ref().unwrap_or(&self.baseline.0);
-        let n_features = serving.feature_names.len();
+        // The window holds the columns of the data the producer reads (DATA_PATH's), in order.
+        let columns = &self.baseline.0.feature_names;
+        let n_features = columns.len();
         let usable: Vec<&Sample> = samples
             .iter()
             .filter(|s| s.features.len() == n_features)
@@ -144,7 +181,7 @@ impl Promoter {
             trigger: trigger.as_str(),
             serving_version: served
                 .as_ref()
-                .map_or_else(|| UNREADABLE.to_owned(), |a| a.version.clone()),
+                .map_or_else(|| UNREADABLE.to_owned(), |m| m.version.clone()),
             candidate_version: None,
             serving_mae: None,
             candidate_mae: None,
@@ -162,28 +199,57 @@ impl Promoter {
         };
         outcome.train_rows = train;
         outcome.holdout_rows = holdout;
-        let dataset = |rows: &[&Sample]| {
-            Dataset::from_rows(
-                serving.feature_names.clone(),
-                serving.target_name.clone(),
+        // In the served model's order (by name when it knows its names), so a candidate is
+        // trained on the columns the replicas will feed it.
+        let dataset = |rows: &[&Sample]| -> anyhow::Result<Dataset> {
+            let data = Dataset::from_rows(
+                columns.clone(),
+                self.baseline.0.target_name.clone(),
                 rows.iter()
                     .flat_map(|s| s.features.iter().copied())
                     .collect(),
                 rows.iter().map(|s| s.target).collect(),
             )
-            .context("the window's samples do not form a data set")
+            .context("the window's samples do not form a data set")?;
+            match &served {
+                Some(model) => model.arrange_dataset(&data).map_err(|why| {
+                    anyhow::anyhow!("the window does not fit the served model's features: {why}")
+                }),
+                None => Ok(data),
+            }
         };
         let (older, newest) = usable.split_at(train);
         let (train_data, holdout_data) = (dataset(older)?, dataset(newest)?);
-        let version = self.next_version(served.as_ref().map(|a| a.version.as_str()))?;
-        let candidate = Artifact::fit(&train_data, digest(older), Some(version.clone()))
-            .context("cannot fit the candidate")?;
-        let candidate_mae = candidate.model().evaluate(&holdout_data)?.mae;
+        let version = self.next_version(served.as_ref().map(|m| m.version.as_str()))?;
         outcome.candidate_version = Some(version.clone());
+        let candidate = match self.candidate(served.as_ref(), &train_data, older, &version) {
+            Ok(candidate) => candidate,
+            Err(no) => {
+                (outcome.result, outcome.detail) = match no {
+                    NoCandidate::Skip(why) => ("skipped", why),
+                    NoCandidate::Refuse(why) => ("refused", why),
+                    NoCandidate::Fail(why) => ("failed", why),
+                };
+                if outcome.result == "skipped" {
+                    outcome.candidate_version = None;
+                }
+                return Ok(outcome);
+            }
+        };
+        let candidate_mae = match candidate.model.evaluate(&holdout_data) {
+            Ok(scored) => scored.mae,
+            Err(err) => {
+                outcome.result = "refused";
+                outcome.detail = format!("the candidate cannot be scored on the holdout: {err:#}");
+                return Ok(outcome);
+            }
+        };
         outcome.candidate_mae = Some(candidate_mae);
         let verdict = match &served {
             Some(served) => {
-                let serving_mae = served.model().evaluate(&holdout_data)?.mae;
+                let serving_mae = served
+                    .evaluate(&holdout_data)
+                    .map_or(f64::NAN, |scored| scored.mae);
                 outcome.serving_mae = Some(serving_mae);
                 policy::decide(serving_mae, candidate_mae, self.min_gain)
             }
@@ -194,7 +260,7 @@ impl Promoter {
                 if !model_path_readable {
                     self.keep_unreadable();
                 }
-                let written = self.promote(serving, &candidate)?;
+                let written = self.promote(&candidate)?;
                 outcome.result = "promoted";
                 outcome.detail = if model_path_readable {
                     format!("{} is served", written.display())
@@ -209,7 +275,7 @@ impl Promoter {
             }
             (Verdict::Promote, false) => {
                 self.keep_unreadable();
-                let written = self.promote(serving, &candidate)?;
+                let written = self.promote(&candidate)?;
                 outcome.result = "promoted";
                 outcome.detail = format!(
                     "{} is served; MODEL_PATH was not a valid artifact, so the candidate was \
@@ -232,10 +298,70 @@ impl Promoter {
         Ok(outcome)
     }
 
-    /// Writes the candidate as `<version>.json` and then as `MODEL_PATH`. While `MODEL_PATH` did not
-    /// exist, the baseline is written as `<its version>.json` first, so `model rollback` can go
-    /// back to it.
-    fn promote(&self, serving: &Artifact, candidate: &Artifact) -> anyhow::Result<PathBuf> {
+    /// Makes the candidate of `version` from the training rows: the user's `TRAIN_COMMAND`
+    /// (stamped with the version, the rows' feature names and their drift reference), or the
+    /// built-in linear fit. A candidate that does not take the served model's features is refused.
+    fn candidate(
+        &self,
+        served: Option<&ServedModel>,
+        train: &Dataset,
+        rows: &[&Sample],
+        version: &str,
+    ) -> Result<Candidate, NoCandidate> {
+        let candidate = match &self.train_command {
+            Some(command) => {
+                let bytes = command
+                    .run(train, version)
+                    .map_err(|failure| NoCandidate::Fail(failure.to_string()))?;
+                let stamped = model::stamp::stamp_onnx(
+                    &bytes,
+                    version,
+                    Some(&train.feature_names),
+                    Some(train),
+                )
+                .map_err(|err| {
+                    NoCandidate::Fail(format!(
+                        "the model TRAIN_COMMAND wrote is not fit to serve: {err:#}"
+                    ))
+                })?;
+                Candidate {
+                    bytes: stamped.bytes,
+                    model: stamped.model,
+                }
+            }
+            None => {
+                if served.is_some_and(|model| model.family() != "linear") {
+                    return Err(NoCandidate::Skip(format!(
+                        "the served model is {} and the built-in linear fit does not replace \
+                         it: set TRAIN_COMMAND to retrain it with your own code",
+                        served.map_or("", ServedModel::family)
+                    )));
+                }
+                let artifact = Artifact::fit(train, digest(rows), Some(version.to_owned()))
+                    .map_err(|err| {
+                        NoCandidate::Refuse(format!("cannot fit the candidate: {err:#}"))
+                    })?;
+                let bytes = artifact.to_bytes().map_err(|err| {
+                    NoCandidate::Refuse(format!("cannot encode the candidate: {err:#}"))
+                })?;
+                Candidate {
+                    model: ServedModel::of_artifact(&artifact),
+                    bytes,
+                }
+            }
+        };
+        if let Some(served) = served {
+            candidate.model.same_features(served).map_err(|why| {
+                NoCandidate::Refuse(format!("the candidate has another schema: {why}"))
+            })?;
+        }
+        Ok(candidate)
+    }
+
+    /// Writes the candidate as `<version>.json` (or `.onnx`) and then as `MODEL_PATH`. While
+    /// `MODEL_PATH` did not exist, the baseline is written as `<its version>.json` first, so
+    /// `model rollback` can go back to it.
+    fn promote(&self, candidate: &Candidate) -> anyhow::Result<PathBuf> {
         if let Some(dir) = self
             .model_path
             .parent()
@@ -244,18 +370,26 @@ impl Promoter {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
+        let baseline = &self.baseline.0;
         if !self.model_path.try_exists().unwrap_or(true)
-            && let Some(path) = versioned_path(&self.model_path, &serving.version)
+            && let Some(path) = versioned_path(
+                &self.model_path,
+                &baseline.version,
+                ArtifactKind::LinearJson,
+            )
             && !path.exists()
         {
-            serving.write(&path)?;
+            baseline.write(&path)?;
         }
-        let path = versioned_path(&self.model_path, &candidate.version)
-            .with_context(|| format!("{:?} is not a version", candidate.version))?;
-        candidate.write(&path)?;
-        let bytes =
-            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        write_atomically(&self.model_path, &bytes)?;
+        let version = &candidate.model.version;
+        let path = versioned_path(
+            &self.model_path,
+            version,
+            ArtifactKind::of(&candidate.bytes),
+        )
+        .with_context(|| format!("{version:?} is not a version"))?;
+        write_atomically(&path, &candidate.bytes)?;
+        write_atomically(&self.model_path, &candidate.bytes)?;
         Ok(path)
     }
 
@@ -269,8 +403,8 @@ impl Promoter {
         }
     }
 
-    /// `v<N>`, one more than every `v<N>.json` beside `MODEL_PATH` and than the served version
-    /// (when there is a readable one).
+    /// `v<N>`, one more than every `v<N>.json` and `v<N>.onnx` beside `MODEL_PATH` and than the
+    /// served version (when there is a readable one).
     fn next_version(&self, serving: Option<&str>) -> anyhow::Result<String> {
         let dir = match self.model_path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -280,7 +414,10 @@ impl Promoter {
         if let Ok(entries) = std::fs::read_dir(dir) {
             names.extend(entries.filter_map(|entry| {
                 let name = entry.ok()?.file_name().into_string().ok()?;
-                name.strip_suffix(".json").map(str::to_owned)
+                let stem = name
+                    .strip_suffix(".json")
+                    .or_else(|| name.strip_suffix(".onnx"))?;
+                Some(stem.to_owned())
             }));
         }
         Ok(policy::next_version(names.iter().map(String::as_str)))
@@ -316,6 +453,8 @@ mod tests {
             min_gain: 0.05,
             baseline: Baseline(baseline),
             replicas_serve: Arc::default(),
+            train_command: None,
+            checked: ModelPathCheck::default(),
         }
     }
 
@@ -489,16 +628,111 @@ mod tests {
         std::fs::write(&model_path, b"garbage").unwrap();
         *promoter.replicas_serve.lock().unwrap() = Some(promoter.baseline.0.version.clone());
         assert_eq!(
-            promoter.replicas_artifact(),
-            Some(promoter.baseline.0.clone())
+            promoter.replicas_model().map(|m| m.version),
+            Some(promoter.baseline.0.version.clone())
         );
         *promoter.replicas_serve.lock().unwrap() = Some("v9".to_owned());
-        assert_eq!(promoter.replicas_artifact(), None);
+        assert!(promoter.replicas_model().is_none());
         let outcome = promoter
             .retrain(Trigger::Labels, &samples(1000, 0.12, "more"))
             .unwrap();
         assert_eq!(outcome.serving_version, UNREADABLE);
         assert_eq!(outcome.result, "promoted", "{outcome:?}");
+    }
+
+    /// The user's own training code: `examples/train_sklearn.py` (a scaler and gradient-boosted
+    /// trees, exported with skl2onnx) as `TRAIN_COMMAND`, with `MODEL_PATH` an `.onnx`.
+    #[test]
+    fn a_train_command_candidate_is_scored_by_the_trainer_and_promoted_only_when_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/train_sklearn.py");
+        let with = |env: &str, timeout: u64| {
+            let mut promoter = promoter(dir.path());
+            promoter.model_path = dir.path().join("model.onnx");
+            promoter.train_command = Some(TrainCommand {
+                command: format!("{env} python3 {}", script.display()),
+                timeout: std::time::Duration::from_secs(timeout),
+                stop: pipeline::CancellationToken::new(),
+            });
+            promoter
+        };
+        let model_path = dir.path().join("model.onnx");
+        let baseline = with("", 120).baseline.0.version.clone();
+
+        // After a drift: the trees beat the linear baseline; the .onnx is stamped and served.
+        let outcome = with("", 120)
+            .retrain(Trigger::Alarm, &samples(1000, 0.05, "d"))
+            .unwrap();
+        assert_eq!(outcome.result, "promoted", "{outcome:?}");
+        assert_eq!(outcome.serving_version, baseline);
+        assert!(outcome.candidate_mae.unwrap() < 0.95 * outcome.serving_mae.unwrap());
+        let (served, _) = ServedModel::load(&model_path).unwrap();
+        assert_eq!((served.version.as_str(), served.family()), ("v1", "onnx"));
+        let names = served.feature_names().unwrap();
+        assert_eq!(
+            names,
+            promoter(dir.path()).baseline.0.feature_names.as_slice()
+        );
+        assert!(
+            served.reference.is_some(),
+            "a drift reference of its training rows"
+        );
+        assert_eq!(served.target_name.as_deref(), Some("target"));
+        assert_eq!(
+            std::fs::read(&model_path).unwrap(),
+            std::fs::read(dir.path().join("v1.onnx")).unwrap()
+        );
+        assert!(dir.path().join(format!("{baseline}.json")).exists());
+
+        // Worse (fitted on shuffled targets), garbage, failing, hanging: v1 stays.
+        let refusals = [
+            ("TRAIN_WORSE=1", 120, "refused", "not 5.0 % below"),
+            ("TRAIN_GARBAGE=1", 120, "failed", "not fit to serve"),
+            ("TRAIN_FAIL=1", 120, "failed", "exited with status 3"),
+            (
+                "TRAIN_SLEEP_SECS=60",
+                2,
+                "failed",
+                "longer than TRAIN_TIMEOUT_SECS (2 s)",
+            ),
+        ];
+        for (env, timeout, result, why) in refusals {
+            let started = std::time::Instant::now();
+            let outcome = with(env, timeout)
+                .retrain(Trigger::Manual, &samples(1000, 0.05, "w"))
+                .unwrap();
+            assert_eq!(outcome.result, result, "{env}: {outcome:?}");
+            assert!(outcome.detail.contains(why), "{env}: {}", outcome.detail);
+            assert_eq!(outcome.serving_version, "v1");
+            assert_eq!(ServedModel::load(&model_path).unwrap().0.version, "v1");
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "{env}"
+            );
+        }
+        assert!(!dir.path().join("v2.onnx").exists());
+
+        // Without TRAIN_COMMAND an ONNX model is not replaced by the linear fit.
+        let outcome = promoter(dir.path());
+        let outcome = Promoter {
+            model_path: model_path.clone(),
+            ..outcome
+        }
+        .retrain(Trigger::Manual, &samples(1000, 0.3, "x"))
+        .unwrap();
+        assert_eq!(outcome.result, "skipped", "{outcome:?}");
+        assert!(
+            outcome.detail.contains("TRAIN_COMMAND"),
+            "{}",
+            outcome.detail
+        );
+
+        // Rollback to the linear baseline and forward to the trees again, through MODEL_PATH.
+        model::artifact::rollback(&model_path, &baseline).unwrap();
+        assert_eq!(ServedModel::load(&model_path).unwrap().0.family(), "linear");
+        let restored = model::artifact::rollback(&model_path, "v1").unwrap();
+        assert_eq!(restored.model.family(), "onnx");
+        assert!(restored.artifact.is_none());
     }
 
     #[test]

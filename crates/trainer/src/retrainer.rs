@@ -7,6 +7,7 @@ use crate::retrain::{Outcome, Promoter};
 use crate::state::Request;
 use crate::state::{Shared, lock};
 use crate::store;
+use pipeline::health::Health;
 use tokio::sync::mpsc;
 
 /// Runs retrains one at a time, in the order asked.
@@ -14,6 +15,7 @@ pub(crate) async fn retrainer(
     promoter: Promoter,
     shared: Shared,
     mut requests: mpsc::Receiver<Request>,
+    health: Health,
 ) {
     // The receiver ends once every sender is dropped; the state's own sender must not keep it.
     let Shared {
@@ -35,6 +37,9 @@ pub(crate) async fn retrainer(
         let reply = match result {
             Ok(outcome) => {
                 report(&outcome, &metrics);
+                if let Some(note) = command_note(&outcome) {
+                    health.set_note(COMMAND_NOTE, note);
+                }
                 Ok(outcome)
             }
             Err(err) => {
@@ -53,6 +58,22 @@ pub(crate) async fn retrainer(
         if let Some(tx) = request.reply {
             let _ = tx.send(reply);
         }
+    }
+}
+
+/// The `/healthz` note of a failing `TRAIN_COMMAND`.
+const COMMAND_NOTE: &str = "train_command";
+
+/// What a retrain changes in the `TRAIN_COMMAND` note: set by a failure (`failed`), cleared by a
+/// candidate that was made (promoted or refused on its merits); a skipped retrain says nothing.
+pub(crate) fn command_note(outcome: &Outcome) -> Option<Option<String>> {
+    match outcome.result {
+        "failed" => Some(Some(format!(
+            "the last retrain got no usable model: {}; the served model stays",
+            outcome.detail
+        ))),
+        "promoted" | "refused" => Some(None),
+        _ => None,
     }
 }
 
@@ -91,6 +112,14 @@ pub(crate) fn report(outcome: &Outcome, metrics: &Metrics) {
             train_rows = outcome.train_rows,
             holdout_rows = outcome.holdout_rows,
             "candidate promoted: {}",
+            outcome.detail
+        ),
+        "failed" => tracing::warn!(
+            trigger = outcome.trigger,
+            serving = %outcome.serving_version,
+            candidate,
+            train_rows = outcome.train_rows,
+            "retrain failed, the served model stays: {}",
             outcome.detail
         ),
         "refused" => tracing::warn!(

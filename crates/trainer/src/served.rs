@@ -1,16 +1,25 @@
 //! `GET /model`: the artifact this trainer promoted, for model replicas that cannot share its
-//! folder (`MODEL_URL` on another machine). The bytes of `MODEL_PATH` (the `DATA_PATH` baseline
+//! folder (`MODEL_URL` on another machine). The bytes of `MODEL_PATH` (JSON or ONNX) (the `DATA_PATH` baseline
 //! while it does not exist), with a strong ETag so replicas poll with `If-None-Match` and get 304
 //! while nothing changed; 503 while `MODEL_PATH` is not a valid artifact, so replicas keep what
 //! they serve. A rollback (`model rollback`) writes `MODEL_PATH`, so it is served too.
 
+use crate::model_file::ModelFile;
 use crate::retrain::Promoter;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use model::artifact::Artifact;
+use model::served::ArtifactKind;
 use sha2::{Digest as _, Sha256};
+
+/// `application/json` for the JSON artifact, `application/octet-stream` for an ONNX graph.
+fn content_type(bytes: &[u8]) -> &'static str {
+    match ArtifactKind::of(bytes) {
+        ArtifactKind::LinearJson => "application/json",
+        ArtifactKind::Onnx => "application/octet-stream",
+    }
+}
 
 /// The route `GET /model`.
 pub(crate) fn routes(promoter: Promoter) -> Router {
@@ -32,33 +41,23 @@ pub(crate) enum Answer {
 
 /// The artifact served now and the answer to a client that has `if_none_match`.
 pub(crate) fn answer(promoter: &Promoter, if_none_match: Option<&str>) -> Answer {
-    let bytes = match std::fs::read(&promoter.model_path) {
-        Ok(bytes) => {
-            let valid = std::str::from_utf8(&bytes)
-                .map_err(anyhow::Error::from)
-                .and_then(Artifact::parse);
-            if let Err(err) = valid {
-                return Answer::Unavailable(format!(
-                    "MODEL_PATH {} is not a valid model artifact ({err:#}); replicas keep serving \
-                     what they have",
-                    promoter.model_path.display()
-                ));
+    let path = promoter.model_path.display();
+    let bytes = match promoter.checked.read(&promoter.model_path) {
+        (ModelFile::Valid(_), Some(bytes)) => bytes,
+        (ModelFile::Absent, _) => match promoter.baseline.0.to_bytes() {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                return Answer::Unavailable(format!("cannot encode the baseline: {err:#}"));
             }
-            bytes
-        }
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            match serde_json::to_string_pretty(&promoter.baseline.0) {
-                Ok(text) => (text + "\n").into_bytes(),
-                Err(err) => {
-                    return Answer::Unavailable(format!("cannot encode the baseline: {err}"));
-                }
-            }
-        }
-        Err(err) => {
+        },
+        (ModelFile::Unreadable(cause), _) => {
             return Answer::Unavailable(format!(
-                "cannot read MODEL_PATH {}: {err}",
-                promoter.model_path.display()
+                "MODEL_PATH {path} is not a valid model artifact ({cause}); replicas keep \
+                 serving what they have"
             ));
+        }
+        (ModelFile::Valid(_), None) => {
+            return Answer::Unavailable(format!("cannot read MODEL_PATH {path}"));
         }
     };
     let etag = format!("\"{}\"", model::regression::hex(&Sha256::digest(&bytes)));
@@ -81,7 +80,7 @@ async fn get_model(State(promoter): State<Promoter>, headers: HeaderMap) -> Resp
         Answer::Artifact { etag, bytes } => (
             StatusCode::OK,
             [
-                (header::CONTENT_TYPE, "application/json".to_owned()),
+                (header::CONTENT_TYPE, content_type(&bytes).to_owned()),
                 (header::ETAG, etag),
                 (header::CACHE_CONTROL, "no-cache".to_owned()),
             ],
@@ -99,6 +98,7 @@ async fn get_model(State(promoter): State<Promoter>, headers: HeaderMap) -> Resp
 mod tests {
     use super::*;
     use crate::retrain::Baseline;
+    use model::artifact::Artifact;
     use std::path::Path;
 
     fn promoter(dir: &Path) -> Promoter {
@@ -109,6 +109,8 @@ mod tests {
             min_gain: 0.05,
             baseline: Baseline(Artifact::train(&data, None, None).unwrap()),
             replicas_serve: Default::default(),
+            train_command: None,
+            checked: Default::default(),
         }
     }
 

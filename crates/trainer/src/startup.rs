@@ -7,13 +7,14 @@ use crate::config::{Config, metric_authority};
 use crate::handler::Handler;
 use crate::http::{RETRAIN_REPLY_TIMEOUT, routes};
 use crate::metrics::Metrics;
-use crate::model_file::{self, ModelFile, ModelFileWatch, watch_model_file};
+use crate::model_file::{self, ModelFile, ModelFileWatch, ModelPathCheck, watch_model_file};
 use crate::opening::open_waiting;
 use crate::policy::RetrainSchedule;
 use crate::retrain::{Baseline, Promoter, UNREADABLE};
 use crate::retrainer::retrainer;
 use crate::state::{Shared, WindowCopy, lock};
 use crate::store::Store;
+use crate::train_command::TrainCommand;
 use anyhow::Context as _;
 use model::artifact::Artifact;
 use pipeline::broker::consumer::ConsumerSpec;
@@ -21,6 +22,7 @@ use pipeline::broker::topology::training_queue;
 use pipeline::broker::{Broker, Topology, run_consumer};
 use pipeline::health::Health;
 use pipeline::metrics::BrokerMetrics;
+use pipeline::schema::FeatureSchema;
 use prometheus_client::registry::Registry;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +34,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let shutdown = pipeline::shutdown::token_from(shutdown);
+    model::onnx::use_runtime_library(config.ort_dylib_path.as_deref());
     let mut registry = Registry::default();
     let baseline = Artifact::train(&config.data_path, config.target_column.as_deref(), None)
         .context("cannot fit the baseline on DATA_PATH")?;
@@ -41,7 +44,14 @@ pub async fn run(
         min_gain: config.promote_min_gain,
         baseline: Baseline(baseline),
         replicas_serve: Arc::default(),
+        train_command: (!config.train_command.trim().is_empty()).then(|| TrainCommand {
+            command: config.train_command.clone(),
+            timeout: Duration::from_secs(config.train_timeout_secs),
+            stop: shutdown.clone(),
+        }),
+        checked: ModelPathCheck::default(),
     };
+    let schema = FeatureSchema::named(promoter.baseline.0.feature_names.clone());
     let broker_metrics = BrokerMetrics::register(&mut registry);
     let metrics = Metrics::register(&mut registry);
     let health = Health::new();
@@ -106,7 +116,12 @@ pub async fn run(
     metrics.waiting.set(store.waiting() as i64);
     *lock(&shared.window) = WindowCopy::of(&store, capacity);
     // Retrain requests made meanwhile (POST /retrain) waited in the queue for the window.
-    let retrainer = tokio::spawn(retrainer(promoter.clone(), shared.clone(), requests_rx));
+    let retrainer = tokio::spawn(retrainer(
+        promoter.clone(),
+        shared.clone(),
+        requests_rx,
+        health.clone(),
+    ));
     let alarm = match metric_authority(&config.metric_url) {
         Some(authority) => Some(QualitySource::new(&authority)?),
         None => None,
@@ -147,6 +162,7 @@ pub async fn run(
         store,
         shared: shared.clone(),
         unpaired_reported: 0,
+        schema,
     };
     let result = run_consumer(&mut broker, &spec, &mut handler, &shutdown).await;
     shutdown.cancel();
