@@ -490,10 +490,15 @@ async fn metric_role(
     // Ids with one of their two messages in; the second completes the sample.
     let mut halves: HashSet<String> = HashSet::new();
     let mut both_in = Vec::with_capacity(usize::try_from(plan.samples).unwrap_or(0));
+    // Tags count per channel across both consumers, and `select_all` may hand over one consumer's
+    // later tag before the other's earlier one: an ack with `multiple` covers every tag up to it,
+    // so only a tag above the highest acked is acked (acking a covered tag again is a channel
+    // error, "unknown delivery tag").
+    let mut acked_to = 0;
     loop {
         let mut next = Some(deliveries.next().await);
         let mut taken = 0;
-        let mut last_tag = None;
+        let mut top_tag = 0;
         while let Some(item) = next.take() {
             let (kind, delivery) = item.context("the broker cancelled a consumer")?;
             let delivery = delivery?;
@@ -506,18 +511,19 @@ async fn metric_role(
                     halves.insert(id.to_owned());
                 }
             }
-            last_tag = Some(delivery.delivery_tag);
+            top_tag = top_tag.max(delivery.delivery_tag);
             taken += 1;
             if taken < batch_limit {
                 next = deliveries.next().now_or_never();
             }
         }
-        if let Some(tag) = last_tag {
+        if top_tag > acked_to {
             channel
-                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .basic_ack(top_tag, BasicAckOptions { multiple: true })
                 .await?;
-            acked.fetch_add(taken as u64, Ordering::Relaxed);
+            acked_to = top_tag;
         }
+        acked.fetch_add(taken as u64, Ordering::Relaxed);
         if counts.iter().all(|count| *count >= plan.samples) {
             let last_ack = Instant::now();
             let _ = channel.close(200, "done".into()).await;

@@ -17,6 +17,8 @@
 //! 8. `backlog`: `--backlog-samples` queued before model and metric start: drain rate, peak RSS,
 //! 9. `history`: the metric service's start-up and RSS on a long history (history.rs),
 //! 10. `audit`: the loss audit's cost, the pipeline at full speed with it on and off, twice each,
+//! 11. `models`: users' own models (issue 26): each fixture model's `ServedModel::predict` time
+//!     in-process, and the pipeline at full speed serving the GBR `.onnx` (models.rs),
 //!
 //! then prints a markdown table and writes it, with a JSON twin, to `--out`. Queues and child
 //! processes are cleaned up on success, on error, on panic and on SIGINT/SIGTERM.
@@ -31,6 +33,7 @@ mod cluster;
 mod curve;
 mod history;
 mod latency;
+mod models;
 mod partitions;
 mod pipeline_run;
 mod process;
@@ -110,6 +113,33 @@ pub struct Cli {
     /// setting, e.g. `--service-env TOKIO_WORKER_THREADS=1`).
     #[arg(long, value_parser = parse_env_pair)]
     pub service_env: Vec<(String, String)>,
+
+    /// Extra environment of every model process only, `NAME=VALUE`, repeatable (e.g.
+    /// `--model-env MODEL_PATH=/abs/model.onnx --model-env ORT_DYLIB_PATH=...`).
+    #[arg(long, value_parser = parse_env_pair)]
+    pub model_env: Vec<(String, String)>,
+
+    /// ONNX Runtime's shared library, for the models phase: opened in-process and given to the
+    /// model processes that serve an .onnx (`export ORT_DYLIB_PATH=$(scripts/onnxruntime-lib)`).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_dylib_path: Option<PathBuf>,
+
+    /// The JSON linear artifact the models phase times; the fit on --data-path when it does not
+    /// exist.
+    #[arg(long, default_value = "models/model.json")]
+    pub linear_model: PathBuf,
+
+    /// Folder of the .onnx fixtures the models phase times (every one the service accepts).
+    #[arg(long, default_value = "tests/models/fixtures")]
+    pub model_fixtures: PathBuf,
+
+    /// The .onnx the models phase serves through the pipeline at full speed (--samples of them).
+    #[arg(long, default_value = "tests/models/fixtures/gbr.onnx")]
+    pub onnx_model: PathBuf,
+
+    /// Timed `predict` calls per model in the models phase (cycling over the data set's rows).
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub model_calls: u64,
 
     /// Dashboard readers during the full-speed runs: each loads the metric service's page and its
     /// assets once, then polls `/api/dashboard` every second, as the page in a browser does.
@@ -201,6 +231,8 @@ pub enum Phase {
     Backlog,
     /// The loss audit's cost: the pipeline at full speed with it on and off, twice each.
     Audit,
+    /// Users' own models: `predict` per fixture in-process, and the pipeline serving the GBR .onnx.
+    Models,
     /// The metric service on a long history.
     History,
 }
@@ -214,6 +246,7 @@ impl Phase {
 
 /// What every phase needs: the settings, the binaries, the data, and where to record the queues
 /// it declares so they are deleted whatever happens.
+#[derive(Clone)]
 pub struct Bench {
     /// The command line.
     pub cli: Cli,
@@ -269,24 +302,32 @@ impl Bench {
             .with(self.cli.service_env.iter().cloned())
     }
 
+    /// The environment of a model process on `queues`: [`Bench::service_env`] and `--model-env`.
+    pub fn model_env(&self, queues: &Queues, rust_log: &str) -> Env {
+        self.service_env(queues, rust_log)
+            .with(self.cli.model_env.iter().cloned())
+    }
+
     /// The same benchmark with more settings for every service it starts.
     pub fn with_service_env(&self, extra: &[(&str, &str)]) -> Self {
-        let mut cli = self.cli.clone();
-        cli.service_env.extend(
-            extra
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        );
-        Self {
-            cli,
-            binaries: self.binaries.clone(),
-            data_path: self.data_path.clone(),
-            data: self.data.clone(),
-            run_id: self.run_id.clone(),
-            ledger: self.ledger.clone(),
-            broker_pid: self.broker_pid,
-        }
+        let mut bench = self.clone();
+        bench.cli.service_env.extend(owned_pairs(extra));
+        bench
     }
+
+    /// The same benchmark with more settings for every model process it starts.
+    pub fn with_model_env(&self, extra: &[(&str, &str)]) -> Self {
+        let mut bench = self.clone();
+        bench.cli.model_env.extend(owned_pairs(extra));
+        bench
+    }
+}
+
+/// `(name, value)` pairs as owned strings.
+fn owned_pairs<'a>(pairs: &'a [(&str, &str)]) -> impl Iterator<Item = (String, String)> + 'a {
+    pairs
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
 }
 
 /// Prints a progress line on stderr (the table goes to stdout).
@@ -396,6 +437,7 @@ async fn run(cli: Cli, ledger: QueueLedger) -> anyhow::Result<()> {
         report.ceiling = Some(ceiling);
     }
     if cli.runs(Phase::Throughput) {
+        report.sample_load("before throughput");
         progress!("pipeline at full speed, {} samples", cli.samples);
         let throughput =
             pipeline_run::throughput(&bench, "pipeline", cli.samples, 1, false).await?;
@@ -485,11 +527,21 @@ async fn run(cli: Cli, ledger: QueueLedger) -> anyhow::Result<()> {
             }
         }
     }
+    if cli.runs(Phase::Models) {
+        report.sample_load("before models");
+        progress!(
+            "models: predict in-process, {} calls each, then the pipeline serving {}",
+            cli.model_calls,
+            cli.onnx_model.display()
+        );
+        report.models = Some(models::measure(&bench, &mut report.failures).await?);
+    }
     if cli.runs(Phase::History) {
         let starts = history::measure(&bench, cli.history_pairs, cli.history_starts).await?;
         report.history = Some((cli.history_pairs, starts));
     }
 
+    report.sample_load("end");
     report.judge();
     let markdown = report.to_markdown();
     println!("{markdown}");

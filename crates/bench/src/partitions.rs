@@ -176,7 +176,7 @@ async fn run(
         models.push(Service::spawn(
             format!("model {n}"),
             &bench.binaries.model,
-            env("warn"),
+            env("warn").with(bench.cli.model_env.iter().cloned()),
             dir.path(),
         )?);
     }

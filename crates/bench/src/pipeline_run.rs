@@ -214,7 +214,7 @@ impl Consumers {
             replicas.push(Service::spawn(
                 name,
                 &bench.binaries.model,
-                bench.service_env(&queues, model_log),
+                bench.model_env(&queues, model_log),
                 dir.path(),
             )?);
         }

@@ -7,6 +7,7 @@ use crate::cluster::ClusterResult;
 use crate::curve::CurvePoint;
 use crate::history::HistoryStart;
 use crate::latency::Summary;
+use crate::models::{ModelsResult, ServedRun};
 use crate::partitions::PartitionRun;
 use crate::pipeline_run::ThroughputResult;
 use crate::startup::StartupResult;
@@ -106,6 +107,31 @@ pub struct Settings {
     pub confirm_window: u64,
     /// Extra environment of the services (`--service-env`).
     pub service_env: Vec<String>,
+    /// Extra environment of the model processes (`--model-env`).
+    pub model_env: Vec<String>,
+}
+
+/// The machine's load average at one point of the run (`/proc/loadavg`): the benchmark's own
+/// processes count in it, so a figure well above what the phase before explains means other work.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadSample {
+    /// When: `start`, `before <phase>`, `end`.
+    pub at: String,
+    /// Over 1, 5 and 15 minutes.
+    pub load: [f64; 3],
+}
+
+impl LoadSample {
+    /// Reads `/proc/loadavg`; `None` when it cannot be read.
+    fn read(at: &str) -> Option<Self> {
+        let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+        let mut fields = text.split_whitespace().map(str::parse::<f64>);
+        let mut next = || fields.next().and_then(Result::ok);
+        Some(Self {
+            at: at.to_owned(),
+            load: [next()?, next()?, next()?],
+        })
+    }
 }
 
 /// Everything the benchmark measured; a phase not run is `None` (or empty).
@@ -140,6 +166,10 @@ pub struct Report {
     pub history: Option<(u64, Vec<HistoryStart>)>,
     /// The model's start-up.
     pub startup: Option<StartupResult>,
+    /// Users' own models: in-process predict times and the pipeline serving an .onnx.
+    pub models: Option<ModelsResult>,
+    /// The machine's load average at the start, before some phases and at the end.
+    pub load: Vec<LoadSample>,
     /// Phases that failed, with their error.
     pub failures: Vec<String>,
     /// The targets of issues 5 and 12.
@@ -160,12 +190,8 @@ impl Report {
                 .map_or_else(|| "?".to_owned(), |v| v.get_name().to_owned()),
             prefetch: bench.cli.consume.prefetch,
             confirm_window: bench.cli.confirm_window,
-            service_env: bench
-                .cli
-                .service_env
-                .iter()
-                .map(|(name, value)| format!("{name}={value}"))
-                .collect(),
+            service_env: env_strings(&bench.cli.service_env),
+            model_env: env_strings(&bench.cli.model_env),
         };
         Self {
             date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
@@ -182,9 +208,16 @@ impl Report {
             audit: Vec::new(),
             history: None,
             startup: None,
+            models: None,
+            load: LoadSample::read("start").into_iter().collect(),
             failures: Vec::new(),
             targets: Vec::new(),
         }
+    }
+
+    /// Records the machine's load average now, labelled `at`.
+    pub fn sample_load(&mut self, at: &str) {
+        self.load.extend(LoadSample::read(at));
     }
 
     /// Judges the targets of what was measured.
@@ -224,6 +257,23 @@ impl Report {
                 ),
                 measured: ratio.map_or_else(|| "not measured".to_owned(), |r| format!("{r:.2} ×")),
                 met: ratio.is_some_and(|r| r <= TARGET_GAP),
+            });
+        }
+        if let (Some(ceiling), Some(served)) = (
+            &self.ceiling,
+            self.models
+                .as_ref()
+                .and_then(|m| m.served.as_ref())
+                .map(|served| &served.run),
+        ) {
+            let ratio = served.samples_per_second / ceiling.samples_per_second;
+            targets.push(Target {
+                name: "throughput, own model (ONNX)",
+                goal: format!(
+                    "pipeline serving the .onnx of the models phase / ceiling ≥ {TARGET_RATIO}"
+                ),
+                measured: format!("{ratio:.2}"),
+                met: ratio >= TARGET_RATIO,
             });
         }
         if let Some(pipeline) = &self.pipeline {
@@ -301,6 +351,28 @@ impl Report {
                 format!(", services also with {}", s.service_env.join(" "))
             }
         )?;
+        if !s.model_env.is_empty() {
+            writeln!(
+                md,
+                "| model processes also with | {} |",
+                s.model_env.join(" ")
+            )?;
+        }
+        let load: Vec<String> = self
+            .load
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} {:.2} / {:.2} / {:.2}",
+                    l.at, l.load[0], l.load[1], l.load[2]
+                )
+            })
+            .collect();
+        writeln!(
+            md,
+            "| load average (1 / 5 / 15 min; the benchmark's own processes included) | {} |",
+            load.join("; ")
+        )?;
         writeln!(md, "| command | `{}` |\n", s.command)?;
         self.write_throughput(md)?;
         self.write_curve(md)?;
@@ -308,6 +380,7 @@ impl Report {
         self.write_partitions(md)?;
         self.write_usage(md)?;
         self.write_startup(md)?;
+        self.write_models(md)?;
         if let Some((pairs, starts)) = &self.history {
             writeln!(md, "{}", crate::history::to_markdown(*pairs, starts))?;
         }
@@ -549,6 +622,15 @@ impl Report {
                 b,
             ));
         }
+        if let Some(served) = self.models.as_ref().and_then(|m| m.served.as_ref()) {
+            runs.push((
+                format!(
+                    "own model: the model serving {} (ONNX Runtime), classic",
+                    file_name(&served.model)
+                ),
+                &served.run,
+            ));
+        }
         for (on, r) in &self.audit {
             runs.push((
                 if *on {
@@ -758,6 +840,140 @@ impl Report {
         )
     }
 
+    fn write_models(&self, md: &mut String) -> std::fmt::Result {
+        let Some(m) = &self.models else {
+            return Ok(());
+        };
+        writeln!(md, "## Your own model (ONNX)\n")?;
+        writeln!(
+            md,
+            "`ServedModel::predict` on one row, in the benchmark's process on one thread: {} calls per model cycling over the {} rows of the data set arranged into the model's order, after one warm-up pass over them. **median / p99**: each call timed alone with `Instant` (a timed empty call costs {:.0} ns, included in these figures); **predictions/s**: the same calls again untimed, {} passes, calls / seconds of the fastest pass (the least disturbed by other processes) and of the slowest. ONNX Runtime: {}.\n",
+            m.timings
+                .first()
+                .map_or_else(|| "–".to_owned(), |t| thousands(t.per_call.samples as f64)),
+            m.rows,
+            m.clock_read_ns,
+            crate::models::PASSES,
+            m.runtime_library.as_deref().map_or_else(
+                || "not given (ORT_DYLIB_PATH unset)".to_owned(),
+                |lib| format!("`{lib}`")
+            )
+        )?;
+        writeln!(
+            md,
+            "| model | family | version | median µs | p99 µs | p99.9 µs | max µs | predictions/s, 1 thread: best pass | slowest pass |"
+        )?;
+        writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|---:|")?;
+        for t in &m.timings {
+            let x = t.per_call;
+            writeln!(
+                md,
+                "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.1} | {} | {} |",
+                t.model,
+                t.family,
+                t.version,
+                x.p50_ms * 1e3,
+                x.p99_ms * 1e3,
+                x.p999_ms * 1e3,
+                x.max_ms * 1e3,
+                thousands(t.best_per_second()),
+                thousands(t.worst_per_second())
+            )?;
+        }
+        writeln!(md)?;
+        let caveats = m.timings.iter().filter_map(|t| {
+            Some(format!(
+                "- {}: served with a caveat: {}",
+                t.model, t.caveat?
+            ))
+        });
+        let refused = m.refused.iter().map(|r| {
+            format!(
+                "- {}: refused by the service, not timed: {}",
+                r.model,
+                r.reason.replace('\n', " ")
+            )
+        });
+        let notes: Vec<String> = caveats.chain(refused).collect();
+        writeln!(md, "{}\n", notes.join("\n"))?;
+        let Some(ServedRun {
+            model: served,
+            version,
+            run: p,
+        }) = &m.served
+        else {
+            return Ok(());
+        };
+        writeln!(
+            md,
+            "The pipeline at full speed serving `{served}` (version {version}): the `throughput` phase's run (COUNT={}, RATE=0, one model replica) with `MODEL_PATH` and `ORT_DYLIB_PATH` set in the model process's environment only; the ceiling is this run's.\n",
+            p.samples
+        )?;
+        writeln!(
+            md,
+            "| run | samples | samples/s | / ceiling | model peak RSS MiB | model CPU µs/sample |"
+        )?;
+        writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
+        let ceiling = self.ceiling.as_ref().map(|c| c.samples_per_second);
+        if let Some(c) = &self.ceiling {
+            writeln!(
+                md,
+                "| ceiling: bare lapin client | {} | {} | 1.00 | – | – |",
+                thousands(c.samples as f64),
+                thousands(c.samples_per_second)
+            )?;
+        }
+        let mut runs = Vec::new();
+        if let Some(linear) = &self.pipeline {
+            runs.push((
+                "pipeline, the JSON linear model (throughput phase)".to_owned(),
+                linear,
+            ));
+        }
+        runs.push((format!("pipeline, {}", file_name(served)), p));
+        for (name, r) in runs {
+            let model = r.usage.iter().find(|u| u.service == "model");
+            writeln!(
+                md,
+                "| {name} | {} | {} | {} | {} | {} |",
+                thousands(r.samples as f64),
+                thousands(r.samples_per_second),
+                ceiling.map_or_else(
+                    || "–".to_owned(),
+                    |c| format!("{:.2}", r.samples_per_second / c)
+                ),
+                model.map_or_else(
+                    || "–".to_owned(),
+                    |u| format!("{:.1}", u.usage.peak_rss_mib)
+                ),
+                model.map_or_else(
+                    || "–".to_owned(),
+                    |u| format!("{:.0}", u.usage.cpu_seconds / r.samples as f64 * 1e6)
+                ),
+            )?;
+        }
+        writeln!(md)?;
+        match ceiling {
+            Some(c) => {
+                let ratio = p.samples_per_second / c;
+                writeln!(
+                    md,
+                    "Target: the pipeline serving {} at ≥ {TARGET_RATIO} × the ceiling: **{}** (ratio {ratio:.2}).\n",
+                    file_name(served),
+                    if ratio >= TARGET_RATIO {
+                        "met"
+                    } else {
+                        "not met"
+                    }
+                )
+            }
+            None => writeln!(
+                md,
+                "Target ≥ {TARGET_RATIO} × the ceiling: not judged, the ceiling was not measured in this run.\n"
+            ),
+        }
+    }
+
     /// Writes `latest.md`, `latest.json` and timestamped copies to `out`; returns the paths.
     pub fn write(&self, out: &Path, markdown: &str) -> anyhow::Result<Vec<PathBuf>> {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -782,6 +998,22 @@ impl Report {
 fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     let text = format!("{}\n", text.trim_end());
     Ok(pipeline::fs::write_atomic(path, text.as_bytes())?)
+}
+
+/// `NAME=VALUE` strings of settings.
+fn env_strings(pairs: &[(String, String)]) -> Vec<String> {
+    pairs
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect()
+}
+
+/// The last component of a path (`gbr.onnx`), or the whole text when it has none.
+fn file_name(path: &str) -> &str {
+    Path::new(path)
+        .file_name()
+        .and_then(|name| name.to_str())
+        .unwrap_or(path)
 }
 
 /// `12345.6` as `12,346`.

@@ -42,7 +42,7 @@ pub async fn measure(bench: &Bench) -> anyhow::Result<StartupResult> {
         let mut model = Service::spawn(
             "model",
             &bench.binaries.model,
-            bench.service_env(&queues, "info"),
+            bench.model_env(&queues, "info"),
             dir.path(),
         )?;
         let healthy_at = model
