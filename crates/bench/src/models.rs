@@ -18,12 +18,14 @@
 
 use crate::latency::{self, Summary};
 use crate::pipeline_run::{self, ThroughputResult};
+use crate::report::{Report, TARGET_RATIO, file_name, thousands};
 use crate::{Bench, progress};
 use anyhow::{Context as _, bail};
 use model::error::ModelError;
 use model::served::{Engine, ServedModel};
 use pipeline::dataset::Dataset;
 use serde::Serialize;
+use std::fmt::Write as _;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -295,4 +297,142 @@ fn clock_read_ns() -> f64 {
         })
         .collect();
     latency::summarize(&mut ms).map_or(f64::NAN, |s| s.p50_ms * 1e6)
+}
+
+/// The `models` phase's part of the markdown report.
+impl Report {
+    /// The report's section of this phase (nothing when it did not run).
+    pub(crate) fn write_models(&self, md: &mut String) -> std::fmt::Result {
+        let Some(m) = &self.models else {
+            return Ok(());
+        };
+        writeln!(md, "## Your own model (ONNX)\n")?;
+        writeln!(
+            md,
+            "`ServedModel::predict` on one row, in the benchmark's process on one thread: {} calls per model cycling over the {} rows of the data set arranged into the model's order, after one warm-up pass over them. **median / p99**: each call timed alone with `Instant` (a timed empty call costs {:.0} ns, included in these figures); **predictions/s**: the same calls again untimed, {} passes, calls / seconds of the fastest pass (the least disturbed by other processes) and of the slowest. ONNX Runtime: {}.\n",
+            m.timings
+                .first()
+                .map_or_else(|| "–".to_owned(), |t| thousands(t.per_call.samples as f64)),
+            m.rows,
+            m.clock_read_ns,
+            crate::models::PASSES,
+            m.runtime_library.as_deref().map_or_else(
+                || "not given (ORT_DYLIB_PATH unset)".to_owned(),
+                |lib| format!("`{lib}`")
+            )
+        )?;
+        writeln!(
+            md,
+            "| model | family | version | median µs | p99 µs | p99.9 µs | max µs | predictions/s, 1 thread: best pass | slowest pass |"
+        )?;
+        writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|---:|")?;
+        for t in &m.timings {
+            let x = t.per_call;
+            writeln!(
+                md,
+                "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.1} | {} | {} |",
+                t.model,
+                t.family,
+                t.version,
+                x.p50_ms * 1e3,
+                x.p99_ms * 1e3,
+                x.p999_ms * 1e3,
+                x.max_ms * 1e3,
+                thousands(t.best_per_second()),
+                thousands(t.worst_per_second())
+            )?;
+        }
+        writeln!(md)?;
+        let caveats = m.timings.iter().filter_map(|t| {
+            Some(format!(
+                "- {}: served with a caveat: {}",
+                t.model, t.caveat?
+            ))
+        });
+        let refused = m.refused.iter().map(|r| {
+            format!(
+                "- {}: refused by the service, not timed: {}",
+                r.model,
+                r.reason.replace('\n', " ")
+            )
+        });
+        let notes: Vec<String> = caveats.chain(refused).collect();
+        writeln!(md, "{}\n", notes.join("\n"))?;
+        let Some(ServedRun {
+            model: served,
+            version,
+            run: p,
+        }) = &m.served
+        else {
+            return Ok(());
+        };
+        writeln!(
+            md,
+            "The pipeline at full speed serving `{served}` (version {version}): the `throughput` phase's run (COUNT={}, RATE=0, one model replica) with `MODEL_PATH` and `ORT_DYLIB_PATH` set in the model process's environment only; the ceiling is this run's.\n",
+            p.samples
+        )?;
+        writeln!(
+            md,
+            "| run | samples | samples/s | / ceiling | model peak RSS MiB | model CPU µs/sample |"
+        )?;
+        writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
+        let ceiling = self.ceiling.as_ref().map(|c| c.samples_per_second);
+        if let Some(c) = &self.ceiling {
+            writeln!(
+                md,
+                "| ceiling: bare lapin client | {} | {} | 1.00 | – | – |",
+                thousands(c.samples as f64),
+                thousands(c.samples_per_second)
+            )?;
+        }
+        let mut runs = Vec::new();
+        if let Some(linear) = &self.pipeline {
+            runs.push((
+                "pipeline, the JSON linear model (throughput phase)".to_owned(),
+                linear,
+            ));
+        }
+        runs.push((format!("pipeline, {}", file_name(served)), p));
+        for (name, r) in runs {
+            let model = r.usage.iter().find(|u| u.service == "model");
+            writeln!(
+                md,
+                "| {name} | {} | {} | {} | {} | {} |",
+                thousands(r.samples as f64),
+                thousands(r.samples_per_second),
+                ceiling.map_or_else(
+                    || "–".to_owned(),
+                    |c| format!("{:.2}", r.samples_per_second / c)
+                ),
+                model.map_or_else(
+                    || "–".to_owned(),
+                    |u| format!("{:.1}", u.usage.peak_rss_mib)
+                ),
+                model.map_or_else(
+                    || "–".to_owned(),
+                    |u| format!("{:.0}", u.usage.cpu_seconds / r.samples as f64 * 1e6)
+                ),
+            )?;
+        }
+        writeln!(md)?;
+        match ceiling {
+            Some(c) => {
+                let ratio = p.samples_per_second / c;
+                writeln!(
+                    md,
+                    "Target: the pipeline serving {} at ≥ {TARGET_RATIO} × the ceiling: **{}** (ratio {ratio:.2}).\n",
+                    file_name(served),
+                    if ratio >= TARGET_RATIO {
+                        "met"
+                    } else {
+                        "not met"
+                    }
+                )
+            }
+            None => writeln!(
+                md,
+                "Target ≥ {TARGET_RATIO} × the ceiling: not judged, the ceiling was not measured in this run.\n"
+            ),
+        }
+    }
 }

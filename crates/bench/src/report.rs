@@ -7,7 +7,7 @@ use crate::cluster::ClusterResult;
 use crate::curve::CurvePoint;
 use crate::history::HistoryStart;
 use crate::latency::Summary;
-use crate::models::{ModelsResult, ServedRun};
+use crate::models::ModelsResult;
 use crate::partitions::PartitionRun;
 use crate::pipeline_run::ThroughputResult;
 use crate::startup::StartupResult;
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 /// Pipeline throughput over ceiling throughput, at least.
-const TARGET_RATIO: f64 = 0.9;
+pub(crate) const TARGET_RATIO: f64 = 0.9;
 /// p99 end-to-end latency at half rate, at most, in milliseconds.
 const TARGET_P99_MS: f64 = 20.0;
 /// Pipeline p99 over bare-client p99 at each load up to 75 %, at most.
@@ -840,140 +840,6 @@ impl Report {
         )
     }
 
-    fn write_models(&self, md: &mut String) -> std::fmt::Result {
-        let Some(m) = &self.models else {
-            return Ok(());
-        };
-        writeln!(md, "## Your own model (ONNX)\n")?;
-        writeln!(
-            md,
-            "`ServedModel::predict` on one row, in the benchmark's process on one thread: {} calls per model cycling over the {} rows of the data set arranged into the model's order, after one warm-up pass over them. **median / p99**: each call timed alone with `Instant` (a timed empty call costs {:.0} ns, included in these figures); **predictions/s**: the same calls again untimed, {} passes, calls / seconds of the fastest pass (the least disturbed by other processes) and of the slowest. ONNX Runtime: {}.\n",
-            m.timings
-                .first()
-                .map_or_else(|| "–".to_owned(), |t| thousands(t.per_call.samples as f64)),
-            m.rows,
-            m.clock_read_ns,
-            crate::models::PASSES,
-            m.runtime_library.as_deref().map_or_else(
-                || "not given (ORT_DYLIB_PATH unset)".to_owned(),
-                |lib| format!("`{lib}`")
-            )
-        )?;
-        writeln!(
-            md,
-            "| model | family | version | median µs | p99 µs | p99.9 µs | max µs | predictions/s, 1 thread: best pass | slowest pass |"
-        )?;
-        writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|---:|")?;
-        for t in &m.timings {
-            let x = t.per_call;
-            writeln!(
-                md,
-                "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.1} | {} | {} |",
-                t.model,
-                t.family,
-                t.version,
-                x.p50_ms * 1e3,
-                x.p99_ms * 1e3,
-                x.p999_ms * 1e3,
-                x.max_ms * 1e3,
-                thousands(t.best_per_second()),
-                thousands(t.worst_per_second())
-            )?;
-        }
-        writeln!(md)?;
-        let caveats = m.timings.iter().filter_map(|t| {
-            Some(format!(
-                "- {}: served with a caveat: {}",
-                t.model, t.caveat?
-            ))
-        });
-        let refused = m.refused.iter().map(|r| {
-            format!(
-                "- {}: refused by the service, not timed: {}",
-                r.model,
-                r.reason.replace('\n', " ")
-            )
-        });
-        let notes: Vec<String> = caveats.chain(refused).collect();
-        writeln!(md, "{}\n", notes.join("\n"))?;
-        let Some(ServedRun {
-            model: served,
-            version,
-            run: p,
-        }) = &m.served
-        else {
-            return Ok(());
-        };
-        writeln!(
-            md,
-            "The pipeline at full speed serving `{served}` (version {version}): the `throughput` phase's run (COUNT={}, RATE=0, one model replica) with `MODEL_PATH` and `ORT_DYLIB_PATH` set in the model process's environment only; the ceiling is this run's.\n",
-            p.samples
-        )?;
-        writeln!(
-            md,
-            "| run | samples | samples/s | / ceiling | model peak RSS MiB | model CPU µs/sample |"
-        )?;
-        writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
-        let ceiling = self.ceiling.as_ref().map(|c| c.samples_per_second);
-        if let Some(c) = &self.ceiling {
-            writeln!(
-                md,
-                "| ceiling: bare lapin client | {} | {} | 1.00 | – | – |",
-                thousands(c.samples as f64),
-                thousands(c.samples_per_second)
-            )?;
-        }
-        let mut runs = Vec::new();
-        if let Some(linear) = &self.pipeline {
-            runs.push((
-                "pipeline, the JSON linear model (throughput phase)".to_owned(),
-                linear,
-            ));
-        }
-        runs.push((format!("pipeline, {}", file_name(served)), p));
-        for (name, r) in runs {
-            let model = r.usage.iter().find(|u| u.service == "model");
-            writeln!(
-                md,
-                "| {name} | {} | {} | {} | {} | {} |",
-                thousands(r.samples as f64),
-                thousands(r.samples_per_second),
-                ceiling.map_or_else(
-                    || "–".to_owned(),
-                    |c| format!("{:.2}", r.samples_per_second / c)
-                ),
-                model.map_or_else(
-                    || "–".to_owned(),
-                    |u| format!("{:.1}", u.usage.peak_rss_mib)
-                ),
-                model.map_or_else(
-                    || "–".to_owned(),
-                    |u| format!("{:.0}", u.usage.cpu_seconds / r.samples as f64 * 1e6)
-                ),
-            )?;
-        }
-        writeln!(md)?;
-        match ceiling {
-            Some(c) => {
-                let ratio = p.samples_per_second / c;
-                writeln!(
-                    md,
-                    "Target: the pipeline serving {} at ≥ {TARGET_RATIO} × the ceiling: **{}** (ratio {ratio:.2}).\n",
-                    file_name(served),
-                    if ratio >= TARGET_RATIO {
-                        "met"
-                    } else {
-                        "not met"
-                    }
-                )
-            }
-            None => writeln!(
-                md,
-                "Target ≥ {TARGET_RATIO} × the ceiling: not judged, the ceiling was not measured in this run.\n"
-            ),
-        }
-    }
-
     /// Writes `latest.md`, `latest.json` and timestamped copies to `out`; returns the paths.
     pub fn write(&self, out: &Path, markdown: &str) -> anyhow::Result<Vec<PathBuf>> {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -1009,7 +875,7 @@ fn env_strings(pairs: &[(String, String)]) -> Vec<String> {
 }
 
 /// The last component of a path (`gbr.onnx`), or the whole text when it has none.
-fn file_name(path: &str) -> &str {
+pub(crate) fn file_name(path: &str) -> &str {
     Path::new(path)
         .file_name()
         .and_then(|name| name.to_str())
@@ -1017,7 +883,7 @@ fn file_name(path: &str) -> &str {
 }
 
 /// `12345.6` as `12,346`.
-fn thousands(value: f64) -> String {
+pub(crate) fn thousands(value: f64) -> String {
     if !value.is_finite() {
         return "–".to_owned();
     }
