@@ -18,7 +18,7 @@ use pipeline::broker::refusal::RESEND_DELAY;
 use pipeline::broker::supervise;
 use pipeline::broker::supervisor::drop_detached;
 use pipeline::broker::window::{ConfirmWindow, Published};
-use pipeline::broker::{Backoff, Broker, Publisher, SessionEnd, Step, Topology};
+use pipeline::broker::{Backoff, Broker, Publisher, SessionEnd, Step, Stream, Topology};
 use pipeline::config::QueueNames;
 use pipeline::dataset::Dataset;
 use pipeline::messages::{BodyFormat, now_us, write_features, write_y_true};
@@ -217,31 +217,14 @@ impl Producer {
         let queues = &self.config.queues;
         // The bindings exist before the first publish: a fanout exchange without them would
         // return every message as unroutable.
-        let topology = self
-            .routes
-            .features
-            .queues()
-            .iter()
-            .chain(self.routes.y_true.queues())
-            .fold(
-                Topology::new(
-                    &self.config.broker,
-                    &self
-                        .audit
-                        .as_ref()
-                        .map(|audit| {
-                            audit
-                                .queues()
-                                .iter()
-                                .map(String::as_str)
-                                .collect::<Vec<_>>()
-                        })
-                        .unwrap_or_default(),
-                )
-                .with_partitions(&queues.features_queue, queues.partitions, false)
-                .with_partitions(&queues.y_true_queue, queues.partitions, true),
-                |topology, queue| topology.with_fanout(queue),
-            );
+        let audit_queues: Vec<&str> = self
+            .audit
+            .as_ref()
+            .map(|audit| audit.queues().iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        let topology = Topology::new(&self.config.broker, &audit_queues)
+            .with_stream(Stream::Features, &queues.features_queue, queues.partitions)
+            .with_stream(Stream::YTrue, &queues.y_true_queue, queues.partitions);
         // A blocked connection (broker resource alarm) holds every frame, declares too: a stop
         // request must not wait for the alarm to end.
         let setup = async {

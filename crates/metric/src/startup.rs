@@ -17,7 +17,7 @@ use crate::plotter::Plotter;
 use crate::quality::Quality;
 use pipeline::CancellationToken;
 use pipeline::broker::consumer::ConsumerSpec;
-use pipeline::broker::{Broker, Topology, run_consumer};
+use pipeline::broker::{Broker, Stream, Topology, run_consumer};
 use pipeline::health::Health;
 use pipeline::metrics::BrokerMetrics;
 use pipeline::partition::Partitions;
@@ -79,7 +79,9 @@ pub async fn run(
     }
     let spec = ConsumerSpec {
         inputs: &inputs,
-        topology: Topology::new(&config.broker, &inputs),
+        topology: Topology::new(&config.broker, &inputs[2..])
+            .with_stream(Stream::YTrue, &queues.y_true_queue, queues.partitions)
+            .with_stream(Stream::YPred, &queues.y_pred_queue, queues.partitions),
         consume: config.consume.clone(),
         exclusive: true,
         service: "metric",
@@ -285,8 +287,8 @@ async fn run_partitions(config: Config, shutdown: CancellationToken) -> anyhow::
             let spec = ConsumerSpec {
                 inputs: &inputs,
                 topology: Topology::new(&config.broker, &inputs[2..])
-                    .with_partitions(&streams[0], config.queues.partitions, true)
-                    .with_partitions(&streams[1], config.queues.partitions, true),
+                    .with_stream(Stream::YTrue, &streams[0], config.queues.partitions)
+                    .with_stream(Stream::YPred, &streams[1], config.queues.partitions),
                 consume: config.consume.clone(),
                 // Single-active-consumer queues: a second consumer waits instead of being refused.
                 exclusive: false,

@@ -9,7 +9,7 @@ use crate::source::{ArtifactSource, Reading};
 use crate::{artifact, drift_monitor};
 use anyhow::Context as _;
 use pipeline::broker::consumer::ConsumerSpec;
-use pipeline::broker::{Broker, Topology, run_consumer};
+use pipeline::broker::{Broker, Stream, Topology, run_consumer};
 use pipeline::dataset::Dataset;
 use pipeline::health::Health;
 use pipeline::messages::BodyFormat;
@@ -201,13 +201,9 @@ pub async fn run(
     let queues = &config.queues;
     let features = Router::new(&queues.features_queue, queues.partitions);
     let inputs: Vec<&str> = features.queues().iter().map(String::as_str).collect();
-    // The producer's fanout exchanges of `features`, bound here too, so either may start first.
-    let topology = features.queues().iter().fold(
-        Topology::new(&config.broker, &[])
-            .with_partitions(&queues.features_queue, queues.partitions, false)
-            .with_partitions(&queues.y_pred_queue, queues.partitions, true),
-        |topology, queue| topology.with_fanout(queue),
-    );
+    let topology = Topology::new(&config.broker, &[])
+        .with_stream(Stream::Features, &queues.features_queue, queues.partitions)
+        .with_stream(Stream::YPred, &queues.y_pred_queue, queues.partitions);
     let spec = ConsumerSpec {
         // Every partition: replicas compete on each, so `--scale model=N` works at any count.
         inputs: &inputs,

@@ -30,4 +30,4 @@ pub use error::{BrokerContext, HandlerError, LocalFault};
 pub use publisher::{Outgoing, Publisher};
 pub use retry::{Backoff, Failure, LOCAL_FAULT_RETRY, SessionBackoff, Step, Verdict, classify};
 pub use supervisor::{SessionEnd, supervise};
-pub use topology::Topology;
+pub use topology::{Stream, Topology};

@@ -62,6 +62,32 @@ struct Fanout {
     bound: Vec<String>,
 }
 
+/// The pipeline's streams. How each one's queues are declared is written here once, for every
+/// service that declares them: the broker refuses a queue declared again with other arguments,
+/// so what must agree across services is not restated per service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Feature vectors, producer to model (and the trainer's copy).
+    Features,
+    /// True targets, producer to metric (and the trainer's copy).
+    YTrue,
+    /// Predictions, model to metric.
+    YPred,
+}
+
+impl Stream {
+    /// Single-active-consumer partition queues: the joined streams, where a standby metric
+    /// instance waits for its partitions.
+    pub const fn single_active(self) -> bool {
+        matches!(self, Self::YTrue | Self::YPred)
+    }
+
+    /// Published through a fanout exchange, which the trainer's copy is bound to as well.
+    pub const fn fanout(self) -> bool {
+        matches!(self, Self::Features | Self::YTrue)
+    }
+}
+
 /// The queues one service declares.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -91,6 +117,21 @@ impl Topology {
             delivery_limit: config.delivery_limit,
             mode: config.topology,
         }
+    }
+
+    /// Also declares the stream `stream`, named `queue`, under `partitions`, as every service
+    /// declares it: its queues ([`Topology::with_partitions`], single-active-consumer where the
+    /// stream is joined) and, for a stream the trainer copies, the fanout exchange each queue is
+    /// bound to, so whichever service starts first, publishes are routed.
+    pub fn with_stream(self, stream: Stream, queue: &str, partitions: Partitions) -> Self {
+        let topology = self.with_partitions(queue, partitions, stream.single_active());
+        if !stream.fanout() {
+            return topology;
+        }
+        partitions
+            .queues(queue)
+            .iter()
+            .fold(topology, |topology, name| topology.with_fanout(name))
     }
 
     /// Also declares the queues of the stream `queue` under `partitions`: `queue` itself with one
@@ -374,6 +415,45 @@ mod tests {
         Cli::try_parse_from(std::iter::once("test").chain(args.iter().copied()))
             .unwrap()
             .broker
+    }
+
+    /// Every service that declares a stream declares it alike: the producer's, the model's and
+    /// the metric's declarations of the same stream agree in queues, single-active-consumer and
+    /// fanout, and a joined stream is never bound to a fanout of its own.
+    #[test]
+    fn a_stream_is_declared_alike_by_every_service() {
+        let broker = config(&[]);
+        for count in [1, 3] {
+            let partitions = Partitions::new(count).unwrap();
+            for stream in [Stream::Features, Stream::YTrue, Stream::YPred] {
+                let alone = Topology::new(&broker, &[]).with_stream(stream, "s", partitions);
+                // As part of a service's other declarations (the audit queue, another stream).
+                let among = Topology::new(&broker, &["s.audit"])
+                    .with_stream(Stream::YPred, "other", partitions)
+                    .with_stream(stream, "s", partitions);
+                let queues: Vec<&String> = among
+                    .queues
+                    .iter()
+                    .filter(|q| *q == "s" || q.starts_with("s.p"))
+                    .collect();
+                assert_eq!(queues, alone.queues.iter().collect::<Vec<_>>());
+                assert!(
+                    alone
+                        .partition_queues
+                        .iter()
+                        .all(|(_, single)| *single == stream.single_active())
+                );
+                let bound = bindings(&alone);
+                if stream.fanout() {
+                    assert_eq!(bound.len(), partitions.queues("s").len(), "{stream:?}");
+                    for (exchange, queues) in bound {
+                        assert_eq!(exchange, fanout_exchange(queues[0]));
+                    }
+                } else {
+                    assert!(bound.is_empty(), "{stream:?}");
+                }
+            }
+        }
     }
 
     /// Each fanout exchange with the queues bound to it.
