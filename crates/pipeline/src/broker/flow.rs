@@ -4,7 +4,12 @@
 //!
 //! [`Hysteresis`] is the rule, as plain data: hold at a high-water mark, take again at a lower
 //! one, so the consumer does not flap at the boundary. The consume loop asks
-//! [`crate::broker::MessageHandler::accepts`] before it polls an input.
+//! [`crate::broker::MessageHandler::accepts`] before it polls an input ([`Deliveries`]).
+
+use super::handler::MessageHandler;
+use futures_util::StreamExt as _;
+use lapin::message::Delivery;
+use std::task::Poll;
 
 /// Whether an input is being taken, after an [`Hysteresis::update`] that changed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +65,50 @@ impl Hysteresis {
         } else {
             None
         }
+    }
+}
+
+/// The consumers of a session's inputs, polled in turn (so a busy input cannot starve the
+/// others), skipping the inputs the handler does not accept now.
+pub(crate) struct Deliveries<S> {
+    pub(crate) streams: Vec<S>,
+    /// Input polled first next time.
+    pub(crate) start: usize,
+}
+
+impl<S> Deliveries<S>
+where
+    S: futures_util::Stream<Item = lapin::Result<Delivery>> + Unpin,
+{
+    /// Which inputs the handler takes now.
+    pub(crate) fn open<H: MessageHandler>(&self, handler: &H) -> Vec<bool> {
+        (0..self.streams.len())
+            .map(|i| handler.accepts(i))
+            .collect()
+    }
+
+    /// The next delivery of an open input, with its input number; `None` when the broker ended a
+    /// consumer. Pending while no input is open: the loop's other branches go on.
+    pub(crate) async fn next(&mut self, open: &[bool]) -> Option<(usize, lapin::Result<Delivery>)> {
+        futures_util::future::poll_fn(|cx| {
+            let n = self.streams.len();
+            for k in 0..n {
+                let i = (self.start + k) % n;
+                if !open.get(i).copied().unwrap_or(true) {
+                    continue;
+                }
+                match self.streams[i].poll_next_unpin(cx) {
+                    Poll::Ready(Some(item)) => {
+                        self.start = (i + 1) % n;
+                        return Poll::Ready(Some((i, item)));
+                    }
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await
     }
 }
 

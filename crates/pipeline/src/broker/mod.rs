@@ -1,6 +1,7 @@
 //! Everything that talks to RabbitMQ: connecting with backoff ([`connection`]), the queues,
 //! dead-letter queues and fanout exchanges ([`topology`]), confirmed publishing ([`publisher`])
-//! and the one consume loop all consuming services run ([`consumer`]), which stops taking an input
+//! and the one consume loop all consuming services run ([`consumer`], with what a service
+//! implements for it in [`handler`]), which stops taking an input
 //! its handler cannot keep up with ([`flow`]).
 //!
 //! Recovery is ours, not lapin's (`enable_auto_recover` has had bugs around broker restarts): one
@@ -16,6 +17,7 @@ pub mod connection;
 pub mod consumer;
 pub mod error;
 pub mod flow;
+pub mod handler;
 pub mod publisher;
 pub mod refusal;
 pub mod retry;
@@ -25,8 +27,9 @@ pub mod topology;
 pub mod window;
 
 pub use connection::Broker;
-pub use consumer::{Disposition, MessageHandler, message_id, run_consumer};
+pub use consumer::run_consumer;
 pub use error::{BrokerContext, HandlerError, LocalFault};
+pub use handler::{Disposition, MessageHandler, message_id};
 pub use publisher::{Outgoing, Publisher};
 pub use retry::{Backoff, Failure, LOCAL_FAULT_RETRY, SessionBackoff, Step, Verdict, classify};
 pub use supervisor::{SessionEnd, supervise};
