@@ -148,6 +148,17 @@ impl Config {
         self.audit && self.broker.topology != pipeline::config::TopologyMode::Course
     }
 
+    /// The settings of partition `k`: its folder (`LOG_DIR/p<k>`) and queues (`<stream>.p<k>`);
+    /// with one partition, `LOG_DIR` and the streams' own names.
+    pub fn partition(&self, k: u32) -> Self {
+        let partitions = self.queues.partitions;
+        let mut place = self.clone();
+        place.log_dir = partitions.folder(&self.log_dir, k);
+        place.queues.y_true_queue = partitions.queue(&self.queues.y_true_queue, k);
+        place.queues.y_pred_queue = partitions.queue(&self.queues.y_pred_queue, k);
+        place
+    }
+
     /// The partitions this instance owns: from METRIC_INSTANCES and METRIC_INSTANCE (or the host
     /// name), checked against PARTITIONS.
     pub fn ownership(&self) -> anyhow::Result<Ownership> {

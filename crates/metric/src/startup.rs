@@ -1,10 +1,13 @@
-//! Start-up of the metric service: [`run`] takes the lock on `LOG_DIR`, registers the metrics,
-//! rebuilds the state from the files, serves HTTP and consumes until shutdown.
+//! Start-up of the metric service: [`run`] takes the lock on each partition's folder, registers the
+//! metrics, rebuilds each partition's state from its files, serves HTTP and consumes until
+//! shutdown.
 //!
-//! With `PARTITIONS > 1` it does the same for each partition the instance owns
-//! ([`Config::ownership`]), in `LOG_DIR/p<k>/` with its own lock, connection, join and quality
-//! figures (their series labelled `partition="p<k>"`), behind one HTTP endpoint. A second process
-//! of the same instance waits for the locks as a standby and takes over when the first ends.
+//! The partition is the unit ([`Partition`]): its folder, queues, lock, recorder and consumer.
+//! With `PARTITIONS=1` the instance owns one, whose folder is `LOG_DIR` and whose queues are the
+//! streams' own names. With more, it owns those [`Config::ownership`] gives it, in `LOG_DIR/p<k>/`,
+//! each on its own connection, their series labelled `partition="p<k>"`, behind one HTTP endpoint;
+//! a second process of the same instance waits for the locks as a standby and takes over when the
+//! first ends.
 
 use crate::api;
 use crate::audit::AuditMetrics;
@@ -35,62 +38,148 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let shutdown = pipeline::shutdown::token_from(shutdown);
-    if config.queues.partitions.is_partitioned() {
-        return run_partitions(config, shutdown).await;
+    let partitions = config.queues.partitions;
+    let health = Health::new();
+    let (owned, served) = owned_partitions(&config, &health)?;
+    let places: Vec<(u32, Config)> = owned.iter().map(|&k| (k, config.partition(k))).collect();
+    // A standby waits here until the active instance's process ends.
+    let mut locks = Vec::new();
+    for (_, place) in &places {
+        match lock(place, &shutdown).await? {
+            Some(lock) => locks.push(lock),
+            None => return Ok(()),
+        }
     }
-    let _lock = files::lock_dir(&config.log_dir)?;
 
     let mut registry = Registry::default();
-    let health = Health::new();
-    let (mut recorder, broker_metrics) =
-        start_recorder(&config, None, &mut registry, health.clone())?;
-    let connected = broker_metrics.connected.clone();
-
-    recorder.update_flow();
+    let owned_gauge = Family::<PartitionLabel, Gauge>::default();
+    if partitions.is_partitioned() {
+        registry.register(
+            "pipeline_metric_partition_owned",
+            "1 for each partition this metric instance serves",
+            owned_gauge.clone(),
+        );
+    }
+    let mut units = Vec::new();
+    for (k, place) in places {
+        owned_gauge.get_or_create(&PartitionLabel::of(k)).set(1);
+        units.push(Partition::start(place, k, &mut registry, &health)?);
+    }
     pipeline::broker::topology::announce(
         &config.broker,
         &[&config.queues.y_true_queue, &config.queues.y_pred_queue],
         &health,
     );
-    let registry = Arc::new(registry);
-    let routes = dashboard::routes(dashboard::Live {
-        snapshot: recorder.dashboard.shared(),
-        connected,
-        health: health.clone(),
-        dead_letters: recorder.dashboard.dead_letters(),
-        partitions: None,
-    })
-    .merge(api::routes(recorder.quality.shared_alarms()));
     let http = pipeline::http::spawn_with(
         config.http_addr,
-        registry,
+        Arc::new(registry),
         health.clone(),
-        routes,
+        routes(&units, &health, served)?,
         shutdown.clone().cancelled_owned(),
     )
     .await?;
 
-    let mut broker = Broker::new(config.broker.clone(), "metric", broker_metrics, health);
-    let queues = &config.queues;
-    let audit_queue = pipeline::audit::audit_queue(&queues.y_true_queue);
-    let mut inputs = vec![queues.y_true_queue.as_str(), queues.y_pred_queue.as_str()];
-    if config.audits() {
-        inputs.push(&audit_queue);
-    }
-    let spec = ConsumerSpec {
-        inputs: &inputs,
-        topology: Topology::new(&config.broker, &inputs[2..])
-            .with_stream(Stream::YTrue, &queues.y_true_queue, queues.partitions)
-            .with_stream(Stream::YPred, &queues.y_pred_queue, queues.partitions),
-        consume: config.consume.clone(),
-        exclusive: true,
-        service: "metric",
+    let parts: Vec<(String, Health)> = units
+        .iter()
+        .filter(|_| partitions.is_partitioned())
+        .map(|unit| (format!("p{}", unit.k), unit.health.clone()))
+        .collect();
+    let gather = {
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        async move {
+            if parts.is_empty() {
+                return;
+            }
+            loop {
+                health.gather("partitions", &parts);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
     };
-    let result = run_consumer(&mut broker, &spec, &mut recorder, &shutdown).await;
-    recorder.finish();
+    let consumers = units
+        .into_iter()
+        .map(|unit| unit.consume(&config, &shutdown));
+    let (results, ()) = tokio::join!(futures_util::future::join_all(consumers), gather);
     shutdown.cancel();
     let _ = http.await;
-    result
+    drop(locks);
+    results.into_iter().collect()
+}
+
+/// The partitions this instance serves: the one of `PARTITIONS=1`, else its share, said in the log
+/// and on `/healthz` (the sentence is returned too, for the dashboard).
+fn owned_partitions(config: &Config, health: &Health) -> anyhow::Result<(Vec<u32>, String)> {
+    let partitions = config.queues.partitions;
+    if !partitions.is_partitioned() {
+        return Ok((vec![0], String::new()));
+    }
+    let ownership = config.ownership()?;
+    let owned = ownership.owned(partitions);
+    let served = format!(
+        "instance {} of {} serves partitions {} of {}",
+        ownership.instance(),
+        ownership.instances(),
+        owned
+            .iter()
+            .map(|k| format!("p{k}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        partitions
+    );
+    tracing::info!(log_dir = %config.log_dir.display(), "{served}");
+    health.set_note("served", Some(served.clone()));
+    Ok((owned, served))
+}
+
+/// The lock on a partition's folder (`place`: its settings). With one partition a second process
+/// is refused at once; with several it waits as a standby (`None`: shutdown came first).
+async fn lock(
+    place: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<files::DirLock>> {
+    if place.queues.partitions.is_partitioned() {
+        files::lock_dir_waiting(&place.log_dir, shutdown).await
+    } else {
+        files::lock_dir(&place.log_dir).map(Some)
+    }
+}
+
+/// The HTTP routes: the dashboard and `GET /api/quality`; with several partitions, each
+/// partition's dashboard at `/p<k>` (the first one's also at `/`) and one quality report over all.
+fn routes(units: &[Partition], health: &Health, served: String) -> anyhow::Result<axum::Router> {
+    let Some(first) = units.first() else {
+        anyhow::bail!("this metric instance owns no partition");
+    };
+    if !first.config.queues.partitions.is_partitioned() {
+        return Ok(first
+            .page(health, None)
+            .merge(api::routes(first.recorder.quality.shared_alarms())));
+    }
+    let view = Arc::new(dashboard::InstanceView {
+        served,
+        partitions: units
+            .iter()
+            .map(|unit| {
+                (
+                    format!("p{}", unit.k),
+                    unit.recorder.quality.pairs_counter(),
+                    unit.recorder.metrics.waiting.clone(),
+                )
+            })
+            .collect(),
+    });
+    let page = |unit: &Partition| unit.page(health, Some(Arc::clone(&view)));
+    let alarms = units
+        .iter()
+        .map(|unit| unit.recorder.quality.shared_alarms())
+        .collect();
+    Ok(units.iter().fold(
+        page(first).merge(api::merged_routes(alarms)),
+        |routes, unit| routes.nest(&format!("/p{}", unit.k), page(unit)),
+    ))
 }
 
 /// Registers one recorder's metrics in `registry` and rebuilds its state from its folder.
@@ -127,7 +216,8 @@ fn start_recorder(
     Ok((recorder, broker_metrics))
 }
 
-/// One owned partition: its settings (folder and queues), recorder and broker state.
+/// One owned partition, the unit of the service: its settings (folder and queues), recorder,
+/// broker state and health.
 struct Partition {
     k: u32,
     config: Config,
@@ -136,180 +226,99 @@ struct Partition {
     health: Health,
 }
 
-/// `run` with `PARTITIONS > 1`: every owned partition consumed on its own connection.
-async fn run_partitions(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let partitions = config.queues.partitions;
-    let ownership = config.ownership()?;
-    let owned = ownership.owned(partitions);
-    let served = format!(
-        "instance {} of {} serves partitions {} of {}",
-        ownership.instance(),
-        ownership.instances(),
-        owned
-            .iter()
-            .map(|k| format!("p{k}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        partitions
-    );
-    tracing::info!(log_dir = %config.log_dir.display(), "{served}");
-    // A standby waits here until the active instance's process ends.
-    let mut locks = Vec::new();
-    for k in &owned {
-        match files::lock_dir_waiting(&partitions.folder(&config.log_dir, *k), &shutdown).await? {
-            Some(lock) => locks.push(lock),
-            None => return Ok(()),
-        }
-    }
-
-    let mut registry = Registry::default();
-    let owned_gauge = Family::<PartitionLabel, Gauge>::default();
-    registry.register(
-        "pipeline_metric_partition_owned",
-        "1 for each partition this metric instance serves",
-        owned_gauge.clone(),
-    );
-    let health = Health::new();
-    health.set_note("served", Some(served.clone()));
-    let mut units = Vec::new();
-    for k in owned {
-        let mut unit_config = config.clone();
-        unit_config.log_dir = partitions.folder(&config.log_dir, k);
-        let queues = &mut unit_config.queues;
-        queues.y_true_queue = partitions.queue(&config.queues.y_true_queue, k);
-        queues.y_pred_queue = partitions.queue(&config.queues.y_pred_queue, k);
-        let label = format!("p{k}");
-        owned_gauge
-            .get_or_create(&PartitionLabel {
-                partition: label.clone(),
-            })
-            .set(1);
-        let part_health = Health::new();
-        let sub = registry.sub_registry_with_label((Cow::Borrowed("partition"), Cow::Owned(label)));
-        let (mut recorder, broker_metrics) = start_recorder(
-            &unit_config,
-            Some((partitions, k as usize)),
-            sub,
-            part_health.clone(),
-        )?;
+impl Partition {
+    /// Partition `k`, with its settings `place` ([`Config::partition`]): its series in
+    /// `registry` (labelled `partition="p<k>"` with several partitions), its state rebuilt from its
+    /// files.
+    fn start(
+        place: Config,
+        k: u32,
+        registry: &mut Registry,
+        health: &Health,
+    ) -> anyhow::Result<Self> {
+        let partitions = place.queues.partitions;
+        let (registry, health, partition) = if partitions.is_partitioned() {
+            let label = (Cow::Borrowed("partition"), Cow::Owned(format!("p{k}")));
+            (
+                registry.sub_registry_with_label(label),
+                Health::new(),
+                Some((partitions, k as usize)),
+            )
+        } else {
+            (registry, health.clone(), None)
+        };
+        let (mut recorder, broker_metrics) =
+            start_recorder(&place, partition, registry, health.clone())?;
         recorder.update_flow();
-        units.push(Partition {
+        Ok(Self {
             k,
-            config: unit_config,
+            config: place,
             recorder,
             broker_metrics,
-            health: part_health,
-        });
-    }
-    let view = Arc::new(dashboard::InstanceView {
-        served,
-        partitions: units
-            .iter()
-            .map(|unit| {
-                (
-                    format!("p{}", unit.k),
-                    unit.recorder.quality.pairs_counter(),
-                    unit.recorder.metrics.waiting.clone(),
-                )
-            })
-            .collect(),
-    });
-    // Each partition's dashboard at /p<k>, the first one's also at /.
-    let page = |unit: &Partition| {
-        dashboard::routes(dashboard::Live {
-            snapshot: unit.recorder.dashboard.shared(),
-            connected: unit.broker_metrics.connected.clone(),
-            health: health.clone(),
-            dead_letters: unit.recorder.dashboard.dead_letters(),
-            partitions: Some((Arc::clone(&view), format!("p{}", unit.k))),
+            health,
         })
-    };
-    let Some(first) = units.first() else {
-        anyhow::bail!("this metric instance owns no partition");
-    };
-    let routes = units.iter().fold(
-        page(first).merge(api::merged_routes(
-            units
-                .iter()
-                .map(|unit| unit.recorder.quality.shared_alarms())
-                .collect(),
-        )),
-        |routes, unit| routes.nest(&format!("/p{}", unit.k), page(unit)),
-    );
-    let http = pipeline::http::spawn_with(
-        config.http_addr,
-        Arc::new(registry),
-        health.clone(),
-        routes,
-        shutdown.clone().cancelled_owned(),
-    )
-    .await?;
+    }
 
-    let parts: Vec<(String, Health)> = units
-        .iter()
-        .map(|unit| (format!("p{}", unit.k), unit.health.clone()))
-        .collect();
-    let gather = {
-        let (health, shutdown) = (health.clone(), shutdown.clone());
-        async move {
-            loop {
-                health.gather("partitions", &parts);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    _ = shutdown.cancelled() => return,
-                }
-            }
+    /// Its dashboard; `view` lists the instance's other partitions when it has several.
+    fn page(&self, health: &Health, view: Option<Arc<dashboard::InstanceView>>) -> axum::Router {
+        dashboard::routes(dashboard::Live {
+            snapshot: self.recorder.dashboard.shared(),
+            connected: self.broker_metrics.connected.clone(),
+            health: health.clone(),
+            dead_letters: self.recorder.dashboard.dead_letters(),
+            partitions: view.map(|view| (view, format!("p{}", self.k))),
+        })
+    }
+
+    /// Consumes its queues until shutdown; one partition that cannot go on stops the instance (a
+    /// restart brings all back).
+    async fn consume(self, service: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let Self {
+            config,
+            mut recorder,
+            broker_metrics,
+            health,
+            ..
+        } = self;
+        let streams = &service.queues;
+        let partitions = streams.partitions;
+        let mut broker = Broker::new(config.broker.clone(), "metric", broker_metrics, health);
+        let audit_queue = pipeline::audit::audit_queue(&config.queues.y_true_queue);
+        let mut inputs = vec![
+            config.queues.y_true_queue.as_str(),
+            config.queues.y_pred_queue.as_str(),
+        ];
+        if config.audits() {
+            inputs.push(&audit_queue);
         }
-    };
-    let streams = [
-        config.queues.y_true_queue.clone(),
-        config.queues.y_pred_queue.clone(),
-    ];
-    let consumers = units.into_iter().map(|unit| {
-        let (shutdown, streams) = (shutdown.clone(), &streams);
-        async move {
-            let Partition {
-                config,
-                mut recorder,
-                broker_metrics,
-                health,
-                ..
-            } = unit;
-            let mut broker = Broker::new(config.broker.clone(), "metric", broker_metrics, health);
-            let audit_queue = pipeline::audit::audit_queue(&config.queues.y_true_queue);
-            let mut inputs = vec![
-                config.queues.y_true_queue.as_str(),
-                config.queues.y_pred_queue.as_str(),
-            ];
-            if config.audits() {
-                inputs.push(&audit_queue);
-            }
-            let spec = ConsumerSpec {
-                inputs: &inputs,
-                topology: Topology::new(&config.broker, &inputs[2..])
-                    .with_stream(Stream::YTrue, &streams[0], config.queues.partitions)
-                    .with_stream(Stream::YPred, &streams[1], config.queues.partitions),
-                consume: config.consume.clone(),
-                // Single-active-consumer queues: a second consumer waits instead of being refused.
-                exclusive: false,
-                service: "metric",
-            };
-            let result = run_consumer(&mut broker, &spec, &mut recorder, &shutdown).await;
-            recorder.finish();
-            // One partition that cannot go on stops the instance: a restart brings all back.
-            shutdown.cancel();
-            result
-        }
-    });
-    let (results, ()) = tokio::join!(futures_util::future::join_all(consumers), gather);
-    shutdown.cancel();
-    let _ = http.await;
-    drop(locks);
-    results.into_iter().collect()
+        let spec = ConsumerSpec {
+            inputs: &inputs,
+            topology: Topology::new(&config.broker, &inputs[2..])
+                .with_stream(Stream::YTrue, &streams.y_true_queue, partitions)
+                .with_stream(Stream::YPred, &streams.y_pred_queue, partitions),
+            consume: config.consume.clone(),
+            // Partition queues are single-active-consumer: a standby's consumer waits instead of
+            // being refused. One plain queue pair: one consumer, the lock on LOG_DIR says why.
+            exclusive: !partitions.is_partitioned(),
+            service: "metric",
+        };
+        let result = run_consumer(&mut broker, &spec, &mut recorder, shutdown).await;
+        recorder.finish();
+        shutdown.cancel();
+        result
+    }
 }
 
 /// The label of `pipeline_metric_partition_owned`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PartitionLabel {
     partition: String,
+}
+
+impl PartitionLabel {
+    fn of(k: u32) -> Self {
+        Self {
+            partition: format!("p{k}"),
+        }
+    }
 }
