@@ -2,8 +2,9 @@
 //! `labels_log.txt`, joins the two by id into `metric_log.csv` with the absolute error, and keeps
 //! the model's running quality as metrics.
 //!
-//! It is a single instance by design (it owns the files): a lock file and exclusive consumers make
-//! a second one fail loudly. On start-up it rebuilds its state from its checkpoint and the end of
+//! Its unit is the partition ([`startup`]): one with `PARTITIONS=1`, owning `LOG_DIR` (a lock file
+//! and exclusive consumers make a second instance fail loudly); with more, each instance owns its
+//! share, each in its own folder, a standby waiting for the locks. On start-up it rebuilds its state from its checkpoint and the end of
 //! its own files (see [`checkpoint`] and [`recovery`]): ids already in the CSV are never written
 //! again, values logged but not yet joined wait for their partner, and the time it takes does not
 //! grow with the history.
@@ -12,6 +13,7 @@
 //! [`metrics`] (join metrics), [`recovery`], [`api`] (`GET /api/quality`); its own logic in [`join`], [`files`], [`quality`],
 //! [`checkpoint`], [`dashboard`], [`plot`] and [`plotter`].
 
+pub mod alarm;
 pub mod api;
 mod audit;
 pub mod checkpoint;
