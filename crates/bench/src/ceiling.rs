@@ -35,7 +35,7 @@ use model::regression::LinearModel;
 use pipeline::CancellationToken;
 use pipeline::broker::Topology;
 use pipeline::broker::consumer::ConsumerSpec;
-use pipeline::broker::publisher::{Confirm, is_confirmed};
+use pipeline::broker::publisher::{Confirm, record_confirms};
 use pipeline::broker::window::{ConfirmWindow, Published};
 use pipeline::broker::{
     Broker, Disposition, HandlerError, MessageHandler, Outgoing, Publisher, run_consumer,
@@ -351,22 +351,9 @@ async fn retire_confirmed(
     confirms: &mut VecDeque<(u64, Confirm)>,
     wait: bool,
 ) -> anyhow::Result<()> {
-    let mut wait = wait;
-    while let Some((seq, confirm)) = confirms.front_mut() {
-        let confirmation = if wait {
-            confirm.await
-        } else {
-            match confirm.now_or_never() {
-                Some(confirmation) => confirmation,
-                None => break,
-            }
-        };
-        wait = false;
-        let seq = *seq;
-        confirms.pop_front();
-        let confirmation = confirmation.context("waiting for a publisher confirm")?;
-        window.answered(seq, is_confirmed(&confirmation));
-    }
+    record_confirms(window, confirms, wait)
+        .await
+        .context("waiting for a publisher confirm")?;
     for published in window.take_answered() {
         ensure!(
             matches!(published, Published::Confirmed(())),

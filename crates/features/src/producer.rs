@@ -8,12 +8,11 @@ use crate::drift;
 use crate::pacer::Pacer;
 use crate::sampler::Sampler;
 use anyhow::Context as _;
-use futures_util::FutureExt as _;
 use lapin::Confirmation;
 use lapin::types::FieldTable;
 use pipeline::CancellationToken;
 use pipeline::broker::consumer::DRAIN_TIMEOUT;
-use pipeline::broker::publisher::{Confirm, is_confirmed};
+use pipeline::broker::publisher::{Confirm, record_confirms};
 use pipeline::broker::refusal::RESEND_DELAY;
 use pipeline::broker::supervise;
 use pipeline::broker::supervisor::drop_detached;
@@ -485,22 +484,9 @@ impl Producer {
     where
         C: Future<Output = lapin::Result<Confirmation>> + Unpin,
     {
-        let mut wait = wait;
-        while let Some((seq, confirm)) = confirms.front_mut() {
-            let result = if wait {
-                confirm.await
-            } else {
-                match confirm.now_or_never() {
-                    Some(result) => result,
-                    None => break,
-                }
-            };
-            wait = false;
-            let seq = *seq;
-            confirms.pop_front();
-            let confirmation = result.context("waiting for a publisher confirm")?;
-            window.answered(seq, is_confirmed(&confirmation));
-        }
+        record_confirms(window, confirms, wait)
+            .await
+            .context("waiting for a publisher confirm")?;
         for published in window.take_answered() {
             match published {
                 Published::Confirmed(sample) => {

@@ -383,6 +383,19 @@ fn parse_row(record: &csv::StringRecord) -> Result<Pair, String> {
     })
 }
 
+/// A segment's file opened at its start, buffered; `None` when the file is gone (rotated away
+/// meanwhile: nothing left to read of it).
+fn open_segment(path: &Path, start: u64) -> anyhow::Result<Option<BufReader<File>>> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err).with_context(|| format!("cannot open {}", path.display())),
+    };
+    file.seek(SeekFrom::Start(start))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Some(BufReader::with_capacity(256 * 1024, file)))
+}
+
 /// Reads the rows of the CSV segments (a header line is skipped), calling `row` for each good one;
 /// a bad row is reported with its file and line (the first few) and counted, never silently skipped.
 pub fn read_csv_segments(
@@ -391,17 +404,13 @@ pub fn read_csv_segments(
 ) -> anyhow::Result<CsvRead> {
     let mut read = CsvRead::default();
     for (path, start) in segments {
-        let mut file = match File::open(path) {
-            Ok(file) => file,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-            Err(err) => return Err(err).with_context(|| format!("cannot open {}", path.display())),
+        let Some(segment) = open_segment(path, *start)? else {
+            continue;
         };
-        file.seek(SeekFrom::Start(*start))
-            .with_context(|| format!("cannot read {}", path.display()))?;
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(false)
             .flexible(true)
-            .from_reader(BufReader::with_capacity(256 * 1024, file));
+            .from_reader(segment);
         let mut record = csv::StringRecord::new();
         loop {
             let problem = match reader.read_record(&mut record) {
@@ -444,14 +453,9 @@ pub fn read_label_segments(
     let mut count = 0;
     let mut text = String::new();
     for (path, start) in segments {
-        let mut file = match File::open(path) {
-            Ok(file) => file,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-            Err(err) => return Err(err).with_context(|| format!("cannot open {}", path.display())),
+        let Some(mut reader) = open_segment(path, *start)? else {
+            continue;
         };
-        file.seek(SeekFrom::Start(*start))
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let mut reader = BufReader::with_capacity(256 * 1024, file);
         loop {
             text.clear();
             let read = reader

@@ -114,15 +114,7 @@ pub(crate) fn report(outcome: &Outcome, metrics: &Metrics) {
             "candidate promoted: {}",
             outcome.detail
         ),
-        "failed" => tracing::warn!(
-            trigger = outcome.trigger,
-            serving = %outcome.serving_version,
-            candidate,
-            train_rows = outcome.train_rows,
-            "retrain failed, the served model stays: {}",
-            outcome.detail
-        ),
-        "refused" => tracing::warn!(
+        "failed" | "refused" => tracing::warn!(
             trigger = outcome.trigger,
             serving = %outcome.serving_version,
             candidate,
@@ -131,7 +123,12 @@ pub(crate) fn report(outcome: &Outcome, metrics: &Metrics) {
             gain,
             train_rows = outcome.train_rows,
             holdout_rows = outcome.holdout_rows,
-            "candidate refused: {}",
+            "{}: {}",
+            if outcome.result == "failed" {
+                "retrain failed, the served model stays"
+            } else {
+                "candidate refused"
+            },
             outcome.detail
         ),
         _ => tracing::info!(

@@ -59,6 +59,36 @@ pub fn is_confirmed(confirmation: &Confirmation) -> bool {
     matches!(confirmation, Confirmation::Ack(None))
 }
 
+/// Records in `window` the publisher confirms that are in, oldest first (with `wait`, waiting for
+/// the oldest one first): the producer's and the benchmark's bare client's one drain loop.
+/// Cancel-safe: nothing changes before the first confirm is in, so a caller may give up waiting.
+pub async fn record_confirms<T, C>(
+    window: &mut super::window::ConfirmWindow<T>,
+    confirms: &mut std::collections::VecDeque<(u64, C)>,
+    wait: bool,
+) -> lapin::Result<()>
+where
+    C: Future<Output = lapin::Result<Confirmation>> + Unpin,
+{
+    use futures_util::FutureExt as _;
+    let mut wait = wait;
+    while let Some((seq, confirm)) = confirms.front_mut() {
+        let result = if wait {
+            confirm.await
+        } else {
+            match confirm.now_or_never() {
+                Some(result) => result,
+                None => break,
+            }
+        };
+        wait = false;
+        let seq = *seq;
+        confirms.pop_front();
+        window.answered(seq, is_confirmed(&result?));
+    }
+    Ok(())
+}
+
 impl Publisher {
     /// Opens a channel on `connection` and puts it in confirm mode.
     pub async fn open(
