@@ -146,7 +146,21 @@ impl ServedModel {
                 let text = std::str::from_utf8(bytes).context("not UTF-8")?;
                 Ok(Self::of_artifact(&Artifact::parse(text)?))
             }
-            ArtifactKind::Onnx => Ok(Self::onnx(bytes).context("refusing an ONNX model")?),
+            ArtifactKind::Onnx => {
+                // Checked before the runtime is opened: a broken file is named for what it is,
+                // with or without ONNX Runtime.
+                if let Err(not_onnx) = crate::stamp::metadata_props(bytes) {
+                    let as_json = match std::str::from_utf8(bytes) {
+                        Ok(_) => "it does not start with `{`".to_owned(),
+                        Err(err) => format!("not text: {err}"),
+                    };
+                    anyhow::bail!(
+                        "refusing an ONNX model: cannot load the graph: {not_onnx}; nor is it a \
+                         JSON model artifact ({as_json})"
+                    );
+                }
+                Ok(Self::onnx(bytes).context("refusing an ONNX model")?)
+            }
         }
     }
 
