@@ -92,22 +92,27 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 /// `POST path` with an empty body, with `Authorization: Bearer <token>` when given: (status,
 /// body). Waits up to 60 s for the answer (a retrain).
 pub fn http_post(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .ok()?;
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
+    // A thread of its own: reqwest's blocking client panics inside the test's async runtime.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let client = reqwest::blocking::Client::builder()
+                    .connect_timeout(Duration::from_secs(2))
+                    .timeout(Duration::from_secs(60))
+                    .build()
+                    .ok()?;
+                let mut request = client.post(format!("http://{addr}{path}"));
+                if let Some(token) = token {
+                    request = request.bearer_auth(token);
+                }
+                let response = request.send().ok()?;
+                let status = response.status().as_u16();
+                Some((status, response.text().ok()?))
+            })
+            .join()
+            .ok()
+            .flatten()
+    })
 }
 
 /// Settings of one pipeline run.
