@@ -157,32 +157,36 @@ pub struct Pipeline {
 
 /// A test that fails leaves no queues behind on the shared broker (passing tests delete theirs
 /// themselves): the services are killed first, since a live one would declare its queues again,
-/// then the queues are deleted on a thread of their own, as this may run inside the test's runtime.
+/// then the queues are deleted.
 impl Drop for Pipeline {
     fn drop(&mut self) {
         if !std::thread::panicking() {
             return;
         }
         self.stop_services();
-        let url = self.options.amqp_url.clone();
-        let queues = self.queues.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    testkit::delete_queues(&url, &queues),
-                )
-                .await;
-            });
-        })
-        .join();
+        clean_up_on_a_thread(|| testkit::delete_queues(&self.options.amqp_url, &self.queues));
     }
+}
+
+/// Runs the future that `clean_up` makes, best effort (its result is dropped) and 10 s at most, on
+/// a thread and runtime of its own: a failed test's `Drop` may run inside the test's runtime, where
+/// blocking panics.
+pub fn clean_up_on_a_thread<F: Future>(clean_up: impl FnOnce() -> F + Send) {
+    std::thread::scope(|scope| {
+        let _ = scope
+            .spawn(|| {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                runtime.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), clean_up()).await;
+                });
+            })
+            .join();
+    });
 }
 
 impl Pipeline {
