@@ -92,22 +92,27 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 /// `POST path` with an empty body, with `Authorization: Bearer <token>` when given: (status,
 /// body). Waits up to 60 s for the answer (a retrain).
 pub fn http_post(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .ok()?;
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
+    // A thread of its own: reqwest's blocking client panics inside the test's async runtime.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let client = reqwest::blocking::Client::builder()
+                    .connect_timeout(Duration::from_secs(2))
+                    .timeout(Duration::from_secs(60))
+                    .build()
+                    .ok()?;
+                let mut request = client.post(format!("http://{addr}{path}"));
+                if let Some(token) = token {
+                    request = request.bearer_auth(token);
+                }
+                let response = request.send().ok()?;
+                let status = response.status().as_u16();
+                Some((status, response.text().ok()?))
+            })
+            .join()
+            .ok()
+            .flatten()
+    })
 }
 
 /// Settings of one pipeline run.
@@ -152,32 +157,36 @@ pub struct Pipeline {
 
 /// A test that fails leaves no queues behind on the shared broker (passing tests delete theirs
 /// themselves): the services are killed first, since a live one would declare its queues again,
-/// then the queues are deleted on a thread of their own, as this may run inside the test's runtime.
+/// then the queues are deleted.
 impl Drop for Pipeline {
     fn drop(&mut self) {
         if !std::thread::panicking() {
             return;
         }
         self.stop_services();
-        let url = self.options.amqp_url.clone();
-        let queues = self.queues.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    testkit::delete_queues(&url, &queues),
-                )
-                .await;
-            });
-        })
-        .join();
+        clean_up_on_a_thread(|| testkit::delete_queues(&self.options.amqp_url, &self.queues));
     }
+}
+
+/// Runs the future that `clean_up` makes, best effort (its result is dropped) and 10 s at most, on
+/// a thread and runtime of its own: a failed test's `Drop` may run inside the test's runtime, where
+/// blocking panics.
+pub fn clean_up_on_a_thread<F: Future>(clean_up: impl FnOnce() -> F + Send) {
+    std::thread::scope(|scope| {
+        let _ = scope
+            .spawn(|| {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                runtime.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), clean_up()).await;
+                });
+            })
+            .join();
+    });
 }
 
 impl Pipeline {

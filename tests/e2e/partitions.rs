@@ -125,26 +125,7 @@ impl Drop for Guard {
         if !std::thread::panicking() {
             return;
         }
-        let url = self.url.clone();
-        let queues = self.queues.clone();
-        let partitions = self.partitions;
-        // A thread of its own: this may run inside the test's runtime.
-        let _ = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    delete_partitioned(&url, &queues, partitions),
-                )
-                .await;
-            });
-        })
-        .join();
+        clean_up_on_a_thread(|| delete_partitioned(&self.url, &self.queues, self.partitions));
     }
 }
 
@@ -302,6 +283,41 @@ fn mismatch(stream: &str, ours: u32, theirs: u32) -> String {
     )
 }
 
+/// Starts `name` with `env` (`PARTITIONS=3`) on streams declared with 4 whose `features`
+/// partitions hold `count` samples: it must stop with an error within 10 s that names both counts,
+/// and leave the samples where they are.
+async fn refused_start(
+    name: &'static str,
+    env: Env,
+    work: &std::path::Path,
+    url: &str,
+    queues: &Queues,
+    count: u32,
+) -> Service {
+    let started = Instant::now();
+    let mut service = start(name, env, work, &format!("{name}3"));
+    let exit = service.wait_exit(Duration::from_secs(10));
+    let took = started.elapsed();
+    let stderr = service.stderr();
+    eprintln!(
+        "{name} with PARTITIONS=3 exited {exit:?} after {took:?}: {}",
+        said(&stderr)
+    );
+    assert!(
+        exit.is_some_and(|status| !status.success()),
+        "{name} with PARTITIONS=3 did not stop with an error within 10 s: {exit:?}\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&mismatch(&queues.features, 3, 4)),
+        "{stderr}"
+    );
+    let features = Partitions::new(4).unwrap().queues(&queues.features);
+    let depths = queue_depths(url, &features).await;
+    eprintln!("features partitions after the refused {name}: {depths:?}");
+    assert_eq!(depths.values().sum::<u32>(), count, "{depths:?}");
+    service
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn another_partition_count_stops_a_service_naming_partitions() {
     const COUNT: u32 = 100;
@@ -329,32 +345,17 @@ async fn another_partition_count_stops_a_service_naming_partitions() {
     assert_eq!(depths.values().sum::<u32>(), COUNT, "{depths:?}");
     assert_eq!(total_depth(&url, &y_true).await, COUNT);
 
-    // A model started with 3 on the same names stops within 10 s, naming both counts.
-    let started = Instant::now();
-    let mut model = start("model", env(&url, &queues, 3), work.path(), "model3");
-    let exit = model.wait_exit(Duration::from_secs(10));
-    let took = started.elapsed();
-    let stderr = model.stderr();
-    eprintln!(
-        "model with PARTITIONS=3 exited {exit:?} after {took:?}: {}",
-        said(&stderr)
-    );
-    assert!(
-        exit.is_some_and(|status| !status.success()),
-        "the model with PARTITIONS=3 did not stop with an error within 10 s: {exit:?}\n{stderr}"
-    );
-    assert!(
-        stderr.contains("PARTITIONS=3") && stderr.contains("PARTITIONS=4"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains(&mismatch(&queues.features, 3, 4)),
-        "{stderr}"
-    );
-    // Nothing consumed, and nothing of the other layout declared.
-    let depths = queue_depths(&url, &features).await;
-    eprintln!("features partitions after the refused model: {depths:?}");
-    assert_eq!(depths.values().sum::<u32>(), COUNT, "{depths:?}");
+    // A model started with 3 on the same names stops within 10 s, naming both counts, having
+    // consumed nothing; nothing of the other layout is declared.
+    let model = refused_start(
+        "model",
+        env(&url, &queues, 3),
+        work.path(),
+        &url,
+        &queues,
+        COUNT,
+    )
+    .await;
     let connection = connect(&url).await;
     for queue in [
         marker_queue(&queues.y_pred),
@@ -368,35 +369,15 @@ async fn another_partition_count_stops_a_service_naming_partitions() {
     let _ = connection.close(200, "bye".into()).await;
 
     // A producer started with 3 stops the same way, having published nothing.
-    let started = Instant::now();
-    let mut producer = start(
+    let producer = refused_start(
         "features",
         env(&url, &queues, 3).set("COUNT", 10).set("RATE", 0),
         work.path(),
-        "features3",
-    );
-    let exit = producer.wait_exit(Duration::from_secs(10));
-    let took = started.elapsed();
-    let stderr = producer.stderr();
-    eprintln!(
-        "features with PARTITIONS=3 exited {exit:?} after {took:?}: {}",
-        said(&stderr)
-    );
-    assert!(
-        exit.is_some_and(|status| !status.success()),
-        "the producer with PARTITIONS=3 did not stop with an error within 10 s: {exit:?}\n{stderr}"
-    );
-    assert!(
-        stderr.contains("PARTITIONS=3") && stderr.contains("PARTITIONS=4"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains(&mismatch(&queues.features, 3, 4)),
-        "{stderr}"
-    );
-    let depths = queue_depths(&url, &features).await;
-    eprintln!("features partitions after the refused producer: {depths:?}");
-    assert_eq!(depths.values().sum::<u32>(), COUNT, "{depths:?}");
+        &url,
+        &queues,
+        COUNT,
+    )
+    .await;
     assert_eq!(total_depth(&url, &y_true).await, COUNT, "y_true partitions");
 
     drop((model, producer));

@@ -59,6 +59,68 @@ async fn thousand_samples_flow_through_all_three_services() {
     delete_queues(&url, &run.queues).await;
 }
 
+/// `TARGET_COLUMN` set but empty, as compose passes it when it is not set, means the last column:
+/// for the producer, the model and the trainer, and for `model train`, whose `--target` reads it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_target_column_means_the_last_column() {
+    const SAMPLES: usize = 50;
+    let url = shared_amqp_url();
+    let work = tempfile::tempdir().unwrap();
+    let options = Options::new(url.clone(), SAMPLES as u64).env("TARGET_COLUMN", "");
+    let mut run = Pipeline::start("emptytarget", options);
+    let trainer = run.extra_service(
+        "trainer",
+        &[
+            (
+                "MODEL_PATH",
+                work.path().join("model.json").display().to_string(),
+            ),
+            ("TRAIN_DIR", work.path().join("train").display().to_string()),
+        ],
+    );
+    run.wait_rows(SAMPLES, Duration::from_secs(90));
+    let rows = run.rows();
+    assert_exactly_once(&rows, SAMPLES);
+    let data = Dataset::from_csv(&repo_root().join("data/diabetes.csv"), None).unwrap();
+    let model = LinearModel::fit(&data).unwrap();
+    let targets: Vec<f64> = (0..data.len()).map(|row| data.target(row)).collect();
+    for row in &rows {
+        assert!(
+            targets.contains(&row.y_true),
+            "{row:?}: y_true not a target"
+        );
+        assert_eq!(row.model_version, model.version, "{row:?}");
+    }
+    wait_healthy(&trainer, Duration::from_secs(30));
+
+    let train = |target_column: &str| {
+        let out = work.path().join(format!("train-{target_column}.json"));
+        let output = std::process::Command::new(bin_path("model"))
+            .args(["train", "--data"])
+            .arg(repo_root().join("data/diabetes.csv"))
+            .arg("--out")
+            .arg(&out)
+            .env("TARGET_COLUMN", target_column)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "TARGET_COLUMN={target_column:?}: {stderr}"
+        );
+        model::artifact::Artifact::load(&out).unwrap().target_name
+    };
+    assert_eq!(train(""), "target");
+    assert_eq!(train("bmi"), "bmi");
+
+    drop(trainer);
+    let features = run.features.as_mut().unwrap();
+    let status = features.wait_exit(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "features: {status:?}");
+    run.stop_services();
+    delete_queues(&url, &run.queues).await;
+}
+
 #[test]
 fn every_setting_is_listed_by_help() {
     let expected: &[(&str, &[&str])] = &[

@@ -1,8 +1,10 @@
-//! The producer's command line and settings (`Cli`, `Command`, `Order`, `Config`).
+//! The producer's command line and settings (`Cli`, `Order`, `Config`), and the drift that
+//! DRIFT_AFTER and DRIFT_SHIFT ask for, resolved against the data set.
 
-use crate::drift;
+use crate::drift::{self, Drift, UnknownFeatures};
 use clap::{Args, ValueEnum};
 use pipeline::config::{BrokerConfig, QueueNames, TelemetryConfig, parse_socket_addr};
+use pipeline::dataset::Dataset;
 use pipeline::service::{Identity, ServiceCli};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,7 +45,7 @@ pub struct Config {
     #[arg(long, env = "DATA_PATH", default_value = "data/diabetes.csv")]
     pub data_path: PathBuf,
 
-    /// Target column of the CSV; the last column when not set.
+    /// Target column of the CSV; the last column when not set or empty.
     #[arg(long, env = "TARGET_COLUMN")]
     pub target_column: Option<String>,
 
@@ -92,3 +94,30 @@ pub struct Config {
 }
 
 pipeline::impl_service_config!(Config);
+
+impl Config {
+    /// The drift to simulate, resolved against the data set's feature names.
+    pub fn drift(&self, feature_names: &[String]) -> Result<Drift, UnknownFeatures> {
+        Drift::new(
+            self.drift_after,
+            &self.drift_shift.clone().unwrap_or_default(),
+            feature_names,
+        )
+    }
+
+    /// Checks at start-up that `DRIFT_SHIFT` names only features of `DATA_PATH` (for a clear
+    /// command-line error). A data set that cannot be read is left to [`crate::run`] to report.
+    pub fn check_drift_shift(&self) -> Result<(), UnknownFeatures> {
+        if self
+            .drift_shift
+            .as_ref()
+            .is_none_or(|spec| spec.0.is_empty())
+        {
+            return Ok(());
+        }
+        match Dataset::from_csv(&self.data_path, self.target_column.as_deref()) {
+            Ok(data) => self.drift(&data.feature_names).map(|_| ()),
+            Err(_) => Ok(()),
+        }
+    }
+}

@@ -1,8 +1,6 @@
 //! Drift on demand, for demos and tests: after `DRIFT_AFTER` samples the producer adds a fixed
 //! amount to the named features (`DRIFT_SHIFT`, e.g. `bmi=0.05,s5=0.04`). Off by default.
 
-use crate::Config;
-use pipeline::dataset::Dataset;
 use std::fmt;
 
 /// `DRIFT_SHIFT` as written: feature names and the amount added to each.
@@ -107,33 +105,6 @@ impl Drift {
             }
         }
         scratch
-    }
-}
-
-impl Config {
-    /// The drift to simulate, resolved against the data set's feature names.
-    pub fn drift(&self, feature_names: &[String]) -> Result<Drift, UnknownFeatures> {
-        Drift::new(
-            self.drift_after,
-            &self.drift_shift.clone().unwrap_or_default(),
-            feature_names,
-        )
-    }
-
-    /// Checks at start-up that `DRIFT_SHIFT` names only features of `DATA_PATH` (for a clear
-    /// command-line error). A data set that cannot be read is left to [`crate::run`] to report.
-    pub fn check_drift_shift(&self) -> Result<(), UnknownFeatures> {
-        if self
-            .drift_shift
-            .as_ref()
-            .is_none_or(|spec| spec.0.is_empty())
-        {
-            return Ok(());
-        }
-        match Dataset::from_csv(&self.data_path, self.target_column.as_deref()) {
-            Ok(data) => self.drift(&data.feature_names).map(|_| ()),
-            Err(_) => Ok(()),
-        }
     }
 }
 

@@ -32,8 +32,8 @@ pub enum Command {
         /// Version carried on predictions; derived from the coefficients when not given.
         #[arg(long)]
         version: Option<String>,
-        /// Target column; the last column when not given.
-        #[arg(long)]
+        /// Target column; the last column when not given or empty.
+        #[arg(long, env = "TARGET_COLUMN")]
         target: Option<String>,
     },
     /// Show what the service would serve from an artifact (JSON or ONNX) and whether it is
@@ -122,7 +122,7 @@ pub struct Config {
     #[arg(long, env = "MODEL_POLL_MS", default_value_t = 1000)]
     pub model_poll_ms: u64,
 
-    /// Target column of the CSV; the last column when not set.
+    /// Target column of the CSV; the last column when not set or empty.
     #[arg(long, env = "TARGET_COLUMN")]
     pub target_column: Option<String>,
 

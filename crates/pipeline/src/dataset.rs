@@ -74,7 +74,9 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Reads `path`. The target is the column named `target_column`, or the last column.
+    /// Reads `path`. The target is the column named `target_column`, or the last column when it
+    /// is `None` or empty: every `TARGET_COLUMN` and `--target` comes here, and compose passes the
+    /// variable empty when it is not set (clap hands an empty value on as `Some("")`).
     pub fn from_csv(path: &Path, target_column: Option<&str>) -> Result<Self, DatasetError> {
         let io = |source| DatasetError::Io {
             path: path.to_owned(),
@@ -98,7 +100,7 @@ impl Dataset {
             });
         }
         let target_index =
-            match target_column {
+            match target_column.filter(|name| !name.is_empty()) {
                 Some(name) => header.iter().position(|c| c == name).ok_or_else(|| {
                     DatasetError::NoSuchColumn {
                         path: path.to_owned(),
@@ -232,6 +234,14 @@ mod tests {
         assert_eq!(data.target_name, "y");
         assert_eq!(data.row(1), [4.0, 5.0]);
         assert_eq!(data.targets(), [3.0, 6.0]);
+    }
+
+    #[test]
+    fn an_empty_target_name_means_the_last_column() {
+        let file = csv_file("a,b,y\n1,2,3\n");
+        let data = Dataset::from_csv(file.path(), Some("")).unwrap();
+        assert_eq!(data.target_name, "y");
+        assert_eq!(data.feature_names, ["a", "b"]);
     }
 
     #[test]

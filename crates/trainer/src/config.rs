@@ -44,7 +44,7 @@ pub struct Config {
     #[arg(long, env = "DATA_PATH", default_value = "data/diabetes.csv")]
     pub data_path: PathBuf,
 
-    /// Target column of DATA_PATH; the last column when not set.
+    /// Target column of DATA_PATH; the last column when not set or empty.
     #[arg(long, env = "TARGET_COLUMN")]
     pub target_column: Option<String>,
 
