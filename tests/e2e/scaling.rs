@@ -132,7 +132,7 @@ async fn model_artifact_is_swapped_while_streaming_and_a_broken_one_is_refused()
 async fn three_models_share_the_work_fairly_and_losing_one_loses_nothing() {
     let url = shared_amqp_url();
     let total = 10_000;
-    let mut run = Pipeline::start(
+    let mut run = Pipeline::start_consumers(
         "scale",
         Options::new(url.clone(), total as u64)
             .rate(2000.0)
@@ -140,6 +140,12 @@ async fn three_models_share_the_work_fairly_and_losing_one_loses_nothing() {
     );
     let mut second = run.extra_service("model", &[]);
     let third = run.extra_service("model", &[]);
+    // All three consume before the first sample: the shares measure how the broker spreads the
+    // work, not which replica started first on a busy machine.
+    for model in [&run.model, &second, &third] {
+        wait_healthy(model, Duration::from_secs(30));
+    }
+    run.start_features();
     let q = run.queues.clone();
 
     run.wait_rows(4000, Duration::from_secs(120));
