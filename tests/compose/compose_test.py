@@ -584,6 +584,49 @@ def run(checks, stack, work, timings, image_before):
         f"{count} rows, {len(y_true)} y_true ids logged, not joined {len(missing)}, no id twice: {unique}",
     )
 
+    # 11. Your own training code under compose: the trainer in an image with Python
+    # (examples/trainer-python), TRAIN_COMMAND running examples/train_sklearn.py on its window;
+    # POST /retrain scores what it trains, and a promoted .onnx is what the replicas serve next.
+    built = subprocess.run(
+        ["docker", "build", "-q", "-f", "examples/trainer-python/Dockerfile",
+         "-t", "ml-pipeline-trainer-python", "."],
+        cwd=stack.folder, env=stack.env, capture_output=True, text=True, timeout=1800,
+    )
+    files = ["-f", "docker-compose.yml", "-f", "examples/compose.train-command.yml"]
+    outcome, served = {}, None
+    if built.returncode == 0:
+        stack.env["MODEL_PATH"] = "models/model.onnx"
+        stack.compose(*files, "up", "-d", "--scale", "features=1")
+        wait_for(120, lambda: stack.all_healthy({**ALL_UP, "features": 1}))
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(
+                    f"http://127.0.0.1:{stack.env['TRAINER_PORT']}/retrain", method="POST"
+                ),
+                timeout=300,
+            ) as response:
+                outcome = json.load(response)
+        except Exception as error:  # reported as the check's detail
+            outcome = {"error": repr(error)}
+        candidate = outcome.get("candidate_version")
+        if outcome.get("result") == "promoted":
+            served = wait_for(
+                120,
+                lambda: any(row["model_version"] == candidate for row in stack.rows()[-20:]),
+            )
+    checks.record(
+        "TRAIN_COMMAND in an image with Python: the trainer scores what it trains",
+        built.returncode == 0
+        and outcome.get("result") in ("promoted", "refused")
+        and "candidate_mae" in outcome
+        and (outcome.get("result") == "refused" or served),
+        f"build exit {built.returncode} {built.stderr.strip()[-200:]}; outcome {outcome}; "
+        f"promoted version served: {served}",
+    )
+    stack.env.pop("MODEL_PATH", None)
+    stack.compose("up", "-d", "--scale", "features=0")
+    subprocess.run(["docker", "rmi", "ml-pipeline-trainer-python"], capture_output=True)
+
 
 def main():
     work = Path(tempfile.mkdtemp(prefix="compose-test-"))
