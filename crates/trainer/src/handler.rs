@@ -57,13 +57,10 @@ impl MessageHandler for Handler {
         let message_id = pipeline::broker::message_id(delivery);
         let stream = if input == 0 { "features" } else { "y_true" };
         let parsed = if input == 0 {
-            match parse_features(&delivery.data, message_id) {
-                Ok(message) => match self.columns(&message, delivery) {
-                    Ok(features) => Ok((message.id, Some(features), None)),
-                    Err(err) => Err(err),
-                },
-                Err(err) => Err(err),
-            }
+            parse_features(&delivery.data, message_id).and_then(|message| {
+                let features = self.columns(&message, delivery)?;
+                Ok((message.id, Some(features), None))
+            })
         } else {
             parse_label(LabelKind::YTrue, &delivery.data, message_id)
                 .map(|m| (m.id, None, Some(m.value)))

@@ -1,6 +1,6 @@
 //! `GET /model`: the artifact this trainer promoted, for model replicas that cannot share its
-//! folder (`MODEL_URL` on another machine). The bytes of `MODEL_PATH` (JSON or ONNX) (the `DATA_PATH` baseline
-//! while it does not exist), with a strong ETag so replicas poll with `If-None-Match` and get 304
+//! folder (`MODEL_URL` on another machine). The bytes of `MODEL_PATH`, JSON or ONNX (the
+//! `DATA_PATH` baseline while it does not exist), with a strong ETag so replicas poll with `If-None-Match` and get 304
 //! while nothing changed; 503 while `MODEL_PATH` is not a valid artifact, so replicas keep what
 //! they serve. A rollback (`model rollback`) writes `MODEL_PATH`, so it is served too.
 
