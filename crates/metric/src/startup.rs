@@ -79,11 +79,16 @@ pub async fn run(
     )
     .await?;
 
-    let parts: Vec<(String, Health)> = units
-        .iter()
-        .filter(|_| partitions.is_partitioned())
-        .map(|unit| (format!("p{}", unit.k), unit.health.clone()))
-        .collect();
+    // With several partitions each reports to a health of its own, gathered into the service's
+    // here; one partition reports to the service's health directly.
+    let parts: Vec<(String, Health)> = if partitions.is_partitioned() {
+        units
+            .iter()
+            .map(|unit| (format!("p{}", unit.k), unit.health.clone()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let gather = {
         let (health, shutdown) = (health.clone(), shutdown.clone());
         async move {

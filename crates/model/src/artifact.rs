@@ -183,7 +183,7 @@ pub struct Restored {
 /// as the served artifact, atomically, after checking it is a valid artifact of that version.
 /// The model services watching `model_path` swap to it.
 pub fn rollback(model_path: &Path, version: &str) -> anyhow::Result<Restored> {
-    if versioned_path(model_path, version, ArtifactKind::LinearJson).is_none() {
+    if pipeline::messages::validate_id(version).is_err() {
         anyhow::bail!("{version:?} is not a version (1 to 128 characters of A-Z a-z 0-9 . _ : -)");
     }
     let source = find_version(model_path, version).with_context(|| {
