@@ -318,7 +318,14 @@ async fn producer_role(
         let id = uuid::Uuid::new_v4().to_string();
         let row = sampler.next_row();
         let sent_at_us = now_us();
-        write_y_true(&mut body, format, &id, data.target(row), sent_at_us, None)?;
+        write_y_true(
+            &mut body,
+            format,
+            &id,
+            &data.target(row).into(),
+            sent_at_us,
+            None,
+        )?;
         y_true_bytes += body.len() as u64;
         let y_true = channel
             .publish_json(&plan.y_true_queue, &body, Some(&id))
@@ -436,7 +443,8 @@ impl MessageHandler for CeilingModel {
             &mut self.body,
             self.format,
             Some(id),
-            self.prediction,
+            &self.prediction.into(),
+            None,
             &self.model_version,
             Some(now_us()),
             None,

@@ -421,7 +421,7 @@ impl Producer {
             &mut self.body,
             format,
             id,
-            self.data.target(row),
+            &self.data.target(row).into(),
             sent_at_us,
             tag,
         )?;

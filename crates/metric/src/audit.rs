@@ -302,7 +302,8 @@ mod tests {
     fn message(kind: LabelKind, id: &str, window: u64) -> LabelMessage {
         LabelMessage {
             id: Some(id.to_owned()),
-            value: 1.0,
+            value: 1.0.into(),
+            probabilities: None,
             model_version: (kind == LabelKind::YPred).then(|| "v1".to_owned()),
             sent_at_us: None,
             audit: Some(tag("ab12", window)),

@@ -257,20 +257,16 @@ impl Recorder {
         kind: LabelKind,
         message: LabelMessage,
     ) -> Result<(), MessageError> {
+        let value = message.value.number(kind)?;
         let Some(id) = message.id.as_deref() else {
             // Not joinable, but its kind is arriving: ids waiting for it age.
             self.joiner.note_activity(kind, Instant::now());
-            self.files.push_label(
-                kind,
-                None,
-                message.value,
-                message.model_version.as_deref(),
-                None,
-            );
+            self.files
+                .push_label(kind, None, value, message.model_version.as_deref(), None);
             self.metrics.unpaired.inc();
             tracing::debug!(
                 queue = kind.as_str(),
-                value = message.value,
+                value = value,
                 "message without id logged, not joined"
             );
             return Ok(());
@@ -278,7 +274,7 @@ impl Recorder {
         let offer = self.joiner.offer(
             kind,
             id,
-            message.value,
+            value,
             message.model_version.as_deref(),
             message.sent_at_us,
             Instant::now(),
@@ -294,7 +290,7 @@ impl Recorder {
         self.files.push_label(
             kind,
             Some(id),
-            message.value,
+            value,
             message.model_version.as_deref(),
             message.audit.as_deref(),
         );

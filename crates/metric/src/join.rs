@@ -353,8 +353,8 @@ fn same_or_conflict(
         Err(MessageError::ConflictingDuplicate {
             id: id.to_owned(),
             kind: kind.as_str(),
-            first,
-            second: value,
+            first: first.to_string(),
+            second: value.to_string(),
         })
     }
 }

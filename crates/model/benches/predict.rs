@@ -9,7 +9,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use model::drift_monitor::DriftMonitor;
 use model::regression::LinearModel;
 use pipeline::dataset::Dataset;
-use pipeline::messages::{FeaturesOut, YPredOut, parse_features};
+use pipeline::messages::{FeaturesOut, Target, YPredOut, parse_features};
 use std::hint::black_box;
 use std::path::Path;
 
@@ -42,7 +42,8 @@ fn predict(c: &mut Criterion) {
                 &mut body,
                 black_box(&YPredOut {
                     id: ID,
-                    y_pred,
+                    y_pred: &Target::Number(y_pred),
+                    probabilities: None,
                     model_version: &model.version,
                     sent_at_us: Some(SENT_AT_US),
                     audit: Some(AUDIT_TAG),
@@ -69,7 +70,8 @@ fn predict(c: &mut Criterion) {
                 &mut body,
                 &YPredOut {
                     id: message.id.as_deref().unwrap_or(ID),
-                    y_pred,
+                    y_pred: &Target::Number(y_pred),
+                    probabilities: None,
                     model_version: &model.version,
                     sent_at_us: message.sent_at_us,
                     audit: message.audit.as_deref(),

@@ -6,7 +6,9 @@ use crate::served::ServedModel;
 use lapin::message::Delivery;
 use pipeline::broker::publisher::header_str;
 use pipeline::broker::{Disposition, HandlerError, MessageHandler, Outgoing};
-use pipeline::messages::{BodyFormat, check_partition, now_us, parse_features, write_y_pred};
+use pipeline::messages::{
+    BodyFormat, Target, check_partition, now_us, parse_features, write_y_pred,
+};
 use pipeline::metrics::QueueCounters;
 use pipeline::partition::Router;
 use pipeline::schema::FEATURE_NAMES_HEADER;
@@ -88,7 +90,8 @@ impl MessageHandler for Predictor {
             &mut self.body,
             format,
             message.id.as_deref(),
-            y_pred,
+            &Target::Number(y_pred),
+            None,
             &model.version,
             message.sent_at_us,
             message.audit.as_deref(),

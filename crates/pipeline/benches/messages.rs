@@ -6,7 +6,9 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use pipeline::dataset::Dataset;
-use pipeline::messages::{FeaturesOut, LabelKind, YPredOut, YTrueOut, parse_features, parse_label};
+use pipeline::messages::{
+    FeaturesOut, LabelKind, Target, YPredOut, YTrueOut, parse_features, parse_label,
+};
 use std::hint::black_box;
 use std::path::Path;
 
@@ -17,7 +19,7 @@ const ID: &str = "0b7e6a4e-3f0c-4a59-9d1e-2a7f3c1b5e90";
 const SENT_AT_US: u64 = 1_764_000_000_000_123;
 
 /// A prediction with the digits a real one has.
-const Y_PRED: f64 = 206.116_977_023_291_7;
+const Y_PRED: Target = Target::Number(206.116_977_023_291_7);
 
 /// A model version as the model service derives it.
 const MODEL_VERSION: &str = "ols-1a2b3c4d5e6f";
@@ -40,7 +42,7 @@ fn features_out(row: &[f64]) -> FeaturesOut<'_> {
     }
 }
 
-fn y_true_out(y_true: f64) -> YTrueOut<'static> {
+fn y_true_out(y_true: &Target) -> YTrueOut<'_> {
     YTrueOut {
         id: ID,
         y_true,
@@ -52,7 +54,8 @@ fn y_true_out(y_true: f64) -> YTrueOut<'static> {
 fn y_pred_out() -> YPredOut<'static> {
     YPredOut {
         id: ID,
-        y_pred: Y_PRED,
+        y_pred: &Y_PRED,
+        probabilities: None,
         model_version: MODEL_VERSION,
         sent_at_us: Some(SENT_AT_US),
         audit: Some(AUDIT_TAG),
@@ -62,7 +65,7 @@ fn y_pred_out() -> YPredOut<'static> {
 fn parse(c: &mut Criterion) {
     let data = data();
     let features = serde_json::to_vec(&features_out(data.row(0))).expect("features body");
-    let y_true = serde_json::to_vec(&y_true_out(data.target(0))).expect("y_true body");
+    let y_true = serde_json::to_vec(&y_true_out(&data.target(0).into())).expect("y_true body");
     let y_pred = serde_json::to_vec(&y_pred_out()).expect("y_pred body");
 
     let mut group = c.benchmark_group("parse");
@@ -81,7 +84,7 @@ fn parse(c: &mut Criterion) {
 fn serialize(c: &mut Criterion) {
     let data = data();
     let row = data.row(0).to_vec();
-    let y_true = data.target(0);
+    let y_true = Target::Number(data.target(0));
     // One buffer reused, as the services do.
     let mut body = Vec::with_capacity(512);
 
@@ -96,7 +99,7 @@ fn serialize(c: &mut Criterion) {
     group.bench_function("y_true", |b| {
         b.iter(|| {
             body.clear();
-            serde_json::to_writer(&mut body, black_box(&y_true_out(y_true))).expect("serialize");
+            serde_json::to_writer(&mut body, black_box(&y_true_out(&y_true))).expect("serialize");
             body.len()
         })
     });

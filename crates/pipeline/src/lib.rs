@@ -2,6 +2,7 @@
 //! services have in common, so each service's crate holds only its own logic.
 //!
 //! - [`messages`]: the JSON messages on the three queues, and how bad input is classified.
+//! - [`classes`]: the task (regression or classification), class labels and probabilities.
 //! - [`schema`]: feature names, and how a message's values are put in a model's order.
 //! - [`dataset`]: loading a numeric CSV (features, target) for the producer and the model.
 //! - [`config`]: settings shared by the services (environment variables and flags).
@@ -15,6 +16,7 @@
 
 pub mod audit;
 pub mod broker;
+pub mod classes;
 pub mod config;
 pub mod dataset;
 pub mod fs;

@@ -6,6 +6,12 @@
 //! - `y_true`:   `{"id": "...", "y_true": f64, "sent_at_us": u64}`
 //! - `y_pred`:   `{"id": "...", "y_pred": f64, "model_version": "..."}`
 //!
+//! Under `TASK=classification` ([`crate::classes`]) a target is a class label as the data has it,
+//! a JSON integer or string, and a prediction carries the class probabilities:
+//! - `y_true`:   `{"id": "...", "y_true": "setosa", "sent_at_us": u64}`
+//! - `y_pred`:   `{"id": "...", "y_pred": "setosa", "probabilities": {"setosa": 0.9, ...},
+//!   "model_version": "..."}`
+//!
 //! `sent_at_us` (the producer's send time, microseconds since the Unix epoch) is optional on input.
 //! So is `audit` (`"<producer>:<window>"`, [`crate::audit`]): the producer's loss-audit window,
 //! which the model copies from `features` into `y_pred`; a message without a valid one is simply
@@ -15,6 +21,7 @@
 //! from the AMQP `message_id` property, and has none when that is absent. Under `TOPOLOGY=course`
 //! our services write the bare format too ([`BodyFormat::Bare`]), the id in `message_id` only.
 
+use crate::classes::{ClassLabel, Probabilities};
 use crate::config::TopologyMode;
 use crate::partition::Partitions;
 use serde::{Deserialize, Serialize};
@@ -76,11 +83,15 @@ pub enum MessageError {
         id: String,
         /// `y_true` or `y_pred`.
         kind: &'static str,
-        /// The value kept.
-        first: f64,
-        /// The value refused.
-        second: f64,
+        /// The value kept, as text.
+        first: String,
+        /// The value refused, as text.
+        second: String,
     },
+    /// A prediction's class probabilities that are not a distribution over distinct classes, or
+    /// that leave out the predicted class.
+    #[error("bad class probabilities: {0}")]
+    BadProbabilities(String),
     /// With `PARTITIONS > 1`: the id hashes to another partition than the queue it was found in
     /// (a producer that routes differently, or a message moved by hand). Never joined.
     #[error("id {id} belongs in partition {belongs}, but was found in {queue}")]
@@ -130,6 +141,7 @@ impl MessageError {
             Self::NonFinite(_) => "non_finite",
             Self::SchemaMismatch(_) => "schema_mismatch",
             Self::ConflictingDuplicate { .. } => "conflicting_duplicate",
+            Self::BadProbabilities(_) => "bad_probabilities",
         }
     }
 }
@@ -171,13 +183,116 @@ pub struct FeaturesMessage {
     pub audit: Option<String>,
 }
 
+/// What a `y_true` or `y_pred` says: a number, or a class label (a JSON string; a JSON integer
+/// reads as a number, which [`Target::class`] takes as a label).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Target {
+    /// A regression target or prediction, finite.
+    Number(f64),
+    /// A class label.
+    Class(ClassLabel),
+}
+
+impl Target {
+    /// The number, or `wrong_shape` for a label where a number is expected.
+    pub fn number(&self, kind: LabelKind) -> Result<f64, MessageError> {
+        match self {
+            Self::Number(value) => Ok(*value),
+            Self::Class(label) => Err(MessageError::WrongShape(format!(
+                "{} {:?} is not a number (is TASK=classification meant?)",
+                kind.as_str(),
+                label.key()
+            ))),
+        }
+    }
+
+    /// The class label: a string, or an integral number.
+    pub fn class(&self, kind: LabelKind) -> Result<ClassLabel, MessageError> {
+        match self {
+            Self::Number(value) => ClassLabel::from_number(*value, kind.as_str()),
+            Self::Class(label) => Ok(label.clone()),
+        }
+    }
+}
+
+impl From<f64> for Target {
+    fn from(value: f64) -> Self {
+        Self::Number(value)
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Number(value) => write!(f, "{value}"),
+            Self::Class(label) => write!(f, "{:?}", label.key()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Target {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Target;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number or a class label (a string or an integer)")
+            }
+            fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Target, E> {
+                Ok(Target::Number(value))
+            }
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Target, E> {
+                Ok(Target::Number(value as f64))
+            }
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Target, E> {
+                Ok(Target::Number(value as f64))
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Target, E> {
+                Ok(Target::Class(ClassLabel::Text(value.to_owned())))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// `probabilities` on the wire: an object of class -> probability, in the sender's order.
+struct WireProbabilities(Vec<(String, f64)>);
+
+impl<'de> Deserialize<'de> for WireProbabilities {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = WireProbabilities;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of class -> probability")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut classes = Vec::with_capacity(map.size_hint().unwrap_or(2));
+                while let Some(entry) = map.next_entry::<String, f64>()? {
+                    classes.push(entry);
+                }
+                Ok(WireProbabilities(classes))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
 /// A `y_true` or `y_pred` message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelMessage {
     /// Sample id; `None` for a bare message without `message_id` (logged, never paired).
     pub id: Option<String>,
-    /// The value, finite.
-    pub value: f64,
+    /// The value: a finite number, or a class label.
+    pub value: Target,
+    /// A classifier's prediction: the class probabilities (the predicted class among them).
+    pub probabilities: Option<Probabilities>,
     /// Version of the model that made a prediction.
     pub model_version: Option<String>,
     /// Producer's send time, if given.
@@ -256,7 +371,7 @@ impl<'de> Deserialize<'de> for WireFeatures {
 struct YTrueWire<'a> {
     #[serde(borrow, default)]
     id: Option<Cow<'a, str>>,
-    y_true: f64,
+    y_true: Target,
     #[serde(default)]
     sent_at_us: Option<u64>,
     #[serde(borrow, default)]
@@ -267,7 +382,9 @@ struct YTrueWire<'a> {
 struct YPredWire<'a> {
     #[serde(borrow, default)]
     id: Option<Cow<'a, str>>,
-    y_pred: f64,
+    y_pred: Target,
+    #[serde(default)]
+    probabilities: Option<WireProbabilities>,
     #[serde(borrow, default)]
     model_version: Option<Cow<'a, str>>,
     #[serde(default)]
@@ -296,7 +413,7 @@ pub struct YTrueOut<'a> {
     /// Sample id.
     pub id: &'a str,
     /// True target.
-    pub y_true: f64,
+    pub y_true: &'a Target,
     /// Send time, microseconds since the Unix epoch.
     pub sent_at_us: u64,
     /// The loss-audit tag.
@@ -310,7 +427,10 @@ pub struct YPredOut<'a> {
     /// Sample id.
     pub id: &'a str,
     /// Prediction.
-    pub y_pred: f64,
+    pub y_pred: &'a Target,
+    /// A classifier's class probabilities.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probabilities: Option<&'a Probabilities>,
     /// Version of the model that made it.
     pub model_version: &'a str,
     /// Producer's send time, carried over from the features message.
@@ -370,7 +490,7 @@ pub fn write_y_true(
     out: &mut Vec<u8>,
     format: BodyFormat,
     id: &str,
-    y_true: f64,
+    y_true: &Target,
     sent_at_us: u64,
     audit: Option<&str>,
 ) -> serde_json::Result<()> {
@@ -385,17 +505,19 @@ pub fn write_y_true(
                 audit,
             },
         ),
-        BodyFormat::Bare => serde_json::to_writer(out, &y_true),
+        BodyFormat::Bare => serde_json::to_writer(out, y_true),
     }
 }
 
 /// Writes a `y_pred` body into `out` (replacing its content). Without an id the body is bare
-/// whatever `format` says: a native message needs one.
+/// whatever `format` says: a native message needs one (and a bare one has no probabilities).
+#[allow(clippy::too_many_arguments)]
 pub fn write_y_pred(
     out: &mut Vec<u8>,
     format: BodyFormat,
     id: Option<&str>,
-    y_pred: f64,
+    y_pred: &Target,
+    probabilities: Option<&Probabilities>,
     model_version: &str,
     sent_at_us: Option<u64>,
     audit: Option<&str>,
@@ -407,12 +529,13 @@ pub fn write_y_pred(
             &YPredOut {
                 id,
                 y_pred,
+                probabilities,
                 model_version,
                 sent_at_us,
                 audit,
             },
         ),
-        _ => serde_json::to_writer(out, &y_pred),
+        _ => serde_json::to_writer(out, y_pred),
     }
 }
 
@@ -459,6 +582,8 @@ enum Shape {
     Object,
     Array,
     Number,
+    /// A JSON string: a bare class label.
+    Text,
     Other(&'static str),
 }
 
@@ -475,7 +600,7 @@ fn shape_of(body: &[u8]) -> Result<Shape, MessageError> {
         Some(b'{') => Shape::Object,
         Some(b'[') => Shape::Array,
         Some(b'-' | b'0'..=b'9') => Shape::Number,
-        Some(b'"') => Shape::Other("a string"),
+        Some(b'"') => Shape::Text,
         Some(b't' | b'f') => Shape::Other("a boolean"),
         Some(b'n') => Shape::Other("null"),
         Some(_) => Shape::Other("not JSON"),
@@ -556,6 +681,7 @@ pub fn parse_features(
                     .to_owned(),
             ));
         }
+        Shape::Text => return Err(not_json_or_shape(body, "a string")),
         Shape::Other(what) => return Err(not_json_or_shape(body, what)),
     };
     if features.is_empty() {
@@ -592,6 +718,7 @@ pub fn parse_label(
                 LabelMessage {
                     id: resolve_id(wire.id, true, message_id)?,
                     value: wire.y_true,
+                    probabilities: None,
                     model_version: None,
                     sent_at_us: wire.sent_at_us,
                     audit: audit_tag(wire.audit),
@@ -599,20 +726,31 @@ pub fn parse_label(
             }
             LabelKind::YPred => {
                 let wire: YPredWire<'_> = serde_json::from_slice(body).map_err(json_error)?;
+                let (value, probabilities) = match wire.probabilities {
+                    None => (wire.y_pred, None),
+                    Some(WireProbabilities(classes)) => {
+                        let label = wire.y_pred.class(kind)?;
+                        let probabilities = Probabilities::new(classes)?;
+                        probabilities.check_predicted(&label)?;
+                        (Target::Class(label), Some(probabilities))
+                    }
+                };
                 LabelMessage {
                     id: resolve_id(wire.id, true, message_id)?,
-                    value: wire.y_pred,
+                    value,
+                    probabilities,
                     model_version: wire.model_version.map(Cow::into_owned),
                     sent_at_us: wire.sent_at_us,
                     audit: audit_tag(wire.audit),
                 }
             }
         },
-        Shape::Number => {
-            let value: f64 = serde_json::from_slice(body).map_err(json_error)?;
+        Shape::Number | Shape::Text => {
+            let value: Target = serde_json::from_slice(body).map_err(json_error)?;
             LabelMessage {
                 id: resolve_id(None, false, message_id)?,
                 value,
+                probabilities: None,
                 model_version: None,
                 sent_at_us: None,
                 audit: None,
@@ -620,13 +758,15 @@ pub fn parse_label(
         }
         Shape::Array => {
             return Err(MessageError::WrongShape(format!(
-                "expected an object {{\"id\", \"{}\"}} or a number, got an array",
+                "expected an object {{\"id\", \"{}\"}}, a number or a label, got an array",
                 kind.as_str()
             )));
         }
         Shape::Other(what) => return Err(not_json_or_shape(body, what)),
     };
-    check_finite(message.value, || kind.as_str().to_owned())?;
+    if let Target::Number(value) = message.value {
+        check_finite(value, || kind.as_str().to_owned())?;
+    }
     Ok(message)
 }
 
@@ -683,7 +823,8 @@ mod tests {
             &mut out,
             BodyFormat::Native,
             Some("s1"),
-            2.0,
+            &Target::Number(2.0),
+            None,
             "v1",
             None,
             features.audit.as_deref(),
@@ -697,7 +838,11 @@ mod tests {
             r#"{"id":"s1","y_true":1.0}"#,
         ] {
             let y_true = parse_label(LabelKind::YTrue, body.as_bytes(), None).unwrap();
-            assert_eq!((y_true.value, y_true.audit), (1.0, None), "{body}");
+            assert_eq!(
+                (y_true.value, y_true.audit),
+                (Target::Number(1.0), None),
+                "{body}"
+            );
         }
         // A tag that is not a string is a wrong shape, as any other field of the wrong type.
         let wrong = parse_label(
@@ -739,11 +884,22 @@ mod tests {
             (Some("s1"), Some(7))
         );
 
-        write_y_true(&mut out, BodyFormat::Bare, "s1", 151.0, 7, Some("p:1")).unwrap();
+        write_y_true(
+            &mut out,
+            BodyFormat::Bare,
+            "s1",
+            &151.0.into(),
+            7,
+            Some("p:1"),
+        )
+        .unwrap();
         assert_eq!(out, b"151.0");
         let y = parse_label(LabelKind::YTrue, &out, Some("s1")).unwrap();
-        assert_eq!((y.id.as_deref(), y.value), (Some("s1"), 151.0));
-        write_y_true(&mut out, BodyFormat::Native, "s1", 151.0, 7, None).unwrap();
+        assert_eq!(
+            (y.id.as_deref(), y.value),
+            (Some("s1"), Target::Number(151.0))
+        );
+        write_y_true(&mut out, BodyFormat::Native, "s1", &151.0.into(), 7, None).unwrap();
         let y = parse_label(LabelKind::YTrue, &out, None).unwrap();
         assert_eq!((y.id.as_deref(), y.sent_at_us), (Some("s1"), Some(7)));
 
@@ -751,20 +907,32 @@ mod tests {
             &mut out,
             BodyFormat::Bare,
             Some("s1"),
-            2.5,
+            &Target::Number(2.5),
+            None,
             "v1",
             None,
             None,
         )
         .unwrap();
         assert_eq!(out, b"2.5");
-        write_y_pred(&mut out, BodyFormat::Native, None, 2.5, "v1", None, None).unwrap();
+        write_y_pred(
+            &mut out,
+            BodyFormat::Native,
+            None,
+            &2.5.into(),
+            None,
+            "v1",
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(out, b"2.5");
         write_y_pred(
             &mut out,
             BodyFormat::Native,
             Some("s1"),
-            2.5,
+            &Target::Number(2.5),
+            None,
             "v1",
             Some(7),
             None,
@@ -772,7 +940,10 @@ mod tests {
         .unwrap();
         let p = parse_label(LabelKind::YPred, &out, None).unwrap();
         assert_eq!(p.model_version.as_deref(), Some("v1"));
-        assert_eq!((p.id.as_deref(), p.value), (Some("s1"), 2.5));
+        assert_eq!(
+            (p.id.as_deref(), p.value),
+            (Some("s1"), Target::Number(2.5))
+        );
         assert_eq!(BodyFormat::of(TopologyMode::Course), BodyFormat::Bare);
         assert_eq!(BodyFormat::of(TopologyMode::Durable), BodyFormat::Native);
     }
@@ -822,9 +993,100 @@ mod tests {
     }
 
     #[test]
+    fn class_labels_and_probabilities_read_back_as_written() {
+        let mut out = Vec::new();
+        let setosa = Target::Class(ClassLabel::Text("setosa".to_owned()));
+        write_y_true(&mut out, BodyFormat::Native, "s1", &setosa, 7, None).unwrap();
+        assert_eq!(out, br#"{"id":"s1","y_true":"setosa","sent_at_us":7}"#);
+        let y = parse_label(LabelKind::YTrue, &out, None).unwrap();
+        assert_eq!(y.value, setosa);
+        // An integer label stays an integer on the wire and reads back as that class.
+        write_y_true(
+            &mut out,
+            BodyFormat::Bare,
+            "s1",
+            &Target::Class(ClassLabel::Integer(1)),
+            7,
+            None,
+        )
+        .unwrap();
+        assert_eq!(out, b"1");
+        let y = parse_label(LabelKind::YTrue, &out, Some("s1")).unwrap();
+        assert_eq!(y.value.class(LabelKind::YTrue), Ok(ClassLabel::Integer(1)));
+        let bare = parse_label(LabelKind::YTrue, br#""virginica""#, Some("s2")).unwrap();
+        assert_eq!(
+            bare.value.class(LabelKind::YTrue),
+            Ok(ClassLabel::Text("virginica".to_owned()))
+        );
+
+        let probabilities = crate::classes::Probabilities::new(vec![
+            ("setosa".to_owned(), 0.75),
+            ("versicolor".to_owned(), 0.25),
+        ])
+        .unwrap();
+        write_y_pred(
+            &mut out,
+            BodyFormat::Native,
+            Some("s1"),
+            &setosa,
+            Some(&probabilities),
+            "v1",
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"id":"s1","y_pred":"setosa","probabilities":{"setosa":0.75,"versicolor":0.25},"model_version":"v1"}"#
+        );
+        let p = parse_label(LabelKind::YPred, &out, None).unwrap();
+        assert_eq!((p.value, p.probabilities), (setosa, Some(probabilities)));
+        // An integer prediction with probabilities is a class.
+        let p = parse_label(
+            LabelKind::YPred,
+            br#"{"id":"a","y_pred":1,"probabilities":{"0":0.1,"1":0.9}}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.value, Target::Class(ClassLabel::Integer(1)));
+    }
+
+    #[test]
+    fn bad_class_predictions_are_classified() {
+        let reason = |body: &str| {
+            parse_label(LabelKind::YPred, body.as_bytes(), None)
+                .unwrap_err()
+                .reason()
+        };
+        assert_eq!(
+            reason(r#"{"id":"a","y_pred":"x","probabilities":{"x":0.7,"y":0.7}}"#),
+            "bad_probabilities"
+        );
+        assert_eq!(
+            reason(r#"{"id":"a","y_pred":"z","probabilities":{"x":0.5,"y":0.5}}"#),
+            "bad_probabilities"
+        );
+        assert_eq!(
+            reason(r#"{"id":"a","y_pred":0.5,"probabilities":{"x":0.5,"y":0.5}}"#),
+            "wrong_shape"
+        );
+        assert_eq!(
+            reason(r#"{"id":"a","y_pred":"x","probabilities":[0.5,0.5]}"#),
+            "wrong_shape"
+        );
+        assert_eq!(
+            reason(r#"{"id":"a","y_pred":"x","probabilities":{"x":"high"}}"#),
+            "wrong_shape"
+        );
+    }
+
+    #[test]
     fn labels_native_and_bare() {
         let y = parse_label(LabelKind::YTrue, br#"{"id":"a","y_true":151.0}"#, None).unwrap();
-        assert_eq!((y.id.as_deref(), y.value), (Some("a"), 151.0));
+        assert_eq!(
+            (y.id.as_deref(), y.value),
+            (Some("a"), Target::Number(151.0))
+        );
         let p = parse_label(
             LabelKind::YPred,
             br#"{"id":"a","y_pred":1.5,"model_version":"v1"}"#,
@@ -833,7 +1095,10 @@ mod tests {
         .unwrap();
         assert_eq!(p.model_version.as_deref(), Some("v1"));
         let bare = parse_label(LabelKind::YTrue, b"75.5", Some("m1")).unwrap();
-        assert_eq!((bare.id.as_deref(), bare.value), (Some("m1"), 75.5));
+        assert_eq!(
+            (bare.id.as_deref(), bare.value),
+            (Some("m1"), Target::Number(75.5))
+        );
         let anonymous = parse_label(LabelKind::YPred, b"3", None).unwrap();
         assert_eq!(anonymous.id, None);
     }
@@ -841,11 +1106,15 @@ mod tests {
     #[test]
     fn bad_labels_are_classified() {
         let reason = |kind, body: &[u8]| parse_label(kind, body, None).unwrap_err().reason();
-        assert_eq!(reason(LabelKind::YTrue, b"\"abc\""), "wrong_shape");
-        assert_eq!(
-            reason(LabelKind::YTrue, b"{\"id\":\"a\",\"y_true\":\"1\"}"),
-            "wrong_shape"
-        );
+        // A label where a number is expected is refused by the regression reader, Target::number.
+        let number = |body: &[u8]| {
+            parse_label(LabelKind::YTrue, body, None)
+                .and_then(|m| m.value.number(LabelKind::YTrue))
+                .unwrap_err()
+                .reason()
+        };
+        assert_eq!(number(b"\"abc\""), "wrong_shape");
+        assert_eq!(number(b"{\"id\":\"a\",\"y_true\":\"1\"}"), "wrong_shape");
         assert_eq!(
             reason(LabelKind::YTrue, b"{\"id\":\"a\",\"y_pred\":1}"),
             "wrong_shape"

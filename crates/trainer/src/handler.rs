@@ -62,8 +62,10 @@ impl MessageHandler for Handler {
                 Ok((message.id, Some(features), None))
             })
         } else {
-            parse_label(LabelKind::YTrue, &delivery.data, message_id)
-                .map(|m| (m.id, None, Some(m.value)))
+            parse_label(LabelKind::YTrue, &delivery.data, message_id).and_then(|m| {
+                let target = m.value.number(LabelKind::YTrue)?;
+                Ok((m.id, None, Some(target)))
+            })
         };
         let (id, features, target) = match parsed {
             Ok(parsed) => parsed,

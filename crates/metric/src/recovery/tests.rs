@@ -236,7 +236,8 @@ fn message(kind: LabelKind, sample: usize, version: &str) -> LabelMessage {
     };
     LabelMessage {
         id: Some(format!("s{sample}")),
-        value,
+        value: value.into(),
+        probabilities: None,
         model_version: (kind == LabelKind::YPred).then(|| version.to_owned()),
         sent_at_us: None,
         audit: None,
