@@ -49,6 +49,11 @@ pub struct Config {
     #[arg(long, env = "TARGET_COLUMN")]
     pub target_column: Option<String>,
 
+    /// `classification`: the target column holds class labels (integers or strings), sent in
+    /// `y_true` as the data has them; `regression`: it holds numbers.
+    #[arg(long, env = "TASK", value_enum, default_value_t)]
+    pub task: pipeline::classes::Task,
+
     /// Samples per second; 0 sends as fast as the broker confirms.
     #[arg(long, env = "RATE", default_value_t = 10.0)]
     pub rate: f64,
@@ -115,7 +120,7 @@ impl Config {
         {
             return Ok(());
         }
-        match Dataset::from_csv(&self.data_path, self.target_column.as_deref()) {
+        match Dataset::from_csv_for(&self.data_path, self.target_column.as_deref(), self.task) {
             Ok(data) => self.drift(&data.feature_names).map(|_| ()),
             Err(_) => Ok(()),
         }

@@ -421,7 +421,7 @@ impl Producer {
             &mut self.body,
             format,
             id,
-            &self.data.target(row).into(),
+            &self.data.label(row),
             sent_at_us,
             tag,
         )?;

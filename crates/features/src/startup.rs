@@ -23,14 +23,20 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let shutdown = pipeline::shutdown::token_from(shutdown);
-    let data = Dataset::from_csv(&config.data_path, config.target_column.as_deref())
-        .context("cannot load the data set (DATA_PATH)")?;
+    let data = Dataset::from_csv_for(
+        &config.data_path,
+        config.target_column.as_deref(),
+        config.task,
+    )
+    .context("cannot load the data set (DATA_PATH)")?;
     if !(config.rate.is_finite() && config.rate >= 0.0) {
         anyhow::bail!("RATE must be a number >= 0, got {}", config.rate);
     }
     tracing::info!(
         rows = data.len(),
         features = data.n_features(),
+        task = %config.task,
+        classes = data.classes().map_or(0, <[_]>::len),
         rate = config.rate,
         count = config.count,
         order = ?config.order,

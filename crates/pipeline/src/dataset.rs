@@ -1,6 +1,9 @@
-//! Loading a numeric CSV data set: one header row, feature columns, and a target column (the last
+//! Loading a CSV data set: one header row, numeric feature columns, and a target column (the last
 //! one, or the one named by `TARGET_COLUMN`). Used by the producer and by the model's training.
+//! Under `TASK=classification` the target column holds class labels, kept as the data has them
+//! (integers or strings, [`ClassLabel`]).
 
+use crate::classes::{ClassLabel, Task};
 use std::path::{Path, PathBuf};
 
 /// Why a data set cannot be used.
@@ -70,7 +73,11 @@ pub struct Dataset {
     /// Name of the target column.
     pub target_name: String,
     features: Vec<f64>,
+    /// Regression: the targets. Classification: each row's index in `classes`.
     targets: Vec<f64>,
+    /// Classification: the distinct labels, sorted (integers before strings), as scikit-learn
+    /// orders `classes_`.
+    classes: Option<Vec<ClassLabel>>,
 }
 
 impl Dataset {
@@ -78,6 +85,16 @@ impl Dataset {
     /// is `None` or empty: every `TARGET_COLUMN` and `--target` comes here, and compose passes the
     /// variable empty when it is not set (clap hands an empty value on as `Some("")`).
     pub fn from_csv(path: &Path, target_column: Option<&str>) -> Result<Self, DatasetError> {
+        Self::from_csv_for(path, target_column, Task::Regression)
+    }
+
+    /// Reads `path` for `task`: under classification the target cells are class labels (any
+    /// text), every other cell a finite number.
+    pub fn from_csv_for(
+        path: &Path,
+        target_column: Option<&str>,
+        task: Task,
+    ) -> Result<Self, DatasetError> {
         let io = |source| DatasetError::Io {
             path: path.to_owned(),
             source,
@@ -112,6 +129,7 @@ impl Dataset {
             };
         let mut features = Vec::new();
         let mut targets = Vec::new();
+        let mut labels = Vec::new();
         for record in reader.records() {
             let record = record.map_err(io)?;
             let line = record.position().map_or(0, |p| p.line());
@@ -124,6 +142,10 @@ impl Dataset {
                 });
             }
             for (index, cell) in record.iter().enumerate() {
+                if index == target_index && task == Task::Classification {
+                    labels.push(ClassLabel::from_cell(cell));
+                    continue;
+                }
                 let value = cell
                     .parse::<f64>()
                     .ok()
@@ -141,6 +163,16 @@ impl Dataset {
                 }
             }
         }
+        let classes = (task == Task::Classification).then(|| {
+            let mut classes = labels.clone();
+            classes.sort_unstable();
+            classes.dedup();
+            targets = labels
+                .iter()
+                .map(|label| classes.binary_search(label).unwrap_or(0) as f64)
+                .collect();
+            classes
+        });
         if targets.is_empty() {
             return Err(DatasetError::Empty {
                 path: path.to_owned(),
@@ -158,6 +190,7 @@ impl Dataset {
             target_name,
             features,
             targets,
+            classes,
         })
     }
 
@@ -175,6 +208,7 @@ impl Dataset {
                 target_name,
                 features,
                 targets,
+                classes: None,
             })
     }
 
@@ -212,6 +246,21 @@ impl Dataset {
     /// All targets.
     pub fn targets(&self) -> &[f64] {
         &self.targets
+    }
+
+    /// Classification: the distinct labels, sorted; `None` for a regression data set.
+    pub fn classes(&self) -> Option<&[ClassLabel]> {
+        self.classes.as_deref()
+    }
+
+    /// What row `index` is labelled with: its class under classification, else its number.
+    pub fn label(&self, index: usize) -> crate::messages::Target {
+        match &self.classes {
+            Some(classes) => {
+                crate::messages::Target::Class(classes[self.targets[index] as usize].clone())
+            }
+            None => crate::messages::Target::Number(self.targets[index]),
+        }
     }
 }
 
@@ -265,6 +314,42 @@ mod tests {
         assert!(matches!(err, DatasetError::NoSuchColumn { .. }));
         let err = Dataset::from_csv(Path::new("/nonexistent.csv"), None).unwrap_err();
         assert!(matches!(err, DatasetError::Io { .. }));
+    }
+
+    #[test]
+    fn a_classification_target_keeps_its_labels_as_the_data_has_them() {
+        let file = csv_file("a,species\n1,setosa\n2,virginica\n3,setosa\n");
+        let data = Dataset::from_csv_for(file.path(), None, Task::Classification).unwrap();
+        assert_eq!(
+            data.classes(),
+            Some(
+                &[
+                    ClassLabel::Text("setosa".into()),
+                    ClassLabel::Text("virginica".into())
+                ][..]
+            )
+        );
+        assert_eq!(data.targets(), [0.0, 1.0, 0.0]);
+        assert_eq!(
+            data.label(1),
+            crate::messages::Target::Class(ClassLabel::Text("virginica".into()))
+        );
+        let file = csv_file("a,y\n1,1\n2,0\n");
+        let data = Dataset::from_csv_for(file.path(), None, Task::Classification).unwrap();
+        assert_eq!(
+            data.label(0),
+            crate::messages::Target::Class(ClassLabel::Integer(1))
+        );
+        // Regression reads the same file's labels as numbers, and refuses text.
+        assert_eq!(
+            Dataset::from_csv(file.path(), None).unwrap().label(0),
+            crate::messages::Target::Number(1.0)
+        );
+        let text = csv_file("a,species\n1,setosa\n");
+        assert!(matches!(
+            Dataset::from_csv(text.path(), None),
+            Err(DatasetError::NotANumber { .. })
+        ));
     }
 
     #[test]
