@@ -90,6 +90,9 @@ pub struct VersionAlarm {
 pub struct AlarmReport {
     /// One entry per kept version.
     pub versions: Vec<VersionAlarm>,
+    /// A classifier's figures (`TASK=classification`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub classification: Option<crate::classification::ClassReport>,
 }
 
 /// The last [`AlarmReport`], shared with the HTTP handler.

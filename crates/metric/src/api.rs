@@ -55,6 +55,9 @@ pub fn merge(reports: &[AlarmReport]) -> AlarmReport {
     }
     AlarmReport {
         versions: merged.into_iter().map(|(m, _)| m).collect(),
+        // A classifier's figures are not summed across partitions (yet): each partition's are
+        // on its own metrics and dashboard.
+        classification: None,
     }
 }
 
@@ -120,12 +123,14 @@ mod tests {
                 entry("v2", false, 10, 1.0, false),
                 entry("v1", false, 500, 1.1, true),
             ],
+            classification: None,
         };
         let p1 = AlarmReport {
             versions: vec![
                 entry("v2", true, 30, 2.0, false),
                 entry("v1", false, 400, 1.2, false),
             ],
+            classification: None,
         };
         let merged = merge(&[p0, p1]);
         assert_eq!(

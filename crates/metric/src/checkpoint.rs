@@ -118,7 +118,7 @@ mod tests {
             Totals::default(),
             vec![WaitingEntry {
                 id: "a".into(),
-                y_true: Some(1.5),
+                y_true: Some(1.5.into()),
                 y_pred: None,
                 model_version: None,
                 sent_at_us: Some(3),

@@ -58,6 +58,12 @@ pub struct Config {
     #[arg(long, env = "DEDUP_CAPACITY", default_value_t = 200_000)]
     pub dedup_capacity: usize,
 
+    /// `classification`: `y_true` and `y_pred` are class labels (a prediction with its class
+    /// probabilities), measured by accuracy, log loss, Brier score, macro F1 and ROC AUC;
+    /// `regression`: numbers, measured by MAE, RMSE and R².
+    #[arg(long, env = "TASK", value_enum, default_value_t)]
+    pub task: pipeline::classes::Task,
+
     /// Pairs in the sliding window of the windowed MAE, RMSE and R².
     #[arg(long, env = "QUALITY_WINDOW", default_value_t = 1_000)]
     pub quality_window: usize,

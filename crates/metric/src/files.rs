@@ -3,7 +3,8 @@
 //! - `labels_log.txt`: one line per received message: `time queue id value [model_version]
 //!   [audit=<producer>:<window>]`, space-separated (`-` for a message without id; the last field
 //!   only for a message that carried a loss-audit tag).
-//! - `metric_log.csv`: `id,y_true,y_pred,absolute_error,model_version`, one row per joined id.
+//! - `metric_log.csv`: `id,y_true,y_pred,absolute_error,model_version`, one row per joined id
+//!   (a classifier's columns are in [`rows`]).
 //!
 //! Lines are collected in memory and written with one `write_all` per file at each flush, before
 //! the messages are acked; one process owns the files (a lock file), so lines never interleave. A
@@ -17,9 +18,11 @@
 //! `.2` … up to `LOG_KEEP_FILES`, the oldest deleted) and a new one started, with the CSV header.
 //! `tail -F` follows the name. Start-up reads back across the rotated files where it needs to.
 
-use crate::join::Pair;
+use crate::classification::ClassPair;
+use crate::join::{Pair, Value};
 use anyhow::Context as _;
 use pipeline::broker::LocalFault;
+use pipeline::classes::Task;
 use pipeline::fs::AppendLog;
 use pipeline::messages::LabelKind;
 use std::fs::{File, OpenOptions};
@@ -32,29 +35,14 @@ use std::time::SystemTime;
 pub const LABELS_LOG: &str = "labels_log.txt";
 /// File name of the joined rows.
 pub const METRIC_CSV: &str = "metric_log.csv";
-/// Header of [`METRIC_CSV`].
-pub const CSV_HEADER: &str = "id,y_true,y_pred,absolute_error,model_version";
+mod rows;
+pub use rows::{CLASS_CSV_HEADER, CSV_HEADER, LabelLine, Row, header_of, parse_label_line};
 /// What starts the loss-audit field of a `labels_log.txt` line (a model version has no `=`).
-const AUDIT_PREFIX: &str = "audit=";
+pub(crate) const AUDIT_PREFIX: &str = "audit=";
 /// Lock file that keeps a second metric service away from the same files.
 pub const LOCK_FILE: &str = ".metric.lock";
 /// Bad rows of the CSV named one by one in the log, per read; beyond it only counted.
 const BAD_ROWS_LOGGED: u64 = 10;
-
-/// One line of `labels_log.txt`, read back at start-up.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LabelLine {
-    /// `y_true` or `y_pred`.
-    pub kind: LabelKind,
-    /// Sample id; `None` for `-`.
-    pub id: Option<String>,
-    /// The value.
-    pub value: f64,
-    /// Model version of a prediction.
-    pub model_version: Option<String>,
-    /// The loss-audit tag the message carried (`audit=<producer>:<window>` at the end).
-    pub audit: Option<String>,
-}
 
 /// Holds the exclusive lock on `LOG_DIR` for as long as it lives.
 #[derive(Debug)]
@@ -155,36 +143,6 @@ pub fn repair_tail(path: &Path) -> anyhow::Result<u64> {
     file.set_len(keep)
         .with_context(|| format!("cannot cut the half line at the end of {}", path.display()))?;
     Ok(len - keep)
-}
-
-/// Parses one line of `labels_log.txt`; `None` for a line that is not ours.
-pub fn parse_label_line(line: &str) -> Option<LabelLine> {
-    let mut fields = line.split(' ');
-    let _time = fields.next()?;
-    let kind = match fields.next()? {
-        "y_true" => LabelKind::YTrue,
-        "y_pred" => LabelKind::YPred,
-        _ => return None,
-    };
-    let id = match fields.next()? {
-        "-" => None,
-        id => Some(id.to_owned()),
-    };
-    let value = fields.next()?.parse().ok()?;
-    let (mut model_version, mut audit) = (None, None);
-    for field in fields {
-        match field.strip_prefix(AUDIT_PREFIX) {
-            Some(tag) => audit = Some(tag.to_owned()),
-            None => model_version = Some(field.to_owned()),
-        }
-    }
-    Some(LabelLine {
-        kind,
-        id,
-        value,
-        model_version,
-        audit,
-    })
 }
 
 /// Which file a position is in: device and inode, so a rotated (renamed) file is still found.
@@ -315,6 +273,12 @@ fn tail_start(path: &Path, lines: usize) -> anyhow::Result<(u64, usize)> {
 /// Moves a `metric_log.csv` with a header that is not ours aside (`metric_log.csv.<secs>.old`),
 /// before anything reads it, so its ids are never taken for ours.
 pub fn move_foreign_csv_aside(dir: &Path) -> anyhow::Result<()> {
+    move_foreign_csv_aside_for(dir, Task::Regression)
+}
+
+/// [`move_foreign_csv_aside`] for `task`'s header: a regressor's CSV is foreign to a classifier's
+/// run and the other way round.
+pub fn move_foreign_csv_aside_for(dir: &Path, task: Task) -> anyhow::Result<()> {
     let csv_path = dir.join(METRIC_CSV);
     let file = match File::open(&csv_path) {
         Ok(file) => file,
@@ -328,7 +292,7 @@ pub fn move_foreign_csv_aside(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read {}", csv_path.display()))?;
     let first = String::from_utf8_lossy(&first);
     let first = first.trim_end();
-    if first.is_empty() || first == CSV_HEADER {
+    if first.is_empty() || first == header_of(task) {
         return Ok(());
     }
     let stamp = SystemTime::now()
@@ -357,32 +321,6 @@ impl std::ops::AddAssign for CsvRead {
     }
 }
 
-/// Parses one CSV record into a pair.
-fn parse_row(record: &csv::StringRecord) -> Result<Pair, String> {
-    if record.len() < 4 || record.len() > 5 {
-        return Err(format!("{} fields, expected 4 or 5", record.len()));
-    }
-    let id = &record[0];
-    pipeline::messages::validate_id(id).map_err(|_| format!("id {id:?} is not a valid id"))?;
-    let number = |index: usize, name: &str| -> Result<f64, String> {
-        record[index]
-            .parse::<f64>()
-            .ok()
-            .filter(|v| v.is_finite())
-            .ok_or_else(|| format!("{name} {:?} is not a finite number", &record[index]))
-    };
-    let y_true = number(1, "y_true")?;
-    let y_pred = number(2, "y_pred")?;
-    let model_version = record.get(4).filter(|v| !v.is_empty()).map(str::to_owned);
-    Ok(Pair {
-        id: id.to_owned(),
-        y_true,
-        y_pred,
-        model_version,
-        sent_at_us: None,
-    })
-}
-
 /// A segment's file opened at its start, buffered; `None` when the file is gone (rotated away
 /// meanwhile: nothing left to read of it).
 fn open_segment(path: &Path, start: u64) -> anyhow::Result<Option<BufReader<File>>> {
@@ -400,7 +338,7 @@ fn open_segment(path: &Path, start: u64) -> anyhow::Result<Option<BufReader<File
 /// a bad row is reported with its file and line (the first few) and counted, never silently skipped.
 pub fn read_csv_segments(
     segments: &[Segment],
-    mut row: impl FnMut(Pair),
+    mut row: impl FnMut(Row),
 ) -> anyhow::Result<CsvRead> {
     let mut read = CsvRead::default();
     for (path, start) in segments {
@@ -415,8 +353,13 @@ pub fn read_csv_segments(
         loop {
             let problem = match reader.read_record(&mut record) {
                 Ok(false) => break,
-                Ok(true) if record.iter().eq(CSV_HEADER.split(',')) => continue,
-                Ok(true) => match parse_row(&record) {
+                Ok(true)
+                    if record.iter().eq(CSV_HEADER.split(','))
+                        || record.iter().eq(CLASS_CSV_HEADER.split(',')) =>
+                {
+                    continue;
+                }
+                Ok(true) => match rows::parse_row(&record) {
                     Ok(pair) => {
                         read.rows += 1;
                         row(pair);
@@ -496,9 +439,13 @@ pub fn count_lines(segments: &[Segment]) -> anyhow::Result<u64> {
     Ok(lines)
 }
 
-/// Reads every row of `metric_log.csv` (not its rotated files).
-pub fn read_csv_rows(path: &Path, row: impl FnMut(Pair)) -> anyhow::Result<CsvRead> {
-    read_csv_segments(&[(path.to_owned(), 0)], row)
+/// Reads every regressor's row of `metric_log.csv` (not its rotated files).
+pub fn read_csv_rows(path: &Path, mut row: impl FnMut(Pair)) -> anyhow::Result<CsvRead> {
+    read_csv_segments(&[(path.to_owned(), 0)], |read| {
+        if let Row::Numbers(pair) = read {
+            row(pair)
+        }
+    })
 }
 
 /// Reads every line of `labels_log.txt` (not its rotated files).
@@ -577,17 +524,26 @@ pub struct LogFiles {
     csv: AppendLog,
     number: String,
     rotation: Rotation,
+    /// The CSV's header, by task.
+    header: &'static str,
 }
 
 impl LogFiles {
     /// Opens (creating) both files in `dir`; writes the CSV header to a new CSV. Call
     /// [`move_foreign_csv_aside`] first.
     pub fn open(dir: &Path, rotation: Rotation) -> anyhow::Result<Self> {
+        Self::open_for(dir, rotation, Task::Regression)
+    }
+
+    /// [`LogFiles::open`] with `task`'s CSV header.
+    pub fn open_for(dir: &Path, rotation: Rotation, task: Task) -> anyhow::Result<Self> {
+        let header = header_of(task);
         Ok(Self {
             labels: AppendLog::open(dir.join(LABELS_LOG), None)?,
-            csv: AppendLog::open(dir.join(METRIC_CSV), Some(CSV_HEADER))?,
+            csv: AppendLog::open(dir.join(METRIC_CSV), Some(header))?,
             number: String::new(),
             rotation,
+            header,
         })
     }
 
@@ -596,10 +552,11 @@ impl LogFiles {
         &mut self,
         kind: LabelKind,
         id: Option<&str>,
-        value: f64,
+        value: &Value,
         model_version: Option<&str>,
         audit: Option<&str>,
     ) {
+        let value = value.log_text();
         let time = humantime::format_rfc3339_micros(SystemTime::now());
         let id = id.unwrap_or("-");
         let kind = kind.as_str();
@@ -640,6 +597,17 @@ impl LogFiles {
         let _ = row.flush();
     }
 
+    /// Queues one classifier's row of `metric_log.csv` ([`rows`]).
+    pub fn push_class_row(&mut self, pair: &ClassPair) {
+        let mut writer = csv::WriterBuilder::new()
+            .has_headers(false)
+            .buffer_capacity(256)
+            .from_writer(self.csv.buffer());
+        // Writing to a Vec cannot fail.
+        let _ = rows::write_class_row(&mut writer, pair);
+        let _ = writer.flush();
+    }
+
     /// Whether nothing is waiting to be written.
     pub fn is_flushed(&self) -> bool {
         self.labels.pending() == 0 && self.csv.pending() == 0
@@ -654,7 +622,7 @@ impl LogFiles {
         self.csv.flush()?;
         let mut rotated = false;
         if self.rotation.max_bytes > 0 {
-            for (log, header) in [(&mut self.labels, None), (&mut self.csv, Some(CSV_HEADER))] {
+            for (log, header) in [(&mut self.labels, None), (&mut self.csv, Some(self.header))] {
                 if log.len() >= self.rotation.max_bytes {
                     rotate(log, self.rotation.keep, header).map_err(|err| {
                         let what = format!("{err:#}");

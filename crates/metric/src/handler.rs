@@ -3,10 +3,11 @@
 
 use crate::audit::{AuditIn, AuditMetrics, AuditSettings};
 use crate::checkpoint;
+use crate::classification::ClassQuality;
 use crate::config::{Config, read_ahead_limit};
 use crate::dashboard;
 use crate::files::LogFiles;
-use crate::join::{Joiner, Offer};
+use crate::join::{Joiner, Offer, Value};
 use crate::metrics::{JoinMetrics, ReasonLabel};
 use crate::plotter::Plotter;
 use crate::quality::Quality;
@@ -34,6 +35,8 @@ pub struct Recorder {
     pub(crate) files: LogFiles,
     pub(crate) joiner: Joiner,
     pub(crate) quality: Quality,
+    /// A classifier's figures (`TASK=classification`), beside the regression ones.
+    pub(crate) classes: Option<ClassQuality>,
     pub(crate) metrics: JoinMetrics,
     pub(crate) plotter: Plotter,
     pub(crate) dashboard: dashboard::Dashboard,
@@ -45,6 +48,8 @@ pub struct Recorder {
     pub(crate) health: Health,
     /// Counters of the two inputs (in [`KINDS`] order), for the receive delay.
     pub(crate) inputs: [QueueCounters; 2],
+    /// What `y_true` and `y_pred` are: numbers or class labels.
+    pub(crate) task: pipeline::classes::Task,
     /// With `PARTITIONS > 1`, the partition these queues are: a message whose id hashes
     /// elsewhere is dead-lettered (`wrong_partition`), never joined.
     pub(crate) partition: Option<(Partitions, usize)>,
@@ -78,6 +83,7 @@ impl Recorder {
         config: &Config,
         partition: Option<(Partitions, usize)>,
         mut quality: Quality,
+        mut classes: Option<ClassQuality>,
         metrics: JoinMetrics,
         audit_metrics: AuditMetrics,
         mut plotter: Plotter,
@@ -92,7 +98,7 @@ impl Recorder {
             audit,
             mut dashboard,
             stats,
-        } = recovery::recover(config, k, &mut quality, &mut plotter)?;
+        } = recovery::recover(config, k, &mut quality, classes.as_mut(), &mut plotter)?;
         let mut audit = AuditIn::new(
             audit,
             audit_metrics,
@@ -116,9 +122,11 @@ impl Recorder {
             files,
             joiner,
             quality,
+            classes,
             metrics,
             plotter,
             dashboard,
+            task: config.task,
             queue_names: [
                 config.queues.y_true_queue.clone(),
                 config.queues.y_pred_queue.clone(),
@@ -166,7 +174,10 @@ impl Recorder {
             let saved = checkpoint::Checkpoint::new(
                 labels,
                 csv,
-                self.quality.totals(),
+                crate::quality::Totals {
+                    classification: self.classes.as_ref().map(ClassQuality::totals),
+                    ..self.quality.totals()
+                },
                 self.joiner.waiting_entries(),
                 self.audit.ledger.clone(),
             );
@@ -257,26 +268,30 @@ impl Recorder {
         kind: LabelKind,
         message: LabelMessage,
     ) -> Result<(), MessageError> {
-        let value = message.value.number(kind)?;
-        let Some(id) = message.id.as_deref() else {
+        let LabelMessage {
+            id,
+            value,
+            probabilities,
+            model_version,
+            sent_at_us,
+            audit,
+        } = message;
+        let value = Value::of(value, probabilities, kind, self.task)?;
+        let Some(id) = id.as_deref() else {
             // Not joinable, but its kind is arriving: ids waiting for it age.
             self.joiner.note_activity(kind, Instant::now());
             self.files
-                .push_label(kind, None, value, message.model_version.as_deref(), None);
+                .push_label(kind, None, &value, model_version.as_deref(), None);
             self.metrics.unpaired.inc();
-            tracing::debug!(
-                queue = kind.as_str(),
-                value = value,
-                "message without id logged, not joined"
-            );
+            tracing::debug!(queue = kind.as_str(), %value, "message without id logged, not joined");
             return Ok(());
         };
         let offer = self.joiner.offer(
             kind,
             id,
-            value,
-            message.model_version.as_deref(),
-            message.sent_at_us,
+            value.clone(),
+            model_version.as_deref(),
+            sent_at_us,
             Instant::now(),
         );
         self.checkpoints.changed = true;
@@ -290,11 +305,13 @@ impl Recorder {
         self.files.push_label(
             kind,
             Some(id),
-            value,
-            message.model_version.as_deref(),
-            message.audit.as_deref(),
+            &value,
+            model_version.as_deref(),
+            audit.as_deref(),
         );
-        if let (Some(tag), Offer::Waiting | Offer::Paired(_)) = (&message.audit, &offer) {
+        if let (Some(tag), Offer::Waiting | Offer::Paired(_) | Offer::PairedClass(_)) =
+            (&audit, &offer)
+        {
             self.audit.received(tag, kind, id, now_us());
         }
         match offer {
@@ -314,14 +331,27 @@ impl Recorder {
                 self.quality.observe(&pair);
                 self.plotter.observe(pair.absolute_error());
                 self.dashboard.observe(pair.y_true, pair.y_pred);
-                if let Some(sent) = pair.sent_at_us {
-                    self.quality
-                        .observe_latency(now_us().saturating_sub(sent) as f64 / 1e6);
-                }
+                self.observe_latency(pair.sent_at_us);
                 tracing::debug!(id, y_true = pair.y_true, y_pred = pair.y_pred, "joined");
+            }
+            Offer::PairedClass(pair) => {
+                self.checkpoints.pairs_since += 1;
+                self.files.push_class_row(&pair);
+                if let Some(classes) = &mut self.classes {
+                    classes.observe(&pair);
+                }
+                self.observe_latency(pair.sent_at_us);
+                tracing::debug!(id, y_true = %pair.y_true, y_pred = %pair.y_pred, "joined");
             }
         }
         Ok(())
+    }
+
+    fn observe_latency(&self, sent_at_us: Option<u64>) {
+        if let Some(sent) = sent_at_us {
+            self.quality
+                .observe_latency(now_us().saturating_sub(sent) as f64 / 1e6);
+        }
     }
 }
 
@@ -403,6 +433,9 @@ impl MessageHandler for Recorder {
             .set_audit(self.audit.enabled.then(|| self.audit.summary(now)));
         self.update_flow();
         self.quality.update_window();
+        if let Some(classes) = &mut self.classes {
+            classes.update();
+        }
         self.dashboard.maybe_update(
             &self.quality,
             self.joiner.waiting(),
@@ -445,10 +478,12 @@ pub(crate) mod testing {
         let broker = BrokerMetrics::register(&mut registry);
         let quality = Quality::register(&mut registry, config.quality_window, 20, 1.25);
         let audit = AuditMetrics::register(&mut registry);
+        let classes = ClassQuality::for_task(config, &mut registry, &quality);
         let recorder = Recorder::start(
             config,
             None,
             quality,
+            classes,
             join_metrics,
             audit,
             Plotter::new(config),

@@ -15,11 +15,18 @@
 //! (a `features` message redelivered after a model swap): a duplicate, the first prediction is kept.
 //! The same version with a different value is a conflict.
 
+use crate::classification::ClassPair;
 use pipeline::messages::{LabelKind, MessageError};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{Hash as _, Hasher as _};
 use std::time::{Duration, Instant};
+
+mod dedup;
+mod value;
+pub use dedup::fingerprint;
+use dedup::{Joined, JoinedIds, JoinedKey, joined_key};
+pub use value::{ClassValue, Value};
 
 /// A joined pair: one row of `metric_log.csv`.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +57,8 @@ pub enum Offer {
     Waiting,
     /// The partner was there: here is the pair.
     Paired(Pair),
+    /// The partner was there: here is a classifier's pair.
+    PairedClass(ClassPair),
     /// The id was joined already, or this value was already here: nothing changes.
     Duplicate,
 }
@@ -90,130 +99,15 @@ pub struct WaitingEntry {
     /// Sample id.
     pub id: String,
     /// The true target, if it came.
-    pub y_true: Option<f64>,
+    pub y_true: Option<Value>,
     /// The prediction, if it came.
-    pub y_pred: Option<f64>,
+    pub y_pred: Option<Value>,
     /// Version of the model that predicted.
     pub model_version: Option<String>,
     /// Producer's send time, if known.
     pub sent_at_us: Option<u64>,
     /// How long it had waited when saved, in milliseconds.
     pub age_ms: u64,
-}
-
-/// What is remembered of a joined id: its values and a hash of its model version; with its key,
-/// 40 bytes a remembered id.
-#[derive(Debug, Clone, Copy)]
-struct Joined {
-    y_true: f64,
-    y_pred: f64,
-    version: u32,
-}
-
-/// The key of a remembered id: its 128-bit fingerprint as two halves (8-byte aligned, where a
-/// `u128` would pad every entry to 48 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct JoinedKey(u64, u64);
-
-impl std::hash::Hash for JoinedKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // Already a keyed hash: one word of it is the table's hash.
-        state.write_u64(self.0);
-    }
-}
-
-/// The hasher of [`JoinedKey`]: passes its word through.
-#[derive(Debug, Default, Clone, Copy)]
-struct PassThrough(u64);
-
-impl std::hash::Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write_u64(&mut self, word: u64) {
-        self.0 = word;
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
-        }
-    }
-}
-
-type Generation = HashMap<JoinedKey, Joined, std::hash::BuildHasherDefault<PassThrough>>;
-
-fn joined_key(id: &str) -> JoinedKey {
-    let print = fingerprint(id);
-    JoinedKey((print >> 64) as u64, print as u64)
-}
-
-/// The ids joined most recently, in generations of an eighth of the capacity, each allocated
-/// once at its full size: the oldest generation is dropped whole when the others hold the
-/// capacity. So at most an eighth more than the capacity is held, and memory does not grow
-/// beyond that however long the service runs (removing single entries would leave tombstones
-/// that make the table double).
-#[derive(Debug)]
-struct JoinedIds {
-    generations: VecDeque<Generation>,
-    capacity: usize,
-}
-
-impl JoinedIds {
-    fn new(capacity: usize) -> Self {
-        Self {
-            generations: VecDeque::new(),
-            capacity,
-        }
-    }
-
-    fn generation_size(&self) -> usize {
-        (self.capacity / 8).max(1)
-    }
-
-    fn len(&self) -> usize {
-        self.generations.iter().map(HashMap::len).sum()
-    }
-
-    fn get(&self, key: &JoinedKey) -> Option<&Joined> {
-        self.generations.iter().rev().find_map(|g| g.get(key))
-    }
-
-    /// Remembers `key` with `joined` (replacing what was remembered of it).
-    fn insert(&mut self, key: JoinedKey, joined: Joined) {
-        if let Some(known) = self.generations.iter_mut().find_map(|g| g.get_mut(&key)) {
-            *known = joined;
-            return;
-        }
-        let size = self.generation_size();
-        if self.generations.back().is_none_or(|g| g.len() >= size) {
-            self.generations
-                .push_back(Generation::with_capacity_and_hasher(
-                    size,
-                    Default::default(),
-                ));
-        }
-        if let Some(newest) = self.generations.back_mut() {
-            newest.insert(key, joined);
-        }
-        self.forget_beyond_capacity();
-    }
-
-    fn set_capacity(&mut self, capacity: usize) {
-        self.capacity = capacity;
-        self.forget_beyond_capacity();
-    }
-
-    /// Drops the oldest generations while the newer ones hold the capacity.
-    fn forget_beyond_capacity(&mut self) {
-        let mut held = self.len();
-        while let Some(oldest) = self.generations.front() {
-            if self.generations.len() == 1 || held - oldest.len() < self.capacity {
-                break;
-            }
-            held -= oldest.len();
-            self.generations.pop_front();
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -223,8 +117,8 @@ struct Waiting {
     since: Duration,
     /// How long it had waited before (in an earlier run, from the checkpoint).
     waited_before: Duration,
-    y_true: Option<f64>,
-    y_pred: Option<(f64, Option<String>)>,
+    y_true: Option<Value>,
+    y_pred: Option<(Value, Option<String>)>,
     sent_at_us: Option<u64>,
 }
 
@@ -306,18 +200,6 @@ pub struct Joiner {
     frontier_history: [VecDeque<(Duration, Option<u64>)>; 2],
 }
 
-/// 128-bit fingerprint of an id: two keyed SipHash runs. A false "already joined" needs a
-/// collision among the remembered ids, about 1 in 10²⁶ for a million of them.
-pub fn fingerprint(id: &str) -> u128 {
-    let half = |salt: u8| {
-        let mut hasher = DefaultHasher::new();
-        salt.hash(&mut hasher);
-        id.hash(&mut hasher);
-        hasher.finish()
-    };
-    (u128::from(half(1)) << 64) | u128::from(half(2))
-}
-
 /// Hash of a model version, to tell a re-prediction from a conflict without keeping the string.
 fn version_hash(model_version: Option<&str>) -> u32 {
     let mut hasher = DefaultHasher::new();
@@ -325,13 +207,40 @@ fn version_hash(model_version: Option<&str>) -> u32 {
     hasher.finish() as u32
 }
 
+/// A value seen before, as far as a conflict needs it: its print and how to name it.
+struct Seen {
+    print: u64,
+    text: String,
+}
+
+impl Seen {
+    fn of(value: &Value) -> Self {
+        Self {
+            print: value.print(),
+            text: value.to_string(),
+        }
+    }
+
+    /// A joined id's value, of which only the print is kept.
+    fn joined(print: u64, classes: bool) -> Self {
+        Self {
+            print,
+            text: if classes {
+                "another class".to_owned()
+            } else {
+                f64::from_bits(print).to_string()
+            },
+        }
+    }
+}
+
 /// A `y_pred` seen before for the same id: from another model version it is a re-prediction (a
 /// duplicate, the first kept); from the same version, a duplicate when equal, else a conflict.
 fn same_prediction_or_conflict(
     id: &str,
-    first: f64,
+    first: Seen,
     first_version: u32,
-    value: f64,
+    value: &Value,
     version: u32,
 ) -> Result<Offer, MessageError> {
     if first_version != version {
@@ -344,16 +253,16 @@ fn same_prediction_or_conflict(
 fn same_or_conflict(
     id: &str,
     kind: LabelKind,
-    first: f64,
-    value: f64,
+    first: Seen,
+    value: &Value,
 ) -> Result<Offer, MessageError> {
-    if first.to_bits() == value.to_bits() {
+    if first.print == value.print() {
         Ok(Offer::Duplicate)
     } else {
         Err(MessageError::ConflictingDuplicate {
             id: id.to_owned(),
             kind: kind.as_str(),
-            first: first.to_string(),
+            first: first.text,
             second: value.to_string(),
         })
     }
@@ -452,9 +361,21 @@ impl Joiner {
     }
 
     /// Remembers `id` as joined with its values (a row for it exists); it waits no longer.
-    pub fn mark_joined(&mut self, id: &str, y_true: f64, y_pred: f64, model_version: Option<&str>) {
+    pub fn mark_joined(
+        &mut self,
+        id: &str,
+        y_true: impl Into<Value>,
+        y_pred: impl Into<Value>,
+        model_version: Option<&str>,
+    ) {
         self.remove_waiting(id);
-        self.remember(joined_key(id), y_true, y_pred, version_hash(model_version));
+        let (y_true, y_pred) = (y_true.into(), y_pred.into());
+        self.remember(
+            joined_key(id),
+            &y_true,
+            &y_pred,
+            version_hash(model_version),
+        );
     }
 
     /// Remembers a row read back from `metric_log.csv` as joined.
@@ -467,19 +388,33 @@ impl Joiner {
         );
     }
 
+    /// Remembers a classifier's row read back from `metric_log.csv` as joined (a class's print is
+    /// of its label alone, so the row's lack of probabilities does not matter).
+    pub fn mark_class_row_joined(&mut self, row: &ClassPair) {
+        self.remove_waiting(&row.id);
+        let label = |label: &pipeline::classes::ClassLabel| Value::class(label.clone(), None);
+        self.remember(
+            joined_key(&row.id),
+            &label(&row.y_true),
+            &label(&row.y_pred),
+            version_hash(row.model_version.as_deref()),
+        );
+    }
+
     /// Changes how many joined ids are remembered; the oldest beyond it are forgotten.
     pub fn set_dedup_capacity(&mut self, capacity: usize) {
         self.limits.dedup_capacity = capacity;
         self.joined.set_capacity(capacity);
     }
 
-    fn remember(&mut self, key: JoinedKey, y_true: f64, y_pred: f64, version: u32) {
+    fn remember(&mut self, key: JoinedKey, y_true: &Value, y_pred: &Value, version: u32) {
         self.joined.insert(
             key,
             Joined {
-                y_true,
-                y_pred,
+                y_true: y_true.print(),
+                y_pred: y_pred.print(),
                 version,
+                classes: matches!(y_true, Value::Class(_)),
             },
         );
     }
@@ -490,18 +425,23 @@ impl Joiner {
         &mut self,
         kind: LabelKind,
         id: &str,
-        value: f64,
+        value: impl Into<Value>,
         model_version: Option<&str>,
         sent_at_us: Option<u64>,
         now: Instant,
     ) -> Result<Offer, MessageError> {
+        let value = value.into();
         self.note_activity(kind, now);
         let version = version_hash(model_version);
         if let Some(joined) = self.joined.get(&joined_key(id)) {
             return match kind {
-                LabelKind::YTrue => same_or_conflict(id, kind, joined.y_true, value),
+                LabelKind::YTrue => {
+                    let first = Seen::joined(joined.y_true, joined.classes);
+                    same_or_conflict(id, kind, first, &value)
+                }
                 LabelKind::YPred => {
-                    same_prediction_or_conflict(id, joined.y_pred, joined.version, value, version)
+                    let first = Seen::joined(joined.y_pred, joined.classes);
+                    same_prediction_or_conflict(id, first, joined.version, &value, version)
                 }
             };
         }
@@ -528,10 +468,18 @@ impl Joiner {
             }
         };
         match (kind, &entry.y_true, &entry.y_pred) {
-            (LabelKind::YTrue, Some(first), _) => return same_or_conflict(id, kind, *first, value),
+            (LabelKind::YTrue, Some(first), _) => {
+                return same_or_conflict(id, kind, Seen::of(first), &value);
+            }
             (LabelKind::YPred, _, Some((first, first_version))) => {
                 let first_version = version_hash(first_version.as_deref());
-                return same_prediction_or_conflict(id, *first, first_version, value, version);
+                return same_prediction_or_conflict(
+                    id,
+                    Seen::of(first),
+                    first_version,
+                    &value,
+                    version,
+                );
             }
             _ => {}
         }
@@ -540,7 +488,7 @@ impl Joiner {
             LabelKind::YPred => entry.y_pred = Some((value, model_version.map(str::to_owned))),
         }
         entry.sent_at_us = entry.sent_at_us.or(sent_at_us);
-        let (Some(y_true), Some(_)) = (entry.y_true, &entry.y_pred) else {
+        let (Some(_), Some(_)) = (&entry.y_true, &entry.y_pred) else {
             if created {
                 self.waiting_for[entry.waits_for() as usize] += 1;
             }
@@ -556,15 +504,26 @@ impl Joiner {
             seq: Some(done.seq),
             clocks: [self.clocks[0].elapsed, self.clocks[1].elapsed],
         };
-        let (y_pred, model_version) = done.y_pred.unwrap_or((f64::NAN, None));
-        self.remember(joined_key(id), y_true, y_pred, version);
-        Ok(Offer::Paired(Pair {
-            id: id.to_owned(),
-            y_true,
-            y_pred,
-            model_version,
-            sent_at_us: done.sent_at_us,
-        }))
+        let (Some(y_true), Some((y_pred, model_version))) = (done.y_true, done.y_pred) else {
+            return Ok(Offer::Waiting);
+        };
+        self.remember(joined_key(id), &y_true, &y_pred, version);
+        Ok(match (y_true, y_pred) {
+            (Value::Number(y_true), Value::Number(y_pred)) => Offer::Paired(Pair {
+                id: id.to_owned(),
+                y_true,
+                y_pred,
+                model_version,
+                sent_at_us: done.sent_at_us,
+            }),
+            (y_true, y_pred) => Offer::PairedClass(ClassPair::new(
+                id.to_owned(),
+                y_true,
+                y_pred,
+                model_version,
+                done.sent_at_us,
+            )),
+        })
     }
 
     /// The waiting ids, oldest first, with how long each has waited (while its partner's kind
@@ -575,12 +534,12 @@ impl Joiner {
             .filter_map(|id| {
                 let entry = self.waiting.get(id)?;
                 let (y_pred, model_version) = match &entry.y_pred {
-                    Some((value, version)) => (Some(*value), version.clone()),
+                    Some((value, version)) => (Some(value.clone()), version.clone()),
                     None => (None, None),
                 };
                 Some(WaitingEntry {
                     id: id.clone(),
-                    y_true: entry.y_true,
+                    y_true: entry.y_true.clone(),
                     y_pred,
                     model_version,
                     sent_at_us: entry.sent_at_us,

@@ -10,13 +10,15 @@
 //! grow with the history.
 //!
 //! The rooms: [`config`] (settings), [`startup`] (`run`), [`handler`] (the message handler),
-//! [`metrics`] (join metrics), [`recovery`], [`api`] (`GET /api/quality`); its own logic in [`join`], [`files`], [`quality`],
+//! [`metrics`] (join metrics), [`recovery`], [`api`] (`GET /api/quality`); its own logic in [`join`], [`files`], [`quality`]
+//! (a regressor's figures), [`classification`] (a classifier's),
 //! [`checkpoint`], [`dashboard`], [`plot`] and [`plotter`].
 
 pub mod alarm;
 pub mod api;
 mod audit;
 pub mod checkpoint;
+pub mod classification;
 pub mod config;
 pub mod dashboard;
 pub mod files;

@@ -34,56 +34,8 @@ pub use crate::alarm::{
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 
-/// Sums from which MAE, RMSE and R² follow.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Sums {
-    /// Pairs.
-    pub n: u64,
-    sum_abs: f64,
-    sum_sq: f64,
-    sum_y: f64,
-    sum_y2: f64,
-}
-
-impl Sums {
-    fn add(&mut self, y_true: f64, y_pred: f64) {
-        let err = y_true - y_pred;
-        self.n += 1;
-        self.sum_abs += err.abs();
-        self.sum_sq += err * err;
-        self.sum_y += y_true;
-        self.sum_y2 += y_true * y_true;
-    }
-
-    /// Mean absolute error (0 without pairs).
-    pub fn mae(&self) -> f64 {
-        if self.n == 0 {
-            0.0
-        } else {
-            self.sum_abs / self.n as f64
-        }
-    }
-
-    /// Root mean squared error (0 without pairs).
-    pub fn rmse(&self) -> f64 {
-        if self.n == 0 {
-            0.0
-        } else {
-            (self.sum_sq / self.n as f64).sqrt()
-        }
-    }
-
-    /// Coefficient of determination (0 when the targets do not vary).
-    pub fn r2(&self) -> f64 {
-        let n = self.n as f64;
-        let ss_tot = self.sum_y2 - self.sum_y * self.sum_y / n;
-        if self.n < 2 || ss_tot <= 0.0 {
-            0.0
-        } else {
-            1.0 - self.sum_sq / ss_tot
-        }
-    }
-}
+mod sums;
+pub use sums::{Figures, Sums};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
@@ -136,30 +88,6 @@ pub struct VersionView {
     pub retired: bool,
 }
 
-/// MAE, RMSE and R² of a set of pairs.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct Figures {
-    /// Pairs.
-    pub n: u64,
-    /// Mean absolute error.
-    pub mae: f64,
-    /// Root mean squared error.
-    pub rmse: f64,
-    /// Coefficient of determination.
-    pub r2: f64,
-}
-
-impl From<&Sums> for Figures {
-    fn from(sums: &Sums) -> Self {
-        Self {
-            n: sums.n,
-            mae: sums.mae(),
-            rmse: sums.rmse(),
-            r2: sums.r2(),
-        }
-    }
-}
-
 /// The totals the checkpoint carries over a restart: since start and per kept model version.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Totals {
@@ -174,6 +102,9 @@ pub struct Totals {
     /// The retired versions (absent in older checkpoints: none).
     #[serde(default)]
     pub retired: Vec<String>,
+    /// A classifier's totals (`TASK=classification`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classification: Option<crate::classification::ClassTotals>,
 }
 
 /// The quality tracker and its metrics.
@@ -460,6 +391,7 @@ impl Quality {
             all: self.all,
             baselines,
             retired,
+            classification: None,
             by_version: by_version
                 .into_iter()
                 .map(|(_, name, sums)| (name, sums))
@@ -639,16 +571,18 @@ impl Quality {
         versions.sort_by_key(|(last_seen, _)| std::cmp::Reverse(*last_seen));
         AlarmReport {
             versions: versions.into_iter().map(|(_, alarm)| alarm).collect(),
+            classification: None,
         }
     }
 
     /// Hands the current alarms to the HTTP handler: where the alarms change (the tick) and
     /// where a version's gauges come or go, so both show the same versions.
     fn publish_alarms(&self) {
-        let report = self.alarms();
+        // Only the versions: a classifier's figures are published by its own tracker.
+        let versions = self.alarms().versions;
         match self.alarms.lock() {
-            Ok(mut shared) => *shared = report,
-            Err(poisoned) => *poisoned.into_inner() = report,
+            Ok(mut shared) => shared.versions = versions,
+            Err(poisoned) => poisoned.into_inner().versions = versions,
         }
     }
 

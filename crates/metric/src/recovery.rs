@@ -4,9 +4,10 @@
 //! takes it from there (metrics, checkpoint, log line).
 
 use crate::checkpoint;
+use crate::classification::ClassQuality;
 use crate::config::Config;
 use crate::dashboard::Dashboard;
-use crate::files::{self, LogFiles, Rotation};
+use crate::files::{self, LogFiles, Rotation, Row};
 use crate::join::{JoinLimits, Joiner, Offer, fingerprint};
 use crate::plotter::Plotter;
 use crate::quality::Quality;
@@ -50,11 +51,12 @@ pub(crate) fn recover(
     config: &Config,
     partition: u32,
     quality: &mut Quality,
+    mut classes: Option<&mut ClassQuality>,
     plotter: &mut Plotter,
 ) -> anyhow::Result<Recovered> {
     let dir = &config.log_dir;
     // A foreign CSV goes before anything reads it: its ids are not ours.
-    files::move_foreign_csv_aside(dir)?;
+    files::move_foreign_csv_aside_for(dir, config.task)?;
     for name in [files::LABELS_LOG, files::METRIC_CSV] {
         let cut = files::repair_tail(&dir.join(name))?;
         if cut > 0 {
@@ -115,6 +117,11 @@ pub(crate) fn recover(
     let label_segments = match resume {
         Some((mut saved, label_segments, csv_segments)) => {
             quality.restore(&saved.totals);
+            if let (Some(classes), Some(totals)) =
+                (classes.as_deref_mut(), &saved.totals.classification)
+            {
+                classes.restore(totals);
+            }
             audit = std::mem::take(&mut saved.audit);
             for entry in &saved.waiting {
                 for (kind, had) in [
@@ -143,17 +150,37 @@ pub(crate) fn recover(
                         0
                     });
             let tail = files::tail_segments(&csv_chain, recent, true)?;
-            stats.csv += files::read_csv_segments(&tail, |pair| {
-                joiner.mark_row_joined(&pair);
-                quality.add_to_window(&pair);
-                plotter.observe(pair.absolute_error());
-                dashboard.observe(pair.y_true, pair.y_pred);
+            stats.csv += files::read_csv_segments(&tail, |row| match row {
+                Row::Numbers(pair) => {
+                    joiner.mark_row_joined(&pair);
+                    quality.add_to_window(&pair);
+                    plotter.observe(pair.absolute_error());
+                    dashboard.observe(pair.y_true, pair.y_pred);
+                }
+                Row::Classes(pair) => {
+                    joiner.mark_class_row_joined(&pair);
+                    if let Some(classes) = classes.as_deref_mut() {
+                        classes.add_to_window(&pair);
+                    }
+                }
             })?;
             // Rows after the checkpoint: into the totals.
-            files::read_csv_segments(&csv_segments, |pair| {
-                joiner.mark_row_joined(&pair);
-                quality.add_to_totals(&pair);
-                written.push(short(&pair.id));
+            files::read_csv_segments(&csv_segments, |row| {
+                let id = match row {
+                    Row::Numbers(pair) => {
+                        joiner.mark_row_joined(&pair);
+                        quality.add_to_totals(&pair);
+                        pair.id
+                    }
+                    Row::Classes(pair) => {
+                        joiner.mark_class_row_joined(&pair);
+                        if let Some(classes) = classes.as_deref_mut() {
+                            classes.add_to_totals(&pair);
+                        }
+                        pair.id
+                    }
+                };
+                written.push(short(&id));
             })?;
             label_segments
         }
@@ -161,24 +188,37 @@ pub(crate) fn recover(
             // Once, for files without a checkpoint: room for every id, no doubling on the way.
             let rows = files::count_lines(&whole(&csv_chain))?;
             written.reserve_exact(usize::try_from(rows).unwrap_or(0));
-            stats.csv = files::read_csv_segments(&whole(&csv_chain), |pair| {
-                joiner.mark_row_joined(&pair);
-                quality.observe(&pair);
-                plotter.observe(pair.absolute_error());
-                dashboard.observe(pair.y_true, pair.y_pred);
-                written.push(short(&pair.id));
+            stats.csv = files::read_csv_segments(&whole(&csv_chain), |row| {
+                let id = match row {
+                    Row::Numbers(pair) => {
+                        joiner.mark_row_joined(&pair);
+                        quality.observe(&pair);
+                        plotter.observe(pair.absolute_error());
+                        dashboard.observe(pair.y_true, pair.y_pred);
+                        pair.id
+                    }
+                    Row::Classes(pair) => {
+                        joiner.mark_class_row_joined(&pair);
+                        if let Some(classes) = classes.as_deref_mut() {
+                            classes.observe(&pair);
+                        }
+                        pair.id
+                    }
+                };
+                written.push(short(&id));
             })?;
             whole(&labels_chain)
         }
     };
     written.sort_unstable();
     written.dedup();
-    let mut files = LogFiles::open(
+    let mut files = LogFiles::open_for(
         dir,
         Rotation {
             max_bytes: config.log_max_bytes,
             keep: config.log_keep_files as usize,
         },
+        config.task,
     )?;
     let replayed_at_us = now_us();
     stats.label_lines = files::read_label_segments(&label_segments, |line| {
@@ -201,24 +241,41 @@ pub(crate) fn recover(
             }
             return;
         }
+        // A line of the other task (the task changed) is not joined.
+        let Some(value) = line.value.clone().for_task(config.task) else {
+            return;
+        };
         let offer = joiner.offer(
             line.kind,
             id,
-            line.value,
+            value,
             line.model_version.as_deref(),
             None,
             now,
         );
-        if matches!(offer, Ok(Offer::Waiting | Offer::Paired(_))) {
+        if matches!(
+            offer,
+            Ok(Offer::Waiting | Offer::Paired(_) | Offer::PairedClass(_))
+        ) {
             count_audit(&mut audit);
         }
         // A pair whose row a crash kept from the CSV is written now.
-        if let Ok(Offer::Paired(pair)) = offer {
-            files.push_row(&pair);
-            quality.observe(&pair);
-            plotter.observe(pair.absolute_error());
-            dashboard.observe(pair.y_true, pair.y_pred);
-            stats.rows_recovered += 1;
+        match offer {
+            Ok(Offer::Paired(pair)) => {
+                files.push_row(&pair);
+                quality.observe(&pair);
+                plotter.observe(pair.absolute_error());
+                dashboard.observe(pair.y_true, pair.y_pred);
+                stats.rows_recovered += 1;
+            }
+            Ok(Offer::PairedClass(pair)) => {
+                files.push_class_row(&pair);
+                if let Some(classes) = classes.as_deref_mut() {
+                    classes.observe(&pair);
+                }
+                stats.rows_recovered += 1;
+            }
+            _ => {}
         }
         // Keep the waiting ids within JOIN_CAPACITY while replaying.
         if joiner.waiting() > config.join_capacity.saturating_mul(2).max(1024) {
@@ -230,6 +287,9 @@ pub(crate) fn recover(
     stats.evicted += joiner.evict().len() as u64;
     files.flush()?;
     quality.update_window();
+    if let Some(classes) = classes {
+        classes.update();
+    }
     stats.from_checkpoint = from_checkpoint;
     Ok(Recovered {
         files,

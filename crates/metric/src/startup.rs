@@ -11,6 +11,7 @@
 
 use crate::api;
 use crate::audit::AuditMetrics;
+use crate::classification::ClassQuality;
 use crate::config::Config;
 use crate::dashboard;
 use crate::files;
@@ -204,10 +205,12 @@ fn start_recorder(
         config.quality_alert_ratio,
     )
     .with_retire_after(Duration::from_secs(config.quality_retire_secs));
+    let classes = ClassQuality::for_task(config, registry, &quality);
     let recorder = Recorder::start(
         config,
         partition,
         quality,
+        classes,
         join_metrics,
         audit_metrics,
         Plotter::new(config),

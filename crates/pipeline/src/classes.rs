@@ -1,11 +1,11 @@
-//! What a classifier's messages carry: the task (`TASK=regression|classification`), a class label
-//! as the data has it (an integer or a string), and a prediction's class probabilities, checked
-//! once where they are read.
+//! What a classifier's messages carry: the task (`TASK=regression|classification`), a target
+//! that is a number or a class label as the data has it (an integer or a string), and a
+//! prediction's class probabilities, checked once where they are read.
 //!
 //! A label is compared by its text: the integer `1` and the string `"1"` are the same class, which
 //! is what a probability map's keys (always JSON strings) need.
 
-use crate::messages::MessageError;
+use crate::messages::{LabelKind, MessageError};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -83,6 +83,80 @@ impl fmt::Display for ClassLabel {
             Self::Integer(value) => write!(f, "{value}"),
             Self::Text(text) => f.write_str(text),
         }
+    }
+}
+
+/// What a `y_true` or `y_pred` says: a number, or a class label (a JSON string; a JSON integer
+/// reads as a number, which [`Target::class`] takes as a label).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Target {
+    /// A regression target or prediction, finite.
+    Number(f64),
+    /// A class label.
+    Class(ClassLabel),
+}
+
+impl Target {
+    /// The number, or `wrong_shape` for a label where a number is expected.
+    pub fn number(&self, kind: LabelKind) -> Result<f64, MessageError> {
+        match self {
+            Self::Number(value) => Ok(*value),
+            Self::Class(label) => Err(MessageError::WrongShape(format!(
+                "{} {:?} is not a number (is TASK=classification meant?)",
+                kind.as_str(),
+                label.key()
+            ))),
+        }
+    }
+
+    /// The class label: a string, or an integral number.
+    pub fn class(&self, kind: LabelKind) -> Result<ClassLabel, MessageError> {
+        match self {
+            Self::Number(value) => ClassLabel::from_number(*value, kind.as_str()),
+            Self::Class(label) => Ok(label.clone()),
+        }
+    }
+}
+
+impl From<f64> for Target {
+    fn from(value: f64) -> Self {
+        Self::Number(value)
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Number(value) => write!(f, "{value}"),
+            Self::Class(label) => write!(f, "{:?}", label.key()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Target {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Target;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number or a class label (a string or an integer)")
+            }
+            fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Target, E> {
+                Ok(Target::Number(value))
+            }
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Target, E> {
+                Ok(Target::Number(value as f64))
+            }
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Target, E> {
+                Ok(Target::Number(value as f64))
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Target, E> {
+                Ok(Target::Class(ClassLabel::Text(value.to_owned())))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
     }
 }
 
@@ -164,6 +238,42 @@ impl Serialize for Probabilities {
             map.serialize_entry(class, p)?;
         }
         map.end()
+    }
+}
+
+/// A validated distribution from its JSON object (the metric's checkpoint).
+impl<'de> Deserialize<'de> for Probabilities {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let ProbabilityMap(classes) = ProbabilityMap::deserialize(deserializer)?;
+        Self::new(classes).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Class probabilities as a JSON object has them (class -> probability, in the sender's order),
+/// not yet checked: reading a message keeps a bad distribution apart from bad JSON.
+pub struct ProbabilityMap(pub Vec<(String, f64)>);
+
+impl<'de> Deserialize<'de> for ProbabilityMap {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ProbabilityMap;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of class -> probability")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut classes = Vec::with_capacity(map.size_hint().unwrap_or(2));
+                while let Some(entry) = map.next_entry::<String, f64>()? {
+                    classes.push(entry);
+                }
+                Ok(ProbabilityMap(classes))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
     }
 }
 

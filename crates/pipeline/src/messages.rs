@@ -21,7 +21,8 @@
 //! from the AMQP `message_id` property, and has none when that is absent. Under `TOPOLOGY=course`
 //! our services write the bare format too ([`BodyFormat::Bare`]), the id in `message_id` only.
 
-use crate::classes::{ClassLabel, Probabilities};
+pub use crate::classes::Target;
+use crate::classes::{Probabilities, ProbabilityMap};
 use crate::config::TopologyMode;
 use crate::partition::Partitions;
 use serde::{Deserialize, Serialize};
@@ -183,107 +184,6 @@ pub struct FeaturesMessage {
     pub audit: Option<String>,
 }
 
-/// What a `y_true` or `y_pred` says: a number, or a class label (a JSON string; a JSON integer
-/// reads as a number, which [`Target::class`] takes as a label).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(untagged)]
-pub enum Target {
-    /// A regression target or prediction, finite.
-    Number(f64),
-    /// A class label.
-    Class(ClassLabel),
-}
-
-impl Target {
-    /// The number, or `wrong_shape` for a label where a number is expected.
-    pub fn number(&self, kind: LabelKind) -> Result<f64, MessageError> {
-        match self {
-            Self::Number(value) => Ok(*value),
-            Self::Class(label) => Err(MessageError::WrongShape(format!(
-                "{} {:?} is not a number (is TASK=classification meant?)",
-                kind.as_str(),
-                label.key()
-            ))),
-        }
-    }
-
-    /// The class label: a string, or an integral number.
-    pub fn class(&self, kind: LabelKind) -> Result<ClassLabel, MessageError> {
-        match self {
-            Self::Number(value) => ClassLabel::from_number(*value, kind.as_str()),
-            Self::Class(label) => Ok(label.clone()),
-        }
-    }
-}
-
-impl From<f64> for Target {
-    fn from(value: f64) -> Self {
-        Self::Number(value)
-    }
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Number(value) => write!(f, "{value}"),
-            Self::Class(label) => write!(f, "{:?}", label.key()),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Target {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = Target;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a number or a class label (a string or an integer)")
-            }
-            fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Target, E> {
-                Ok(Target::Number(value))
-            }
-            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Target, E> {
-                Ok(Target::Number(value as f64))
-            }
-            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Target, E> {
-                Ok(Target::Number(value as f64))
-            }
-            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Target, E> {
-                Ok(Target::Class(ClassLabel::Text(value.to_owned())))
-            }
-        }
-        deserializer.deserialize_any(Visitor)
-    }
-}
-
-/// `probabilities` on the wire: an object of class -> probability, in the sender's order.
-struct WireProbabilities(Vec<(String, f64)>);
-
-impl<'de> Deserialize<'de> for WireProbabilities {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = WireProbabilities;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an object of class -> probability")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut classes = Vec::with_capacity(map.size_hint().unwrap_or(2));
-                while let Some(entry) = map.next_entry::<String, f64>()? {
-                    classes.push(entry);
-                }
-                Ok(WireProbabilities(classes))
-            }
-        }
-        deserializer.deserialize_map(Visitor)
-    }
-}
-
 /// A `y_true` or `y_pred` message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelMessage {
@@ -384,7 +284,7 @@ struct YPredWire<'a> {
     id: Option<Cow<'a, str>>,
     y_pred: Target,
     #[serde(default)]
-    probabilities: Option<WireProbabilities>,
+    probabilities: Option<ProbabilityMap>,
     #[serde(borrow, default)]
     model_version: Option<Cow<'a, str>>,
     #[serde(default)]
@@ -728,7 +628,7 @@ pub fn parse_label(
                 let wire: YPredWire<'_> = serde_json::from_slice(body).map_err(json_error)?;
                 let (value, probabilities) = match wire.probabilities {
                     None => (wire.y_pred, None),
-                    Some(WireProbabilities(classes)) => {
+                    Some(ProbabilityMap(classes)) => {
                         let label = wire.y_pred.class(kind)?;
                         let probabilities = Probabilities::new(classes)?;
                         probabilities.check_predicted(&label)?;
@@ -781,6 +681,7 @@ fn not_json_or_shape(body: &[u8], what: &str) -> MessageError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::classes::ClassLabel;
 
     fn reason_of_features(body: &[u8]) -> &'static str {
         parse_features(body, None)

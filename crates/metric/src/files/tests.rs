@@ -25,11 +25,29 @@ fn half_lines_are_cut() {
 fn lines_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let mut files = LogFiles::open(dir.path(), NO_ROTATION).unwrap();
-    files.push_label(LabelKind::YTrue, Some("a"), 151.0, None, None);
-    files.push_label(LabelKind::YPred, Some("a"), 0.1 + 0.2, Some("ols-1"), None);
-    files.push_label(LabelKind::YPred, None, 3.5, None, None);
-    files.push_label(LabelKind::YTrue, Some("b"), 2.0, None, Some("ab12:7"));
-    files.push_label(LabelKind::YPred, Some("b"), 2.5, Some("v2"), Some("ab12:7"));
+    files.push_label(LabelKind::YTrue, Some("a"), &Value::from(151.0), None, None);
+    files.push_label(
+        LabelKind::YPred,
+        Some("a"),
+        &Value::from(0.1 + 0.2),
+        Some("ols-1"),
+        None,
+    );
+    files.push_label(LabelKind::YPred, None, &Value::from(3.5), None, None);
+    files.push_label(
+        LabelKind::YTrue,
+        Some("b"),
+        &Value::from(2.0),
+        None,
+        Some("ab12:7"),
+    );
+    files.push_label(
+        LabelKind::YPred,
+        Some("b"),
+        &Value::from(2.5),
+        Some("v2"),
+        Some("ab12:7"),
+    );
     files.push_row(&Pair {
         id: "a".into(),
         y_true: 151.0,
@@ -41,7 +59,7 @@ fn lines_round_trip() {
     let mut lines = Vec::new();
     read_label_lines(&dir.path().join(LABELS_LOG), |l| lines.push(l)).unwrap();
     assert_eq!(lines.len(), 5);
-    assert_eq!(lines[1].value, 0.1 + 0.2);
+    assert_eq!(lines[1].value, Value::Number(0.1 + 0.2));
     assert_eq!(lines[1].model_version.as_deref(), Some("ols-1"));
     assert_eq!(lines[2].id, None);
     assert_eq!(
@@ -174,19 +192,19 @@ fn rotation_keeps_n_files_and_the_tail_reads_across_them() {
     let mut all = Vec::new();
     read_csv_segments(
         &chain.iter().map(|p| (p.clone(), 0)).collect::<Vec<_>>(),
-        |p| all.push(p.id),
+        |p| all.push(p.id().to_owned()),
     )
     .unwrap();
     assert_eq!(all.last().map(String::as_str), Some("id39"));
     // The last 15 rows span the current file and the one before.
     let segments = tail_segments(&chain, 15, true).unwrap();
     let mut tail = Vec::new();
-    read_csv_segments(&segments, |p| tail.push(p.id)).unwrap();
+    read_csv_segments(&segments, |p| tail.push(p.id().to_owned())).unwrap();
     assert_eq!(tail, all[all.len() - 15..]);
     // Asking for more than there is gives all there is.
     let segments = tail_segments(&chain, 1000, true).unwrap();
     let mut tail = Vec::new();
-    read_csv_segments(&segments, |p| tail.push(p.id)).unwrap();
+    read_csv_segments(&segments, |p| tail.push(p.id().to_owned())).unwrap();
     assert_eq!(tail, all);
     // A position in a rotated file is still found, with every newer file after it.
     let (_, pos) = files.positions().unwrap();
@@ -201,7 +219,7 @@ fn rotation_keeps_n_files_and_the_tail_reads_across_them() {
     });
     files.flush().unwrap();
     let mut late = Vec::new();
-    read_csv_segments(&after, |p| late.push(p.id)).unwrap();
+    read_csv_segments(&after, |p| late.push(p.id().to_owned())).unwrap();
     assert_eq!(late, ["late"]);
 }
 

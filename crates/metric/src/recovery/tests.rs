@@ -40,7 +40,7 @@ fn csv_ids(dir: &Path) -> Vec<String> {
     let mut ids = Vec::new();
     let chain = files::chain(&dir.join(files::METRIC_CSV));
     let segments: Vec<_> = chain.into_iter().map(|p| (p, 0)).collect();
-    files::read_csv_segments(&segments, |pair| ids.push(pair.id)).unwrap();
+    files::read_csv_segments(&segments, |pair| ids.push(pair.id().to_owned())).unwrap();
     ids
 }
 
@@ -172,10 +172,10 @@ fn recovery_reads_across_rotated_files() {
             };
             recorder
                 .files
-                .push_label(LabelKind::YTrue, Some(&pair.id), 1.0, None, None);
+                .push_label(LabelKind::YTrue, Some(&pair.id), &1.0.into(), None, None);
             recorder
                 .files
-                .push_label(LabelKind::YPred, Some(&pair.id), 2.0, None, None);
+                .push_label(LabelKind::YPred, Some(&pair.id), &2.0.into(), None, None);
             recorder.files.push_row(&pair);
             recorder.joiner.mark_joined(&pair.id, 1.0, 2.0, None);
             recorder.quality.observe(&pair);
@@ -345,7 +345,12 @@ fn simulate(samples: usize, steps: Vec<Step>) -> Vec<join::Pair> {
     drop(recover(&config));
     let mut rows = Vec::new();
     let segments = vec![(dir.path().join(files::METRIC_CSV), 0)];
-    files::read_csv_segments(&segments, |pair| rows.push(pair)).unwrap();
+    files::read_csv_segments(&segments, |row| {
+        if let files::Row::Numbers(pair) = row {
+            rows.push(pair)
+        }
+    })
+    .unwrap();
     rows
 }
 

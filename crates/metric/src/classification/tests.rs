@@ -1,0 +1,195 @@
+//! The figures against scikit-learn's on the same pairs (values printed by `sklearn.metrics`
+//! 1.9: `accuracy_score`, `log_loss`, `brier_score_loss`, `f1_score(average="macro")`,
+//! `roc_auc_score`).
+
+use super::*;
+use proptest::prelude::*;
+
+fn prediction(classes: &[&str], p: &[f64]) -> Value {
+    let best = p
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i);
+    let probabilities = Probabilities::new(
+        classes
+            .iter()
+            .zip(p)
+            .map(|(c, p)| ((*c).to_owned(), *p))
+            .collect(),
+    )
+    .unwrap();
+    Value::class(ClassLabel::from_cell(classes[best]), Some(probabilities))
+}
+
+fn pair(id: usize, y_true: &str, classes: &[&str], p: &[f64], version: &str) -> ClassPair {
+    ClassPair::new(
+        format!("s{id}"),
+        Value::class(ClassLabel::from_cell(y_true), None),
+        prediction(classes, p),
+        Some(version.to_owned()),
+        None,
+    )
+}
+
+fn tracker(window: usize) -> ClassQuality {
+    let mut registry = Registry::default();
+    ClassQuality::register(
+        &mut registry,
+        window,
+        5,
+        Counter::default(),
+        SharedAlarms::default(),
+    )
+}
+
+fn close(a: Option<f64>, b: f64) -> bool {
+    a.is_some_and(|a| (a - b).abs() < 1e-12)
+}
+
+fn binary_pairs() -> Vec<ClassPair> {
+    let y = [0, 1, 1, 0, 1, 0, 1, 1];
+    let p1 = [0.2, 0.9, 0.6, 0.4, 0.3, 0.1, 0.9, 0.55];
+    y.iter()
+        .zip(p1)
+        .enumerate()
+        .map(|(i, (y, p))| pair(i, &y.to_string(), &["0", "1"], &[1.0 - p, p], "v1"))
+        .collect()
+}
+
+#[test]
+fn two_classes_score_as_scikit_learn_does() {
+    let mut quality = tracker(100);
+    for pair in binary_pairs() {
+        quality.observe(&pair);
+    }
+    quality.update();
+    let report = quality
+        .report
+        .lock()
+        .unwrap()
+        .classification
+        .clone()
+        .unwrap();
+    for figures in [&report.all, &report.window, &report.versions[0].window] {
+        assert_eq!(figures.n, 8);
+        assert!(close(figures.accuracy, 0.875), "{figures:?}");
+        assert!(close(figures.log_loss, 0.42033576886265334), "{figures:?}");
+        assert!(close(figures.brier, 0.1353125), "{figures:?}");
+        assert!(close(figures.f1_macro, 0.873015873015873), "{figures:?}");
+    }
+    assert!(
+        close(report.window.roc_auc, 0.9333333333333333),
+        "{report:?}"
+    );
+    assert_eq!(report.all.roc_auc, None, "AUC is over the window only");
+    let cell = |t: &str, p: &str| {
+        report
+            .window
+            .confusion
+            .iter()
+            .find(|c| c.y_true == t && c.y_pred == p)
+            .map_or(0, |c| c.n)
+    };
+    assert_eq!(
+        [
+            cell("0", "0"),
+            cell("0", "1"),
+            cell("1", "0"),
+            cell("1", "1")
+        ],
+        [3, 0, 1, 4]
+    );
+}
+
+#[test]
+fn several_string_classes_score_as_scikit_learn_does() {
+    let classes = ["a", "b", "c"];
+    let rows: [(&str, [f64; 3]); 6] = [
+        ("a", [0.7, 0.2, 0.1]),
+        ("b", [0.1, 0.5, 0.4]),
+        ("c", [0.2, 0.2, 0.6]),
+        ("a", [0.3, 0.4, 0.3]),
+        ("c", [0.5, 0.25, 0.25]),
+        ("b", [0.2, 0.3, 0.5]),
+    ];
+    let mut sums = ClassSums::default();
+    for (i, (y, p)) in rows.iter().enumerate() {
+        sums.add_pair(&pair(i, y, &classes, p, "v1"));
+    }
+    assert!(close(sums.accuracy(), 0.5));
+    assert!(close(sums.log_loss(), 0.8924812863394052));
+    assert!(close(sums.brier(), 0.5325));
+    assert!(close(sums.f1_macro(), 0.5));
+}
+
+#[test]
+fn an_unknown_true_class_counts_against_accuracy_but_not_in_log_loss() {
+    let mut sums = ClassSums::default();
+    let known = pair(0, "a", &["a", "b"], &[0.8, 0.2], "v1");
+    let unknown = pair(1, "z", &["a", "b"], &[0.8, 0.2], "v1");
+    assert!(known.known && !unknown.known);
+    assert_eq!(unknown.p_true, None);
+    sums.add_pair(&known);
+    sums.add_pair(&unknown);
+    assert_eq!((sums.n, sums.scored, sums.unknown), (2, 1, 1));
+    assert!(close(sums.accuracy(), 0.5));
+    assert!(close(sums.log_loss(), -(0.8f64.ln())));
+}
+
+#[test]
+fn an_integer_label_and_its_text_are_one_class() {
+    let pair = ClassPair::new(
+        "s".into(),
+        Value::Number(1.0),
+        prediction(&["0", "1"], &[0.25, 0.75]),
+        None,
+        None,
+    );
+    assert!(pair.correct());
+    assert_eq!(pair.p_true, Some(0.75));
+}
+
+#[test]
+fn auc_averages_tied_ranks() {
+    // sklearn: roc_auc_score([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.8]) == 0.875
+    let mut points = [(0.5, false), (0.5, true), (0.2, false), (0.8, true)];
+    assert_eq!(roc_auc(&mut points), Some(0.875));
+    assert_eq!(roc_auc(&mut [(0.3, true)]), None);
+}
+
+#[test]
+fn totals_survive_a_restart_and_versions_are_bounded() {
+    let mut quality = tracker(100);
+    for (i, version) in ["v1", "v2", "v3", "v4", "v5", "v6", "v7"]
+        .iter()
+        .enumerate()
+    {
+        quality.observe(&pair(i, "a", &["a", "b"], &[0.9, 0.1], version));
+    }
+    let totals = quality.totals();
+    assert_eq!(totals.by_version.len(), 5, "MODEL_VERSIONS_KEPT");
+    assert_eq!(totals.by_version.last().unwrap().0, "v7");
+    let json = serde_json::to_string(&totals).unwrap();
+    let mut restored = tracker(100);
+    restored.restore(&serde_json::from_str(&json).unwrap());
+    assert_eq!(restored.totals(), totals);
+    assert_eq!(restored.all().n, 7);
+}
+
+proptest! {
+    #[test]
+    fn accuracy_and_f1_stay_in_range(labels in prop::collection::vec((0u8..4, 0u8..4), 1..60)) {
+        let mut sums = ClassSums::default();
+        for (t, p) in &labels {
+            sums.add(&t.to_string(), &p.to_string(), None, None, true);
+        }
+        let accuracy = sums.accuracy().unwrap();
+        let f1 = sums.f1_macro().unwrap();
+        prop_assert!((0.0..=1.0).contains(&accuracy));
+        prop_assert!((0.0..=1.0).contains(&f1));
+        let all_right = labels.iter().all(|(t, p)| t == p);
+        prop_assert_eq!(accuracy == 1.0, all_right);
+        prop_assert_eq!(f1 == 1.0, all_right);
+    }
+}
