@@ -2,12 +2,16 @@
 """Builds the ONNX test fixtures: diabetes regressors exported from scikit-learn,
 sklearn's own predictions for each (<name>.expected.csv), deliberately broken
 models for the loader's refusal tests, and agreement.txt (onnxruntime vs sklearn).
+Classifiers too: breast cancer and iris models, the rows they are fed
+(breast_cancer.csv, iris.csv), sklearn's labels and probabilities for each row
+(<name>.expected.csv) and classifier_agreement.txt.
 
 Usage: python3 tests/models/make_fixtures.py [OUT_DIR]   (default tests/models/fixtures)
 Needs tests/models/requirements-fixtures.txt. Deterministic; runs in a few seconds.
 """
 
 import os
+import re
 import sys
 import time
 
@@ -15,9 +19,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
-from sklearn.datasets import load_diabetes
-from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
-from sklearn.linear_model import LinearRegression
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris
+from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor, RandomForestRegressor
+from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from skl2onnx import to_onnx
@@ -191,6 +195,109 @@ def bad_fixtures(out, gbr_path, x, y):
         print(f"double_trees skipped, skl2onnx refused: {type(e).__name__}: {e}")
 
 
+def sanitize(name):
+    """A feature name as the pipeline's CSV and metadata carry it: `mean radius` -> `mean_radius`."""
+    return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
+
+
+def write_rows(out, name, features, x, target, labels):
+    """The rows the Rust tests feed: feature columns, then the label column."""
+    with open(os.path.join(out, name + ".csv"), "w") as f:
+        f.write(",".join(features + [target]) + "\n")
+        for row, label in zip(x, labels):
+            f.write(",".join([repr(float(v)) for v in row] + [str(label)]) + "\n")
+
+
+def write_classes_expected(out, name, classes, labels, proba):
+    # The columns follow the model's class order (classes_), as its probability output does.
+    with open(os.path.join(out, name + ".expected.csv"), "w") as f:
+        f.write(",".join(["label"] + [f"p_{c}" for c in classes]) + "\n")
+        for label, row in zip(labels, proba):
+            f.write(",".join([str(label)] + [repr(float(p)) for p in row]) + "\n")
+
+
+def ort_classify(path, x, classes):
+    """onnxruntime's labels and probabilities; a ZipMap's list of dicts is put in class order."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    label, proba = sess.run(None, {sess.get_inputs()[0].name: x})[:2]
+    if isinstance(proba, list):
+        proba = np.array([[row[c] for c in classes] for row in proba])
+    return label, np.asarray(proba, dtype=np.float64)
+
+
+def classifier_fixtures(out):
+    """Classifiers exported without ZipMap (a label tensor and a [N, C] probability tensor), one
+    with it, and one whose classes live only in an initializer (double input)."""
+    cancer = load_breast_cancer()
+    cancer_names = [sanitize(n) for n in cancer.feature_names]
+    cancer_x = cancer.data.astype(np.float64)
+    cancer_y = cancer.target.astype(np.int64)
+    write_rows(out, "breast_cancer", cancer_names, cancer_x, TARGET, cancer_y)
+    iris = load_iris()
+    iris_names = [sanitize(n) for n in iris.feature_names]
+    iris_x = iris.data.astype(np.float64)
+    iris_y = np.array([str(iris.target_names[t]) for t in iris.target])
+    write_rows(out, "iris", iris_names, iris_x, TARGET, iris_y)
+
+    def logreg():
+        return Pipeline([("scaler", StandardScaler()), ("model", LogisticRegression(max_iter=1000))])
+
+    # name: (model, data, input type, skl2onnx options)
+    nozip = {"zipmap": False}
+    models = {
+        "breast_cancer_logreg": (logreg(), "cancer", FloatTensorType, {LogisticRegression: nozip}),
+        "breast_cancer_gbc": (
+            GradientBoostingClassifier(n_estimators=50, max_depth=3, random_state=0),
+            "cancer", FloatTensorType, "direct"),
+        "iris_strings": (logreg(), "iris", FloatTensorType, {LogisticRegression: nozip}),
+        "iris_zipmap": (logreg(), "iris", FloatTensorType, None),
+        "iris_double": (logreg(), "iris", DoubleTensorType, {LogisticRegression: nozip}),
+    }
+    data = {"cancer": (cancer_names, cancer_x, cancer_y), "iris": (iris_names, iris_x, iris_y)}
+    lines = ["# onnxruntime (1 thread) vs scikit-learn predict() and predict_proba(), every row",
+             "# model input rows labels_equal max_abs_diff_probability"]
+    for name, (clf, which, input_type, options) in models.items():
+        features, x, y = data[which]
+        clf.fit(x, y)
+        if options == "direct":
+            options = {id(clf): nozip}
+        model = to_onnx(clf, initial_types=[("input", input_type([None, len(features)]))],
+                        target_opset=OPSET, options=options)
+        helper.set_model_props(
+            model, {"feature_names": ",".join(features), "target_name": TARGET, "version": f"{name}-1"})
+        path = save(model, out, name)
+        classes = list(clf.classes_)
+        labels, proba = clf.predict(x), clf.predict_proba(x)
+        write_classes_expected(out, name, classes, labels, proba)
+        fed = x.astype(np.float32) if input_type is FloatTensorType else x
+        got_labels, got_proba = ort_classify(path, fed, classes)
+        equal = int((np.asarray(got_labels) == labels).sum())
+        line = (f"{name} {'float' if input_type is FloatTensorType else 'double'} {len(x)} {equal} "
+                f"{np.abs(got_proba - proba).max():.6e}")
+        print(line)
+        lines.append(line)
+
+    # A classifier graph that names no classes: ArgMax over softmax scores.
+    n = len(iris_names)
+    scores = hand_model(
+        [helper.make_node("MatMul", ["input", "w"], ["scores"]),
+         helper.make_node("Softmax", ["scores"], ["probabilities"], axis=1),
+         helper.make_node("ArgMax", ["scores"], ["label"], axis=1, keepdims=0)],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, n])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 3])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [n, 3], [0.1 * (i % 7) for i in range(n * 3)])],
+    )
+    helper.set_model_props(
+        scores, {"feature_names": ",".join(iris_names), "target_name": TARGET, "version": "no_classes-1"})
+    save(scores, out, "no_classes")
+
+    with open(os.path.join(out, "classifier_agreement.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(REPO, "tests", "models", "fixtures")
     os.makedirs(out, exist_ok=True)
@@ -233,6 +340,7 @@ def main():
 
     with open(os.path.join(out, "agreement.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    classifier_fixtures(out)
     print(f"fixtures written to {out} in {time.time() - start:.1f} s")
 
 

@@ -11,6 +11,7 @@ pub mod error;
 mod handler;
 mod metrics;
 pub mod onnx;
+mod protobuf;
 pub mod regression;
 pub mod served;
 pub mod source;

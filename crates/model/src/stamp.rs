@@ -5,104 +5,19 @@
 //! `StringStringEntryProto { key = 1, value = 2 }`. Protobuf lets fields come in any order and
 //! repeats be appended, so stamping keeps every other top-level field's bytes as they are, drops
 //! the entries whose keys are being written, and appends the new ones: no protobuf library, no
-//! re-encoding of the graph (a whole-message codec would need the ONNX schema compiled in).
+//! re-encoding of the graph (a whole-message codec would need the ONNX schema compiled in). The
+//! wire format is read and written by [`crate::protobuf`].
 
 use crate::drift::Reference;
 use crate::onnx::keys;
+pub use crate::protobuf::NotProtobuf;
+use crate::protobuf::{fields, put_bytes};
 use crate::served::{Evaluation, ServedModel};
 use anyhow::Context as _;
 use pipeline::dataset::Dataset;
-use thiserror::Error;
 
 /// `ModelProto.metadata_props`.
 const METADATA_PROPS: u64 = 14;
-
-/// The file is not a protobuf message as far as its top-level fields go.
-#[derive(Debug, Error, PartialEq, Eq)]
-#[error("not an ONNX file: {0}")]
-pub struct NotProtobuf(String);
-
-/// A top-level field: its number and the whole of its bytes (tag included).
-struct Field<'a> {
-    number: u64,
-    bytes: &'a [u8],
-    /// The payload of a length-delimited field.
-    payload: Option<&'a [u8]>,
-}
-
-fn varint(bytes: &[u8], at: &mut usize) -> Result<u64, NotProtobuf> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *bytes
-            .get(*at)
-            .ok_or_else(|| NotProtobuf("a varint runs past the end".to_owned()))?;
-        *at += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-    Err(NotProtobuf("a varint longer than 10 bytes".to_owned()))
-}
-
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-fn fields(bytes: &[u8]) -> Result<Vec<Field<'_>>, NotProtobuf> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < bytes.len() {
-        let start = at;
-        let tag = varint(bytes, &mut at)?;
-        let (number, wire) = (tag >> 3, tag & 7);
-        if number == 0 {
-            return Err(NotProtobuf(format!("field number 0 at byte {start}")));
-        }
-        let mut payload = None;
-        match wire {
-            0 => {
-                varint(bytes, &mut at)?;
-            }
-            1 => at += 8,
-            5 => at += 4,
-            2 => {
-                let len = usize::try_from(varint(bytes, &mut at)?)
-                    .map_err(|_| NotProtobuf("a length beyond memory".to_owned()))?;
-                let end = at
-                    .checked_add(len)
-                    .filter(|end| *end <= bytes.len())
-                    .ok_or_else(|| {
-                        NotProtobuf(format!(
-                            "field {number} at byte {start} runs past the end (truncated file?)"
-                        ))
-                    })?;
-                payload = Some(&bytes[at..end]);
-                at = end;
-            }
-            other => {
-                return Err(NotProtobuf(format!(
-                    "wire type {other} of field {number} at byte {start}"
-                )));
-            }
-        }
-        if at > bytes.len() {
-            return Err(NotProtobuf(format!(
-                "field {number} at byte {start} runs past the end (truncated file?)"
-            )));
-        }
-        out.push(Field {
-            number,
-            bytes: &bytes[start..at],
-            payload,
-        });
-    }
-    Ok(out)
-}
 
 /// The key of a `StringStringEntryProto`.
 fn entry_key(entry: &[u8]) -> Option<&[u8]> {
@@ -111,12 +26,6 @@ fn entry_key(entry: &[u8]) -> Option<&[u8]> {
         .into_iter()
         .find(|field| field.number == 1)
         .and_then(|field| field.payload)
-}
-
-fn put_bytes(out: &mut Vec<u8>, number: u64, bytes: &[u8]) {
-    put_varint(out, (number << 3) | 2);
-    put_varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
 }
 
 /// `model` with `props` written into its `metadata_props`, replacing entries of the same keys.
@@ -218,6 +127,7 @@ pub fn stamp_onnx(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protobuf::put_varint;
     use proptest::prelude::*;
 
     /// A small message: ir_version (varint), producer_name (string), one metadata entry.
