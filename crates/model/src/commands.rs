@@ -6,6 +6,7 @@ use crate::onnx::keys;
 use crate::served::{ArtifactKind, Engine, Evaluation, ServedModel};
 use crate::stamp;
 use anyhow::Context as _;
+use pipeline::classes::Task;
 use pipeline::dataset::Dataset;
 use sha2::Digest as _;
 use std::path::Path;
@@ -64,6 +65,15 @@ pub fn inspect(path: &Path, data: Option<&Path>, target: Option<&str>) -> anyhow
         .with_context(|| format!("the model service would refuse {}", path.display()))?;
     println!("{}: accepted", path.display());
     println!("  family:    {}", model.family());
+    let (task, classes) = match &model.engine {
+        Engine::Onnx(graph) => (graph.task(), graph.classes()),
+        Engine::Linear(_) => (Task::Regression, None),
+    };
+    println!("  task:      {task}");
+    if let Some(classes) = classes {
+        let names: Vec<String> = classes.iter().map(ToString::to_string).collect();
+        println!("  classes:   {} [{}]", names.len(), names.join(", "));
+    }
     println!("  version:   {}", model.version);
     match model.feature_names() {
         Some(names) => println!("  features:  {} [{}]", names.len(), names.join(", ")),
@@ -91,6 +101,13 @@ pub fn inspect(path: &Path, data: Option<&Path>, target: Option<&str>) -> anyhow
         }
     }
     if let Some(data) = data {
+        if task == Task::Classification {
+            // Scoring is MAE and R² on numeric targets; a classifier's labels may be strings.
+            println!(
+                "  data:      not scored: `model inspect --data` scores regression models only"
+            );
+            return Ok(());
+        }
         let data = Dataset::from_csv(data, target)?;
         let Evaluation { mae, r2, .. } = model.evaluate(&data)?;
         println!(

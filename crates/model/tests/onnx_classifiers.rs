@@ -242,3 +242,13 @@ fn a_classifier_loads_as_a_served_model() {
     };
     assert_eq!(graph.task(), Task::Classification);
 }
+
+/// `model inspect` accepts a classifier (it prints the task and classes) and leaves `--data`
+/// unscored rather than failing on string labels.
+#[test]
+fn inspect_accepts_a_classifier_with_or_without_data() {
+    runtime();
+    let path = fixtures().join("iris_zipmap.onnx");
+    model::inspect(&path, None, None).unwrap();
+    model::inspect(&path, Some(&fixtures().join("iris.csv")), None).unwrap();
+}
