@@ -6,6 +6,7 @@ mod alarms;
 mod audit;
 mod bad_input;
 mod chart;
+mod classification;
 /// The private broker nodes, shared with the benchmark.
 use testkit::broker_node;
 mod blocked;

@@ -2,7 +2,7 @@
 //! y_pred to publish (the loop acks the input once the broker confirms the prediction).
 
 use crate::drift_monitor;
-use crate::served::ServedModel;
+use crate::served::{Prediction, ServedModel};
 use lapin::message::Delivery;
 use pipeline::broker::publisher::header_str;
 use pipeline::broker::{Disposition, HandlerError, MessageHandler, Outgoing};
@@ -73,8 +73,11 @@ impl MessageHandler for Predictor {
             Ok(features) => features,
             Err(err) => return Ok(Disposition::DeadLetter(err)),
         };
-        let y_pred = match model.predict(features).map_err(anyhow::Error::from)? {
-            Ok(y_pred) => y_pred,
+        let (y_pred, probabilities) = match model.answer(features).map_err(anyhow::Error::from)? {
+            Ok(Prediction::Number(y_pred)) => (Target::Number(y_pred), None),
+            Ok(Prediction::Class(label, probabilities)) => {
+                (Target::Class(label), Some(probabilities))
+            }
             Err(err) => return Ok(Disposition::DeadLetter(err)),
         };
         if let Some(drift) = &self.drift {
@@ -90,14 +93,14 @@ impl MessageHandler for Predictor {
             &mut self.body,
             format,
             message.id.as_deref(),
-            &Target::Number(y_pred),
-            None,
+            &y_pred,
+            probabilities.as_ref(),
             &model.version,
             message.sent_at_us,
             message.audit.as_deref(),
         )
         .map_err(anyhow::Error::from)?;
-        tracing::debug!(id = message.id.as_deref().unwrap_or("-"), y_pred, version = %model.version, "predicted");
+        tracing::debug!(id = message.id.as_deref().unwrap_or("-"), %y_pred, version = %model.version, "predicted");
         Ok(Disposition::Publish(Outgoing::json(
             self.y_pred.queue_for(message.id.as_deref()),
             &self.body,

@@ -11,6 +11,7 @@ use crate::error::ModelError;
 use crate::onnx::OnnxModel;
 use crate::regression::{LinearModel, hex};
 use anyhow::Context as _;
+use pipeline::classes::{ClassLabel, Probabilities, Task};
 use pipeline::dataset::Dataset;
 use pipeline::messages::MessageError;
 use pipeline::schema::FeatureSchema;
@@ -40,6 +41,16 @@ pub struct ServedModel {
     pub reference: Option<Arc<Reference>>,
     /// How it computes.
     pub engine: Engine,
+}
+
+/// One sample's answer: a number from a regressor, a class and the class probabilities from a
+/// classifier.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prediction {
+    /// A regression prediction, finite.
+    Number(f64),
+    /// The predicted class and the probability of every class.
+    Class(ClassLabel, Probabilities),
 }
 
 /// A model's predictions on a labelled data set and how good they are.
@@ -197,6 +208,38 @@ impl ServedModel {
             Engine::Linear(_) => "linear",
             Engine::Onnx(_) => "onnx",
         }
+    }
+
+    /// What the model predicts: a number, or a class with its probabilities.
+    pub fn task(&self) -> Task {
+        match &self.engine {
+            Engine::Onnx(graph) => graph.task(),
+            Engine::Linear(_) => Task::Regression,
+        }
+    }
+
+    /// Answers one sample already in the model's order: [`Self::predict`] for a regressor, the
+    /// class and its probabilities for a classifier.
+    pub fn answer(&self, features: &[f64]) -> Result<Result<Prediction, MessageError>, ModelError> {
+        let graph = match &self.engine {
+            Engine::Onnx(graph) if graph.classes().is_some() => graph,
+            _ => return Ok(self.predict(features)?.map(Prediction::Number)),
+        };
+        if features.len() != graph.n_features() {
+            return Ok(Err(MessageError::WrongLength {
+                expected: graph.n_features(),
+                got: features.len(),
+            }));
+        }
+        let answer = graph.classify_rows(features, 1)?.into_iter().next();
+        Ok(match answer {
+            Some(Ok((label, probabilities))) => Ok(Prediction::Class(label, probabilities)),
+            Some(Err(err)) => Err(err),
+            None => Err(MessageError::NonFinite(format!(
+                "the answer of model {} for these features",
+                self.version
+            ))),
+        })
     }
 
     /// Predicts one sample already in the model's order ([`FeatureSchema::arrange`]). A

@@ -1,0 +1,340 @@
+//! Classification on a real broker: the producer streams a label column as the data has it
+//! (strings as strings, integers as integers), and model replicas serve scikit-learn classifiers
+//! exported to ONNX, hot-swapped under traffic, each prediction's label and class probabilities
+//! those of the version that served it.
+
+use crate::helpers::*;
+use lapin::Connection;
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use pipeline::classes::ClassLabel;
+use pipeline::messages::{LabelKind, Target, parse_features, parse_label};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Takes every message of `queue` until `n` have come or `timeout` passes.
+async fn drain(connection: &Connection, queue: &str, n: usize, timeout: Duration) -> Vec<Vec<u8>> {
+    let channel = connection.create_channel().await.unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut bodies = Vec::new();
+    while bodies.len() < n && Instant::now() < deadline {
+        match channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            Some(message) => {
+                message.ack(BasicAckOptions::default()).await.unwrap();
+                bodies.push(message.delivery.data.clone());
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let _ = channel.close(200, "bye".into()).await;
+    bodies
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_producer_sends_class_labels_as_the_data_has_them() {
+    let url = shared_amqp_url();
+    let work = tempfile::tempdir().unwrap();
+    let strings = work.path().join("species.csv");
+    std::fs::write(
+        &strings,
+        "sepal,petal,species\n5.1,1.4,setosa\n6.3,4.9,versicolor\n7.7,6.7,virginica\n",
+    )
+    .unwrap();
+    let integers = work.path().join("churn.csv");
+    std::fs::write(&integers, "tenure,spend,churned\n3,10.5,1\n40,99.0,0\n").unwrap();
+    for (data, rows, expected) in [
+        (
+            &strings,
+            3,
+            vec![
+                ClassLabel::Text("setosa".into()),
+                ClassLabel::Text("versicolor".into()),
+                ClassLabel::Text("virginica".into()),
+            ],
+        ),
+        (
+            &integers,
+            2,
+            vec![ClassLabel::Integer(1), ClassLabel::Integer(0)],
+        ),
+    ] {
+        let queues = testkit::Queues::unique("classproducer");
+        let connection = connect(&url).await;
+        let env = queues
+            .env()
+            .into_iter()
+            .chain([
+                ("AMQP_URL".to_owned(), url.clone()),
+                ("DATA_PATH".to_owned(), data.display().to_string()),
+                ("TASK".to_owned(), "classification".to_owned()),
+                ("ORDER".to_owned(), "sequential".to_owned()),
+                ("COUNT".to_owned(), (2 * rows).to_string()),
+                ("RATE".to_owned(), "0".to_owned()),
+            ])
+            .collect();
+        let mut features = spawn_service("features", env, work.path());
+        let status = features.wait_exit(Duration::from_secs(60));
+        assert!(status.is_some_and(|s| s.success()), "{}", features.stderr());
+        let y_true = drain(
+            &connection,
+            &queues.y_true,
+            2 * rows,
+            Duration::from_secs(10),
+        )
+        .await;
+        let sent = drain(
+            &connection,
+            &queues.features,
+            2 * rows,
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!((y_true.len(), sent.len()), (2 * rows, 2 * rows));
+        let mut labels: HashMap<String, Target> = HashMap::new();
+        for body in &y_true {
+            let message = parse_label(LabelKind::YTrue, body, None).unwrap();
+            // On the wire as in the file: a JSON string for text, a JSON integer for integers.
+            let text = std::str::from_utf8(body).unwrap();
+            let value = message.value.class(LabelKind::YTrue).unwrap();
+            match &value {
+                ClassLabel::Text(label) => {
+                    assert!(text.contains(&format!("\"y_true\":\"{label}\"")), "{text}")
+                }
+                ClassLabel::Integer(label) => {
+                    assert!(text.contains(&format!("\"y_true\":{label},")), "{text}")
+                }
+            }
+            labels.insert(message.id.unwrap(), Target::Class(value));
+        }
+        // Sequential order: row k's label goes with row k's features, twice round.
+        for body in &sent {
+            let message = parse_features(body, None).unwrap();
+            let row = std::fs::read_to_string(data)
+                .unwrap()
+                .lines()
+                .skip(1)
+                .position(|line| {
+                    let cells: Vec<f64> = line
+                        .split(',')
+                        .take(2)
+                        .map(|c| c.parse().unwrap())
+                        .collect();
+                    cells == message.features
+                })
+                .unwrap();
+            assert_eq!(
+                labels[message.id.as_deref().unwrap()],
+                Target::Class(expected[row].clone())
+            );
+        }
+        delete_queues(&url, &queues).await;
+    }
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    repo_root().join("tests/models/fixtures").join(name)
+}
+
+/// A classifier's row of metric_log.csv: `id,y_true,y_pred,p_true,correct,model_version,brier`.
+#[derive(Debug)]
+struct ClassRow {
+    id: String,
+    y_true: String,
+    y_pred: String,
+    p_true: f64,
+    correct: bool,
+    model_version: String,
+}
+
+fn class_rows(path: &std::path::Path) -> Vec<ClassRow> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    let mut lines = whole.lines();
+    if let Some(header) = lines.next() {
+        assert_eq!(
+            header,
+            "id,y_true,y_pred,p_true,correct,model_version,brier"
+        );
+    }
+    lines
+        .map(|line| {
+            let f: Vec<&str> = line.split(',').collect();
+            assert_eq!(f.len(), 7, "bad row {line:?}");
+            ClassRow {
+                id: f[0].to_owned(),
+                y_true: f[1].to_owned(),
+                y_pred: f[2].to_owned(),
+                p_true: f[3].parse().unwrap(),
+                correct: f[4] == "1",
+                model_version: f[5].to_owned(),
+            }
+        })
+        .collect()
+}
+
+/// scikit-learn's accuracy, log loss and ROC AUC of the rows (positive class `1`), computed by
+/// `sklearn.metrics` in a Python child: `[accuracy, log_loss, auc]`.
+fn sklearn_figures(rows: &[ClassRow]) -> Vec<f64> {
+    let y: Vec<String> = rows.iter().map(|r| r.y_true.clone()).collect();
+    let pred: Vec<String> = rows.iter().map(|r| r.y_pred.clone()).collect();
+    let p_positive: Vec<f64> = rows
+        .iter()
+        .map(|r| {
+            if r.y_true == "1" {
+                r.p_true
+            } else {
+                1.0 - r.p_true
+            }
+        })
+        .collect();
+    let script = format!(
+        "from sklearn.metrics import accuracy_score, log_loss, roc_auc_score\n\
+         y = [{y}]\npred = [{pred}]\np = [{p}]\n\
+         print(accuracy_score(y, pred), log_loss(y, [[1 - q, q] for q in p], labels=[0, 1]), \
+         roc_auc_score(y, p))",
+        y = y.join(","),
+        pred = pred.join(","),
+        p = p_positive
+            .iter()
+            .map(|v| format!("{v:?}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect()
+}
+
+fn ort() -> String {
+    std::env::var("ORT_DYLIB_PATH")
+        .expect("these tests need ONNX Runtime: ORT_DYLIB_PATH=$(scripts/onnxruntime-lib)")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_classifier_pipeline_scores_as_scikit_learn_and_swaps_classifiers_under_traffic() {
+    const TOTAL: usize = 2000;
+    let url = shared_amqp_url();
+    let work = tempfile::tempdir().unwrap();
+    let model_path = work.path().join("model.onnx");
+    std::fs::copy(fixture("breast_cancer_logreg.onnx"), &model_path).unwrap();
+    let options = Options::new(url.clone(), TOTAL as u64)
+        .rate(300.0)
+        .env("TASK", "classification")
+        .env(
+            "DATA_PATH",
+            &fixture("breast_cancer.csv").display().to_string(),
+        )
+        .env("MODEL_PATH", &model_path.display().to_string())
+        .env("MODEL_POLL_MS", "100")
+        .env("QUALITY_WINDOW", "100000")
+        .env("ORT_DYLIB_PATH", &ort());
+    let mut run = Pipeline::start_consumers("classify", options);
+    let second = run.extra_service("model", &[]);
+    for replica in [&run.model, &second] {
+        wait_healthy(replica, Duration::from_secs(30));
+    }
+    let first_version = |service: &Service| {
+        service
+            .metrics()
+            .iter()
+            .filter(|(_, served)| **served == 1.0)
+            .find_map(|(key, _)| {
+                key.strip_prefix("pipeline_model_served{version=\"")
+                    .and_then(|rest| rest.strip_suffix("\"}"))
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default()
+    };
+    let served_first = first_version(&run.model);
+    assert!(!served_first.is_empty(), "{}", run.model.stderr());
+    run.start_features();
+    let rows_now = || class_rows(&run.log_dir().join("metric_log.csv")).len();
+    assert!(
+        wait_until(Duration::from_secs(60), || rows_now() >= 600),
+        "{}",
+        run.logs()
+    );
+    // The swap: the gradient-boosting classifier replaces the logistic regression.
+    let tmp = model_path.with_extension("incoming");
+    std::fs::copy(fixture("breast_cancer_gbc.onnx"), &tmp).unwrap();
+    std::fs::rename(&tmp, &model_path).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || first_version(&run.model)
+            != served_first
+            && first_version(&second) != served_first),
+        "the new classifier is not served by both\n{}",
+        run.logs()
+    );
+    assert!(
+        wait_until(Duration::from_secs(90), || rows_now() >= TOTAL),
+        "{} rows\n{}",
+        rows_now(),
+        run.logs()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let rows = class_rows(&run.log_dir().join("metric_log.csv"));
+    let ids: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!((rows.len(), ids.len()), (TOTAL, TOTAL), "every id once");
+    let mut by_version: HashMap<&str, usize> = HashMap::new();
+    for row in &rows {
+        *by_version.entry(&row.model_version).or_default() += 1;
+        assert_eq!(row.correct, row.y_true == row.y_pred, "{row:?}");
+        assert!(["0", "1"].contains(&row.y_true.as_str()), "{row:?}");
+    }
+    eprintln!("rows by version: {by_version:?} (first served {served_first})");
+    assert_eq!(by_version.len(), 2, "{by_version:?}");
+    assert!(by_version.values().all(|n| *n >= 100), "{by_version:?}");
+
+    // /api/quality's figures over the window (all rows) are scikit-learn's on the same rows.
+    let expected = sklearn_figures(&rows);
+    let quality = wait_until(Duration::from_secs(10), || {
+        run.metric
+            .get("/api/quality")
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .is_some_and(|q| q["classification"]["window"]["n"] == TOTAL as u64)
+    });
+    assert!(quality, "{:?}", run.metric.get("/api/quality"));
+    let (_, body) = run.metric.get("/api/quality").unwrap();
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let window = &report["classification"]["window"];
+    for (name, ours, theirs) in [
+        ("accuracy", &window["accuracy"], expected[0]),
+        ("log loss", &window["log_loss"], expected[1]),
+        ("ROC AUC", &window["roc_auc"], expected[2]),
+    ] {
+        let ours = ours.as_f64().unwrap_or(f64::NAN);
+        assert!(
+            (ours - theirs).abs() < 1e-9,
+            "{name}: ours {ours}, sklearn {theirs}"
+        );
+    }
+    assert_eq!(
+        report["classification"]["versions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let metrics = run.metric.metrics();
+    assert_eq!(
+        metrics.get("pipeline_pairs_total").copied(),
+        Some(TOTAL as f64)
+    );
+    assert!(metrics.contains_key("pipeline_model_log_loss{span=\"window\"}"));
+    run.stop_services();
+    delete_queues(&url, &run.queues).await;
+}
