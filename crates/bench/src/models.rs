@@ -279,7 +279,7 @@ fn time_predict(
         version: model.version.clone(),
         caveat: match &model.engine {
             Engine::Onnx(graph) => graph.caveat(),
-            Engine::Linear(_) => None,
+            Engine::Linear(_) | Engine::Logistic(_) => None,
         },
         per_call,
         passes_per_second,

@@ -235,8 +235,8 @@ impl ContentHash {
 /// so a file replaced between the first load and the watcher's start is still loaded); `None`
 /// when there was no file yet (the model was fitted on `DATA_PATH`): the first file to appear
 /// is loaded. A file that
-/// cannot be read, is not a valid artifact, or has another number of features than the model being
-/// served is refused with an error log; the current model keeps serving.
+/// cannot be read, is not a valid artifact, or has other features or another task than the model
+/// being served is refused with an error log; the current model keeps serving.
 pub async fn watch_artifact(
     mut source: crate::source::ArtifactSource,
     loaded: Option<ContentHash>,
@@ -281,6 +281,7 @@ pub async fn watch_artifact(
             .and_then(|parsed| parsed)
             .and_then(|model| {
                 model.same_features(&current).map_err(anyhow::Error::msg)?;
+                model.same_task(&current).map_err(anyhow::Error::msg)?;
                 Ok(model)
             });
         match result {
@@ -651,5 +652,72 @@ mod tests {
         assert!(health.notes().is_empty(), "{:?}", health.notes());
         shutdown.cancel();
         watcher.await.unwrap();
+    }
+
+    /// A logistic artifact is hot-swapped like the linear one; an artifact of the other task on
+    /// the same features is refused, and the classifier keeps serving.
+    #[tokio::test]
+    async fn a_logistic_artifact_is_swapped_in_and_a_regressor_refused() {
+        use crate::logistic::LogisticArtifact;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data.csv");
+        std::fs::write(
+            &data,
+            "a,b,y\n-2,1,0\n-1,0,0\n-0.5,2,0\n0.5,1,1\n1,0,1\n2,2,1\n",
+        )
+        .unwrap();
+        let path = dir.path().join("model.json");
+        let v1 = LogisticArtifact::train(&data, None, Some("v1".into())).unwrap();
+        v1.write(&path).unwrap();
+        let (served, loaded) = ServedModel::load(&path).unwrap();
+        assert_eq!(served.family(), "logistic");
+        let (models, current) = watch::channel(Arc::new(served));
+        let shutdown = pipeline::CancellationToken::new();
+        let reloads = prometheus_client::metrics::family::Family::<ReloadLabel, _>::default();
+        let health = pipeline::health::Health::new();
+        let watcher = tokio::spawn(watch_artifact(
+            crate::source::ArtifactSource::File(path.clone()),
+            Some(loaded),
+            Duration::from_millis(10),
+            models,
+            reloads.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ));
+        // The linear regression of the same file (integer labels read as numbers).
+        Artifact::train(&data, None, Some("linear".into()))
+            .unwrap()
+            .write(&path)
+            .unwrap();
+        let count = |result: &'static str| {
+            let counter: prometheus_client::metrics::counter::Counter =
+                reloads.get_or_create(&ReloadLabel { result }).clone();
+            counter.get()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while count("refused") == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(current.borrow().version, "v1");
+        let notes = health.notes().join("\n");
+        assert!(
+            notes.contains("it is a regression model (linear), the model being served is a classification model (logistic)"),
+            "{notes}"
+        );
+        LogisticArtifact::train(&data, None, Some("v2".into()))
+            .unwrap()
+            .write(&path)
+            .unwrap();
+        let swapped = tokio::time::timeout(
+            Duration::from_secs(10),
+            current.clone().wait_for(|model| model.version == "v2"),
+        )
+        .await
+        .is_ok();
+        shutdown.cancel();
+        watcher.await.unwrap();
+        assert!(swapped, "the new logistic artifact was never loaded");
+        assert_eq!(current.borrow().family(), "logistic");
+        assert_eq!((count("loaded"), count("refused")), (1, 1));
     }
 }

@@ -65,10 +65,7 @@ pub fn inspect(path: &Path, data: Option<&Path>, target: Option<&str>) -> anyhow
         .with_context(|| format!("the model service would refuse {}", path.display()))?;
     println!("{}: accepted", path.display());
     println!("  family:    {}", model.family());
-    let (task, classes) = match &model.engine {
-        Engine::Onnx(graph) => (graph.task(), graph.classes()),
-        Engine::Linear(_) => (Task::Regression, None),
-    };
+    let (task, classes) = (model.task(), model.classes());
     println!("  task:      {task}");
     if let Some(classes) = classes {
         let names: Vec<String> = classes.iter().map(ToString::to_string).collect();

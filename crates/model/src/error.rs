@@ -7,6 +7,9 @@ pub enum ModelError {
     /// The solver failed (for example on a degenerate data set).
     #[error("cannot fit a linear regression: {0}")]
     Fit(String),
+    /// The logistic regression's solver failed, or the data cannot be classified (one class).
+    #[error("cannot fit a logistic regression: {0}")]
+    FitClassifier(String),
     /// Coefficients or intercept that are not finite, or a shape that does not fit.
     #[error("invalid model: {0}")]
     Invalid(String),

@@ -1,6 +1,6 @@
-//! The model service: serves a linear regression (fitted, or a JSON artifact) or a user's ONNX
-//! graph, consumes `features`, publishes `y_pred` with the same id, and acks each input only after
-//! its prediction is confirmed by the broker.
+//! The model service: serves a linear regression or, for classification, a logistic regression
+//! (fitted, or a JSON artifact) or a user's ONNX graph, consumes `features`, publishes `y_pred`
+//! with the same id, and acks each input only after its prediction is confirmed by the broker.
 
 pub mod artifact;
 mod commands;
@@ -9,6 +9,7 @@ pub mod drift;
 pub mod drift_monitor;
 pub mod error;
 mod handler;
+pub mod logistic;
 mod metrics;
 pub mod onnx;
 mod protobuf;

@@ -1,13 +1,15 @@
-//! The model a replica serves, whatever its family: the built-in linear regression (a JSON
-//! artifact, or a fit on `DATA_PATH`) or a user's ONNX graph, behind one type that the handler,
-//! the artifact watcher, the drift monitor and the trainer's evaluation all use.
+//! The model a replica serves, whatever its family: the built-in linear regression or, for
+//! classification, the built-in logistic regression (a JSON artifact, or a fit on `DATA_PATH`), or
+//! a user's ONNX graph, behind one type that the handler, the artifact watcher, the drift monitor
+//! and the trainer's evaluation all use.
 //!
-//! Which one an artifact is, is read from its bytes (a JSON artifact starts with `{`, anything
-//! else is tried as ONNX), so `MODEL_PATH` and `MODEL_URL` serve both the same way.
+//! Which one an artifact is, is read from its bytes (a JSON artifact starts with `{` and names its
+//! format, anything else is tried as ONNX), so `MODEL_PATH` and `MODEL_URL` serve all the same way.
 
 use crate::artifact::{Artifact, ContentHash};
 use crate::drift::Reference;
 use crate::error::ModelError;
+use crate::logistic::{LogisticArtifact, LogisticModel, is_logistic_json};
 use crate::onnx::OnnxModel;
 use crate::regression::{LinearModel, hex};
 use anyhow::Context as _;
@@ -24,6 +26,8 @@ use std::sync::Arc;
 pub enum Engine {
     /// `intercept + coefficients · x`, in-process.
     Linear(LinearModel),
+    /// `softmax(W·x + b)` over the classes, in-process.
+    Logistic(LogisticModel),
     /// A graph run by ONNX Runtime.
     Onnx(OnnxModel),
 }
@@ -85,7 +89,9 @@ fn score(predictions: &[f64], targets: &[f64]) -> (f64, f64) {
 /// What kind of artifact some bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArtifactKind {
-    /// The JSON linear artifact (`ml-pipeline/linear-model/1`).
+    /// A JSON artifact of a built-in model: `ml-pipeline/linear-model/1` or
+    /// `ml-pipeline/logistic-model/1`, told apart by its `format` field in [`ServedModel::parse`].
+    /// (Named for the first of them; the trainer matches on it.)
     LinearJson,
     /// An ONNX graph.
     Onnx,
@@ -129,6 +135,25 @@ impl ServedModel {
         }
     }
 
+    /// The built-in logistic regression.
+    pub fn logistic(model: LogisticModel) -> Self {
+        Self {
+            version: model.version.clone(),
+            schema: FeatureSchema::named(model.feature_names.clone()),
+            target_name: None,
+            reference: model.reference.clone(),
+            engine: Engine::Logistic(model),
+        }
+    }
+
+    /// A JSON logistic artifact's model.
+    pub fn of_logistic_artifact(artifact: &LogisticArtifact) -> Self {
+        Self {
+            target_name: Some(artifact.target_name.clone()),
+            ..Self::logistic(artifact.model())
+        }
+    }
+
     /// An ONNX graph's model; its version is the graph's `version` metadata, or derived from its
     /// bytes.
     pub fn onnx(bytes: &[u8]) -> Result<Self, ModelError> {
@@ -155,7 +180,12 @@ impl ServedModel {
         match ArtifactKind::of(bytes) {
             ArtifactKind::LinearJson => {
                 let text = std::str::from_utf8(bytes).context("not UTF-8")?;
-                Ok(Self::of_artifact(&Artifact::parse(text)?))
+                // Any other JSON goes to the linear parser, whose messages name what is wrong.
+                if is_logistic_json(text) {
+                    Ok(Self::of_logistic_artifact(&LogisticArtifact::parse(text)?))
+                } else {
+                    Ok(Self::of_artifact(&Artifact::parse(text)?))
+                }
             }
             ArtifactKind::Onnx => {
                 // Checked before the runtime is opened: a broken file is named for what it is,
@@ -192,6 +222,18 @@ impl ServedModel {
         })
     }
 
+    /// Fits the built-in model of `task` on `data`: the linear regression, or the logistic
+    /// regression (`data` read with [`Task::Classification`]).
+    pub fn fit_for(data: &Dataset, task: Task) -> Result<Self, ModelError> {
+        match task {
+            Task::Regression => Self::fit(data),
+            Task::Classification => Ok(Self {
+                target_name: Some(data.target_name.clone()),
+                ..Self::logistic(LogisticModel::fit(data)?)
+            }),
+        }
+    }
+
     /// Features it takes.
     pub fn n_features(&self) -> usize {
         self.schema.width()
@@ -202,10 +244,11 @@ impl ServedModel {
         self.schema.names()
     }
 
-    /// `linear` or `onnx`, for logs and `model inspect`.
+    /// `linear`, `logistic` or `onnx`, for logs and `model inspect`.
     pub fn family(&self) -> &'static str {
         match self.engine {
             Engine::Linear(_) => "linear",
+            Engine::Logistic(_) => "logistic",
             Engine::Onnx(_) => "onnx",
         }
     }
@@ -215,7 +258,28 @@ impl ServedModel {
         match &self.engine {
             Engine::Onnx(graph) => graph.task(),
             Engine::Linear(_) => Task::Regression,
+            Engine::Logistic(_) => Task::Classification,
         }
+    }
+
+    /// A classifier's classes, in the order of its probabilities; `None` for a regression.
+    pub fn classes(&self) -> Option<&[ClassLabel]> {
+        match &self.engine {
+            Engine::Onnx(graph) => graph.classes(),
+            Engine::Logistic(model) => Some(&model.classes),
+            Engine::Linear(_) => None,
+        }
+    }
+
+    /// The error of a regression path ([`Self::predict`], [`Self::predict_dataset`],
+    /// [`Self::evaluate`]) asked of a classifier.
+    fn not_a_regression(&self) -> ModelError {
+        ModelError::Invalid(format!(
+            "model {} ({}) is a classifier: it answers a class and class probabilities \
+             (ServedModel::answer), not a number",
+            self.version,
+            self.family()
+        ))
     }
 
     /// Answers one sample already in the model's order: [`Self::predict`] for a regressor, the
@@ -223,6 +287,11 @@ impl ServedModel {
     pub fn answer(&self, features: &[f64]) -> Result<Result<Prediction, MessageError>, ModelError> {
         let graph = match &self.engine {
             Engine::Onnx(graph) if graph.classes().is_some() => graph,
+            Engine::Logistic(model) => {
+                return Ok(model
+                    .classify(features)
+                    .map(|(label, probabilities)| Prediction::Class(label, probabilities)));
+            }
             _ => return Ok(self.predict(features)?.map(Prediction::Number)),
         };
         if features.len() != graph.n_features() {
@@ -251,6 +320,7 @@ impl ServedModel {
                 Ok(y) => y,
                 Err(err) => return Ok(Err(err)),
             },
+            Engine::Logistic(_) => return Err(self.not_a_regression()),
             Engine::Onnx(graph) => {
                 if features.len() != graph.n_features() {
                     return Ok(Err(MessageError::WrongLength {
@@ -280,6 +350,7 @@ impl ServedModel {
                         .map_err(|err| ModelError::Invalid(err.to_string()))
                 })
                 .collect(),
+            Engine::Logistic(_) => Err(self.not_a_regression()),
             Engine::Onnx(graph) => graph.predict_rows(data.features(), data.len()),
         }
     }
@@ -288,6 +359,9 @@ impl ServedModel {
     /// and R². A non-finite prediction is an error naming its row: such a model is not fit to
     /// serve.
     pub fn evaluate(&self, data: &Dataset) -> anyhow::Result<Evaluation> {
+        if self.task() == Task::Classification {
+            return Err(self.not_a_regression().into());
+        }
         let data = self.arrange_dataset(data).map_err(anyhow::Error::msg)?;
         let predictions = self.predict_dataset(&data)?;
         if let Some(row) = predictions.iter().position(|p| !p.is_finite()) {
@@ -348,6 +422,22 @@ impl ServedModel {
             data.targets().to_vec(),
         )
         .ok_or_else(|| "the data has no rows".to_owned())
+    }
+
+    /// Whether `other` does the same task: a replica's answers go to a metric service measuring
+    /// one task, so a regressor is never swapped for a classifier or back.
+    pub fn same_task(&self, other: &Self) -> Result<(), String> {
+        if self.task() == other.task() {
+            return Ok(());
+        }
+        Err(format!(
+            "it is a {} model ({}), the model being served is a {} model ({}); TASK picks the \
+             task of the model fitted when there is no artifact",
+            self.task(),
+            self.family(),
+            other.task(),
+            other.family()
+        ))
     }
 
     /// Whether `other` takes the same features (by name when both know them, else by count).
