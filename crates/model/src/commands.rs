@@ -2,6 +2,7 @@
 //! `model stamp`.
 
 use crate::artifact;
+use crate::logistic::LogisticArtifact;
 use crate::onnx::keys;
 use crate::served::{ArtifactKind, Engine, Evaluation, ServedModel};
 use crate::stamp;
@@ -36,14 +37,36 @@ pub fn rollback(model_path: Option<&std::path::Path>, version: &str) -> anyhow::
     Ok(())
 }
 
-/// `model train`: fits, writes the artifact, prints a summary.
+/// `model train`: fits the built-in model of `task` (the linear regression, or the logistic
+/// regression), writes its artifact, prints a summary.
 pub fn train(
     data: &std::path::Path,
     out: &std::path::Path,
     version: Option<String>,
     target: Option<&str>,
+    task: Task,
 ) -> anyhow::Result<()> {
-    let artifact = artifact::Artifact::train(data, target, version)?;
+    if task == Task::Classification {
+        let artifact = LogisticArtifact::train(data, target, version)?;
+        artifact.write(out)?;
+        let classes: Vec<String> = artifact.classes.iter().map(ToString::to_string).collect();
+        println!(
+            "wrote {} (version {}, logistic regression, {} features, {} classes [{}], {} rows, \
+             accuracy {:.4}, log loss {:.4}, drift reference of {} features)",
+            out.display(),
+            artifact.version,
+            artifact.feature_names.len(),
+            classes.len(),
+            classes.join(", "),
+            artifact.metrics.rows,
+            artifact.metrics.accuracy,
+            artifact.metrics.log_loss,
+            artifact.reference.as_ref().map_or(0, |r| r.features.len())
+        );
+        return Ok(());
+    }
+    let artifact = artifact::Artifact::train(data, target, version)
+        .context("cannot fit a linear regression (for class labels: --task classification)")?;
     artifact.write(out)?;
     println!(
         "wrote {} (version {}, {} features, {} rows, R² {:.4}, MAE {:.4}, drift reference of {} features)",

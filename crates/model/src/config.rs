@@ -1,6 +1,7 @@
 //! The model service's command line and settings (`Cli`, `Command`, `Config`) and their parsers.
 
 use clap::{Args, Subcommand};
+use pipeline::classes::Task;
 use pipeline::config::{
     BrokerConfig, ConsumeConfig, QueueNames, TelemetryConfig, parse_socket_addr,
 };
@@ -21,9 +22,11 @@ pub type Cli = ServiceCli<Config, Command>;
 /// What the binary does besides serving and `healthcheck`.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Fit on a CSV and write a model artifact (JSON) for MODEL_PATH.
+    /// Fit on a CSV and write a model artifact (JSON) for MODEL_PATH: a linear regression, or with
+    /// --task classification a logistic regression.
     Train {
-        /// Training CSV (numeric columns, one header row).
+        /// Training CSV (numeric columns, one header row; under classification the target column
+        /// holds class labels, integers or strings).
         #[arg(long)]
         data: PathBuf,
         /// Artifact file to write (atomically).
@@ -35,6 +38,11 @@ pub enum Command {
         /// Target column; the last column when not given or empty.
         #[arg(long, env = "TARGET_COLUMN")]
         target: Option<String>,
+        /// `regression` writes the linear regression (ml-pipeline/linear-model/1);
+        /// `classification` the logistic regression (ml-pipeline/logistic-model/1) over the target
+        /// column's class labels.
+        #[arg(long, env = "TASK", value_enum, default_value_t)]
+        task: Task,
     },
     /// Show what the service would serve from an artifact (JSON or ONNX) and whether it is
     /// accepted; with --data, score it on a CSV (columns matched by name).
@@ -125,6 +133,12 @@ pub struct Config {
     /// Target column of the CSV; the last column when not set or empty.
     #[arg(long, env = "TARGET_COLUMN")]
     pub target_column: Option<String>,
+
+    /// `classification`: with no artifact at MODEL_PATH (or MODEL_URL), fit the built-in logistic
+    /// regression on DATA_PATH, whose target column holds class labels; `regression`: the linear
+    /// regression. A served artifact is used as it is (its task is its own).
+    #[arg(long, env = "TASK", value_enum, default_value_t)]
+    pub task: Task,
 
     /// Address of the /healthz and /metrics endpoint.
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9102", value_parser = parse_socket_addr)]

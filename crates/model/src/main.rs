@@ -13,7 +13,8 @@ async fn main() -> anyhow::Result<()> {
             out,
             version,
             target,
-        })) => model::train(&data, &out, version, target.as_deref()),
+            task,
+        })) => model::train(&data, &out, version, target.as_deref(), task),
         Some(ServiceCommand::Own(Command::Inspect {
             model,
             data,

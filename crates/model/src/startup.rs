@@ -33,7 +33,8 @@ pub struct StartModel {
 }
 
 /// The model to serve at start-up: the artifact at `MODEL_PATH`, or a fit on `DATA_PATH` (also
-/// when `MODEL_PATH` names a file that does not exist yet: the watcher loads it once it appears).
+/// when `MODEL_PATH` names a file that does not exist yet: the watcher loads it once it appears):
+/// the linear regression, or under `TASK=classification` the logistic regression.
 pub fn load_model(config: &Config) -> anyhow::Result<StartModel> {
     if let Some(path) = config.model_path.as_ref().filter(|path| {
         let exists = path.try_exists().unwrap_or(true);
@@ -52,22 +53,48 @@ pub fn load_model(config: &Config) -> anyhow::Result<StartModel> {
             artifact_hash: Some(hash),
         });
     }
-    let data = Dataset::from_csv(&config.data_path, config.target_column.as_deref())
-        .context("cannot load the training data (DATA_PATH)")?;
-    let model = ServedModel::fit(&data)?;
-    if let Engine::Linear(linear) = &model.engine {
-        let fit = linear.evaluate(&data)?;
-        tracing::info!(
-            version = %model.version,
-            features = model.n_features(),
-            rows = fit.rows,
-            r2 = fit.r2,
-            mae = fit.mae,
-            intercept = linear.intercept,
-            coefficients = ?linear.coefficients,
-            "fitted linear regression on {}",
-            config.data_path.display()
-        );
+    let data = Dataset::from_csv_for(
+        &config.data_path,
+        config.target_column.as_deref(),
+        config.task,
+    )
+    .with_context(|| {
+        format!(
+            "cannot load the training data (DATA_PATH, TASK={})",
+            config.task
+        )
+    })?;
+    let model = ServedModel::fit_for(&data, config.task)?;
+    match &model.engine {
+        Engine::Linear(linear) => {
+            let fit = linear.evaluate(&data)?;
+            tracing::info!(
+                version = %model.version,
+                features = model.n_features(),
+                rows = fit.rows,
+                r2 = fit.r2,
+                mae = fit.mae,
+                intercept = linear.intercept,
+                coefficients = ?linear.coefficients,
+                "fitted linear regression on {}",
+                config.data_path.display()
+            );
+        }
+        Engine::Logistic(logistic) => {
+            let fit = logistic.evaluate(&data)?;
+            let classes: Vec<String> = logistic.classes.iter().map(ToString::to_string).collect();
+            tracing::info!(
+                version = %model.version,
+                features = model.n_features(),
+                rows = fit.rows,
+                accuracy = fit.accuracy,
+                log_loss = fit.log_loss,
+                classes = %classes.join(","),
+                "fitted logistic regression on {}",
+                config.data_path.display()
+            );
+        }
+        Engine::Onnx(_) => {}
     }
     Ok(StartModel {
         model,
@@ -108,6 +135,7 @@ fn announce_served(model: &ServedModel, from: &str) {
     tracing::info!(
         version = %model.version,
         family = model.family(),
+        task = %model.task(),
         features = model.n_features(),
         named_features = model.feature_names().is_some(),
         drift_reference = model.reference.is_some(),
@@ -234,4 +262,88 @@ pub async fn run(
         let _ = reporter.await;
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Cli, Command, IDENTITY};
+    use pipeline::classes::Task;
+    use pipeline::service::ServiceCommand;
+
+    fn iris() -> String {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/models/fixtures/iris.csv"
+        )
+        .to_owned()
+    }
+
+    /// No artifact yet and TASK=classification: the logistic regression is fitted on DATA_PATH;
+    /// the same data under TASK=regression is refused, naming the setting.
+    #[test]
+    fn task_classification_fits_the_logistic_regression_when_there_is_no_artifact() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("model.json").display().to_string();
+        let args = |task: &str| {
+            Cli::try_parse_for(
+                &IDENTITY,
+                [
+                    "model",
+                    "--task",
+                    task,
+                    "--data-path",
+                    &iris(),
+                    "--model-path",
+                    &missing,
+                ],
+            )
+            .unwrap()
+        };
+        let cli = args("classification");
+        assert_eq!(cli.config.task, Task::Classification);
+        let start = load_model(&cli.config).unwrap();
+        assert_eq!(start.model.family(), "logistic");
+        assert_eq!(start.model.task(), Task::Classification);
+        assert!(start.artifact_hash.is_none());
+        let err = format!(
+            "{:#}",
+            load_model(&args("regression").config).err().unwrap()
+        );
+        assert!(
+            err.contains("TASK=regression") && err.contains("setosa"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn model_train_takes_a_task() {
+        let cli = Cli::try_parse_for(
+            &IDENTITY,
+            [
+                "model",
+                "train",
+                "--data",
+                "d.csv",
+                "--out",
+                "m.json",
+                "--task",
+                "classification",
+            ],
+        )
+        .unwrap();
+        let Some(ServiceCommand::Own(Command::Train { task, .. })) = cli.command else {
+            panic!("not train");
+        };
+        assert_eq!(task, Task::Classification);
+        assert!(
+            Cli::try_parse_for(
+                &IDENTITY,
+                [
+                    "model", "train", "--data", "d", "--out", "m", "--task", "ranking"
+                ],
+            )
+            .is_err()
+        );
+    }
 }
