@@ -349,7 +349,10 @@ async fn a_classifier_pipeline_scores_as_scikit_learn_and_swaps_classifiers_unde
             .map(|c| c["n"].as_u64().unwrap())
             .sum()
     };
-    assert_eq!((total("confusion"), total("calibration")), (TOTAL as u64, TOTAL as u64));
+    assert_eq!(
+        (total("confusion"), total("calibration")),
+        (TOTAL as u64, TOTAL as u64)
+    );
     let right: u64 = window["confusion"]
         .as_array()
         .unwrap()

@@ -23,7 +23,7 @@
 use crate::alarm::{AlarmChange, AlarmRule, SharedAlarms, VersionAlarm};
 use crate::join::Value;
 use crate::quality::VersionLabel;
-use pipeline::classes::{ClassLabel, Probabilities};
+use pipeline::classes::{ClassLabel, Probabilities, log_loss_of};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -86,10 +86,9 @@ impl ClassPair {
         let (y_true, _) = class(y_true);
         let (y_pred, probabilities) = class(y_pred);
         let scored = probabilities.as_ref().map(|p| score(p, &y_true));
-        let p_pred = probabilities.as_ref().and_then(|p| {
-            let sum: f64 = p.iter().map(|(_, q)| q).sum();
-            p.of(&y_pred.key()).map(|q| q / sum)
-        });
+        let p_pred = probabilities
+            .as_ref()
+            .and_then(|p| p.normalised(&y_pred.key()));
         Self {
             id,
             y_true,
@@ -119,8 +118,7 @@ struct Scored {
 /// `p(true)` normalised and the Brier score, as scikit-learn computes them.
 fn score(probabilities: &Probabilities, y_true: &ClassLabel) -> Scored {
     let key = y_true.key();
-    let sum: f64 = probabilities.iter().map(|(_, p)| p).sum();
-    let Some(p) = probabilities.of(&key) else {
+    let Some(p_true) = probabilities.normalised(&key) else {
         return Scored {
             p_true: None,
             brier: None,
@@ -128,9 +126,10 @@ fn score(probabilities: &Probabilities, y_true: &ClassLabel) -> Scored {
     };
     let squares: f64 = probabilities
         .iter()
-        .map(|(class, p)| {
+        .map(|(class, _)| {
+            let p = probabilities.normalised(class).unwrap_or(0.0);
             let hit = if class == key { 1.0 } else { 0.0 };
-            (p / sum - hit).powi(2)
+            (p - hit).powi(2)
         })
         .sum();
     let brier = if probabilities.len() == 2 {
@@ -139,7 +138,7 @@ fn score(probabilities: &Probabilities, y_true: &ClassLabel) -> Scored {
         squares
     };
     Scored {
-        p_true: Some(p / sum),
+        p_true: Some(p_true),
         brier: Some(brier),
     }
 }
@@ -152,11 +151,6 @@ fn two_classes(probabilities: &Probabilities) -> Option<[ClassLabel; 2]> {
         .collect();
     classes.sort();
     <[ClassLabel; 2]>::try_from(classes).ok()
-}
-
-/// `-ln p`, clipped as scikit-learn's `log_loss` does for float64.
-fn log_loss_of(p_true: f64) -> f64 {
-    -p_true.clamp(f64::EPSILON, 1.0 - f64::EPSILON).ln()
 }
 
 /// Counts a cell of the confusion matrix.

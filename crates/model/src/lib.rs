@@ -3,6 +3,7 @@
 //! its prediction is confirmed by the broker.
 
 pub mod artifact;
+pub mod class_eval;
 mod commands;
 pub mod config;
 pub mod drift;
