@@ -335,6 +335,32 @@ async fn a_classifier_pipeline_scores_as_scikit_learn_and_swaps_classifiers_unde
         Some(TOTAL as f64)
     );
     assert!(metrics.contains_key("pipeline_model_log_loss{span=\"window\"}"));
+    // The dashboard's snapshot: the window's confusion matrix holds every row, and the
+    // calibration bins every prediction by its confidence.
+    let (status, dashboard) = run.metric.get("/api/dashboard").unwrap();
+    assert_eq!(status, 200);
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let window = &dashboard["state"]["classification"]["window"];
+    let total = |key: &str| -> u64 {
+        window[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["n"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        (total("confusion"), total("calibration")),
+        (TOTAL as u64, TOTAL as u64)
+    );
+    let right: u64 = window["confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["y_true"] == c["y_pred"])
+        .map(|c| c["n"].as_u64().unwrap())
+        .sum();
+    assert_eq!(right, rows.iter().filter(|r| r.correct).count() as u64);
     run.stop_services();
     delete_queues(&url, &run.queues).await;
 }

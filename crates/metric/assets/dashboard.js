@@ -99,6 +99,72 @@ function renderPartitions(partitions) {
   }
 }
 
+// TASK=classification: the classifier's tiles, versions, confusion matrix and calibration in
+// place of the regression's.
+function renderClassification(state) {
+  const report = state.classification;
+  const on = !!report;
+  $("class-tiles").hidden = !on;
+  $("class-section").hidden = !on;
+  $("regression-tiles").hidden = on;
+  for (const el of document.querySelectorAll(".regression-only")) el.hidden = on;
+  if (!on) return false;
+  const all = report.all, win = report.window;
+  $("acc-all").textContent = fixed(all.accuracy, 4);
+  $("acc-window").textContent = fixed(win.accuracy, 4);
+  $("logloss-all").textContent = fixed(all.log_loss, 4);
+  $("logloss-window").textContent = fixed(win.log_loss, 4);
+  $("f1-all").textContent = fixed(all.f1_macro, 4);
+  $("f1-window").textContent = fixed(win.f1_macro, 4);
+  $("brier-all").textContent = fixed(all.brier, 4);
+  $("brier-window").textContent = fixed(win.brier, 4);
+  $("auc-window").textContent = fixed(win.roc_auc, 4);
+  $("unknown-all").textContent = all.unknown_class.toLocaleString("en-US");
+  $("class-ratio").textContent = state.alert_ratio;
+  const body = $("class-versions");
+  body.innerHTML = "";
+  for (const v of report.versions) {
+    const row = body.insertRow();
+    if (v.alarm.alarm) row.className = "alarm";
+    for (const text of [v.model_version, v.all.n.toLocaleString("en-US"), fixed(v.all.accuracy, 4),
+      fixed(v.all.log_loss, 4), fixed(v.alarm.windowed, 4), fixed(v.alarm.baseline, 4),
+      fixed(v.window.prediction_psi, 3), v.alarm.alarm ? "ALARM" : "ok"]) {
+      row.insertCell().textContent = text;
+    }
+  }
+  const cells = win.confusion || [];
+  $("confusion-count").textContent = win.n.toLocaleString("en-US");
+  const classes = [...new Set(cells.flatMap((c) => [c.y_true, c.y_pred]))].sort();
+  const count = (t, p) => (cells.find((c) => c.y_true === t && c.y_pred === p) || { n: 0 }).n;
+  const table = $("confusion");
+  table.innerHTML = "";
+  const head = table.insertRow();
+  head.insertCell().textContent = "true \\ predicted";
+  for (const c of classes) head.insertCell().textContent = c;
+  for (const t of classes) {
+    const row = table.insertRow();
+    row.insertCell().textContent = t;
+    for (const p of classes) {
+      const cell = row.insertCell();
+      cell.textContent = count(t, p).toLocaleString("en-US");
+      if (t === p) cell.style.fontWeight = "600";
+    }
+  }
+  const calibration = $("calibration");
+  calibration.innerHTML = "";
+  for (const bin of win.calibration || []) {
+    const row = calibration.insertRow();
+    for (const text of [`${fixed(bin.from, 1)}–${fixed(bin.from + 0.1, 1)}`, bin.n.toLocaleString("en-US"),
+      fixed(bin.confidence, 3), fixed(bin.accuracy, 3)]) {
+      row.insertCell().textContent = text;
+    }
+  }
+  const alarms = report.versions.filter((v) => v.alarm.alarm).map((v) => v.model_version);
+  if (alarms.length) setPill("alarm", "ALARM: " + alarms.join(", "), "bad");
+  else setPill("alarm", "ok", "ok");
+  return true;
+}
+
 function render(answer) {
   dashboard.last = answer;
   const status = answer.status;
@@ -131,6 +197,7 @@ function render(answer) {
     $("audit").style.color = audit.missing ? "#c0392b" : "";
   }
   $("window-size").textContent = state.window_size.toLocaleString("en-US");
+  if (renderClassification(state)) return;
   $("ratio").textContent = state.alert_ratio;
   $("mae-all").textContent = fixed(state.all.mae, 3);
   $("rmse-all").textContent = fixed(state.all.rmse, 3);

@@ -66,7 +66,7 @@ pub const DEFAULT_RETIRE_AFTER: Duration = Duration::from_secs(60);
 
 /// One model version's quality alarm, as `GET /api/quality` shows it (the trainer reads it).
 /// Numbers the alarm is not judged on yet are `None` (`null`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct VersionAlarm {
     /// Model version (`unknown` for none).
     pub model_version: String,
@@ -82,6 +82,16 @@ pub struct VersionAlarm {
     pub threshold: Option<f64>,
     /// Replaced by a newer version ([`RetireRule`]): its alarm is off and it has no series.
     pub retired: bool,
+    /// A classifier's alarm: what it is judged on, `log_loss` (or `error_rate`, 1 - accuracy,
+    /// for a model that sends no probabilities); the MAE fields are then empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measure: Option<&'static str>,
+    /// A classifier's measure over its last `QUALITY_WINDOW` pairs, once it had that many.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub windowed: Option<f64>,
+    /// A classifier's measure over its first `QUALITY_WINDOW` pairs, once it had that many.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<f64>,
 }
 
 /// Every kept model version's alarm, most recently seen first: those not retired are the versions

@@ -117,6 +117,9 @@ mod tests {
             baseline_mae: Some(1.0),
             threshold: Some(1.25),
             retired,
+            measure: None,
+            windowed: None,
+            baseline: None,
         };
         let p0 = AlarmReport {
             versions: vec![

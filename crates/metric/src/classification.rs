@@ -10,13 +10,20 @@
 //! the rank statistic with ties averaged (`roc_auc_score`), the positive class the greater of the
 //! two labels (scikit-learn's `classes_[1]`), exact over the window.
 //!
+//! The quality alarm ([`AlarmRule`], as for a regressor): a version's log loss over its last
+//! `QUALITY_WINDOW` pairs against `QUALITY_ALERT_RATIO` times its log loss over its first ones
+//! (its error rate, 1 - accuracy, when it sends no probabilities), on
+//! `pipeline_model_quality_alert{model_version}` and in `GET /api/quality`'s `versions`, where the
+//! trainer reads it.
+//!
 //! A true label the model does not know (not among its probabilities) is an *unknown class*: the
 //! row is written (not correct, no `p_true`), counted in accuracy and F1, left out of log loss,
 //! Brier and AUC, and counted in `pipeline_unknown_class_total`.
 
-use crate::alarm::SharedAlarms;
+use crate::alarm::{AlarmChange, AlarmRule, SharedAlarms, VersionAlarm};
 use crate::join::Value;
-use pipeline::classes::{ClassLabel, Probabilities};
+use crate::quality::VersionLabel;
+use pipeline::classes::{ClassLabel, Probabilities, log_loss_of};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -45,6 +52,9 @@ pub struct ClassPair {
     pub p_true: Option<f64>,
     /// This pair's Brier score; `None` when `p_true` is.
     pub brier: Option<f64>,
+    /// The probability the model gave its predicted class, normalised (its confidence, for the
+    /// calibration); `None` without probabilities and in rows read back.
+    pub p_pred: Option<f64>,
     /// The two classes the probabilities were over, when there were two (for AUC).
     pub binary: Option<[ClassLabel; 2]>,
     /// Whether the model knew the true class (it had probabilities and the class was not among
@@ -76,12 +86,16 @@ impl ClassPair {
         let (y_true, _) = class(y_true);
         let (y_pred, probabilities) = class(y_pred);
         let scored = probabilities.as_ref().map(|p| score(p, &y_true));
+        let p_pred = probabilities
+            .as_ref()
+            .and_then(|p| p.normalised(&y_pred.key()));
         Self {
             id,
             y_true,
             y_pred,
             p_true: scored.and_then(|s| s.p_true),
             brier: scored.and_then(|s| s.brier),
+            p_pred,
             binary: probabilities.as_ref().and_then(two_classes),
             known: scored.is_none_or(|s| s.p_true.is_some()),
             model_version,
@@ -104,8 +118,7 @@ struct Scored {
 /// `p(true)` normalised and the Brier score, as scikit-learn computes them.
 fn score(probabilities: &Probabilities, y_true: &ClassLabel) -> Scored {
     let key = y_true.key();
-    let sum: f64 = probabilities.iter().map(|(_, p)| p).sum();
-    let Some(p) = probabilities.of(&key) else {
+    let Some(p_true) = probabilities.normalised(&key) else {
         return Scored {
             p_true: None,
             brier: None,
@@ -113,9 +126,10 @@ fn score(probabilities: &Probabilities, y_true: &ClassLabel) -> Scored {
     };
     let squares: f64 = probabilities
         .iter()
-        .map(|(class, p)| {
+        .map(|(class, _)| {
+            let p = probabilities.normalised(class).unwrap_or(0.0);
             let hit = if class == key { 1.0 } else { 0.0 };
-            (p / sum - hit).powi(2)
+            (p - hit).powi(2)
         })
         .sum();
     let brier = if probabilities.len() == 2 {
@@ -124,7 +138,7 @@ fn score(probabilities: &Probabilities, y_true: &ClassLabel) -> Scored {
         squares
     };
     Scored {
-        p_true: Some(p / sum),
+        p_true: Some(p_true),
         brier: Some(brier),
     }
 }
@@ -137,11 +151,6 @@ fn two_classes(probabilities: &Probabilities) -> Option<[ClassLabel; 2]> {
         .collect();
     classes.sort();
     <[ClassLabel; 2]>::try_from(classes).ok()
-}
-
-/// `-ln p`, clipped as scikit-learn's `log_loss` does for float64.
-fn log_loss_of(p_true: f64) -> f64 {
-    -p_true.clamp(f64::EPSILON, 1.0 - f64::EPSILON).ln()
 }
 
 /// Counts a cell of the confusion matrix.
@@ -306,6 +315,80 @@ pub struct ClassFigures {
     /// The confusion matrix (over the window only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub confusion: Vec<Cell>,
+    /// The calibration (over the window only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub calibration: Vec<CalibrationBin>,
+    /// Population stability index of the predicted classes against the version's first
+    /// `QUALITY_WINDOW` predictions (a version's window only, once both are complete).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prediction_psi: Option<f64>,
+}
+
+/// One tenth of the confidence range: the pairs whose predicted class had a probability in it,
+/// their mean confidence and how many were right. A calibrated model's accuracy equals its
+/// confidence in every bin.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CalibrationBin {
+    /// Lower end of the bin (`0.0`, `0.1`, … `0.9`).
+    pub from: f64,
+    /// Pairs in it.
+    pub n: u64,
+    /// Their mean confidence.
+    pub confidence: f64,
+    /// Their share of right predictions.
+    pub accuracy: f64,
+}
+
+/// Ten bins of the pairs' `(confidence, correct)`, the empty ones left out.
+fn calibration(points: impl Iterator<Item = (f64, bool)>) -> Vec<CalibrationBin> {
+    let mut bins = [(0u64, 0.0f64, 0u64); 10];
+    for (confidence, correct) in points {
+        let bin = &mut bins[((confidence * 10.0) as usize).min(9)];
+        bin.0 += 1;
+        bin.1 += confidence;
+        bin.2 += u64::from(correct);
+    }
+    bins.iter()
+        .enumerate()
+        .filter(|(_, (n, _, _))| *n > 0)
+        .map(|(i, (n, sum, right))| CalibrationBin {
+            from: i as f64 / 10.0,
+            n: *n,
+            confidence: sum / *n as f64,
+            accuracy: *right as f64 / *n as f64,
+        })
+        .collect()
+}
+
+/// Population stability index of the predicted classes of `now` against `reference`, with
+/// empty classes smoothed (1e-4) so a class that appears or vanishes counts without infinities.
+pub fn prediction_psi(reference: &ClassSums, now: &ClassSums) -> Option<f64> {
+    fn counts(sums: &ClassSums) -> HashMap<&str, u64> {
+        let mut by_class: HashMap<&str, u64> = HashMap::new();
+        for cell in &sums.confusion {
+            *by_class.entry(cell.y_pred.as_str()).or_default() += cell.n;
+        }
+        by_class
+    }
+    let (before, after) = (counts(reference), counts(now));
+    let (n_before, n_after) = (
+        before.values().sum::<u64>() as f64,
+        after.values().sum::<u64>() as f64,
+    );
+    if n_before == 0.0 || n_after == 0.0 {
+        return None;
+    }
+    let classes: BTreeSet<&str> = before.keys().chain(after.keys()).copied().collect();
+    Some(
+        classes
+            .iter()
+            .map(|class| {
+                let b = (before.get(class).copied().unwrap_or(0) as f64 / n_before).max(1e-4);
+                let a = (after.get(class).copied().unwrap_or(0) as f64 / n_after).max(1e-4);
+                (a - b) * (a / b).ln()
+            })
+            .sum(),
+    )
 }
 
 impl ClassFigures {
@@ -323,6 +406,8 @@ impl ClassFigures {
             } else {
                 Vec::new()
             },
+            calibration: Vec::new(),
+            prediction_psi: None,
         }
     }
 }
@@ -336,6 +421,8 @@ pub struct ClassVersion {
     pub all: ClassFigures,
     /// Over its last `QUALITY_WINDOW` pairs.
     pub window: ClassFigures,
+    /// Its quality alarm, as `versions` of `GET /api/quality` has it.
+    pub alarm: VersionAlarm,
 }
 
 /// What `GET /api/quality` says of a classifier.
@@ -356,6 +443,9 @@ pub struct ClassTotals {
     pub all: ClassSums,
     /// Per kept model version, most recently seen last.
     pub by_version: Vec<(String, ClassSums)>,
+    /// Per kept model version: its first `QUALITY_WINDOW` pairs, the alarm's baseline.
+    #[serde(default)]
+    pub baselines: Vec<(String, ClassSums)>,
 }
 
 /// A pair as the window keeps it.
@@ -368,6 +458,8 @@ struct Recent {
     known: bool,
     /// `(p of the positive class, is positive)` for two classes.
     point: Option<(f64, bool)>,
+    /// `(confidence, correct)`, when the prediction had probabilities.
+    confidence: Option<(f64, bool)>,
 }
 
 impl Recent {
@@ -386,6 +478,7 @@ impl Recent {
             brier: pair.brier,
             known: pair.known,
             point,
+            confidence: pair.p_pred.map(|p| (p, pair.correct())),
         }
     }
 }
@@ -404,6 +497,11 @@ impl Window {
     }
 
     fn figures(&self) -> ClassFigures {
+        self.figures_and_sums().0
+    }
+
+    /// The window's figures and the sums they come from.
+    fn figures_and_sums(&self) -> (ClassFigures, ClassSums) {
         let mut sums = ClassSums::default();
         let mut points = Vec::with_capacity(self.recent.len());
         for r in &self.recent {
@@ -411,7 +509,9 @@ impl Window {
             points.extend(r.point);
         }
         let auc = roc_auc(&mut points);
-        ClassFigures::of(&sums, auc, true)
+        let mut figures = ClassFigures::of(&sums, auc, true);
+        figures.calibration = calibration(self.recent.iter().filter_map(|r| r.confidence));
+        (figures, sums)
     }
 }
 
@@ -420,16 +520,33 @@ struct SpanLabel {
     span: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VersionLabel {
-    model_version: String,
+/// One kept model version.
+#[derive(Default)]
+struct VersionStats {
+    /// When it was last seen, in pairs observed: the smallest is dropped first.
+    seen: u64,
+    sums: ClassSums,
+    /// Its first `QUALITY_WINDOW` pairs.
+    baseline: ClassSums,
+    window: Window,
+    alarm_on: bool,
+}
+
+/// What a set of sums is judged on: log loss, or the error rate without probabilities.
+fn judged(sums: &ClassSums) -> Option<(&'static str, f64)> {
+    match sums.log_loss() {
+        Some(log_loss) => Some(("log_loss", log_loss)),
+        None => sums.accuracy().map(|a| ("error_rate", 1.0 - a)),
+    }
 }
 
 /// The classification quality tracker and its metrics.
 pub struct ClassQuality {
     all: ClassSums,
     window: Window,
-    by_version: HashMap<String, (u64, ClassSums, Window)>,
+    by_version: HashMap<String, VersionStats>,
+    rule: AlarmRule,
+    alert_by_version: Family<VersionLabel, Gauge>,
     window_size: usize,
     versions_kept: usize,
     seen: u64,
@@ -442,6 +559,7 @@ pub struct ClassQuality {
     auc: Family<SpanLabel, FloatGauge>,
     accuracy_by_version: Family<VersionLabel, FloatGauge>,
     log_loss_by_version: Family<VersionLabel, FloatGauge>,
+    psi_by_version: Family<VersionLabel, FloatGauge>,
     report: SharedAlarms,
 }
 
@@ -452,13 +570,17 @@ impl ClassQuality {
         registry: &mut Registry,
         window_size: usize,
         versions_kept: usize,
-        pairs: Counter,
-        report: SharedAlarms,
+        alert_ratio: f64,
+        quality: &mut crate::quality::Quality,
     ) -> Self {
+        let (pairs, report) = (quality.pairs_counter(), quality.shared_alarms());
+        let alert_by_version = quality.hand_alarms_to_classifier();
         let quality = Self {
             all: ClassSums::default(),
             window: Window::default(),
             by_version: HashMap::new(),
+            rule: AlarmRule { ratio: alert_ratio },
+            alert_by_version,
             window_size: window_size.max(1),
             versions_kept: versions_kept.max(1),
             seen: 0,
@@ -471,6 +593,7 @@ impl ClassQuality {
             auc: Family::default(),
             accuracy_by_version: Family::default(),
             log_loss_by_version: Family::default(),
+            psi_by_version: Family::default(),
             report,
         };
         let registry = registry.sub_registry_with_prefix("pipeline");
@@ -518,6 +641,11 @@ impl ClassQuality {
             "Mean log loss since start, per model version",
             quality.log_loss_by_version.clone(),
         );
+        registry.register(
+            "prediction_drift_psi",
+            "Population stability index of a version's predicted classes over its last QUALITY_WINDOW pairs against its first QUALITY_WINDOW (above 0.2: the mix of predictions moved)",
+            quality.psi_by_version.clone(),
+        );
         quality
     }
 
@@ -526,15 +654,15 @@ impl ClassQuality {
     pub fn for_task(
         config: &crate::config::Config,
         registry: &mut Registry,
-        quality: &crate::quality::Quality,
+        quality: &mut crate::quality::Quality,
     ) -> Option<Self> {
         (config.task == pipeline::classes::Task::Classification).then(|| {
             Self::register(
                 registry,
                 config.quality_window,
                 config.model_versions_kept as usize,
-                quality.pairs_counter(),
-                quality.shared_alarms(),
+                config.quality_alert_ratio,
+                quality,
             )
         })
     }
@@ -549,8 +677,8 @@ impl ClassQuality {
     pub fn add_to_window(&mut self, pair: &ClassPair) {
         let recent = Recent::of(pair);
         let size = self.window_size;
-        if let Some((_, _, window)) = self.version_entry(pair) {
-            window.push(recent.clone(), size);
+        if let Some(stats) = self.version_entry(pair) {
+            stats.window.push(recent.clone(), size);
         }
         self.window.push(recent, size);
     }
@@ -558,8 +686,12 @@ impl ClassQuality {
     /// Adds a pair to the totals only.
     pub fn add_to_totals(&mut self, pair: &ClassPair) {
         self.all.add_pair(pair);
-        if let Some((_, sums, _)) = self.version_entry(pair) {
-            sums.add_pair(pair);
+        let size = self.window_size as u64;
+        if let Some(stats) = self.version_entry(pair) {
+            stats.sums.add_pair(pair);
+            if stats.baseline.n < size {
+                stats.baseline.add_pair(pair);
+            }
         }
         self.pairs.inc();
         if !pair.known {
@@ -569,14 +701,14 @@ impl ClassQuality {
 
     /// The entry of the pair's version, created when new (the least recently seen dropped beyond
     /// `MODEL_VERSIONS_KEPT`), marked as seen now.
-    fn version_entry(&mut self, pair: &ClassPair) -> Option<&mut (u64, ClassSums, Window)> {
+    fn version_entry(&mut self, pair: &ClassPair) -> Option<&mut VersionStats> {
         let version = pair.model_version.as_deref().unwrap_or("unknown");
         self.seen += 1;
         if !self.by_version.contains_key(version) && self.by_version.len() >= self.versions_kept {
             let oldest = self
                 .by_version
                 .iter()
-                .min_by_key(|(_, (seen, _, _))| *seen)
+                .min_by_key(|(_, stats)| stats.seen)
                 .map(|(name, _)| name.clone());
             if let Some(oldest) = oldest {
                 self.by_version.remove(&oldest);
@@ -585,26 +717,28 @@ impl ClassQuality {
                 };
                 self.accuracy_by_version.remove(&label);
                 self.log_loss_by_version.remove(&label);
+                self.psi_by_version.remove(&label);
+                self.alert_by_version.remove(&label);
             }
         }
         let entry = self.by_version.entry(version.to_owned()).or_default();
-        entry.0 = self.seen;
+        entry.seen = self.seen;
         Some(entry)
     }
 
     /// The totals for the checkpoint.
     pub fn totals(&self) -> ClassTotals {
-        let mut by_version: Vec<(u64, String, ClassSums)> = self
-            .by_version
-            .iter()
-            .map(|(name, (seen, sums, _))| (*seen, name.clone(), sums.clone()))
-            .collect();
-        by_version.sort_by_key(|(seen, _, _)| *seen);
+        let mut versions: Vec<(&String, &VersionStats)> = self.by_version.iter().collect();
+        versions.sort_by_key(|(_, stats)| stats.seen);
         ClassTotals {
             all: self.all.clone(),
-            by_version: by_version
-                .into_iter()
-                .map(|(_, name, sums)| (name, sums))
+            by_version: versions
+                .iter()
+                .map(|(name, stats)| ((*name).clone(), stats.sums.clone()))
+                .collect(),
+            baselines: versions
+                .iter()
+                .map(|(name, stats)| ((*name).clone(), stats.baseline.clone()))
                 .collect(),
         }
     }
@@ -616,8 +750,21 @@ impl ClassQuality {
         self.unknown.inc_by(totals.all.unknown);
         for (name, sums) in &totals.by_version {
             self.seen += 1;
-            self.by_version
-                .insert(name.clone(), (self.seen, sums.clone(), Window::default()));
+            let baseline = totals
+                .baselines
+                .iter()
+                .find(|(version, _)| version == name)
+                .map(|(_, baseline)| baseline.clone())
+                .unwrap_or_default();
+            self.by_version.insert(
+                name.clone(),
+                VersionStats {
+                    seen: self.seen,
+                    sums: sums.clone(),
+                    baseline,
+                    ..VersionStats::default()
+                },
+            );
         }
     }
 
@@ -638,39 +785,106 @@ impl ClassQuality {
             set(&self.f1, figures.f1_macro);
             set(&self.auc, figures.roc_auc);
         }
-        let mut versions: Vec<(u64, ClassVersion)> = self
-            .by_version
-            .iter()
-            .map(|(name, (seen, sums, window))| {
-                let label = VersionLabel {
+        let full = self.window_size as u64;
+        let mut versions: Vec<(u64, ClassVersion, VersionAlarm)> = Vec::new();
+        for (name, stats) in &mut self.by_version {
+            let label = VersionLabel {
+                model_version: name.clone(),
+            };
+            if let Some(accuracy) = stats.sums.accuracy() {
+                self.accuracy_by_version.get_or_create(&label).set(accuracy);
+            }
+            if let Some(log_loss) = stats.sums.log_loss() {
+                self.log_loss_by_version.get_or_create(&label).set(log_loss);
+            }
+            let (mut window, window_sums) = stats.window.figures_and_sums();
+            if stats.baseline.n >= full && window_sums.n >= full {
+                window.prediction_psi = prediction_psi(&stats.baseline, &window_sums);
+                if let Some(psi) = window.prediction_psi {
+                    self.psi_by_version.get_or_create(&label).set(psi);
+                }
+            }
+            let baseline = (stats.baseline.n >= full)
+                .then(|| judged(&stats.baseline))
+                .flatten();
+            let windowed = (window_sums.n >= full)
+                .then(|| judged(&window_sums))
+                .flatten();
+            // Judged on one measure: log loss against log loss, error rate against error rate.
+            let windowed = match (baseline, windowed) {
+                (Some((a, _)), Some((b, value))) if a == b => Some(value),
+                _ => None,
+            };
+            let measure = baseline.map(|(measure, _)| measure);
+            let baseline = baseline.map(|(_, value)| value);
+            match self.rule.step(stats.alarm_on, baseline, windowed) {
+                Some(AlarmChange::Raised) => {
+                    stats.alarm_on = true;
+                    tracing::warn!(
+                        model_version = %name,
+                        measure,
+                        windowed,
+                        baseline,
+                        "model quality alarm: the windowed {} is above QUALITY_ALERT_RATIO times the version's baseline",
+                        measure.unwrap_or("measure")
+                    );
+                }
+                Some(AlarmChange::Lowered) => {
+                    stats.alarm_on = false;
+                    tracing::info!(
+                        model_version = %name,
+                        measure,
+                        windowed,
+                        baseline,
+                        "model quality alarm cleared: back within QUALITY_ALERT_RATIO times the baseline"
+                    );
+                }
+                None => {}
+            }
+            self.alert_by_version
+                .get_or_create(&label)
+                .set(i64::from(stats.alarm_on));
+            versions.push((
+                stats.seen,
+                ClassVersion {
                     model_version: name.clone(),
-                };
-                if let Some(accuracy) = sums.accuracy() {
-                    self.accuracy_by_version.get_or_create(&label).set(accuracy);
-                }
-                if let Some(log_loss) = sums.log_loss() {
-                    self.log_loss_by_version.get_or_create(&label).set(log_loss);
-                }
-                (
-                    *seen,
-                    ClassVersion {
-                        model_version: name.clone(),
-                        all: ClassFigures::of(sums, None, false),
-                        window: window.figures(),
-                    },
-                )
-            })
-            .collect();
-        versions.sort_by_key(|(seen, _)| std::cmp::Reverse(*seen));
+                    all: ClassFigures::of(&stats.sums, None, false),
+                    window,
+                    alarm: VersionAlarm::default(),
+                },
+                VersionAlarm {
+                    model_version: name.clone(),
+                    alarm: stats.alarm_on,
+                    pairs: stats.sums.n,
+                    windowed_mae: None,
+                    baseline_mae: None,
+                    threshold: baseline.map(|b| self.rule.ratio * b),
+                    retired: false,
+                    measure,
+                    windowed,
+                    baseline,
+                },
+            ));
+        }
+        versions.sort_by_key(|(seen, _, _)| std::cmp::Reverse(*seen));
+        let alarms: Vec<VersionAlarm> = versions.iter().map(|(_, _, a)| a.clone()).collect();
         let report = ClassReport {
             all,
             window,
-            versions: versions.into_iter().map(|(_, v)| v).collect(),
+            versions: versions
+                .into_iter()
+                .map(|(_, version, alarm)| ClassVersion { alarm, ..version })
+                .collect(),
         };
-        match self.report.lock() {
-            Ok(mut shared) => shared.classification = Some(report),
-            Err(poisoned) => poisoned.into_inner().classification = Some(report),
-        }
+        let mut shared = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        shared.versions = alarms;
+        shared.classification = Some(report);
+    }
+
+    /// The report as of the last [`Self::update`], for the dashboard.
+    pub fn report(&self) -> Option<ClassReport> {
+        let shared = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        shared.classification.clone()
     }
 
     /// The figures since start.

@@ -53,6 +53,8 @@ struct Snapshot<'a> {
     recent: Recent,
     /// The loss audit over the last hour; `None` when it is off.
     audit: Option<pipeline::audit::Summary>,
+    /// A classifier's figures, confusion matrix and calibration (`TASK=classification`).
+    classification: Option<crate::classification::ClassReport>,
 }
 
 /// The bins of `error_distribution.png` (same pairs, same bins; no median, which needs a copy).
@@ -156,6 +158,7 @@ impl Dashboard {
     pub fn maybe_update<'e>(
         &mut self,
         quality: &Quality,
+        classification: Option<crate::classification::ClassReport>,
         waiting: usize,
         errors: impl Iterator<Item = &'e f64> + Clone,
     ) {
@@ -229,6 +232,7 @@ impl Dashboard {
                 y_pred: self.recent.iter().map(|p| p.1).collect(),
             },
             audit: self.audit,
+            classification,
         };
         match serde_json::to_string(&snapshot) {
             Ok(json) => {
@@ -495,10 +499,10 @@ mod tests {
             dashboard.observe(pair.y_true, pair.y_pred);
         }
         quality.update_window();
-        dashboard.maybe_update(&quality, 7, errors.iter());
+        dashboard.maybe_update(&quality, None, 7, errors.iter());
         let first = Arc::clone(&dashboard.shared().lock().unwrap());
         // A second call within the second changes nothing.
-        dashboard.maybe_update(&quality, 8, errors.iter());
+        dashboard.maybe_update(&quality, None, 8, errors.iter());
         assert!(Arc::ptr_eq(&first, &dashboard.shared().lock().unwrap()));
         let json: serde_json::Value = serde_json::from_str(&first).unwrap();
         assert_eq!(json["pairs"], (RECENT_PAIRS + 100) as u64);
@@ -517,7 +521,7 @@ mod tests {
         // History keeps HISTORY_POINTS points.
         for _ in 0..(HISTORY_POINTS + 5) {
             dashboard.last = None;
-            dashboard.maybe_update(&quality, 7, errors.iter());
+            dashboard.maybe_update(&quality, None, 7, errors.iter());
         }
         assert_eq!(dashboard.history.len(), HISTORY_POINTS);
     }
@@ -544,7 +548,7 @@ mod tests {
         };
         let point = |dashboard: &mut Dashboard, quality: &Quality| {
             dashboard.last = None;
-            dashboard.maybe_update(quality, 0, [].iter());
+            dashboard.maybe_update(quality, None, 0, [].iter());
             let json: serde_json::Value =
                 serde_json::from_str(&dashboard.shared().lock().unwrap()).unwrap();
             json["history"]["series"].clone()

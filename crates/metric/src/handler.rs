@@ -117,7 +117,8 @@ impl Recorder {
                 .inc_by(stats.evicted);
         }
         metrics.waiting.set(joiner.waiting() as i64);
-        dashboard.maybe_update(&quality, joiner.waiting(), plotter.errors.iter());
+        let report = classes.as_ref().and_then(ClassQuality::report);
+        dashboard.maybe_update(&quality, report, joiner.waiting(), plotter.errors.iter());
         let mut recorder = Self {
             files,
             joiner,
@@ -438,6 +439,7 @@ impl MessageHandler for Recorder {
         }
         self.dashboard.maybe_update(
             &self.quality,
+            self.classes.as_ref().and_then(ClassQuality::report),
             self.joiner.waiting(),
             self.plotter.errors.iter(),
         );
@@ -476,9 +478,9 @@ pub(crate) mod testing {
         let mut registry = Registry::default();
         let join_metrics = JoinMetrics::register(&mut registry);
         let broker = BrokerMetrics::register(&mut registry);
-        let quality = Quality::register(&mut registry, config.quality_window, 20, 1.25);
+        let mut quality = Quality::register(&mut registry, config.quality_window, 20, 1.25);
         let audit = AuditMetrics::register(&mut registry);
-        let classes = ClassQuality::for_task(config, &mut registry, &quality);
+        let classes = ClassQuality::for_task(config, &mut registry, &mut quality);
         let recorder = Recorder::start(
             config,
             None,

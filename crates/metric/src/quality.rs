@@ -38,8 +38,8 @@ mod sums;
 pub use sums::{Figures, Sums};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VersionLabel {
-    model_version: String,
+pub(crate) struct VersionLabel {
+    pub(crate) model_version: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -136,6 +136,8 @@ pub struct Quality {
     latency: Histogram,
     /// The alarms as of the last change, for `GET /api/quality`.
     alarms: SharedAlarms,
+    /// Whether it publishes the versions' alarms; not while a classifier's tracker does.
+    publishes_versions: bool,
 }
 
 impl Quality {
@@ -171,6 +173,7 @@ impl Quality {
             alert_by_version: Family::default(),
             latency: Histogram::new(pipeline::metrics::latency_buckets()),
             alarms: SharedAlarms::default(),
+            publishes_versions: true,
         };
         let registry = registry.sub_registry_with_prefix("pipeline");
         registry.register(
@@ -534,6 +537,13 @@ impl Quality {
         }
     }
 
+    /// Leaves `pipeline_model_quality_alert` and the versions of `GET /api/quality` to a
+    /// classifier's tracker, which gets the alert family.
+    pub(crate) fn hand_alarms_to_classifier(&mut self) -> Family<VersionLabel, Gauge> {
+        self.publishes_versions = false;
+        self.alert_by_version.clone()
+    }
+
     /// The counter of all pairs (`pipeline_pairs_total`), shared: a metric instance's dashboard
     /// sums its partitions' counters.
     pub fn pairs_counter(&self) -> Counter {
@@ -564,6 +574,9 @@ impl Quality {
                         baseline_mae,
                         threshold: baseline_mae.map(|mae| self.rule.ratio * mae),
                         retired: stats.retired,
+                        measure: None,
+                        windowed: None,
+                        baseline: None,
                     },
                 )
             })
@@ -578,7 +591,11 @@ impl Quality {
     /// Hands the current alarms to the HTTP handler: where the alarms change (the tick) and
     /// where a version's gauges come or go, so both show the same versions.
     fn publish_alarms(&self) {
-        // Only the versions: a classifier's figures are published by its own tracker.
+        // Only the versions: a classifier's figures are published by its own tracker, and
+        // under classification the versions too.
+        if !self.publishes_versions {
+            return;
+        }
         let versions = self.alarms().versions;
         match self.alarms.lock() {
             Ok(mut shared) => shared.versions = versions,

@@ -198,14 +198,14 @@ fn start_recorder(
     let broker_metrics = BrokerMetrics::register(registry);
     let join_metrics = JoinMetrics::register(registry);
     let audit_metrics = AuditMetrics::register(registry);
-    let quality = Quality::register(
+    let mut quality = Quality::register(
         registry,
         config.quality_window,
         config.model_versions_kept as usize,
         config.quality_alert_ratio,
     )
     .with_retire_after(Duration::from_secs(config.quality_retire_secs));
-    let classes = ClassQuality::for_task(config, registry, &quality);
+    let classes = ClassQuality::for_task(config, registry, &mut quality);
     let recorder = Recorder::start(
         config,
         partition,

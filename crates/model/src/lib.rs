@@ -3,6 +3,7 @@
 //! with the same id, and acks each input only after its prediction is confirmed by the broker.
 
 pub mod artifact;
+pub mod class_eval;
 mod commands;
 pub mod config;
 pub mod drift;

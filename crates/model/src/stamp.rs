@@ -78,7 +78,7 @@ pub struct Stamped {
     pub bytes: Vec<u8>,
     /// The model they load as.
     pub model: ServedModel,
-    /// How it does on the data it was stamped with, when there was data.
+    /// How a regressor does on the data it was stamped with, when there was data.
     pub fit: Option<Evaluation>,
 }
 
@@ -112,16 +112,20 @@ pub fn stamp_onnx(
             fit: None,
         });
     };
-    let fit = model.evaluate(data)?;
+    // The reference's in-sample error: a regressor's MAE, a classifier's log loss.
+    let (fit, in_sample) = match model.task() {
+        pipeline::classes::Task::Regression => {
+            let fit = model.evaluate(data)?;
+            let mae = fit.mae;
+            (Some(fit), mae)
+        }
+        pipeline::classes::Task::Classification => (None, model.evaluate_classes(data)?.log_loss),
+    };
     let arranged = model.arrange_dataset(data).map_err(anyhow::Error::msg)?;
-    let reference = serde_json::to_string(&Reference::of(&arranged, fit.mae))?;
+    let reference = serde_json::to_string(&Reference::of(&arranged, in_sample))?;
     let bytes = stamp(&named, &[(keys::REFERENCE, reference.as_str())])?;
     let model = ServedModel::onnx(&bytes).context("the stamped model is refused")?;
-    Ok(Stamped {
-        bytes,
-        model,
-        fit: Some(fit),
-    })
+    Ok(Stamped { bytes, model, fit })
 }
 
 #[cfg(test)]

@@ -160,6 +160,12 @@ impl<'de> Deserialize<'de> for Target {
     }
 }
 
+/// `-ln p` of the probability a model gave the true class, clipped to `[ε, 1-ε]` as scikit-learn's
+/// `log_loss` does for float64: one definition for the metric service and the trainer's guard.
+pub fn log_loss_of(p_true: f64) -> f64 {
+    -p_true.clamp(f64::EPSILON, 1.0 - f64::EPSILON).ln()
+}
+
 /// How far from one the probabilities of a prediction may sum (float32 graphs round).
 pub const SUM_TOLERANCE: f64 = 1e-3;
 
@@ -200,6 +206,13 @@ impl Probabilities {
             .iter()
             .find(|(known, _)| known == class)
             .map(|(_, p)| p.clamp(0.0, 1.0))
+    }
+
+    /// The probability of `class` divided by the sum of all (a float32 graph's sum is not
+    /// exactly one), as scikit-learn's metrics read it; `None` for an unknown class.
+    pub fn normalised(&self, class: &str) -> Option<f64> {
+        let sum: f64 = self.classes.iter().map(|(_, p)| p.clamp(0.0, 1.0)).sum();
+        self.of(class).map(|p| p / sum)
     }
 
     /// (class key, probability), in the model's class order.

@@ -212,6 +212,26 @@ impl Dataset {
             })
     }
 
+    /// A classification data set of rows already in memory: `features` row-major, one label per
+    /// row; its classes are the distinct labels, sorted. `None` when the shapes do not fit.
+    pub fn from_labelled_rows(
+        feature_names: Vec<String>,
+        target_name: String,
+        features: Vec<f64>,
+        labels: &[ClassLabel],
+    ) -> Option<Self> {
+        let mut classes = labels.to_vec();
+        classes.sort_unstable();
+        classes.dedup();
+        let targets = labels
+            .iter()
+            .map(|label| classes.binary_search(label).unwrap_or(0) as f64)
+            .collect();
+        let mut data = Self::from_rows(feature_names, target_name, features, targets)?;
+        data.classes = Some(classes);
+        Some(data)
+    }
+
     /// Number of rows.
     pub fn len(&self) -> usize {
         self.targets.len()
@@ -350,6 +370,26 @@ mod tests {
             Dataset::from_csv(text.path(), None),
             Err(DatasetError::NotANumber { .. })
         ));
+    }
+
+    #[test]
+    fn labelled_rows_make_a_classification_data_set() {
+        let labels = [
+            ClassLabel::Text("b".into()),
+            ClassLabel::Text("a".into()),
+            ClassLabel::Text("b".into()),
+        ];
+        let data =
+            Dataset::from_labelled_rows(vec!["x".into()], "y".into(), vec![1.0, 2.0, 3.0], &labels)
+                .unwrap();
+        assert_eq!(data.targets(), [1.0, 0.0, 1.0]);
+        assert_eq!(
+            data.label(0),
+            crate::messages::Target::Class(ClassLabel::Text("b".into()))
+        );
+        assert!(
+            Dataset::from_labelled_rows(vec!["x".into()], "y".into(), vec![1.0], &labels).is_none()
+        );
     }
 
     #[test]

@@ -48,6 +48,12 @@ pub struct Config {
     #[arg(long, env = "TARGET_COLUMN")]
     pub target_column: Option<String>,
 
+    /// `classification`: the labels are classes; the built-in fit is a logistic regression and
+    /// the guard is on holdout log loss with accuracy as a floor. `regression`: numbers, linear
+    /// fit, guard on holdout MAE.
+    #[arg(long, env = "TASK", value_enum, default_value_t)]
+    pub task: pipeline::classes::Task,
+
     /// Folder of the training window (window.jsonl), kept across restarts.
     #[arg(long, env = "TRAIN_DIR", default_value = "models/train")]
     pub train_dir: PathBuf,

@@ -10,7 +10,10 @@ use lapin::message::Delivery;
 use pipeline::broker::HandlerError;
 use pipeline::broker::publisher::header_str;
 use pipeline::broker::{Disposition, MessageHandler};
-use pipeline::messages::{FeaturesMessage, LabelKind, MessageError, parse_features, parse_label};
+use pipeline::classes::Task;
+use pipeline::messages::{
+    FeaturesMessage, LabelKind, MessageError, Target, parse_features, parse_label,
+};
 use pipeline::schema::{FEATURE_NAMES_HEADER, FeatureSchema};
 
 /// Adds each delivery to the window; acks once its line is synced.
@@ -22,6 +25,8 @@ pub(crate) struct Handler {
     pub(crate) unpaired_reported: u64,
     /// The window's columns: `DATA_PATH`'s, in its order.
     pub(crate) schema: FeatureSchema,
+    /// What a `y_true` must be: a number, or a class label.
+    pub(crate) task: Task,
 }
 
 impl Handler {
@@ -63,8 +68,12 @@ impl MessageHandler for Handler {
             })
         } else {
             parse_label(LabelKind::YTrue, &delivery.data, message_id).and_then(|m| {
-                let target = m.value.number(LabelKind::YTrue)?;
-                Ok((m.id, None, Some(target)))
+                // Checked as the task reads it; kept as it came (a label as the data has it).
+                match self.task {
+                    Task::Regression => m.value.number(LabelKind::YTrue).map(Target::Number)?,
+                    Task::Classification => Target::Class(m.value.class(LabelKind::YTrue)?),
+                };
+                Ok((m.id, None, Some(m.value)))
             })
         };
         let (id, features, target) = match parsed {

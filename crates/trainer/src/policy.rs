@@ -235,6 +235,32 @@ pub fn decide_unserved(candidate_mae: f64) -> Verdict {
     }
 }
 
+/// How a model did on the holdout: its loss (MAE for a regressor, log loss for a classifier) and,
+/// for a classifier, its accuracy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Score {
+    /// Lower is better: MAE, or log loss.
+    pub loss: f64,
+    /// A classifier's share of right predictions.
+    pub accuracy: Option<f64>,
+}
+
+/// The guard of any task: [`decide`] on the loss, and for a classifier accuracy as a floor: a
+/// candidate that is more confident (lower log loss) but right less often than the served model
+/// is refused.
+pub fn decide_scores(serving: Score, candidate: Score, min_gain: f64) -> Verdict {
+    let floor_holds = match (serving.accuracy, candidate.accuracy) {
+        (Some(served), Some(new)) if served.is_finite() => new >= served,
+        (_, Some(new)) => new.is_finite(),
+        _ => true,
+    };
+    if floor_holds {
+        decide(serving.loss, candidate.loss, min_gain)
+    } else {
+        Verdict::Refuse
+    }
+}
+
 /// The relative gain of `candidate_mae` over `serving_mae` (0.3 = 30 % lower), for the log.
 pub fn gain(serving_mae: f64, candidate_mae: f64) -> f64 {
     if serving_mae > 0.0 {
@@ -375,6 +401,43 @@ mod tests {
     }
 
     #[test]
+    fn a_classifier_needs_a_lower_log_loss_and_no_lower_accuracy() {
+        let served = Score {
+            loss: 0.40,
+            accuracy: Some(0.90),
+        };
+        let score = |loss, accuracy| Score {
+            loss,
+            accuracy: Some(accuracy),
+        };
+        assert_eq!(
+            decide_scores(served, score(0.30, 0.91), 0.05),
+            Verdict::Promote
+        );
+        assert_eq!(
+            decide_scores(served, score(0.30, 0.89), 0.05),
+            Verdict::Refuse,
+            "accuracy floor"
+        );
+        assert_eq!(
+            decide_scores(served, score(0.39, 0.95), 0.05),
+            Verdict::Refuse,
+            "gain"
+        );
+        assert_eq!(
+            decide_scores(served, score(f64::NAN, 0.95), 0.05),
+            Verdict::Refuse
+        );
+        // A regressor's score has no accuracy: the MAE guard alone.
+        let mae = |loss| Score {
+            loss,
+            accuracy: None,
+        };
+        assert_eq!(decide_scores(mae(10.0), mae(9.0), 0.05), Verdict::Promote);
+        assert_eq!(decide_scores(mae(10.0), mae(9.6), 0.05), Verdict::Refuse);
+    }
+
+    #[test]
     fn versions_count_up() {
         assert_eq!(next_version([]), "v1");
         assert_eq!(next_version(["v1", "v3", "ols-abc", "v2x", "model"]), "v4");
@@ -485,6 +548,24 @@ mod tests {
         }
 
         /// A stricter guard never promotes what a looser one refuses.
+        #[test]
+        fn the_classifier_guard_is_the_loss_guard_and_the_floor(
+            served_loss in 0.01f64..5.0, new_loss in 0.01f64..5.0,
+            served_acc in 0.0f64..1.0, new_acc in 0.0f64..1.0, min_gain in 0.0f64..0.5,
+        ) {
+            let verdict = decide_scores(
+                Score { loss: served_loss, accuracy: Some(served_acc) },
+                Score { loss: new_loss, accuracy: Some(new_acc) },
+                min_gain,
+            );
+            let expected = if new_acc >= served_acc {
+                decide(served_loss, new_loss, min_gain)
+            } else {
+                Verdict::Refuse
+            };
+            prop_assert_eq!(verdict, expected);
+        }
+
         #[test]
         fn a_stricter_guard_promotes_less(
             serving in 0.0f64..1e6,

@@ -7,22 +7,51 @@
 //! (or the trainer's `GET /model`) swap to it.
 
 use crate::model_file::{ModelFile, ModelPathCheck};
-use crate::policy::{self, Split, Trigger, Verdict};
+use crate::policy::{self, Score, Split, Trigger, Verdict};
 use crate::store::Sample;
 use crate::train_command::TrainCommand;
 use anyhow::Context as _;
 use model::artifact::{Artifact, find_version, versioned_path, write_atomically};
 use model::served::{ArtifactKind, ServedModel};
+use pipeline::classes::{ClassLabel, Task};
 use pipeline::dataset::Dataset;
+use pipeline::messages::{LabelKind, Target};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 /// What the served model is when `MODEL_PATH` does not exist yet: the fit on `DATA_PATH` the
-/// model services make in that case (same data, same version).
+/// model services make in that case (same data, same version): its JSON artifact and what the
+/// window needs of it.
 #[derive(Clone, Debug)]
-pub struct Baseline(pub Artifact);
+pub struct Baseline {
+    /// Its version.
+    pub version: String,
+    /// `DATA_PATH`'s feature columns, in order: the window's columns.
+    pub feature_names: Vec<String>,
+    /// `DATA_PATH`'s target column.
+    pub target_name: String,
+    /// The artifact, as `GET /model` and a first promotion's `<version>.json` have it.
+    pub bytes: Vec<u8>,
+}
+
+impl Baseline {
+    /// The baseline of a linear artifact.
+    pub fn linear(artifact: &Artifact) -> anyhow::Result<Self> {
+        Ok(Self {
+            version: artifact.version.clone(),
+            feature_names: artifact.feature_names.clone(),
+            target_name: artifact.target_name.clone(),
+            bytes: artifact.to_bytes()?,
+        })
+    }
+
+    /// The model it serves.
+    pub fn model(&self) -> anyhow::Result<ServedModel> {
+        ServedModel::parse(&self.bytes).context("the baseline is not a model")
+    }
+}
 
 /// `serving_version` of a retrain while `MODEL_PATH` is not a valid artifact.
 pub const UNREADABLE: &str = "unreadable";
@@ -45,6 +74,8 @@ pub struct Promoter {
     pub train_command: Option<TrainCommand>,
     /// What `MODEL_PATH` held when last read, so an unchanged file is not loaded again.
     pub checked: ModelPathCheck,
+    /// What the labels are (`TASK`): numbers, or classes.
+    pub task: Task,
 }
 
 /// The model a candidate is measured against.
@@ -94,6 +125,18 @@ pub struct Outcome {
     /// MAE of the candidate on the holdout.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub candidate_mae: Option<f64>,
+    /// A classifier's: log loss of the served model on the holdout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serving_log_loss: Option<f64>,
+    /// A classifier's: log loss of the candidate on the holdout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidate_log_loss: Option<f64>,
+    /// A classifier's: accuracy of the served model on the holdout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serving_accuracy: Option<f64>,
+    /// A classifier's: accuracy of the candidate on the holdout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidate_accuracy: Option<f64>,
     /// Rows the candidate was fitted on.
     pub train_rows: usize,
     /// Rows both were scored on.
@@ -102,13 +145,39 @@ pub struct Outcome {
     pub detail: String,
 }
 
+impl Outcome {
+    /// Records a holdout score of the served model (`serving`) or the candidate.
+    fn record(&mut self, task: Task, serving: bool, score: Score) {
+        let (mae, log_loss, accuracy) = if serving {
+            (
+                &mut self.serving_mae,
+                &mut self.serving_log_loss,
+                &mut self.serving_accuracy,
+            )
+        } else {
+            (
+                &mut self.candidate_mae,
+                &mut self.candidate_log_loss,
+                &mut self.candidate_accuracy,
+            )
+        };
+        match task {
+            Task::Regression => *mae = Some(score.loss),
+            Task::Classification => {
+                *log_loss = Some(score.loss);
+                *accuracy = score.accuracy;
+            }
+        }
+    }
+}
+
 impl Promoter {
     /// The served model: `MODEL_PATH`, or the baseline while it does not exist.
     pub fn serving(&self) -> anyhow::Result<ServedModel> {
         if self.model_path.try_exists().unwrap_or(true) {
             Ok(ServedModel::load(&self.model_path)?.0)
         } else {
-            Ok(ServedModel::of_artifact(&self.baseline.0))
+            self.baseline.model()
         }
     }
 
@@ -117,7 +186,7 @@ impl Promoter {
     pub fn serving_version(&self) -> Option<String> {
         match self.checked.read(&self.model_path).0 {
             ModelFile::Valid(version) => Some(version),
-            ModelFile::Absent => Some(self.baseline.0.version.clone()),
+            ModelFile::Absent => Some(self.baseline.version.clone()),
             ModelFile::Unreadable(_) => None,
         }
     }
@@ -130,8 +199,8 @@ impl Promoter {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()?;
-        if version == self.baseline.0.version {
-            return Some(ServedModel::of_artifact(&self.baseline.0));
+        if version == self.baseline.version {
+            return self.baseline.model().ok();
         }
         let path = find_version(&self.model_path, &version)?;
         match ServedModel::load(&path) {
@@ -170,11 +239,13 @@ impl Promoter {
             Against::Nothing => None,
         };
         // The window holds the columns of the data the producer reads (DATA_PATH's), in order.
-        let columns = &self.baseline.0.feature_names;
+        let columns = &self.baseline.feature_names;
         let n_features = columns.len();
+        // Samples of another width, or whose label is not of the task (a window kept from a run
+        // of the other task), are left out.
         let usable: Vec<&Sample> = samples
             .iter()
-            .filter(|s| s.features.len() == n_features)
+            .filter(|s| s.features.len() == n_features && self.label_of(s).is_some())
             .collect();
         let mut outcome = Outcome {
             result: "skipped",
@@ -185,6 +256,10 @@ impl Promoter {
             candidate_version: None,
             serving_mae: None,
             candidate_mae: None,
+            serving_log_loss: None,
+            candidate_log_loss: None,
+            serving_accuracy: None,
+            candidate_accuracy: None,
             train_rows: 0,
             holdout_rows: 0,
             detail: String::new(),
@@ -202,14 +277,28 @@ impl Promoter {
         // In the served model's order (by name when it knows its names), so a candidate is
         // trained on the columns the replicas will feed it.
         let dataset = |rows: &[&Sample]| -> anyhow::Result<Dataset> {
-            let data = Dataset::from_rows(
-                columns.clone(),
-                self.baseline.0.target_name.clone(),
-                rows.iter()
-                    .flat_map(|s| s.features.iter().copied())
-                    .collect(),
-                rows.iter().map(|s| s.target).collect(),
-            )
+            let features = rows
+                .iter()
+                .flat_map(|s| s.features.iter().copied())
+                .collect();
+            let target_name = self.baseline.target_name.clone();
+            let labels = rows.iter().filter_map(|s| self.label_of(s));
+            let data = match self.task {
+                Task::Regression => Dataset::from_rows(
+                    columns.clone(),
+                    target_name,
+                    features,
+                    labels
+                        .filter_map(|t| t.number(LabelKind::YTrue).ok())
+                        .collect(),
+                ),
+                Task::Classification => {
+                    let labels: Vec<ClassLabel> = labels
+                        .filter_map(|t| t.class(LabelKind::YTrue).ok())
+                        .collect();
+                    Dataset::from_labelled_rows(columns.clone(), target_name, features, &labels)
+                }
+            }
             .context("the window's samples do not form a data set")?;
             match &served {
                 Some(model) => model.arrange_dataset(&data).map_err(|why| {
@@ -236,24 +325,29 @@ impl Promoter {
                 return Ok(outcome);
             }
         };
-        let candidate_mae = match candidate.model.evaluate(&holdout_data) {
-            Ok(scored) => scored.mae,
+        let candidate_score = match self.score(&candidate.model, &holdout_data) {
+            Ok(score) => score,
             Err(err) => {
                 outcome.result = "refused";
                 outcome.detail = format!("the candidate cannot be scored on the holdout: {err:#}");
                 return Ok(outcome);
             }
         };
-        outcome.candidate_mae = Some(candidate_mae);
+        outcome.record(self.task, false, candidate_score);
         let verdict = match &served {
             Some(served) => {
-                let serving_mae = served
-                    .evaluate(&holdout_data)
-                    .map_or(f64::NAN, |scored| scored.mae);
-                outcome.serving_mae = Some(serving_mae);
-                policy::decide(serving_mae, candidate_mae, self.min_gain)
+                let serving_score = self.score(served, &holdout_data).unwrap_or(Score {
+                    loss: f64::NAN,
+                    accuracy: None,
+                });
+                outcome.record(self.task, true, serving_score);
+                policy::decide_scores(serving_score, candidate_score, self.min_gain)
             }
-            None => policy::decide_unserved(candidate_mae),
+            None => policy::decide_unserved(candidate_score.loss),
+        };
+        let measure = match self.task {
+            Task::Regression => "MAE",
+            Task::Classification => "log loss (or accuracy, the floor)",
         };
         match (verdict, served.is_some()) {
             (Verdict::Promote, true) => {
@@ -279,23 +373,55 @@ impl Promoter {
                 outcome.result = "promoted";
                 outcome.detail = format!(
                     "{} is served; MODEL_PATH was not a valid artifact, so the candidate was \
-                     promoted on the absolute guards alone (finite holdout MAE)",
+                     promoted on the absolute guards alone (finite holdout {measure})",
                     written.display()
                 );
             }
             (Verdict::Refuse, true) => {
                 outcome.result = "refused";
-                outcome.detail = format!(
-                    "the candidate's holdout MAE is not {:.1} % below the served model's",
-                    self.min_gain * 100.0
-                );
+                outcome.detail = match self.task {
+                    Task::Regression => format!(
+                        "the candidate's holdout MAE is not {:.1} % below the served model's",
+                        self.min_gain * 100.0
+                    ),
+                    Task::Classification => format!(
+                        "the candidate's holdout log loss is not {:.1} % below the served \
+                         model's, or its accuracy is lower",
+                        self.min_gain * 100.0
+                    ),
+                };
             }
             (Verdict::Refuse, false) => {
                 outcome.result = "refused";
-                outcome.detail = "the candidate's holdout MAE is not a finite number".to_owned();
+                outcome.detail =
+                    format!("the candidate's holdout {measure} is not a finite number");
             }
         }
         Ok(outcome)
+    }
+
+    /// A sample's label as the task reads it; `None` for one of the other task.
+    fn label_of<'s>(&self, sample: &'s Sample) -> Option<&'s Target> {
+        let fits = match self.task {
+            Task::Regression => sample.target.number(LabelKind::YTrue).is_ok(),
+            Task::Classification => sample.target.class(LabelKind::YTrue).is_ok(),
+        };
+        fits.then_some(&sample.target)
+    }
+
+    /// How `model` does on `data`: MAE for a regressor, log loss and accuracy for a classifier
+    /// (through the code the replicas serve with).
+    fn score(&self, model: &ServedModel, data: &Dataset) -> anyhow::Result<Score> {
+        match self.task {
+            Task::Regression => model.evaluate(data).map(|scored| Score {
+                loss: scored.mae,
+                accuracy: None,
+            }),
+            Task::Classification => model.evaluate_classes(data).map(|scored| Score {
+                loss: scored.log_loss,
+                accuracy: Some(scored.accuracy),
+            }),
+        }
     }
 
     /// Makes the candidate of `version` from the training rows: the user's `TRAIN_COMMAND`
@@ -370,16 +496,16 @@ impl Promoter {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let baseline = &self.baseline.0;
+        let baseline = &self.baseline;
         if !self.model_path.try_exists().unwrap_or(true)
             && let Some(path) = versioned_path(
                 &self.model_path,
                 &baseline.version,
-                ArtifactKind::LinearJson,
+                ArtifactKind::of(&baseline.bytes),
             )
             && !path.exists()
         {
-            baseline.write(&path)?;
+            write_atomically(&path, &baseline.bytes)?;
         }
         let version = &candidate.model.version;
         let path = versioned_path(
@@ -432,7 +558,10 @@ fn digest(rows: &[&Sample]) -> String {
         for value in &sample.features {
             hasher.update(value.to_le_bytes());
         }
-        hasher.update(sample.target.to_le_bytes());
+        match &sample.target {
+            Target::Number(value) => hasher.update(value.to_le_bytes()),
+            Target::Class(label) => hasher.update(label.key().as_bytes()),
+        }
     }
     model::regression::hex(&hasher.finalize())
 }
@@ -451,10 +580,11 @@ mod tests {
             model_path: dir.join("model.json"),
             holdout: 0.2,
             min_gain: 0.05,
-            baseline: Baseline(baseline),
+            baseline: Baseline::linear(&baseline).unwrap(),
             replicas_serve: Arc::default(),
             train_command: None,
             checked: ModelPathCheck::default(),
+            task: pipeline::classes::Task::Regression,
         }
     }
 
@@ -470,7 +600,7 @@ mod tests {
                 Sample {
                     id: format!("{tag}{n}"),
                     features,
-                    target: data.target(row),
+                    target: Target::Number(data.target(row)),
                 }
             })
             .collect()
@@ -480,7 +610,7 @@ mod tests {
     fn a_better_candidate_is_promoted_and_a_worse_one_refused() {
         let dir = tempfile::tempdir().unwrap();
         let promoter = promoter(dir.path());
-        let baseline = promoter.baseline.0.version.clone();
+        let baseline = promoter.baseline.version.clone();
         // After a drift, a model fitted on drifted rows beats the baseline on drifted rows.
         let drifted = samples(1000, 0.05, "d");
         let outcome = promoter.retrain(Trigger::Manual, &drifted).unwrap();
@@ -501,7 +631,7 @@ mod tests {
             .map(|n| Sample {
                 id: format!("n{n}"),
                 features: (0..10).map(|_| fastrand::f64() - 0.5).collect(),
-                target: 25.0 + 320.0 * fastrand::f64(),
+                target: Target::Number(25.0 + 320.0 * fastrand::f64()),
             })
             .collect();
         noisy.extend(samples(200, 0.05, "r"));
@@ -528,7 +658,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let promoter = promoter(dir.path());
         let model_path = dir.path().join("model.json");
-        let valid = serde_json::to_string_pretty(&promoter.baseline.0).unwrap();
+        let valid = String::from_utf8(promoter.baseline.bytes.clone()).unwrap();
         let causes: [(&str, Vec<u8>); 3] = [
             ("garbage", b"\x00\xffnot json at all".to_vec()),
             ("truncated", valid.as_bytes()[..valid.len() / 2].to_vec()),
@@ -560,7 +690,7 @@ mod tests {
             assert_eq!(outcome.candidate_version.as_deref(), Some(version.as_str()));
             let served = Artifact::load(&model_path).unwrap();
             assert_eq!(served.version, version);
-            assert_eq!(served.feature_names, promoter.baseline.0.feature_names);
+            assert_eq!(served.feature_names, promoter.baseline.feature_names);
             assert_eq!(
                 std::fs::read(dir.path().join("model.json.unreadable")).unwrap(),
                 bytes
@@ -626,10 +756,10 @@ mod tests {
         // The replicas serve the baseline (no file of it is needed), or a version without a
         // readable file: the baseline, or the absolute guards.
         std::fs::write(&model_path, b"garbage").unwrap();
-        *promoter.replicas_serve.lock().unwrap() = Some(promoter.baseline.0.version.clone());
+        *promoter.replicas_serve.lock().unwrap() = Some(promoter.baseline.version.clone());
         assert_eq!(
             promoter.replicas_model().map(|m| m.version),
-            Some(promoter.baseline.0.version.clone())
+            Some(promoter.baseline.version.clone())
         );
         *promoter.replicas_serve.lock().unwrap() = Some("v9".to_owned());
         assert!(promoter.replicas_model().is_none());
@@ -657,7 +787,7 @@ mod tests {
             promoter
         };
         let model_path = dir.path().join("model.onnx");
-        let baseline = with("", 120).baseline.0.version.clone();
+        let baseline = with("", 120).baseline.version.clone();
 
         // After a drift: the trees beat the linear baseline; the .onnx is stamped and served.
         let outcome = with("", 120)
@@ -671,7 +801,7 @@ mod tests {
         let names = served.feature_names().unwrap();
         assert_eq!(
             names,
-            promoter(dir.path()).baseline.0.feature_names.as_slice()
+            promoter(dir.path()).baseline.feature_names.as_slice()
         );
         assert!(
             served.reference.is_some(),
@@ -753,7 +883,7 @@ mod tests {
         mixed.push(Sample {
             id: "short".into(),
             features: vec![1.0],
-            target: 1.0,
+            target: Target::Number(1.0),
         });
         let outcome = promoter(dir.path())
             .retrain(Trigger::Manual, &mixed)

@@ -44,12 +44,7 @@ pub(crate) fn answer(promoter: &Promoter, if_none_match: Option<&str>) -> Answer
     let path = promoter.model_path.display();
     let bytes = match promoter.checked.read(&promoter.model_path) {
         (ModelFile::Valid(_), Some(bytes)) => bytes,
-        (ModelFile::Absent, _) => match promoter.baseline.0.to_bytes() {
-            Ok(bytes) => bytes,
-            Err(err) => {
-                return Answer::Unavailable(format!("cannot encode the baseline: {err:#}"));
-            }
-        },
+        (ModelFile::Absent, _) => promoter.baseline.bytes.clone(),
         (ModelFile::Unreadable(cause), _) => {
             return Answer::Unavailable(format!(
                 "MODEL_PATH {path} is not a valid model artifact ({cause}); replicas keep \
@@ -107,10 +102,11 @@ mod tests {
             model_path: dir.join("model.json"),
             holdout: 0.2,
             min_gain: 0.05,
-            baseline: Baseline(Artifact::train(&data, None, None).unwrap()),
+            baseline: Baseline::linear(&Artifact::train(&data, None, None).unwrap()).unwrap(),
             replicas_serve: Default::default(),
             train_command: None,
             checked: Default::default(),
+            task: pipeline::classes::Task::Regression,
         }
     }
 
@@ -123,14 +119,15 @@ mod tests {
             panic!()
         };
         let served = Artifact::parse(std::str::from_utf8(&bytes).unwrap()).unwrap();
-        assert_eq!(served.version, promoter.baseline.0.version);
+        assert_eq!(served.version, promoter.baseline.version);
         assert!(etag.starts_with('"') && etag.len() == 66, "{etag}");
         assert_eq!(
             answer(&promoter, Some(&etag)),
             Answer::NotModified { etag: etag.clone() }
         );
         // A promotion: new bytes, a new tag, so a client with the old one gets them.
-        let mut v2 = promoter.baseline.0.clone();
+        let mut v2 =
+            Artifact::parse(std::str::from_utf8(&promoter.baseline.bytes).unwrap()).unwrap();
         v2.version = "v2".into();
         v2.write(&promoter.model_path).unwrap();
         let Answer::Artifact { etag: tag2, bytes } = answer(&promoter, Some(&etag)) else {

@@ -42,7 +42,7 @@ pub async fn run(
         model_path: config.model_path.clone(),
         holdout: config.train_holdout,
         min_gain: config.promote_min_gain,
-        baseline: Baseline(baseline),
+        baseline: Baseline::linear(&baseline)?,
         replicas_serve: Arc::default(),
         train_command: (!config.train_command.trim().is_empty()).then(|| TrainCommand {
             command: config.train_command.clone(),
@@ -50,8 +50,9 @@ pub async fn run(
             stop: shutdown.clone(),
         }),
         checked: ModelPathCheck::default(),
+        task: config.task,
     };
-    let schema = FeatureSchema::named(promoter.baseline.0.feature_names.clone());
+    let schema = FeatureSchema::named(promoter.baseline.feature_names.clone());
     let broker_metrics = BrokerMetrics::register(&mut registry);
     let metrics = Metrics::register(&mut registry);
     let health = Health::new();
@@ -60,7 +61,7 @@ pub async fn run(
     let first = model_file::read(&promoter);
     let serving = match &first {
         ModelFile::Valid(version) => version.clone(),
-        ModelFile::Absent => promoter.baseline.0.version.clone(),
+        ModelFile::Absent => promoter.baseline.version.clone(),
         ModelFile::Unreadable(_) => UNREADABLE.to_owned(),
     };
     if let Some(change) = model_file.observe(first) {
@@ -163,6 +164,7 @@ pub async fn run(
         shared: shared.clone(),
         unpaired_reported: 0,
         schema,
+        task: config.task,
     };
     let result = run_consumer(&mut broker, &spec, &mut handler, &shutdown).await;
     shutdown.cancel();

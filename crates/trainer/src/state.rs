@@ -88,7 +88,7 @@ mod tests {
             for (id, is_label) in adds {
                 let id = format!("s{id}");
                 let added = if is_label {
-                    store.add(&id, None, Some(1.0))
+                    store.add(&id, None, Some(1.0.into()))
                 } else {
                     store.add(&id, Some(vec![1.0, 2.0]), None)
                 };

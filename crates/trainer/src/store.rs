@@ -16,6 +16,7 @@
 use anyhow::Context as _;
 use pipeline::broker::LocalFault;
 use pipeline::fs::{AppendLog, AtomicFile};
+use pipeline::messages::Target;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
@@ -32,8 +33,8 @@ pub struct Sample {
     pub id: String,
     /// The feature vector.
     pub features: Vec<f64>,
-    /// The true target.
-    pub target: f64,
+    /// The true target: a number, or a class label (`TASK=classification`).
+    pub target: Target,
 }
 
 /// One line of the journal.
@@ -42,8 +43,10 @@ struct Record {
     id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     x: Option<Vec<f64>>,
+    /// A number, or a class label as the data has it (a JSON integer reads back as a number,
+    /// which a classifier's window takes as that label).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    y: Option<f64>,
+    y: Option<Target>,
 }
 
 /// What one message did to the window.
@@ -65,7 +68,7 @@ pub struct Store {
     window: VecDeque<Sample>,
     in_window: HashSet<String>,
     features: HashMap<String, Vec<f64>>,
-    labels: HashMap<String, f64>,
+    labels: HashMap<String, Target>,
     /// Ids of the waiting halves, oldest first (may hold ids already joined: skipped on eviction).
     pending_order: VecDeque<String>,
     /// The journal and the lines added since the last flush.
@@ -122,7 +125,7 @@ impl Store {
 
     /// Adds a feature vector (`features`) or a label (`target`) of sample `id`. Call
     /// [`Store::flush`] before acking the delivery.
-    pub fn add(&mut self, id: &str, features: Option<Vec<f64>>, target: Option<f64>) -> Added {
+    pub fn add(&mut self, id: &str, features: Option<Vec<f64>>, target: Option<Target>) -> Added {
         let record = Record {
             id: id.to_owned(),
             x: features,
@@ -143,7 +146,7 @@ impl Store {
             return Added::Duplicate;
         }
         let features = x.or_else(|| self.features.get(&id).cloned());
-        let target = y.or_else(|| self.labels.get(&id).copied());
+        let target = y.or_else(|| self.labels.get(&id).cloned());
         match (features, target) {
             (Some(features), Some(target)) => {
                 self.features.remove(&id);
@@ -229,13 +232,13 @@ impl Store {
                 write(&Record {
                     id: sample.id.clone(),
                     x: Some(sample.features.clone()),
-                    y: Some(sample.target),
+                    y: Some(sample.target.clone()),
                 })
                 .map_err(fail)?;
                 lines += 1;
             }
             for id in &self.pending_order {
-                let (x, y) = (self.features.get(id).cloned(), self.labels.get(id).copied());
+                let (x, y) = (self.features.get(id).cloned(), self.labels.get(id).cloned());
                 if x.is_some() || y.is_some() {
                     write(&Record {
                         id: id.clone(),
@@ -297,17 +300,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path(), 3, 100).unwrap();
         assert_eq!(store.add("a", Some(vec![1.0, 2.0]), None), Added::Waiting);
-        assert_eq!(store.add("a", None, Some(10.0)), Added::Joined);
-        assert_eq!(store.add("b", None, Some(20.0)), Added::Waiting);
+        assert_eq!(store.add("a", None, Some(10.0.into())), Added::Joined);
+        assert_eq!(store.add("b", None, Some(20.0.into())), Added::Waiting);
         assert_eq!(store.add("b", Some(vec![3.0, 4.0]), None), Added::Joined);
         assert_eq!(store.add("b", Some(vec![3.0, 4.0]), None), Added::Duplicate);
         for id in ["c", "d"] {
             store.add(id, Some(vec![0.0, 0.0]), None);
-            store.add(id, None, Some(0.0));
+            store.add(id, None, Some(0.0.into()));
         }
         assert_eq!(ids(&store), ["b", "c", "d"]);
         let b = store.samples().next().unwrap();
-        assert_eq!((b.features.clone(), b.target), (vec![3.0, 4.0], 20.0));
+        assert_eq!(
+            (b.features.clone(), b.target.clone()),
+            (vec![3.0, 4.0], 20.0.into())
+        );
         assert_eq!(store.waiting(), 0);
     }
 
@@ -318,7 +324,7 @@ mod tests {
             let mut store = Store::open(dir.path(), 2, 100).unwrap();
             for (n, id) in ["a", "b", "c"].iter().enumerate() {
                 store.add(id, Some(vec![n as f64]), None);
-                store.add(id, None, Some(n as f64 * 10.0));
+                store.add(id, None, Some((n as f64 * 10.0).into()));
             }
             store.add("d", Some(vec![0.1]), None);
             store.flush().unwrap();
@@ -332,7 +338,7 @@ mod tests {
         let mut store = Store::open(dir.path(), 2, 100).unwrap();
         assert_eq!(ids(&store), ["b", "c"]);
         assert_eq!(store.waiting(), 1);
-        assert_eq!(store.add("d", None, Some(4.0)), Added::Joined);
+        assert_eq!(store.add("d", None, Some(4.0.into())), Added::Joined);
         assert_eq!(ids(&store), ["c", "d"]);
         store.flush().unwrap();
         drop(store);
@@ -353,7 +359,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(JOURNAL);
         let mut store = Store::open(dir.path(), 10, 100).unwrap();
-        store.add("a", Some(vec![1.0]), Some(1.0));
+        store.add("a", Some(vec![1.0]), Some(1.0.into()));
         store.flush().unwrap();
         let before = std::fs::read(&path).unwrap();
         // A journal that refuses writes (a cut after a write that failed midway is AppendLog's,
@@ -365,7 +371,7 @@ mod tests {
         );
         let writable = std::mem::replace(&mut store.journal, read_only);
         store.add("b", Some(vec![2.0]), None);
-        store.add("b", None, Some(2.0));
+        store.add("b", None, Some(2.0.into()));
         let fault = store.flush().unwrap_err();
         assert!(fault.what.contains(JOURNAL), "{fault}");
         assert_eq!(std::fs::read(&path).unwrap(), before);
@@ -388,9 +394,9 @@ mod tests {
         for n in 0..3000 {
             let id = format!("s{n}");
             store.add(&id, Some(vec![n as f64]), None);
-            store.add(&id, None, Some(1.0));
+            store.add(&id, None, Some(1.0.into()));
         }
-        store.add("half", None, Some(5.0));
+        store.add("half", None, Some(5.0.into()));
         store.flush().unwrap();
         assert!(store.needs_compaction());
         store.compact().unwrap();
@@ -421,7 +427,7 @@ mod tests {
         assert_eq!(store.waiting(), 3);
         assert_eq!(store.dropped_unpaired(), 2);
         // The newest still pair.
-        assert_eq!(store.add("f4", None, Some(1.0)), Added::Joined);
-        assert_eq!(store.add("f0", None, Some(1.0)), Added::Waiting);
+        assert_eq!(store.add("f4", None, Some(1.0.into())), Added::Joined);
+        assert_eq!(store.add("f0", None, Some(1.0.into())), Added::Waiting);
     }
 }

@@ -6,6 +6,7 @@
 
 use pipeline::CancellationToken;
 use pipeline::dataset::Dataset;
+use pipeline::messages::Target;
 use std::fmt::Write as _;
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
 use std::os::unix::process::CommandExt as _;
@@ -75,7 +76,8 @@ impl std::fmt::Display for CommandFailure {
 }
 
 /// The rows the command trains on, as CSV: a header of the feature names and the target's, then
-/// every value in Rust's shortest exact form (`1e-300`, `2.0`: it reads back to the same `f64`).
+/// every value in Rust's shortest exact form (`1e-300`, `2.0`: it reads back to the same `f64`);
+/// a classifier's label as the data has it (quoted when it holds a comma or a quote).
 pub fn write_csv(data: &Dataset, path: &Path) -> std::io::Result<()> {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut line = String::new();
@@ -87,7 +89,19 @@ pub fn write_csv(data: &Dataset, path: &Path) -> std::io::Result<()> {
         for value in data.row(row) {
             let _ = write!(line, "{value:?},");
         }
-        let _ = write!(line, "{:?}", data.target(row));
+        match data.label(row) {
+            Target::Number(value) => {
+                let _ = write!(line, "{value:?}");
+            }
+            Target::Class(label) => {
+                let text = label.key();
+                if text.contains([',', '"', '\n']) {
+                    let _ = write!(line, "\"{}\"", text.replace('"', "\"\""));
+                } else {
+                    line.push_str(&text);
+                }
+            }
+        }
         writeln!(out, "{line}")?;
     }
     out.into_inner().map_err(|err| err.into_error())?.sync_all()

@@ -34,13 +34,8 @@ fn pair(id: usize, y_true: &str, classes: &[&str], p: &[f64], version: &str) -> 
 
 fn tracker(window: usize) -> ClassQuality {
     let mut registry = Registry::default();
-    ClassQuality::register(
-        &mut registry,
-        window,
-        5,
-        Counter::default(),
-        SharedAlarms::default(),
-    )
+    let mut regression = crate::quality::Quality::register(&mut registry, window, 5, 1.25);
+    ClassQuality::register(&mut registry, window, 5, 1.25, &mut regression)
 }
 
 fn close(a: Option<f64>, b: f64) -> bool {
@@ -192,4 +187,55 @@ proptest! {
         prop_assert_eq!(accuracy == 1.0, all_right);
         prop_assert_eq!(f1 == 1.0, all_right);
     }
+}
+
+#[test]
+fn the_alarm_rises_when_the_windowed_log_loss_passes_the_ratio_and_clears_after() {
+    let mut quality = tracker(10);
+    let confident = |i| pair(i, "1", &["0", "1"], &[0.1, 0.9], "v1");
+    let unsure = |i| pair(i, "1", &["0", "1"], &[0.6, 0.4], "v1");
+    for i in 0..10 {
+        quality.observe(&confident(i));
+    }
+    quality.update();
+    let alarm = |q: &ClassQuality| q.report.lock().unwrap().versions[0].clone();
+    let first = alarm(&quality);
+    assert_eq!((first.alarm, first.measure), (false, Some("log_loss")));
+    assert!(close(first.baseline, -(0.9f64.ln())));
+    for i in 10..20 {
+        quality.observe(&unsure(i));
+    }
+    quality.update();
+    let raised = alarm(&quality);
+    assert!(raised.alarm, "{raised:?}");
+    assert!(close(raised.windowed, -(0.4f64.ln())));
+    assert_eq!(raised.windowed_mae, None);
+    for i in 20..30 {
+        quality.observe(&confident(i));
+    }
+    quality.update();
+    assert!(!alarm(&quality).alarm);
+}
+
+#[test]
+fn the_predicted_mix_moving_shows_in_the_psi_and_the_calibration_bins_the_confidence() {
+    let mut before = ClassSums::default();
+    let mut after = ClassSums::default();
+    for i in 0..100 {
+        before.add("a", if i % 2 == 0 { "a" } else { "b" }, None, None, true);
+        after.add("a", if i % 10 == 0 { "b" } else { "a" }, None, None, true);
+    }
+    let same = prediction_psi(&before, &before).unwrap();
+    let moved = prediction_psi(&before, &after).unwrap();
+    assert!(same.abs() < 1e-12, "{same}");
+    // 50/50 to 90/10: (0.9-0.5)ln(0.9/0.5) + (0.1-0.5)ln(0.1/0.5)
+    let expected = 0.4 * (0.9f64 / 0.5).ln() + (-0.4) * (0.1f64 / 0.5).ln();
+    assert!((moved - expected).abs() < 1e-12, "{moved} vs {expected}");
+
+    let bins = calibration([(0.95, true), (0.91, false), (0.55, true), (1.0, true)].into_iter());
+    assert_eq!(bins.len(), 2);
+    assert_eq!((bins[0].from, bins[0].n), (0.5, 1));
+    assert_eq!((bins[1].from, bins[1].n), (0.9, 3));
+    assert!((bins[1].accuracy - 2.0 / 3.0).abs() < 1e-12);
+    assert!((bins[1].confidence - (0.95 + 0.91 + 1.0) / 3.0).abs() < 1e-12);
 }

@@ -111,6 +111,7 @@ fn parse_class_row(record: &csv::StringRecord) -> Result<ClassPair, String> {
         y_pred: ClassLabel::from_cell(&record[2]),
         p_true,
         brier,
+        p_pred: None,
         binary: None,
         known,
         model_version: Some(&record[5])
