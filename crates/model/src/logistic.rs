@@ -11,7 +11,7 @@ use crate::error::ModelError;
 use crate::regression::hex;
 use anyhow::Context as _;
 use linfa::traits::Fit as _;
-use pipeline::classes::{ClassLabel, Probabilities, Task};
+use pipeline::classes::{ClassLabel, Probabilities, Task, log_loss_of};
 use pipeline::dataset::Dataset;
 use pipeline::messages::MessageError;
 use serde::{Deserialize, Serialize};
@@ -59,7 +59,7 @@ pub struct ClassifierMetrics {
     /// Share of rows whose predicted class is the true one.
     pub accuracy: f64,
     /// Mean of `-ln p(true class)`, each probability clipped to `[ε, 1 − ε]` (`ε` the f64 machine
-    /// epsilon), as scikit-learn's `log_loss`.
+    /// epsilon), as scikit-learn's `log_loss` ([`log_loss_of`], as the metric service).
     pub log_loss: f64,
     /// Rows used.
     pub rows: usize,
@@ -78,8 +78,8 @@ pub struct LogisticModel {
     pub intercepts: Vec<f64>,
     /// Version carried on every prediction.
     pub version: String,
-    /// Statistics of the training data, for drift (its `mae` is the in-sample error rate,
-    /// `1 − accuracy`: the mean absolute error of the 0/1 correctness).
+    /// Statistics of the training data, for drift; its in-sample error (`mae`) is the in-sample
+    /// log loss, as `model stamp` records for an ONNX classifier.
     pub reference: Option<Arc<Reference>>,
 }
 
@@ -150,7 +150,7 @@ impl LogisticModel {
         };
         model.validate().map_err(|err| fit_error(err.to_string()))?;
         let fit = model.evaluate(data)?;
-        model.reference = Some(Arc::new(Reference::of(data, 1.0 - fit.accuracy)));
+        model.reference = Some(Arc::new(Reference::of(data, fit.log_loss)));
         Ok(model)
     }
 
@@ -297,7 +297,7 @@ impl LogisticModel {
                 .map_err(|err| invalid(format!("row {row} of the data: {err}")))?;
             let truth = ours[data.target(row) as usize];
             correct += usize::from(argmax(&p) == truth);
-            loss -= p[truth].clamp(f64::EPSILON, 1.0 - f64::EPSILON).ln();
+            loss += log_loss_of(p[truth]);
         }
         let rows = data.len();
         Ok(ClassifierMetrics {

@@ -49,8 +49,8 @@ fn a_separable_set_is_learned_exactly() {
     let (label, p) = model.classify(&[0.1, 4.2]).unwrap();
     assert_eq!(label, ClassLabel::Text("up".into()));
     assert!(p.of("up").unwrap() > 0.5, "{p:?}");
-    // The reference's mae is the error rate.
-    assert_eq!(model.reference.as_ref().unwrap().mae, 0.0);
+    // The reference's in-sample error is the log loss.
+    assert_eq!(model.reference.as_ref().unwrap().mae, fit.log_loss);
     // The same data gives the same model, and so the same version.
     assert_eq!(LogisticModel::fit(&data).unwrap().version, model.version);
 }
@@ -350,4 +350,29 @@ fn json_that_is_not_logistic_still_gets_the_linear_artifacts_messages() {
     logistic["intercepts"] = serde_json::json!([0.0]);
     let broken = err(&logistic.to_string());
     assert!(broken.contains("3 classes but 1 intercepts"), "{broken}");
+}
+
+/// The trainer's guard scores a classifier with `ServedModel::evaluate_classes` (what the
+/// replicas answer): for the logistic regression that is its own in-sample evaluation.
+#[test]
+fn the_guards_evaluation_of_the_served_model_is_the_models_own() {
+    use crate::served::ServedModel;
+    for name in ["iris.csv", "breast_cancer.csv"] {
+        let data = classes(&fixture(name));
+        let served = ServedModel::fit_for(&data, Task::Classification).unwrap();
+        let crate::served::Engine::Logistic(model) = &served.engine else {
+            panic!("not logistic");
+        };
+        let own = model.evaluate(&data).unwrap();
+        let guard = served.evaluate_classes(&data).unwrap();
+        assert_eq!(
+            (guard.rows, guard.accuracy),
+            (own.rows, own.accuracy),
+            "{name}"
+        );
+        assert!(
+            (guard.log_loss - own.log_loss).abs() < 1e-12,
+            "{name}: {guard:?} {own:?}"
+        );
+    }
 }
