@@ -22,7 +22,7 @@ use crate::report::{Report, TARGET_RATIO, file_name, thousands};
 use crate::{Bench, progress};
 use anyhow::{Context as _, bail};
 use model::error::ModelError;
-use model::served::{Engine, ServedModel};
+use model::served::{Engine, Prediction, ServedModel};
 use pipeline::dataset::Dataset;
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -249,10 +249,11 @@ fn time_predict(
     rows: &Dataset,
     calls: u64,
 ) -> anyhow::Result<ModelTiming> {
-    let predict = |row: usize| -> anyhow::Result<f64> {
+    // `answer`, as the handler calls it: a number, or a classifier's class and probabilities.
+    let predict = |row: usize| -> anyhow::Result<Prediction> {
         let features = black_box(rows.row(row % rows.len()));
         model
-            .predict(features)?
+            .answer(features)?
             .map_err(|err| anyhow::anyhow!("{name}: row {}: {err}", row % rows.len()))
     };
     for row in 0..rows.len() {

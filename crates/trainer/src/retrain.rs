@@ -12,6 +12,7 @@ use crate::store::Sample;
 use crate::train_command::TrainCommand;
 use anyhow::Context as _;
 use model::artifact::{Artifact, find_version, versioned_path, write_atomically};
+use model::logistic::LogisticArtifact;
 use model::served::{ArtifactKind, ServedModel};
 use pipeline::classes::{ClassLabel, Task};
 use pipeline::dataset::Dataset;
@@ -45,6 +46,27 @@ impl Baseline {
             target_name: artifact.target_name.clone(),
             bytes: artifact.to_bytes()?,
         })
+    }
+
+    /// The baseline of a logistic (classifier) artifact.
+    pub fn logistic(artifact: &LogisticArtifact) -> anyhow::Result<Self> {
+        Ok(Self {
+            version: artifact.version.clone(),
+            feature_names: artifact.feature_names.clone(),
+            target_name: artifact.target_name.clone(),
+            bytes: artifact.to_bytes()?,
+        })
+    }
+
+    /// The fit the model services make on `DATA_PATH` for `task` while `MODEL_PATH` does not
+    /// exist: linear, or logistic.
+    pub fn fit_on(data_path: &Path, target: Option<&str>, task: Task) -> anyhow::Result<Self> {
+        match task {
+            Task::Regression => Self::linear(&Artifact::train(data_path, target, None)?),
+            Task::Classification => {
+                Self::logistic(&LogisticArtifact::train(data_path, target, None)?)
+            }
+        }
     }
 
     /// The model it serves.
@@ -456,23 +478,38 @@ impl Promoter {
                 }
             }
             None => {
-                if served.is_some_and(|model| model.family() != "linear") {
+                let (family, fit) = match self.task {
+                    Task::Regression => ("linear", "linear fit"),
+                    Task::Classification => ("logistic", "logistic regression"),
+                };
+                if served.is_some_and(|model| model.family() != family) {
                     return Err(NoCandidate::Skip(format!(
-                        "the served model is {} and the built-in linear fit does not replace \
+                        "the served model is {} and the built-in {fit} does not replace \
                          it: set TRAIN_COMMAND to retrain it with your own code",
                         served.map_or("", ServedModel::family)
                     )));
                 }
-                let artifact = Artifact::fit(train, digest(rows), Some(version.to_owned()))
-                    .map_err(|err| {
-                        NoCandidate::Refuse(format!("cannot fit the candidate: {err:#}"))
-                    })?;
-                let bytes = artifact.to_bytes().map_err(|err| {
-                    NoCandidate::Refuse(format!("cannot encode the candidate: {err:#}"))
-                })?;
-                Candidate {
-                    model: ServedModel::of_artifact(&artifact),
-                    bytes,
+                let refuse = |what: &str, err: anyhow::Error| {
+                    NoCandidate::Refuse(format!("cannot {what} the candidate: {err:#}"))
+                };
+                let version = Some(version.to_owned());
+                match self.task {
+                    Task::Regression => {
+                        let artifact = Artifact::fit(train, digest(rows), version)
+                            .map_err(|err| refuse("fit", err))?;
+                        Candidate {
+                            model: ServedModel::of_artifact(&artifact),
+                            bytes: artifact.to_bytes().map_err(|err| refuse("encode", err))?,
+                        }
+                    }
+                    Task::Classification => {
+                        let artifact = LogisticArtifact::fit(train, digest(rows), version)
+                            .map_err(|err| refuse("fit", err))?;
+                        Candidate {
+                            model: ServedModel::of_logistic_artifact(&artifact),
+                            bytes: artifact.to_bytes().map_err(|err| refuse("encode", err))?,
+                        }
+                    }
                 }
             }
         };
@@ -604,6 +641,56 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn a_classifier_is_retrained_by_logistic_regression_and_guarded_on_log_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/models/fixtures/breast_cancer.csv");
+        let promoter = Promoter {
+            baseline: Baseline::fit_on(&data_path, None, Task::Classification).unwrap(),
+            task: Task::Classification,
+            ..promoter(dir.path())
+        };
+        let data = Dataset::from_csv_for(&data_path, None, Task::Classification).unwrap();
+        let window = |flip: bool| -> Vec<Sample> {
+            (0..data.len())
+                .map(|row| Sample {
+                    id: format!("r{row}"),
+                    features: data.row(row).to_vec(),
+                    target: match data.label(row) {
+                        // The world changed: what was benign is now malignant, and back.
+                        Target::Class(ClassLabel::Integer(y)) if flip => {
+                            Target::Class(ClassLabel::Integer(1 - y))
+                        }
+                        label => label,
+                    },
+                })
+                .collect()
+        };
+        // The data the baseline was fitted on: no candidate is 5 % better.
+        let outcome = promoter.retrain(Trigger::Manual, &window(false)).unwrap();
+        assert_eq!(outcome.result, "refused", "{outcome:?}");
+        assert!(outcome.serving_mae.is_none() && outcome.serving_log_loss.is_some());
+        assert!(outcome.serving_accuracy.unwrap() > 0.9, "{outcome:?}");
+        // After the drift the baseline is wrong on nearly every holdout row; the candidate,
+        // fitted on the drifted rows, is promoted as a logistic artifact.
+        let outcome = promoter.retrain(Trigger::Manual, &window(true)).unwrap();
+        assert_eq!(outcome.result, "promoted", "{outcome:?}");
+        assert!(outcome.candidate_accuracy.unwrap() > outcome.serving_accuracy.unwrap());
+        assert!(outcome.candidate_log_loss.unwrap() < outcome.serving_log_loss.unwrap());
+        let served = ServedModel::load(&dir.path().join("model.json")).unwrap().0;
+        assert_eq!(
+            (served.version.as_str(), served.family()),
+            ("v1", "logistic")
+        );
+        assert_eq!(served.task(), Task::Classification);
+        // The baseline was kept for a rollback, as a logistic artifact.
+        let kept = dir
+            .path()
+            .join(format!("{}.json", promoter.baseline.version));
+        assert_eq!(ServedModel::load(&kept).unwrap().0.family(), "logistic");
     }
 
     #[test]

@@ -16,7 +16,6 @@ use crate::state::{Shared, WindowCopy, lock};
 use crate::store::Store;
 use crate::train_command::TrainCommand;
 use anyhow::Context as _;
-use model::artifact::Artifact;
 use pipeline::broker::consumer::ConsumerSpec;
 use pipeline::broker::topology::training_queue;
 use pipeline::broker::{Broker, Topology, run_consumer};
@@ -36,13 +35,17 @@ pub async fn run(
     let shutdown = pipeline::shutdown::token_from(shutdown);
     model::onnx::use_runtime_library(config.ort_dylib_path.as_deref());
     let mut registry = Registry::default();
-    let baseline = Artifact::train(&config.data_path, config.target_column.as_deref(), None)
-        .context("cannot fit the baseline on DATA_PATH")?;
+    let baseline = Baseline::fit_on(
+        &config.data_path,
+        config.target_column.as_deref(),
+        config.task,
+    )
+    .context("cannot fit the baseline on DATA_PATH")?;
     let promoter = Promoter {
         model_path: config.model_path.clone(),
         holdout: config.train_holdout,
         min_gain: config.promote_min_gain,
-        baseline: Baseline::linear(&baseline)?,
+        baseline,
         replicas_serve: Arc::default(),
         train_command: (!config.train_command.trim().is_empty()).then(|| TrainCommand {
             command: config.train_command.clone(),
