@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """A TRAIN_COMMAND for the trainer: a scikit-learn Pipeline (a scaler, then a
-gradient-boosted regressor) fitted on the trainer's window and exported to ONNX.
+gradient-boosted regressor, or classifier) fitted on the trainer's window and exported to ONNX.
 
 The trainer runs it with (see docs/closed-loop.md, "Your own training code"):
   TRAIN_DATA     the window's older rows as CSV: a header of feature names, then the target column
   TRAIN_TARGET   the target column's name (the last column of TRAIN_DATA)
   TRAIN_OUTPUT   where to write the .onnx
   TRAIN_VERSION  the version the candidate will carry (the trainer stamps it; shown for logs)
+  TRAIN_TASK     regression, or classification (the target column holds class labels: a
+                 gradient-boosted classifier, exported without ZipMap)
 and evaluates the .onnx itself on the newest rows, which this script never sees.
 
 Export settings (measured in docs/own-model.md): double input, the scaler in double, then a cast
@@ -17,12 +19,13 @@ to play a hanging command), TRAIN_FAIL=1 (exit 3 after printing to stderr), TRAI
 (write bytes that are not ONNX), TRAIN_WORSE=1 (fit on shuffled targets: a worse model).
 """
 
+import csv
 import os
 import sys
 import time
 
 import numpy as np
-from sklearn.ensemble import GradientBoostingRegressor
+from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from skl2onnx import to_onnx
@@ -48,25 +51,42 @@ def main():
         header = f.readline().strip().split(",")
     if header[-1] != target:
         sys.exit(f"train_sklearn.py: the last column of {data} is {header[-1]!r}, not {target!r}")
-    table = np.loadtxt(data, delimiter=",", skiprows=1, ndmin=2)
-    x, y = table[:, :-1], table[:, -1]
+    classify = os.environ.get("TRAIN_TASK") == "classification"
+    if classify:
+        # Labels as the data has them: integers stay integers, anything else is a string.
+        with open(data, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        x = np.array([[float(v) for v in row[:-1]] for row in rows])
+        labels = [row[-1] for row in rows]
+        try:
+            y = np.array([int(v) for v in labels], dtype=np.int64)
+        except ValueError:
+            y = np.array(labels)
+    else:
+        table = np.loadtxt(data, delimiter=",", skiprows=1, ndmin=2)
+        x, y = table[:, :-1], table[:, -1]
     if os.environ.get("TRAIN_WORSE") == "1":
         y = np.random.default_rng(0).permutation(y)
 
+    estimators = int(os.environ.get("TRAIN_ESTIMATORS", "100"))
+    model = (
+        GradientBoostingClassifier(n_estimators=estimators, random_state=0)
+        if classify
+        else GradientBoostingRegressor(n_estimators=estimators, random_state=0)
+    )
     pipe = Pipeline(
         [
             ("scaler", StandardScaler()),
             ("cast", CastTransformer(dtype=np.float32)),
-            (
-                "model",
-                GradientBoostingRegressor(
-                    n_estimators=int(os.environ.get("TRAIN_ESTIMATORS", "100")), random_state=0
-                ),
-            ),
+            ("model", model),
         ]
     ).fit(x, y)
     onx = to_onnx(
-        pipe, initial_types=[("input", DoubleTensorType([None, x.shape[1]]))], target_opset=OPSET
+        pipe,
+        initial_types=[("input", DoubleTensorType([None, x.shape[1]]))],
+        target_opset=OPSET,
+        # A label tensor and a probability tensor, which the model service reads directly.
+        options={id(model): {"zipmap": False}} if classify else None,
     )
     # Written whole, then renamed: the trainer never reads half a file.
     partial = output + ".partial"

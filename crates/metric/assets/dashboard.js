@@ -125,10 +125,11 @@ function renderClassification(state) {
   body.innerHTML = "";
   for (const v of report.versions) {
     const row = body.insertRow();
-    if (v.alarm.alarm) row.className = "alarm";
+    if (v.alarm.retired) row.className = "retired";
+    else if (v.alarm.alarm) row.className = "alarm";
     for (const text of [v.model_version, v.all.n.toLocaleString("en-US"), fixed(v.all.accuracy, 4),
       fixed(v.all.log_loss, 4), fixed(v.alarm.windowed, 4), fixed(v.alarm.baseline, 4),
-      fixed(v.window.prediction_psi, 3), v.alarm.alarm ? "ALARM" : "ok"]) {
+      fixed(v.window.prediction_psi, 3), v.alarm.retired ? "retired" : v.alarm.alarm ? "ALARM" : "ok"]) {
       row.insertCell().textContent = text;
     }
   }
@@ -159,7 +160,7 @@ function renderClassification(state) {
       row.insertCell().textContent = text;
     }
   }
-  const alarms = report.versions.filter((v) => v.alarm.alarm).map((v) => v.model_version);
+  const alarms = report.versions.filter((v) => v.alarm.alarm && !v.alarm.retired).map((v) => v.model_version);
   if (alarms.length) setPill("alarm", "ALARM: " + alarms.join(", "), "bad");
   else setPill("alarm", "ok", "ok");
   return true;

@@ -20,7 +20,7 @@
 //! row is written (not correct, no `p_true`), counted in accuracy and F1, left out of log loss,
 //! Brier and AUC, and counted in `pipeline_unknown_class_total`.
 
-use crate::alarm::{AlarmChange, AlarmRule, SharedAlarms, VersionAlarm};
+use crate::alarm::{AlarmChange, AlarmRule, RetireRule, SharedAlarms, VersionAlarm};
 use crate::join::Value;
 use crate::quality::VersionLabel;
 use pipeline::classes::{ClassLabel, Probabilities, log_loss_of};
@@ -31,6 +31,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 
@@ -530,6 +531,11 @@ struct VersionStats {
     baseline: ClassSums,
     window: Window,
     alarm_on: bool,
+    /// Replaced by a newer version ([`RetireRule`]): its alarm is off.
+    retired: bool,
+    /// The tick at which its pair count last grew, and that count.
+    last_active: Option<Instant>,
+    pairs_at_tick: u64,
 }
 
 /// What a set of sums is judged on: log loss, or the error rate without probabilities.
@@ -546,6 +552,7 @@ pub struct ClassQuality {
     window: Window,
     by_version: HashMap<String, VersionStats>,
     rule: AlarmRule,
+    retire: RetireRule,
     alert_by_version: Family<VersionLabel, Gauge>,
     window_size: usize,
     versions_kept: usize,
@@ -580,6 +587,9 @@ impl ClassQuality {
             window: Window::default(),
             by_version: HashMap::new(),
             rule: AlarmRule { ratio: alert_ratio },
+            retire: RetireRule {
+                after: crate::alarm::DEFAULT_RETIRE_AFTER,
+            },
             alert_by_version,
             window_size: window_size.max(1),
             versions_kept: versions_kept.max(1),
@@ -664,7 +674,45 @@ impl ClassQuality {
                 config.quality_alert_ratio,
                 quality,
             )
+            .with_retire_after(Duration::from_secs(config.quality_retire_secs))
         })
+    }
+
+    /// Retires a version after `after` without pairs while a newer one has them
+    /// (`QUALITY_RETIRE_SECS`), as for a regressor.
+    pub fn with_retire_after(mut self, after: Duration) -> Self {
+        self.retire = RetireRule { after };
+        self
+    }
+
+    /// Retires the versions replaced for `QUALITY_RETIRE_SECS` and brings back one that
+    /// receives pairs again (a rollback).
+    fn retire_replaced(&mut self, now: Instant) {
+        for stats in self.by_version.values_mut() {
+            if stats.last_active.is_none() || stats.sums.n != stats.pairs_at_tick {
+                stats.last_active = Some(now);
+                stats.pairs_at_tick = stats.sums.n;
+            }
+        }
+        let newest = self.by_version.values().filter_map(|s| s.last_active).max();
+        for (name, stats) in &mut self.by_version {
+            let (Some(last), Some(newest)) = (stats.last_active, newest) else {
+                continue;
+            };
+            let retired = self.retire.is_retired(last, newest, now);
+            if retired && !stats.retired {
+                tracing::info!(
+                    model_version = %name,
+                    "model version retired: no pair for QUALITY_RETIRE_SECS while a newer one has them; its quality alarm is cleared"
+                );
+                stats.alarm_on = false;
+            } else if !retired && stats.retired {
+                tracing::info!(model_version = %name, "retired model version receives pairs again (a rollback?): current again");
+                // Judged afresh on the pairs that follow.
+                stats.window = Window::default();
+            }
+            stats.retired = retired;
+        }
     }
 
     /// Adds one new pair: to the totals and to the windows.
@@ -770,6 +818,12 @@ impl ClassQuality {
 
     /// Recomputes the gauges and the report (the tick).
     pub fn update(&mut self) {
+        self.update_at(Instant::now());
+    }
+
+    /// [`Self::update`] as of `now`.
+    pub fn update_at(&mut self, now: Instant) {
+        self.retire_replaced(now);
         let all = ClassFigures::of(&self.all, None, false);
         let window = self.window.figures();
         for (span, figures) in [("all", &all), ("window", &window)] {
@@ -817,7 +871,13 @@ impl ClassQuality {
             };
             let measure = baseline.map(|(measure, _)| measure);
             let baseline = baseline.map(|(_, value)| value);
-            match self.rule.step(stats.alarm_on, baseline, windowed) {
+            // A retired version is not judged: its alarm stays off.
+            let step = if stats.retired {
+                None
+            } else {
+                self.rule.step(stats.alarm_on, baseline, windowed)
+            };
+            match step {
                 Some(AlarmChange::Raised) => {
                     stats.alarm_on = true;
                     tracing::warn!(
@@ -859,7 +919,7 @@ impl ClassQuality {
                     windowed_mae: None,
                     baseline_mae: None,
                     threshold: baseline.map(|b| self.rule.ratio * b),
-                    retired: false,
+                    retired: stats.retired,
                     measure,
                     windowed,
                     baseline,

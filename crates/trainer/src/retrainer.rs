@@ -97,9 +97,11 @@ pub(crate) fn report(outcome: &Outcome, metrics: &Metrics) {
             .set(candidate);
     }
     let candidate = outcome.candidate_version.as_deref().unwrap_or("-");
+    // The relative gain of the guarded loss: MAE, or a classifier's log loss.
     let gain = outcome
         .serving_mae
         .zip(outcome.candidate_mae)
+        .or(outcome.serving_log_loss.zip(outcome.candidate_log_loss))
         .map(|(s, c)| policy::gain(s, c));
     match outcome.result {
         "promoted" => tracing::info!(
@@ -108,6 +110,10 @@ pub(crate) fn report(outcome: &Outcome, metrics: &Metrics) {
             to = candidate,
             serving_mae = outcome.serving_mae,
             candidate_mae = outcome.candidate_mae,
+            serving_log_loss = outcome.serving_log_loss,
+            candidate_log_loss = outcome.candidate_log_loss,
+            serving_accuracy = outcome.serving_accuracy,
+            candidate_accuracy = outcome.candidate_accuracy,
             gain,
             train_rows = outcome.train_rows,
             holdout_rows = outcome.holdout_rows,
@@ -120,6 +126,10 @@ pub(crate) fn report(outcome: &Outcome, metrics: &Metrics) {
             candidate,
             serving_mae = outcome.serving_mae,
             candidate_mae = outcome.candidate_mae,
+            serving_log_loss = outcome.serving_log_loss,
+            candidate_log_loss = outcome.candidate_log_loss,
+            serving_accuracy = outcome.serving_accuracy,
+            candidate_accuracy = outcome.candidate_accuracy,
             gain,
             train_rows = outcome.train_rows,
             holdout_rows = outcome.holdout_rows,

@@ -137,6 +137,15 @@ impl TrainCommand {
             .env("TRAIN_TARGET", &data.target_name)
             .env("TRAIN_FEATURES", data.feature_names.join(","))
             .env("TRAIN_VERSION", version)
+            // What to fit: `classification` when the target is a class label.
+            .env(
+                "TRAIN_TASK",
+                if data.classes().is_some() {
+                    "classification"
+                } else {
+                    "regression"
+                },
+            )
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(stderr)

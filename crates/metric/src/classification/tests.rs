@@ -4,6 +4,7 @@
 
 use super::*;
 use proptest::prelude::*;
+use std::time::{Duration, Instant};
 
 fn prediction(classes: &[&str], p: &[f64]) -> Value {
     let best = p
@@ -238,4 +239,43 @@ fn the_predicted_mix_moving_shows_in_the_psi_and_the_calibration_bins_the_confid
     assert_eq!((bins[1].from, bins[1].n), (0.9, 3));
     assert!((bins[1].accuracy - 2.0 / 3.0).abs() < 1e-12);
     assert!((bins[1].confidence - (0.95 + 0.91 + 1.0) / 3.0).abs() < 1e-12);
+}
+
+#[test]
+fn a_replaced_version_retires_and_its_alarm_ends() {
+    let mut quality = tracker(10).with_retire_after(Duration::from_secs(60));
+    let start = Instant::now();
+    let confident = |i, v| pair(i, "1", &["0", "1"], &[0.1, 0.9], v);
+    let unsure = |i, v| pair(i, "1", &["0", "1"], &[0.6, 0.4], v);
+    for i in 0..10 {
+        quality.observe(&confident(i, "v1"));
+    }
+    quality.update_at(start);
+    for i in 10..20 {
+        quality.observe(&unsure(i, "v1"));
+    }
+    quality.update_at(start + Duration::from_secs(1));
+    let alarm = |q: &ClassQuality, version: &str| {
+        q.report
+            .lock()
+            .unwrap()
+            .versions
+            .iter()
+            .find(|v| v.model_version == version)
+            .cloned()
+            .unwrap()
+    };
+    assert!(alarm(&quality, "v1").alarm);
+    // v2 replaces it: v1 has no pair for a minute while v2 has them.
+    for i in 20..30 {
+        quality.observe(&confident(i, "v2"));
+        quality.update_at(start + Duration::from_secs(2 + i as u64 * 3));
+    }
+    let (v1, v2) = (alarm(&quality, "v1"), alarm(&quality, "v2"));
+    assert!(v1.retired && !v1.alarm, "{v1:?}");
+    assert!(!v2.retired && !v2.alarm, "{v2:?}");
+    // A rollback: v1 receives pairs again and is current again.
+    quality.observe(&confident(30, "v1"));
+    quality.update_at(start + Duration::from_secs(200));
+    assert!(!alarm(&quality, "v1").retired);
 }
