@@ -550,3 +550,112 @@ async fn a_drift_raises_the_classifier_alarm_and_the_trainers_logistic_regressio
     run.stop_services();
     delete_queues(&url, &run.queues).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_train_command_classifier_is_promoted_after_a_drift_and_a_worse_one_refused() {
+    const SAMPLES: usize = 800;
+    let url = shared_amqp_url();
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    let model_path = models.join("model.onnx");
+    let script = repo_root().join("examples/train_sklearn.py");
+    let queues = testkit::Queues::unique("classcommand");
+    let trainer = |command: String| {
+        let mut env = testkit::Env::new(&url, &queues)
+            .set("TASK", "classification")
+            .set("DATA_PATH", fixture("breast_cancer.csv").display())
+            .set("MODEL_PATH", model_path.display())
+            .set("TRAIN_DIR", work.path().join("train").display())
+            .set("TRAIN_WINDOW", 600)
+            .set("RETRAIN_EVERY", 0)
+            .set("TRAIN_COMMAND", command)
+            .set("TRAIN_TIMEOUT_SECS", 120)
+            .set("ORT_DYLIB_PATH", ort())
+            .pairs()
+            .to_vec();
+        // python3 finds its packages through the usual environment (the test kit clears it).
+        for key in ["PATH", "HOME", "PYTHONPATH", "VIRTUAL_ENV"] {
+            if let Ok(value) = std::env::var(key) {
+                env.push((key.into(), value));
+            }
+        }
+        let dir = work
+            .path()
+            .join(format!("trainer.{}", testkit::free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let service = spawn_service("trainer", env, &dir);
+        wait_healthy(&service, Duration::from_secs(60));
+        service
+    };
+    let retrain = |service: &Service| -> serde_json::Value {
+        let (status, body) = http_post(service.http_addr, "/retrain", None).expect("POST /retrain");
+        assert_eq!(status, 200, "{body}\n{}", service.stderr_tail(20));
+        serde_json::from_str(&body).unwrap()
+    };
+    // A command that fits shuffled labels: its classifier is worse than the served baseline.
+    let mut worse = trainer(format!("TRAIN_WORSE=1 python3 {}", script.display()));
+    let mut producer = spawn_service(
+        "features",
+        queues
+            .env()
+            .into_iter()
+            .chain(
+                [
+                    ("AMQP_URL", url.as_str()),
+                    ("TASK", "classification"),
+                    (
+                        "DATA_PATH",
+                        &fixture("breast_cancer.csv").display().to_string(),
+                    ),
+                    ("COUNT", &SAMPLES.to_string()),
+                    ("RATE", "0"),
+                    ("DRIFT_AFTER", "0"),
+                    ("DRIFT_SHIFT", TEXTURE_SHIFT),
+                ]
+                .map(|(k, v)| (k.to_owned(), v.to_owned())),
+            )
+            .collect(),
+        work.path(),
+    );
+    assert!(
+        producer
+            .wait_exit(Duration::from_secs(60))
+            .is_some_and(|s| s.success())
+    );
+    let joined = wait_until(Duration::from_secs(60), || {
+        worse
+            .metrics()
+            .get("pipeline_trainer_samples_total")
+            .is_some_and(|n| *n >= SAMPLES as f64)
+    });
+    assert!(joined, "{}", worse.stderr_tail(20));
+    let outcome = retrain(&worse);
+    assert_eq!(outcome["result"], "refused", "{outcome}");
+    assert!(
+        outcome["candidate_log_loss"].as_f64() > outcome["serving_log_loss"].as_f64(),
+        "{outcome}"
+    );
+    assert!(!model_path.exists(), "nothing promoted");
+    worse.kill();
+
+    // The same window (TRAIN_DIR) with the real command: the drift is learnt, the .onnx promoted.
+    let good = trainer(format!("python3 {}", script.display()));
+    let outcome = retrain(&good);
+    assert_eq!(outcome["result"], "promoted", "{outcome}");
+    let version = outcome["candidate_version"].as_str().unwrap().to_owned();
+    assert!(outcome["candidate_log_loss"].as_f64() < outcome["serving_log_loss"].as_f64());
+    assert!(outcome["candidate_accuracy"].as_f64() >= outcome["serving_accuracy"].as_f64());
+    let (served, _) = model::served::ServedModel::load(&model_path).unwrap();
+    assert_eq!(
+        (served.version.as_str(), served.family(), served.task()),
+        (
+            version.as_str(),
+            "onnx",
+            pipeline::classes::Task::Classification
+        )
+    );
+    assert!(models.join(format!("{version}.onnx")).exists());
+    eprintln!("TRAIN_COMMAND classifier: {outcome}");
+    drop(good);
+    delete_queues(&url, &queues).await;
+}
