@@ -659,3 +659,121 @@ async fn a_train_command_classifier_is_promoted_after_a_drift_and_a_worse_one_re
     drop(good);
     delete_queues(&url, &queues).await;
 }
+
+/// Takes the dead letters of `queue` until `n` have come: message id or body id -> reason.
+async fn dead_letters(connection: &Connection, queue: &str, n: usize) -> HashMap<String, String> {
+    use pipeline::broker::publisher::header_str;
+    use pipeline::broker::topology::{REASON_HEADER, dead_letter_queue};
+    let channel = connection.create_channel().await.unwrap();
+    let mut found = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while found.len() < n && Instant::now() < deadline {
+        match channel
+            .basic_get(
+                dead_letter_queue(queue).as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+        {
+            Some(message) => {
+                let headers = message
+                    .delivery
+                    .properties
+                    .headers()
+                    .clone()
+                    .unwrap_or_default();
+                let id = pipeline::messages::body_id(&message.delivery.data).unwrap_or_default();
+                found.insert(
+                    id,
+                    header_str(&headers, REASON_HEADER).unwrap_or("").to_owned(),
+                );
+                message.ack(BasicAckOptions::default()).await.unwrap();
+            }
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_class_messages_are_dead_lettered_with_a_reason_and_an_unknown_class_is_counted() {
+    let url = shared_amqp_url();
+    let options = Options::new(url.clone(), 0)
+        .env("TASK", "classification")
+        .env(
+            "DATA_PATH",
+            &fixture("breast_cancer.csv").display().to_string(),
+        )
+        .env(
+            "MODEL_PATH",
+            &fixture("breast_cancer_logreg.onnx").display().to_string(),
+        )
+        .env("ORT_DYLIB_PATH", &ort());
+    let mut run = Pipeline::start_consumers("classbad", options);
+    wait_healthy(&run.metric, Duration::from_secs(30));
+    let q = run.queues.clone();
+    let connection = connect(&url).await;
+    let send = |queue: &str, body: &str| {
+        let (connection, queue, body) = (&connection, queue.to_owned(), body.to_owned());
+        async move { publish_raw(connection, &queue, body.as_bytes(), None).await }
+    };
+    // A good pair whose true class the model does not know ("maybe" among 0 and 1).
+    send(&q.y_true, r#"{"id":"unknown","y_true":"maybe"}"#).await;
+    send(
+        &q.y_pred,
+        r#"{"id":"unknown","y_pred":1,"probabilities":{"0":0.2,"1":0.8},"model_version":"v1"}"#,
+    )
+    .await;
+    // Probabilities that are no distribution, a prediction outside them, a fraction for a label.
+    send(
+        &q.y_pred,
+        r#"{"id":"sum","y_pred":1,"probabilities":{"0":0.5,"1":0.8},"model_version":"v1"}"#,
+    )
+    .await;
+    send(
+        &q.y_pred,
+        r#"{"id":"outside","y_pred":2,"probabilities":{"0":0.5,"1":0.5},"model_version":"v1"}"#,
+    )
+    .await;
+    send(&q.y_true, r#"{"id":"fraction","y_true":0.5}"#).await;
+    // And a good pair after them: the service goes on.
+    send(&q.y_true, r#"{"id":"good","y_true":0}"#).await;
+    send(
+        &q.y_pred,
+        r#"{"id":"good","y_pred":0,"probabilities":{"0":0.9,"1":0.1},"model_version":"v1"}"#,
+    )
+    .await;
+    let csv = run.log_dir().join("metric_log.csv");
+    assert!(
+        wait_until(Duration::from_secs(20), || class_rows(&csv).len() >= 2),
+        "{}",
+        run.logs()
+    );
+    let rows = class_rows(&csv);
+    let unknown = rows.iter().find(|r| r.id == "unknown").unwrap();
+    assert_eq!(
+        (unknown.correct, unknown.p_true),
+        (false, 0.0),
+        "{unknown:?}"
+    );
+    assert!(rows.iter().any(|r| r.id == "good" && r.correct));
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert!(text.contains("unknown,maybe,1,0,0,v1,\n"), "{text}");
+    let predictions = dead_letters(&connection, &q.y_pred, 2).await;
+    assert_eq!(predictions["sum"], "bad_probabilities", "{predictions:?}");
+    assert_eq!(
+        predictions["outside"], "bad_probabilities",
+        "{predictions:?}"
+    );
+    let labels = dead_letters(&connection, &q.y_true, 1).await;
+    assert_eq!(labels["fraction"], "wrong_shape", "{labels:?}");
+    let metrics = run.metric.metrics();
+    assert_eq!(
+        metrics.get("pipeline_unknown_class_total").copied(),
+        Some(1.0)
+    );
+    assert_eq!(rows.len(), 2, "nothing else joined");
+    run.stop_services();
+    delete_queues(&url, &run.queues).await;
+}
