@@ -955,3 +955,6 @@ impl ClassQuality {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod recovery_tests;
