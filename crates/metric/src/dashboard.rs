@@ -158,7 +158,7 @@ impl Dashboard {
     pub fn maybe_update<'e>(
         &mut self,
         quality: &Quality,
-        classification: Option<crate::classification::ClassReport>,
+        classification: Option<&crate::classification::ClassQuality>,
         waiting: usize,
         errors: impl Iterator<Item = &'e f64> + Clone,
     ) {
@@ -232,7 +232,8 @@ impl Dashboard {
                 y_pred: self.recent.iter().map(|p| p.1).collect(),
             },
             audit: self.audit,
-            classification,
+            // Read only when a snapshot is taken: not on every tick.
+            classification: classification.and_then(|classes| classes.report()),
         };
         match serde_json::to_string(&snapshot) {
             Ok(json) => {

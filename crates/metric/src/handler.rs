@@ -117,8 +117,12 @@ impl Recorder {
                 .inc_by(stats.evicted);
         }
         metrics.waiting.set(joiner.waiting() as i64);
-        let report = classes.as_ref().and_then(ClassQuality::report);
-        dashboard.maybe_update(&quality, report, joiner.waiting(), plotter.errors.iter());
+        dashboard.maybe_update(
+            &quality,
+            classes.as_ref(),
+            joiner.waiting(),
+            plotter.errors.iter(),
+        );
         let mut recorder = Self {
             files,
             joiner,
@@ -439,7 +443,7 @@ impl MessageHandler for Recorder {
         }
         self.dashboard.maybe_update(
             &self.quality,
-            self.classes.as_ref().and_then(ClassQuality::report),
+            self.classes.as_ref(),
             self.joiner.waiting(),
             self.plotter.errors.iter(),
         );
